@@ -1,0 +1,50 @@
+# anycast-edge: `make lab` and `make test` work on a fresh Debian machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Debian packages the tests and benchmarks need (installed when missing).
+DEB_TEST := frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux
+PYTEST_ARGS ?=
+
+.PHONY: all venv deps lint test test-unit test-integration lab demo bench-proxy clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+deps:
+	@scripts/ensure-debian-packages.sh $(DEB_TEST)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: deps venv lint
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-integration: deps venv
+	$(BIN)/pytest -q tests/integration
+
+# Until the docker-compose lab exists: a local demo, one agent on loopback
+# in front of two backends, with traffic and its status shown.
+lab demo: venv
+	$(PY) -m deploy.demo.run_demo
+
+bench-proxy: deps venv
+	$(PY) -m bench.proxy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results

@@ -1,0 +1,1 @@
+"""The GSLB control plane. Imports nothing else of ours."""

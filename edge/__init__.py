@@ -1,0 +1,1 @@
+"""The edge node agent: proxy, health, node state and flow table for one node."""

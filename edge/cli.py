@@ -1,0 +1,5 @@
+"""anycast-edge entry point."""
+
+
+def main() -> None:
+    raise SystemExit(2)

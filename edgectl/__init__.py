@@ -1,0 +1,1 @@
+"""edgectl: the operator CLI, a client of the GSLB API."""
