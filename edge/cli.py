@@ -1,5 +1,75 @@
-"""anycast-edge entry point."""
+"""`anycast-edge`: run the node agent, check a config, or serve the GSLB API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge.config import ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="anycast-edge: the edge node agent of a BGP anycast fleet.",
+)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="node.yaml", dir_okay=False, show_default=False)
+]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"anycast-edge: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(config: ConfigOption) -> None:
+    """Run the edge node agent."""
+    try:
+        node = load_config(config)
+    except ConfigError as error:
+        _fail(f"config error: {error}", 2)
+        return
+    logging.basicConfig(
+        level=node.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import uvloop
+
+    from edge.agent import run_agent
+
+    code = uvloop.run(run_agent(node, config))
+    raise typer.Exit(code)
+
+
+@app.command("check-config")
+def check_config(config: ConfigOption) -> None:
+    """Validate node.yaml and exit: 0 when valid, 2 with the problem otherwise."""
+    try:
+        node = load_config(config)
+    except ConfigError as error:
+        _fail(f"config error: {error}", 2)
+        return
+    typer.echo(f"{config}: valid (node {node.node.name}, site {node.node.site})")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def api(ctx: typer.Context) -> None:
+    """Serve the GSLB control plane (same arguments as `python -m api`)."""
+    # exec, not import: the agent's package never imports the API's internals.
+    os.execv(sys.executable, [sys.executable, "-m", "api", *ctx.args])
 
 
 def main() -> None:
-    raise SystemExit(2)
+    app()

@@ -1,0 +1,174 @@
+"""The admin endpoint on localhost: /status, /metrics, /flows, drain and undrain.
+
+Starlette served by uvicorn inside the agent's own event loop. Counters live in
+plain attributes on the data path and are read at scrape time by a collector,
+so serving traffic never pays for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import TYPE_CHECKING
+
+import uvicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edge.state import NodeState
+
+if TYPE_CHECKING:
+    from edge.agent import Agent
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        agent = self.agent
+        state = GaugeMetricFamily(
+            "anycast_edge_node_state", "1 for the node's current state", labels=["state"]
+        )
+        for s in NodeState:
+            state.add_metric([s.value], 1.0 if agent.state is s else 0.0)
+        yield state
+        transitions = CounterMetricFamily(
+            "anycast_edge_state_transitions", "Node state transitions", labels=[]
+        )
+        transitions.add_metric([], agent.transitions_total)
+        yield transitions
+        up = GaugeMetricFamily("anycast_edge_backend_up", "Backend health", labels=["backend"])
+        active = GaugeMetricFamily(
+            "anycast_edge_backend_active", "Open connections/in-flight requests", labels=["backend"]
+        )
+        requests = CounterMetricFamily(
+            "anycast_edge_backend_requests", "HTTP requests sent", labels=["backend"]
+        )
+        conns = CounterMetricFamily(
+            "anycast_edge_backend_connections", "TCP connections proxied", labels=["backend"]
+        )
+        failures = CounterMetricFamily(
+            "anycast_edge_backend_failures", "Connect errors, resets, timeouts", labels=["backend"]
+        )
+        for b in agent.pool.active_backends:
+            up.add_metric([b.name], 1.0 if b.eligible else 0.0)
+            active.add_metric([b.name], b.active_connections)
+            requests.add_metric([b.name], b.requests_total)
+            conns.add_metric([b.name], b.connections_total)
+            failures.add_metric([b.name], b.failures_total)
+        yield from (up, active, requests, conns, failures)
+        flows = GaugeMetricFamily("anycast_edge_flows", "Established client flows")
+        flows.add_metric([], len(agent.flows))
+        yield flows
+        accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
+        accepted.add_metric([], agent.flows.accepted_total)
+        yield accepted
+
+
+def create_admin_app(agent: Agent) -> Starlette:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(agent.status())
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    async def drain(request: Request) -> Response:
+        reason = request.query_params.get("reason", "local drain via admin endpoint")
+        agent.start_drain(reason, exit_when_done=False)
+        return JSONResponse({"state": agent.state, "drain": reason}, status_code=202)
+
+    async def undrain(request: Request) -> Response:
+        await agent.undrain("local undrain via admin endpoint")
+        return JSONResponse({"state": agent.state})
+
+    async def flows(request: Request) -> Response:
+        raw_limit = request.query_params.get("limit", "1000")
+        if not raw_limit.isdigit():
+            return JSONResponse({"error": "limit: expected a non-negative integer"}, 400)
+        limit = int(raw_limit)
+        items = [f.snapshot() for _, f in zip(range(limit), agent.flows, strict=False)]
+        return JSONResponse({"count": len(agent.flows), "flows": items})
+
+    async def flow_stream(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            with agent.flows.subscribe() as sub:
+                while True:
+                    event = await sub.queue.get()
+                    line = {"event": event.kind, **event.flow, "dropped": sub.dropped}
+                    yield (json.dumps(line) + "\n").encode()
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def events(request: Request) -> Response:
+        return JSONResponse({"events": list(agent.events)})
+
+    return Starlette(
+        routes=[
+            Route("/status", status),
+            Route("/metrics", metrics),
+            Route("/drain", drain, methods=["POST"]),
+            Route("/undrain", undrain, methods=["POST"]),
+            Route("/flows", flows),
+            Route("/flows/stream", flow_stream),
+            Route("/events", events),
+        ]
+    )
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn in our loop: the agent owns the signals, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class AdminServer:
+    def __init__(self, agent: Agent, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            create_admin_app(agent),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self._host, self._port = host, port
+
+    async def start(self) -> None:
+        # Bind here, so a port in use is our clear error and not uvicorn's exit.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+        except OSError as error:
+            sock.close()
+            where = f"{self._host}:{self._port}"
+            raise OSError(f"admin.port: cannot bind {where}: {error.strerror}") from None
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise OSError("admin endpoint stopped during start")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        self._server.force_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 2)

@@ -1,0 +1,255 @@
+"""node.yaml: the edge node's configuration, validated once at start and on SIGHUP.
+
+Every error is reported as one line naming the field and what was expected; the
+caller exits 2 and starts nothing. An unreachable backend is not a config error:
+it is a health verdict.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line for the operator."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+def _check_ip(value: str) -> str:
+    ipaddress.ip_address(value)
+    return value
+
+
+class ListenerKind(enum.StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class ListenerConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: ListenerKind
+    address: str
+    port: Port
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+class BackendConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    address: str
+    port: Port
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+class Algorithm(enum.StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONNECTIONS = "least_connections"
+    WEIGHTED = "weighted"
+    MAGLEV = "maglev"
+
+
+class HashKeyKind(enum.StrEnum):
+    CLIENT_ADDRESS = "client_address"
+    HEADER = "header"
+    COOKIE = "cookie"
+
+
+class HashKeyConfig(_Model):
+    kind: HashKeyKind = HashKeyKind.CLIENT_ADDRESS
+    # Header or cookie name when kind is header or cookie.
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _name_when_needed(self) -> HashKeyConfig:
+        if self.kind is not HashKeyKind.CLIENT_ADDRESS and not self.name:
+            raise ValueError(f"a {self.kind} hash key needs a name")
+        return self
+
+
+class PoolConfig(_Model):
+    algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    hash_key: HashKeyConfig = HashKeyConfig()
+    # Maglev lookup table size; must be prime and well above the backend count.
+    maglev_table_size: Annotated[int, Field(ge=7, le=1_000_003)] = 65537
+
+    @field_validator("maglev_table_size")
+    @classmethod
+    def _prime(cls, value: int) -> int:
+        if value < 2 or any(value % d == 0 for d in range(2, int(value**0.5) + 1)):
+            raise ValueError("must be a prime number")
+        return value
+
+
+class CheckKind(enum.StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class ActiveCheckConfig(_Model):
+    kind: CheckKind = CheckKind.TCP
+    path: Annotated[str, Field(pattern=r"^/")] = "/"
+    expect_status: Annotated[int, Field(ge=100, le=599)] = 200
+    host: str | None = None
+    interval: Seconds = 1.0
+    timeout: Seconds = 0.5
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> ActiveCheckConfig:
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+class PassiveCheckConfig(_Model):
+    enabled: bool = True
+    # Upstream 5xx responses count as failures (connect errors and resets always do).
+    eject_on_5xx: bool = True
+
+
+class HealthConfig(_Model):
+    active: ActiveCheckConfig = ActiveCheckConfig()
+    passive: PassiveCheckConfig = PassiveCheckConfig()
+
+
+class StateConfig(_Model):
+    # Share of healthy backends below which the node is degraded (1.0: any loss degrades).
+    degraded_below: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Share of healthy backends below which the node is down and must not take traffic.
+    down_below: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StateConfig:
+        if self.down_below > self.degraded_below:
+            raise ValueError("down_below must not exceed degraded_below")
+        return self
+
+
+class DrainConfig(_Model):
+    # How long listeners keep accepting after a drain starts, so routers can move
+    # traffic first (replaced by the BGP choreography when BGP is configured).
+    accept_grace: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    # Deadline for open connections to finish once listeners stop accepting.
+    deadline: Seconds = 30.0
+
+
+class TimeoutConfig(_Model):
+    connect: Seconds = 2.0
+    # Client must send a complete request head within this time.
+    client_header: Seconds = 10.0
+    # Idle keep-alive client connections are closed after this.
+    client_idle: Seconds = 60.0
+    # Upstream must answer (first byte) within this time.
+    upstream_response: Seconds = 30.0
+    # Idle pooled upstream connections are closed after this.
+    upstream_idle: Seconds = 30.0
+
+
+class LimitsConfig(_Model):
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
+    # Idle keep-alive connections kept per backend.
+    upstream_pool_size: Annotated[int, Field(ge=0, le=10000)] = 64
+    # Bytes buffered toward a slow peer before reading from the other side pauses.
+    buffer_high_water: Annotated[int, Field(ge=4096, le=64 << 20)] = 256 * 1024
+
+
+class AdminConfig(_Model):
+    address: str = "127.0.0.1"
+    port: Port = 9901
+
+    @field_validator("address")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        if not ipaddress.ip_address(value).is_loopback:
+            raise ValueError("must be a loopback address (the admin endpoint is local)")
+        return value
+
+
+class NodeIdentity(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    site: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class NodeConfig(_Model):
+    node: NodeIdentity
+    listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
+    backends: Annotated[list[BackendConfig], Field(min_length=1)]
+    pool: PoolConfig = PoolConfig()
+    health: HealthConfig = HealthConfig()
+    state: StateConfig = StateConfig()
+    drain: DrainConfig = DrainConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()
+    retry_idempotent: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique(self) -> NodeConfig:
+        _unique_names("backends", [b.name for b in self.backends])
+        _unique_names("listeners", [listener.name for listener in self.listeners])
+        binds = [(listener.address, listener.port) for listener in self.listeners]
+        if len(set(binds)) != len(binds):
+            raise ValueError("listeners: two listeners bind the same address and port")
+        return self
+
+
+def _unique_names(field: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{field}: duplicate name {name!r}")
+        seen.add(name)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """The first problem as one line: `field.path: what was expected (got X)`."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    if first["type"] in ("missing",) or isinstance(got, dict | list):
+        return f"{location}: {message}"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more)" if more else ""
+    return f"{location}: {message} (got {got!r}){suffix}"
+
+
+def parse_config(data: object) -> NodeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    return parse_config(data)

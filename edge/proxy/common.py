@@ -1,0 +1,135 @@
+"""What both listeners share: sockets, the proxy context, idle-deadline sweeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edge.config import NodeConfig
+from edge.flows import FlowTable
+from edge.pool import Backend, Pool
+
+# Linux: bind an address that is not (yet) on an interface, e.g. the anycast /32
+# before it is put on lo; the listener then serves as soon as it appears.
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
+def listening_socket(address: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    # IPPROTO_TCP explicitly: the event loop only turns TCP_NODELAY on for
+    # sockets whose proto says TCP, and accepted sockets inherit it.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def spawn(coro: Coroutine[None, None, None]) -> None:
+    """Run a task that nothing awaits, keeping a reference so it is not collected."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class HasDeadline(Protocol):
+    deadline: float
+
+    def on_deadline(self) -> None: ...
+
+
+class DeadlineSweeper:
+    """One periodic sweep instead of a timer per request: cheap on the hot path.
+
+    Connections set `deadline` (a monotonic time, or 0 for none) and register
+    themselves while they are open; the sweep calls `on_deadline` on the ones
+    that passed it. Granularity is the sweep interval.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self._members: set[HasDeadline] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, member: HasDeadline) -> None:
+        self._members.add(member)
+
+    def discard(self, member: HasDeadline) -> None:
+        self._members.discard(member)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def sweep(self, now: float) -> None:
+        expired = [m for m in self._members if 0 < m.deadline <= now]
+        for member in expired:
+            member.on_deadline()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sweep(time.monotonic())
+
+
+class ClientConnection(Protocol):
+    def close_when_idle(self, grace: float) -> None:
+        """Close once no request is in flight and none arrived for `grace` seconds."""
+
+    def abort(self) -> None: ...
+
+
+# Called with (backend, detail) when live traffic shows a backend is broken.
+PassiveFailure = Callable[[Backend, str], None]
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    """Everything a listener needs; swapped as a whole on reload."""
+
+    config: NodeConfig
+    pool: Pool
+    flows: FlowTable
+    sweeper: DeadlineSweeper
+    on_passive_failure: PassiveFailure
+    # Open client connections per listener, so a drain can close them at its deadline.
+    connections: dict[str, set[ClientConnection]] = field(default_factory=dict)
+    # While draining, responses say `Connection: close` so keep-alive clients leave.
+    draining: bool = False
+
+    def open_connections(self) -> int:
+        return sum(len(conns) for conns in self.connections.values())
+
+    @property
+    def node_label(self) -> str:
+        return f"{self.config.node.name}.{self.config.node.site}"

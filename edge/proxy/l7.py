@@ -1,0 +1,755 @@
+"""The L7 HTTP/1.1 listener: keep-alive to clients, pooled keep-alive upstreams.
+
+httptools parses both directions. Requests on one client connection are
+handled in order (pipelined requests wait their turn); each goes to a backend
+picked per request. Hop-by-hop headers are dropped both ways and the framing
+is our own: Content-Length bodies pass through as they are, chunked or
+EOF-delimited bodies are streamed re-chunked (or, for an HTTP/1.0 client,
+delimited by closing). Everything the upstream sends in one read goes to the
+client in one write.
+
+Retries: a request that failed before any response byte arrived goes once to
+another backend when it is idempotent and its body is still held (small
+bodies are kept until the response starts), so a backend that dies does not
+fail requests that can be retried elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+from edge.config import HashKeyKind
+from edge.flows import Flow
+from edge.pool import Backend
+from edge.proxy.common import ProxyContext, set_nodelay, spawn
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Request bodies up to this size are kept until the response starts, so the
+# request can be retried on another backend.
+RETRY_BODY_LIMIT = 64 * 1024
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names that a Connection header marks as hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "attempts",
+        "backend",
+        "body_buffer",
+        "body_buffered_bytes",
+        "chunked_request",
+        "client_keep_alive",
+        "head_bytes",
+        "headers",
+        "http_10",
+        "method",
+        "request_complete",
+        "response_started",
+        "retryable",
+        "upgrade",
+        "upstream",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = ""
+        self.http_10 = False
+        self.client_keep_alive = True
+        self.chunked_request = False
+        self.head_bytes = b""
+        self.body_buffer: list[bytes] = []
+        self.body_buffered_bytes = 0
+        self.request_complete = False
+        self.response_started = False
+        self.retryable = False
+        self.upgrade = False
+        self.attempts = 0
+        self.backend: Backend | None = None
+        self.upstream: L7UpstreamProtocol | None = None
+
+
+class L7ClientProtocol(asyncio.Protocol):
+    def __init__(self, ctx: ProxyContext, listener: str) -> None:
+        self.ctx = ctx
+        self._listener = listener
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._queue: deque[Exchange] = deque()
+        self._parsing: Exchange | None = None
+        self._head_size = 0
+        self._paused = False
+        self._closing = False
+        self._lost = False
+        self.out: list[bytes] = []
+        self.flow: Flow | None = None
+        self.client_address = ""
+        self.deadline = 0.0
+
+    # -- connection --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        ctx = self.ctx
+        ctx.connections.setdefault(self._listener, set()).add(self)
+        transport.set_write_buffer_limits(high=ctx.config.limits.buffer_high_water)
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.client_address = peer[0]
+        self.flow = ctx.flows.open(peer[0], peer[1], self._listener, "")
+        self.deadline = time.monotonic() + ctx.config.timeouts.client_header
+        ctx.sweeper.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._lost = True
+        ctx = self.ctx
+        ctx.sweeper.discard(self)
+        ctx.connections.get(self._listener, set()).discard(self)
+        if self.flow is not None:
+            ctx.flows.close(self.flow)
+        for ex in self._queue:
+            upstream = ex.upstream
+            if upstream is not None:
+                # The client went away mid-response: the upstream connection
+                # is in an unknown state, so it is not reused.
+                upstream.abandon()
+            self._release(ex)
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.flow is not None:
+            self.flow.bytes_in += len(data)
+        if self._parsing is not None and not self._parsing.head_bytes:
+            self._head_size += len(data)
+            if self._head_size > self.ctx.config.limits.max_header_bytes:
+                self._fail_parse(431)
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail_parse(501, b"protocol upgrade is not supported\n")
+        except httptools.HttpParserError as error:
+            self._fail_parse(400, f"{error}\n".encode())
+        self.flush()
+
+    def eof_received(self) -> bool:
+        # The client sent all it will send; answer what is in flight, then close.
+        if not self._queue:
+            return False
+        self._closing = True
+        return True
+
+    def pause_writing(self) -> None:
+        for ex in self._queue:
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        for ex in self._queue:
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.resume_reading()
+
+    def on_deadline(self) -> None:
+        if self._queue and self._queue[0].head_bytes:
+            return  # a request is in flight: the upstream deadline governs it
+        if self._parsing is not None:
+            self._fail_parse(408)
+        elif self.transport is not None:
+            self.transport.close()
+
+    def close_when_idle(self, grace: float) -> None:
+        if not self._queue and self._parsing is None:
+            self.deadline = min(self.deadline or float("inf"), time.monotonic() + grace)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def flush(self) -> None:
+        if self.out:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+                if self.flow is not None:
+                    self.flow.bytes_out += len(data)
+                transport.write(data)
+            self.out.clear()
+
+    # -- request parsing (httptools callbacks) ----------------------------
+    def on_message_begin(self) -> None:
+        ex = Exchange()
+        self._parsing = ex
+        self._head_size = 0
+        self._queue.append(ex)
+        self.deadline = time.monotonic() + self.ctx.config.timeouts.client_header
+        if len(self._queue) > 1 and not self._paused and self.transport is not None:
+            # Pipelined: read no further until the earlier responses are out.
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_url(self, url: bytes) -> None:
+        assert self._parsing is not None
+        self._parsing.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._parsing is not None
+        self._parsing.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self._parsing
+        assert ex is not None
+        parser = self._parser
+        ex.method = parser.get_method().decode()
+        ex.http_10 = parser.get_http_version() == "1.0"
+        ex.client_keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            ex.upgrade = True
+            return
+        ex.head_bytes = self._request_head(ex)
+        ex.retryable = self.ctx.config.retry_idempotent and ex.method in IDEMPOTENT
+        self.deadline = 0.0
+        if self.flow is not None:
+            self.flow.requests += 1
+        if ex is self._queue[0]:
+            self.dispatch(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self._parsing
+        assert ex is not None
+        data = _chunk(body) if ex.chunked_request else body
+        upstream = ex.upstream
+        if ex.retryable and not ex.response_started:
+            ex.body_buffer.append(data)
+            ex.body_buffered_bytes += len(data)
+            if ex.body_buffered_bytes > RETRY_BODY_LIMIT:
+                ex.retryable = False
+                if upstream is not None:
+                    ex.body_buffer.clear()
+        elif upstream is None:
+            ex.body_buffer.append(data)
+            ex.body_buffered_bytes += len(data)
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
+        elif ex.body_buffered_bytes > self.ctx.config.limits.buffer_high_water:
+            self._pause()
+
+    def on_message_complete(self) -> None:
+        ex = self._parsing
+        assert ex is not None
+        self._parsing = None
+        ex.request_complete = True
+        if ex.chunked_request:
+            on_wire = b"0\r\n\r\n"
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.write(on_wire)
+            if ex.upstream is None or (ex.retryable and not ex.response_started):
+                ex.body_buffer.append(on_wire)
+        if ex.upstream is not None:
+            ex.upstream.request_sent()
+
+    def _request_head(self, ex: Exchange) -> bytes:
+        ctx = self.ctx
+        drop = _connection_tokens(ex.headers)
+        lines = [b"%b %b HTTP/1.1\r\n" % (ex.method.encode(), ex.url)]
+        forwarded_for = self.client_address.encode()
+        content_length = False
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in drop:
+                if lname == b"transfer-encoding":
+                    ex.chunked_request = True
+                continue
+            if lname == b"x-forwarded-for":
+                forwarded_for = value + b", " + forwarded_for
+                continue
+            if lname == b"content-length":
+                content_length = True
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if ex.chunked_request:
+            if content_length:
+                # Both framings at once is how request smuggling starts.
+                raise httptools.HttpParserError("both Content-Length and Transfer-Encoding")
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        lines.append(b"X-Forwarded-For: %b\r\n" % forwarded_for)
+        lines.append(b"Via: 1.1 %b\r\n\r\n" % ctx.node_label.encode())
+        return b"".join(lines)
+
+    # -- dispatch ------------------------------------------------------------
+    def _hash_key(self, ex: Exchange) -> bytes:
+        key_cfg = self.ctx.config.pool.hash_key
+        if key_cfg.kind is HashKeyKind.CLIENT_ADDRESS or key_cfg.name is None:
+            return self.client_address.encode()
+        wanted = key_cfg.name.lower().encode()
+        if key_cfg.kind is HashKeyKind.HEADER:
+            for name, value in ex.headers:
+                if name.lower() == wanted:
+                    return value
+        else:
+            for name, value in ex.headers:
+                if name.lower() == b"cookie":
+                    for part in value.split(b";"):
+                        k, _, v = part.strip().partition(b"=")
+                        if k.lower() == wanted:
+                            return v
+        return self.client_address.encode()
+
+    def dispatch(self, ex: Exchange, exclude: Backend | None = None) -> None:
+        if ex.upgrade:
+            return  # answered with 501 when the parser reports the upgrade
+        ctx = self.ctx
+        backend = ctx.pool.pick(self._hash_key(ex), exclude=exclude)
+        if backend is None:
+            self.local_response(ex, 503, b"no healthy backend\n")
+            return
+        ex.attempts += 1
+        ex.backend = backend
+        backend.active_connections += 1
+        backend.requests_total += 1
+        if self.flow is not None:
+            self.flow.backend = backend.name
+        upstream = UpstreamPool.acquire(backend)
+        if upstream is not None:
+            upstream.start(self, ex)
+            return
+        spawn(self._connect(ex, backend))
+
+    async def _connect(self, ex: Exchange, backend: Backend) -> None:
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(ctx.config.timeouts.connect):
+                _, upstream = await loop.create_connection(
+                    lambda: L7UpstreamProtocol(backend, ctx), backend.address, backend.port
+                )
+        except (OSError, TimeoutError) as error:
+            detail = "connect timed out" if isinstance(error, TimeoutError) else str(error)
+            self.upstream_failed(ex, backend, f"connect failed: {detail}", eject=True)
+            return
+        if self._lost or ex not in self._queue:
+            upstream.release()
+            return
+        upstream.start(self, ex)
+
+    def _release(self, ex: Exchange) -> None:
+        if ex.backend is not None:
+            ex.backend.active_connections -= 1
+            ex.backend = None
+
+    # -- called by the upstream side ----------------------------------------
+    def upstream_failed(self, ex: Exchange, backend: Backend, detail: str, eject: bool) -> None:
+        """The upstream broke before any response byte: retry elsewhere, or answer 502."""
+        ex.upstream = None
+        self._release(ex)
+        backend.failures_total += 1
+        if eject:
+            self.ctx.on_passive_failure(backend, detail)
+        if self._lost or ex not in self._queue:
+            return
+        # A retryable request still holds all of its body sent so far.
+        if ex.retryable and ex.attempts < 2:
+            self.dispatch(ex, exclude=backend)
+            return
+        self.local_response(ex, 502, b"backend failed\n")
+
+    def local_response(self, ex: Exchange, status: int, body: bytes) -> None:
+        """Answer a request ourselves (errors); the connection closes unless all is well."""
+        close = status in (400, 408, 413, 431, 501) or not ex.request_complete
+        head = (
+            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Via: 1.1 %b\r\n%b\r\n"
+        ) % (
+            status,
+            REASONS.get(status, b"Error"),
+            len(body),
+            self.ctx.node_label.encode(),
+            b"Connection: close\r\n" if close else b"",
+        )
+        self.out.append(head + body)
+        ex.response_started = True
+        self.response_done(ex, keep_alive=not close)
+        self.flush()
+
+    def response_done(self, ex: Exchange, keep_alive: bool) -> None:
+        self._release(ex)
+        ex.upstream = None
+        if self._queue and self._queue[0] is ex:
+            self._queue.popleft()
+        keep = keep_alive and ex.client_keep_alive and not self._closing and not ex.http_10
+        if not keep:
+            self.flush()
+            self._closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self._queue:
+            nxt = self._queue[0]
+            if nxt.head_bytes:
+                self.dispatch(nxt)
+        else:
+            idle = 1.0 if self.ctx.draining else self.ctx.config.timeouts.client_idle
+            self.deadline = time.monotonic() + idle
+        if self._paused and len(self._queue) <= 1:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def keep_alive_allowed(self) -> bool:
+        return not self._closing and not self.ctx.draining
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_body(self) -> None:
+        if self._paused and len(self._queue) <= 1 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _fail_parse(self, status: int, body: bytes = b"") -> None:
+        # Earlier pipelined requests are dropped with the connection.
+        self._parsing = None
+        self._closing = True
+        self.out.append(
+            b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+            % (status, REASONS.get(status, b"Error"), len(body), body)
+        )
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per backend (most recently used first)."""
+
+    idle: dict[int, list[L7UpstreamProtocol]] = {}
+
+    @classmethod
+    def acquire(cls, backend: Backend) -> L7UpstreamProtocol | None:
+        conns = cls.idle.get(id(backend))
+        while conns:
+            conn = conns.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    @classmethod
+    def put(cls, conn: L7UpstreamProtocol, limit: int) -> bool:
+        conns = cls.idle.setdefault(id(conn.backend), [])
+        if len(conns) >= limit:
+            return False
+        conns.append(conn)
+        return True
+
+    @classmethod
+    def remove(cls, conn: L7UpstreamProtocol) -> None:
+        conns = cls.idle.get(id(conn.backend))
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del cls.idle[id(conn.backend)]
+
+    @classmethod
+    def close_backend(cls, backend: Backend) -> None:
+        for conn in cls.idle.pop(id(backend), []):
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+class L7UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, backend: Backend, ctx: ProxyContext) -> None:
+        self.backend = backend
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._client: L7ClientProtocol | None = None
+        self._ex: Exchange | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._status = 0
+        self._chunk_to_client = False
+        self._eof_delimited = False
+        self._no_body = False
+        self._informational = False
+        self._reset_parser = False
+        self._uses = 0
+        self._write: Callable[[bytes], None] = lambda data: None
+        self.deadline = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=self.ctx.config.limits.buffer_high_water)
+        self.ctx.sweeper.add(self)
+
+    def start(self, client: L7ClientProtocol, ex: Exchange) -> None:
+        """Send one request on this connection."""
+        self._client = client
+        self._ex = ex
+        self._uses += 1
+        ex.upstream = self
+        self._write = client.out.append
+        transport = self.transport
+        assert transport is not None
+        body = ex.body_buffer
+        transport.write(ex.head_bytes + b"".join(body) if body else ex.head_bytes)
+        if not ex.retryable:
+            body.clear()
+            ex.body_buffered_bytes = 0
+            client.resume_body()
+        self.deadline = time.monotonic() + self.ctx.config.timeouts.upstream_response
+
+    def request_sent(self) -> None:
+        pass
+
+    def release(self) -> None:
+        """Back to the idle pool, or closed."""
+        self._client = None
+        self._ex = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.backend.retired or not UpstreamPool.put(
+            self, self.ctx.config.limits.upstream_pool_size
+        ):
+            transport.close()
+            return
+        self.deadline = time.monotonic() + self.ctx.config.timeouts.upstream_idle
+
+    def abandon(self) -> None:
+        self._client = None
+        self._ex = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_deadline(self) -> None:
+        ex, client = self._ex, self._client
+        if ex is not None and client is not None:
+            if not ex.response_started:
+                self._client = None
+                self._ex = None
+                client._release(ex)
+                ex.upstream = None
+                self.backend.failures_total += 1
+                self.ctx.on_passive_failure(self.backend, "response timed out")
+                client.local_response(ex, 504, b"backend timed out\n")
+            elif client.transport is not None:
+                client.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- reading the response ------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        ex = self._ex
+        client = self._client
+        if ex is None or client is None:
+            # Bytes on an idle connection: the backend broke protocol.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        ex.response_started = True
+        if ex.body_buffer:
+            ex.body_buffer.clear()
+            ex.body_buffered_bytes = 0
+            client.resume_body()
+        self.deadline = time.monotonic() + self.ctx.config.timeouts.upstream_response
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            log.warning("backend %s sent a bad response: %s", self.backend.name, error)
+            client.flush()
+            self._fail_mid_response(f"bad response: {error}")
+            return
+        if self._reset_parser:
+            self._reset_parser = False
+            self._parser = httptools.HttpResponseParser(self)
+        client.flush()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex, client = self._ex, self._client
+        assert ex is not None and client is not None
+        status = self._parser.get_status_code()
+        self._status = status
+        headers = self._headers
+        self._headers = []
+        reason = self._reason or b"-"
+        self._reason = b""
+        if 100 <= status < 200:
+            self._informational = True
+            if not ex.http_10 and status != 101:
+                client.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
+            return
+        self._informational = False
+        drop = _connection_tokens(headers)
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        has_length = False
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in drop:
+                if lname == b"transfer-encoding":
+                    chunked = True
+                continue
+            if lname == b"content-length":
+                has_length = True
+            lines.append(b"%b: %b\r\n" % (name, value))
+        self._no_body = ex.method == "HEAD" or status in (204, 304)
+        self._chunk_to_client = False
+        self._eof_delimited = False
+        keep_alive = client.keep_alive_allowed() and ex.client_keep_alive and not ex.http_10
+        if not self._no_body and not has_length:
+            self._eof_delimited = not chunked
+            if ex.http_10:
+                keep_alive = False  # delimit the body by closing
+            else:
+                self._chunk_to_client = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append(b"Connection: close\r\n")
+            ex.client_keep_alive = False
+        lines.append(b"Via: 1.1 %b\r\n\r\n" % self.ctx.node_label.encode())
+        client.out.append(b"".join(lines))
+        if status >= 500 and self.ctx.config.health.passive.eject_on_5xx:
+            self.ctx.on_passive_failure(self.backend, f"answered HTTP {status}")
+        if ex.method == "HEAD":
+            # httptools cannot be told that a HEAD response has no body: finish
+            # here and start a fresh parser for the next response.
+            self._reset_parser = True
+            self._finish(upstream_keep_alive=self._parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self._chunk_to_client:
+            self._write(_chunk(body))
+        else:
+            self._write(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if self._ex is None:
+            return  # HEAD response, already finished
+        if self._chunk_to_client:
+            self._write(b"0\r\n\r\n")
+        self._finish(upstream_keep_alive=self._parser.should_keep_alive())
+
+    def _finish(self, upstream_keep_alive: bool) -> None:
+        ex, client = self._ex, self._client
+        assert ex is not None and client is not None
+        self._ex = None
+        self._client = None
+        self._write = lambda data: None
+        self.deadline = 0.0
+        reusable = upstream_keep_alive and ex.request_complete and not self._eof_delimited
+        client.response_done(ex, keep_alive=ex.client_keep_alive)
+        if reusable:
+            self.release()
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _fail_mid_response(self, detail: str) -> None:
+        ex, client = self._ex, self._client
+        self._ex = None
+        self._client = None
+        if self.transport is not None:
+            self.transport.abort()
+        if ex is None or client is None:
+            return
+        self.backend.failures_total += 1
+        self.ctx.on_passive_failure(self.backend, detail)
+        if client.transport is not None:
+            # Part of the response is out: the client can only learn of the
+            # failure by the connection breaking.
+            client.transport.abort()
+
+    def pause_writing(self) -> None:
+        client = self._client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self._client
+        if client is not None and client.transport is not None:
+            client.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.ctx.sweeper.discard(self)
+        UpstreamPool.remove(self)
+        ex, client = self._ex, self._client
+        if ex is None or client is None:
+            return
+        self._ex = None
+        self._client = None
+        if not ex.response_started:
+            # A reused connection closed by the backend between requests is the
+            # keep-alive race, not a broken backend: retry without ejecting.
+            fresh = self._uses <= 1
+            detail = f"connection lost: {exc}" if exc else "connection closed before response"
+            client.upstream_failed(ex, self.backend, detail, eject=fresh or exc is not None)
+            return
+        if self._eof_delimited and exc is None:
+            self._ex, self._client = ex, client
+            if self._chunk_to_client:
+                client.out.append(b"0\r\n\r\n")
+            self._finish(upstream_keep_alive=False)
+            client.flush()
+            return
+        self._ex, self._client = ex, client
+        self._fail_mid_response(f"connection lost mid-response: {exc or 'EOF'}")
