@@ -222,9 +222,11 @@ def _unique_names(field: str, names: list[str]) -> None:
 def format_validation_error(error: ValidationError) -> str:
     """The first problem as one line: `field.path: what was expected (got X)`."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "config"
+    location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
+    if not location:  # a whole-model rule: its message names the fields
+        return message
     if first["type"] in ("missing",) or isinstance(got, dict | list):
         return f"{location}: {message}"
     more = len(error.errors()) - 1

@@ -35,6 +35,7 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
         "_backend",
         "_closed",
         "_ctx",
+        "_eof_pending",
         "_flow",
         "_listener",
         "_pending",
@@ -51,6 +52,7 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
         self._backend: Backend | None = None
         self._flow: Flow | None = None
         self._closed = False
+        self._eof_pending = False
 
     # -- client side -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,8 +136,9 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
         if upstream is not None and upstream.transport is not None:
             if upstream.transport.can_write_eof():
                 upstream.transport.write_eof()
-            return True  # half-close: keep sending the backend's answer
-        return False
+        else:
+            self._eof_pending = True  # passed on once the backend connection is up
+        return True  # half-close: keep sending the backend's answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -180,6 +183,8 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
             self._pending.clear()
             assert self._transport is not None
             self._transport.resume_reading()
+        if self._eof_pending and upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
 
     def upstream_data(self, view: memoryview) -> None:
         transport = self._transport

@@ -165,7 +165,9 @@ class L7ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow is not None:
             self.flow.bytes_in += len(data)
-        if self._parsing is not None and not self._parsing.head_bytes:
+        parsing = self._parsing
+        if parsing is None or not parsing.head_bytes:
+            # Bytes while no request head is complete: bound them (slowloris, huge heads).
             self._head_size += len(data)
             if self._head_size > self.ctx.config.limits.max_header_bytes:
                 self._fail_parse(431)
@@ -225,7 +227,6 @@ class L7ClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         ex = Exchange()
         self._parsing = ex
-        self._head_size = 0
         self._queue.append(ex)
         self.deadline = time.monotonic() + self.ctx.config.timeouts.client_header
         if len(self._queue) > 1 and not self._paused and self.transport is not None:
@@ -252,6 +253,7 @@ class L7ClientProtocol(asyncio.Protocol):
             ex.upgrade = True
             return
         ex.head_bytes = self._request_head(ex)
+        self._head_size = 0
         ex.retryable = self.ctx.config.retry_idempotent and ex.method in IDEMPOTENT
         self.deadline = 0.0
         if self.flow is not None:

@@ -10,6 +10,8 @@ so that a test can really kill it. Paths:
   /chunked/N        N chunks of "<name>\n", chunked
   /eof/N            N bytes delimited by closing the connection
   /echo             the request body back (any method)
+  /headers          the request headers it received, one per line
+  /hop              a response carrying hop-by-hop headers
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class BackendProtocol(asyncio.Protocol):
         self.url = b""
         self.body: list[bytes] = []
         self.method = b""
+        self.headers: list[tuple[bytes, bytes]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -47,6 +50,10 @@ class BackendProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.body = []
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -57,13 +64,19 @@ class BackendProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
-        asyncio.get_running_loop().create_task(self.respond(self.url, b"".join(self.body), keep_alive))
+        headers = b"".join(b"%b: %b\n" % h for h in self.headers)
+        asyncio.get_running_loop().create_task(
+            self.respond(self.url, b"".join(self.body), keep_alive, headers)
+        )
 
     def send(self, status: int, body: bytes, keep_alive: bool, extra: bytes = b"") -> None:
         if self.transport is None or self.transport.is_closing():
             return
         head = b"HTTP/1.1 %d X\r\nContent-Type: text/plain\r\nX-Backend: %b\r\n%b" % (
-            status, self.name, extra)
+            status,
+            self.name,
+            extra,
+        )
         if self.method == b"HEAD":
             head += b"Content-Length: %d\r\n" % len(body)
             body = b""
@@ -75,7 +88,7 @@ class BackendProtocol(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
 
-    async def respond(self, url: bytes, body: bytes, keep_alive: bool) -> None:
+    async def respond(self, url: bytes, body: bytes, keep_alive: bool, headers: bytes) -> None:
         path = url.split(b"?")[0].decode()
         parts = path.strip("/").split("/")
         if path == "/":
@@ -90,17 +103,31 @@ class BackendProtocol(asyncio.Protocol):
             self.send(200, self.name + b"\n", keep_alive)
         elif parts[0] == "bytes":
             self.send(200, b"x" * int(parts[1]), keep_alive)
+        elif parts[0] == "headers":
+            self.send(200, headers, keep_alive)
+        elif parts[0] == "hop":
+            self.send(
+                200,
+                b"hop\n",
+                keep_alive,
+                b"Connection: X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n",
+            )
         elif parts[0] == "echo":
             self.send(200, body, keep_alive)
         elif parts[0] == "chunked" and self.transport is not None:
             chunk = self.name + b"\n"
-            out = [b"HTTP/1.1 200 OK\r\nX-Backend: %b\r\nTransfer-Encoding: chunked\r\n\r\n" % self.name]
+            out = [
+                b"HTTP/1.1 200 OK\r\nX-Backend: %b\r\nTransfer-Encoding: chunked\r\n\r\n"
+                % self.name
+            ]
             for _ in range(int(parts[1])):
                 out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             out.append(b"0\r\n\r\n")
             self.transport.write(b"".join(out))
         elif parts[0] == "eof" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 200 OK\r\nX-Backend: %b\r\nConnection: close\r\n\r\n" % self.name)
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nX-Backend: %b\r\nConnection: close\r\n\r\n" % self.name
+            )
             self.transport.write(b"y" * int(parts[1]))
             self.transport.close()
         else:
@@ -109,7 +136,9 @@ class BackendProtocol(asyncio.Protocol):
 
 async def serve(host: str, port: int, name: str, fail_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: BackendProtocol(name, fail_file), host, port, reuse_address=True)
+    server = await loop.create_server(
+        lambda: BackendProtocol(name, fail_file), host, port, reuse_address=True
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     print(f"ready {os.getpid()}", flush=True)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,15 @@ class BackendProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BackendProcess:
-        cmd = [sys.executable, "-m", "tests.support.backend_server", "--port", str(self.port), "--name", self.name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.support.backend_server",
+            "--port",
+            str(self.port),
+            "--name",
+            self.name,
+        ]
         if self.fail_file is not None:
             cmd += ["--fail-file", str(self.fail_file)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
@@ -82,7 +90,9 @@ class AgentProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(BIN / "anycast-edge"), "run", "--config", str(self.config_path)],
-            stdout=log, stderr=log, cwd=self.tmp,
+            stdout=log,
+            stderr=log,
+            cwd=self.tmp,
         )
         wait_for(lambda: self.status(), timeout=15)
         if wait_state:
@@ -117,12 +127,23 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def node_config(listeners: list[dict[str, Any]], backends: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def node_config(
+    listeners: list[dict[str, Any]], backends: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "node": {"name": "edge-t1", "site": "site-t"},
         "listeners": listeners,
         "backends": backends,
-        "health": {"active": {"kind": "http", "path": "/health", "interval": 0.2, "timeout": 0.2, "rise": 2, "fall": 2}},
+        "health": {
+            "active": {
+                "kind": "http",
+                "path": "/health",
+                "interval": 0.2,
+                "timeout": 0.2,
+                "rise": 2,
+                "fall": 2,
+            }
+        },
         "admin": {"port": free_port()},
     }
     config.update(extra)
