@@ -282,7 +282,7 @@ class Agent:
         if new.admin != old.admin:
             log.warning("admin endpoint changes take effect at the next restart")
         self.config = new
-        self.ctx.config = new
+        self.ctx.update_config(new)
         self.pool.reconfigure(
             new.backends,
             new.pool.algorithm,

@@ -126,6 +126,15 @@ class ProxyContext:
     connections: dict[str, set[ClientConnection]] = field(default_factory=dict)
     # While draining, responses say `Connection: close` so keep-alive clients leave.
     draining: bool = False
+    # The Via header line added both ways, naming node and site (CRLF first).
+    via_line: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.update_config(self.config)
+
+    def update_config(self, config: NodeConfig) -> None:
+        self.config = config
+        self.via_line = b"\r\nVia: 1.1 %b" % self.node_label.encode()
 
     def open_connections(self) -> int:
         return sum(len(conns) for conns in self.connections.values())

@@ -25,26 +25,21 @@ from typing import cast
 
 import httptools
 
-from edge.config import HashKeyKind
+from edge.config import Algorithm, HashKeyKind
 from edge.flows import Flow
 from edge.pool import Backend
 from edge.proxy.common import ProxyContext, set_nodelay, spawn
+from edge.proxy.http1 import (
+    LAST_CHUNK,
+    Framing,
+    HeadError,
+    build_request_head,
+    chunk,
+    rewrite_response_head,
+)
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Request bodies up to this size are kept until the response starts, so the
 # request can be retried on another backend.
@@ -59,19 +54,6 @@ REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names that a Connection header marks as hop-by-hop too."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
 
 
 class Exchange:
@@ -165,19 +147,24 @@ class L7ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow is not None:
             self.flow.bytes_in += len(data)
-        parsing = self._parsing
-        if parsing is None or not parsing.head_bytes:
-            # Bytes while no request head is complete: bound them (slowloris, huge heads).
-            self._head_size += len(data)
-            if self._head_size > self.ctx.config.limits.max_header_bytes:
-                self._fail_parse(431)
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail_parse(501, b"protocol upgrade is not supported\n")
+            return
         except httptools.HttpParserError as error:
-            self._fail_parse(400, f"{error}\n".encode())
+            if self._head_size < 0:
+                self._fail_parse(431)
+            else:
+                self._fail_parse(400, f"{error}\n".encode())
+            return
+        parsing = self._parsing
+        if parsing is not None and not parsing.head_bytes:
+            # A head still incomplete: bound what it may take (huge heads, slowloris).
+            self._head_size += len(data)
+            if self._head_size > self.ctx.config.limits.max_header_bytes:
+                self._fail_parse(431)
+                return
         self.flush()
 
     def eof_received(self) -> bool:
@@ -245,14 +232,23 @@ class L7ClientProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self._parsing
         assert ex is not None
+        size = len(ex.url) + sum(len(n) + len(v) + 4 for n, v in ex.headers)
+        if size > self.ctx.config.limits.max_header_bytes:
+            # Bigger than allowed, though complete in this read: refuse it all the same.
+            self._head_size = -1
+            raise HeadError("request head too large")
         parser = self._parser
-        ex.method = parser.get_method().decode()
+        ex.method = parser.get_method().decode("latin-1")
         ex.http_10 = parser.get_http_version() == "1.0"
         ex.client_keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             ex.upgrade = True
             return
-        ex.head_bytes = self._request_head(ex)
+        head = build_request_head(
+            parser.get_method(), ex.url, ex.headers, self.client_address.encode(), self.ctx.via_line
+        )
+        ex.head_bytes = head.data
+        ex.chunked_request = head.chunked
         self._head_size = 0
         ex.retryable = self.ctx.config.retry_idempotent and ex.method in IDEMPOTENT
         self.deadline = 0.0
@@ -264,7 +260,7 @@ class L7ClientProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
         assert ex is not None
-        data = _chunk(body) if ex.chunked_request else body
+        data = chunk(body) if ex.chunked_request else body
         upstream = ex.upstream
         if ex.retryable and not ex.response_started:
             ex.body_buffer.append(data)
@@ -287,40 +283,11 @@ class L7ClientProtocol(asyncio.Protocol):
         self._parsing = None
         ex.request_complete = True
         if ex.chunked_request:
-            on_wire = b"0\r\n\r\n"
+            on_wire = LAST_CHUNK
             if ex.upstream is not None and ex.upstream.transport is not None:
                 ex.upstream.transport.write(on_wire)
             if ex.upstream is None or (ex.retryable and not ex.response_started):
                 ex.body_buffer.append(on_wire)
-        if ex.upstream is not None:
-            ex.upstream.request_sent()
-
-    def _request_head(self, ex: Exchange) -> bytes:
-        ctx = self.ctx
-        drop = _connection_tokens(ex.headers)
-        lines = [b"%b %b HTTP/1.1\r\n" % (ex.method.encode(), ex.url)]
-        forwarded_for = self.client_address.encode()
-        content_length = False
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in drop:
-                if lname == b"transfer-encoding":
-                    ex.chunked_request = True
-                continue
-            if lname == b"x-forwarded-for":
-                forwarded_for = value + b", " + forwarded_for
-                continue
-            if lname == b"content-length":
-                content_length = True
-            lines.append(b"%b: %b\r\n" % (name, value))
-        if ex.chunked_request:
-            if content_length:
-                # Both framings at once is how request smuggling starts.
-                raise httptools.HttpParserError("both Content-Length and Transfer-Encoding")
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        lines.append(b"X-Forwarded-For: %b\r\n" % forwarded_for)
-        lines.append(b"Via: 1.1 %b\r\n\r\n" % ctx.node_label.encode())
-        return b"".join(lines)
 
     # -- dispatch ------------------------------------------------------------
     def _hash_key(self, ex: Exchange) -> bytes:
@@ -345,7 +312,9 @@ class L7ClientProtocol(asyncio.Protocol):
         if ex.upgrade:
             return  # answered with 501 when the parser reports the upgrade
         ctx = self.ctx
-        backend = ctx.pool.pick(self._hash_key(ex), exclude=exclude)
+        pool = ctx.pool
+        key = self._hash_key(ex) if pool.algorithm is Algorithm.MAGLEV else b""
+        backend = pool.pick(key, exclude=exclude)
         if backend is None:
             self.local_response(ex, 503, b"no healthy backend\n")
             return
@@ -402,15 +371,12 @@ class L7ClientProtocol(asyncio.Protocol):
     def local_response(self, ex: Exchange, status: int, body: bytes) -> None:
         """Answer a request ourselves (errors); the connection closes unless all is well."""
         close = status in (400, 408, 413, 431, 501) or not ex.request_complete
-        head = (
-            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Via: 1.1 %b\r\n%b\r\n"
-        ) % (
+        head = (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d%b%b\r\n\r\n") % (
             status,
             REASONS.get(status, b"Error"),
             len(body),
-            self.ctx.node_label.encode(),
-            b"Connection: close\r\n" if close else b"",
+            self.ctx.via_line,
+            b"\r\nConnection: close" if close else b"",
         )
         self.out.append(head + body)
         ex.response_started = True
@@ -505,6 +471,8 @@ class UpstreamPool:
 
 
 class L7UpstreamProtocol(asyncio.Protocol):
+    """One keep-alive connection to a backend, carrying one request at a time."""
+
     def __init__(self, backend: Backend, ctx: ProxyContext) -> None:
         self.backend = backend
         self.ctx = ctx
@@ -512,16 +480,14 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._client: L7ClientProtocol | None = None
         self._ex: Exchange | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
-        self._status = 0
-        self._chunk_to_client = False
-        self._eof_delimited = False
-        self._no_body = False
-        self._informational = False
-        self._reset_parser = False
+        self._awaiting_head = True
+        self._head_buf = b""
+        self._informational = 0
+        self._framing = Framing.LENGTH
+        self._upstream_eof = False
+        self._finish_after_feed = False
         self._uses = 0
-        self._write: Callable[[bytes], None] = lambda data: None
+        self._write: Callable[[bytes], None] = _discard
         self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -536,20 +502,18 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._client = client
         self._ex = ex
         self._uses += 1
+        self._awaiting_head = True
         ex.upstream = self
         self._write = client.out.append
         transport = self.transport
         assert transport is not None
         body = ex.body_buffer
         transport.write(ex.head_bytes + b"".join(body) if body else ex.head_bytes)
-        if not ex.retryable:
+        if not ex.retryable and body:
             body.clear()
             ex.body_buffered_bytes = 0
             client.resume_body()
         self.deadline = time.monotonic() + self.ctx.config.timeouts.upstream_response
-
-    def request_sent(self) -> None:
-        pass
 
     def release(self) -> None:
         """Back to the idle pool, or closed."""
@@ -596,12 +560,21 @@ class L7UpstreamProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        ex.response_started = True
-        if ex.body_buffer:
-            ex.body_buffer.clear()
-            ex.body_buffered_bytes = 0
-            client.resume_body()
+        if not ex.response_started:
+            ex.response_started = True
+            if ex.body_buffer:
+                ex.body_buffer.clear()
+                ex.body_buffered_bytes = 0
+                client.resume_body()
         self.deadline = time.monotonic() + self.ctx.config.timeouts.upstream_response
+        if self._awaiting_head:
+            if self._head_buf:
+                data = self._head_buf + data
+                self._head_buf = b""
+            data = self._take_heads(data, ex, client)
+            if not data:
+                client.flush()
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -609,83 +582,70 @@ class L7UpstreamProtocol(asyncio.Protocol):
             client.flush()
             self._fail_mid_response(f"bad response: {error}")
             return
-        if self._reset_parser:
-            self._reset_parser = False
-            self._parser = httptools.HttpResponseParser(self)
-        client.flush()
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        ex, client = self._ex, self._client
-        assert ex is not None and client is not None
-        status = self._parser.get_status_code()
-        self._status = status
-        headers = self._headers
-        self._headers = []
-        reason = self._reason or b"-"
-        self._reason = b""
-        if 100 <= status < 200:
-            self._informational = True
-            if not ex.http_10 and status != 101:
-                client.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason))
-            return
-        self._informational = False
-        drop = _connection_tokens(headers)
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        has_length = False
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in drop:
-                if lname == b"transfer-encoding":
-                    chunked = True
-                continue
-            if lname == b"content-length":
-                has_length = True
-            lines.append(b"%b: %b\r\n" % (name, value))
-        self._no_body = ex.method == "HEAD" or status in (204, 304)
-        self._chunk_to_client = False
-        self._eof_delimited = False
-        keep_alive = client.keep_alive_allowed() and ex.client_keep_alive and not ex.http_10
-        if not self._no_body and not has_length:
-            self._eof_delimited = not chunked
-            if ex.http_10:
-                keep_alive = False  # delimit the body by closing
-            else:
-                self._chunk_to_client = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        if not keep_alive:
-            lines.append(b"Connection: close\r\n")
-            ex.client_keep_alive = False
-        lines.append(b"Via: 1.1 %b\r\n\r\n" % self.ctx.node_label.encode())
-        client.out.append(b"".join(lines))
-        if status >= 500 and self.ctx.config.health.passive.eject_on_5xx:
-            self.ctx.on_passive_failure(self.backend, f"answered HTTP {status}")
-        if ex.method == "HEAD":
+        if self._finish_after_feed:
             # httptools cannot be told that a HEAD response has no body: finish
             # here and start a fresh parser for the next response.
-            self._reset_parser = True
-            self._finish(upstream_keep_alive=self._parser.should_keep_alive())
+            self._finish_after_feed = False
+            self._parser = httptools.HttpResponseParser(self)
+            if self._ex is not None:
+                self._finish(upstream_keep_alive=True)
+        client.flush()
+
+    def _take_heads(self, data: bytes, ex: Exchange, client: L7ClientProtocol) -> bytes:
+        """Rewrite complete heads at the start of `data`; return what the parser may see."""
+        pos = 0
+        while self._awaiting_head:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                if len(data) - pos > self.ctx.config.limits.max_header_bytes:
+                    self._fail_mid_response("response head too large")
+                    return b""
+                self._head_buf = data[pos:]
+                return data[:pos]
+            try:
+                head = rewrite_response_head(
+                    data[pos:end],
+                    self.ctx.via_line,
+                    head_request=ex.method == "HEAD",
+                    client_http10=ex.http_10,
+                    keep_alive=ex.client_keep_alive and client.keep_alive_allowed(),
+                )
+            except HeadError as error:
+                self._fail_mid_response(f"bad response: {error}")
+                return b""
+            start, pos = pos, end + 4
+            if head.status < 200:
+                # 1xx (100 Continue, 103 Early Hints): passed on as is, the final
+                # response follows on the same connection.
+                self._informational += 1
+                if head.status != 101 and not ex.http_10:
+                    client.out.append(b"HTTP/1.1" + data[start + 8 : pos])
+                continue
+            self._awaiting_head = False
+            self._framing = head.framing
+            self._upstream_eof = head.upstream_eof
+            ex.client_keep_alive = head.keep_alive
+            client.out.append(head.data)
+            if head.status >= 500 and self.ctx.config.health.passive.eject_on_5xx:
+                self.ctx.on_passive_failure(self.backend, f"answered HTTP {head.status}")
+            if ex.method == "HEAD":
+                self._finish_after_feed = True
+        return data
 
     def on_body(self, body: bytes) -> None:
-        if self._chunk_to_client:
-            self._write(_chunk(body))
+        if self._framing is Framing.CHUNKED:
+            self._write(chunk(body))
         else:
             self._write(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
-            self._informational = False
+            self._informational -= 1
             return
-        if self._ex is None:
-            return  # HEAD response, already finished
-        if self._chunk_to_client:
-            self._write(b"0\r\n\r\n")
+        if self._ex is None or self._finish_after_feed:
+            return
+        if self._framing is Framing.CHUNKED:
+            self._write(LAST_CHUNK)
         self._finish(upstream_keep_alive=self._parser.should_keep_alive())
 
     def _finish(self, upstream_keep_alive: bool) -> None:
@@ -693,9 +653,9 @@ class L7UpstreamProtocol(asyncio.Protocol):
         assert ex is not None and client is not None
         self._ex = None
         self._client = None
-        self._write = lambda data: None
+        self._write = _discard
         self.deadline = 0.0
-        reusable = upstream_keep_alive and ex.request_complete and not self._eof_delimited
+        reusable = upstream_keep_alive and ex.request_complete and not self._upstream_eof
         client.response_done(ex, keep_alive=ex.client_keep_alive)
         if reusable:
             self.release()
@@ -713,7 +673,7 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self.backend.failures_total += 1
         self.ctx.on_passive_failure(self.backend, detail)
         if client.transport is not None:
-            # Part of the response is out: the client can only learn of the
+            # Part of the response may be out: the client can only learn of the
             # failure by the connection breaking.
             client.transport.abort()
 
@@ -746,12 +706,15 @@ class L7UpstreamProtocol(asyncio.Protocol):
             detail = f"connection lost: {exc}" if exc else "connection closed before response"
             client.upstream_failed(ex, self.backend, detail, eject=fresh or exc is not None)
             return
-        if self._eof_delimited and exc is None:
-            self._ex, self._client = ex, client
-            if self._chunk_to_client:
-                client.out.append(b"0\r\n\r\n")
+        self._ex, self._client = ex, client
+        if self._upstream_eof and exc is None and not self._awaiting_head:
+            if self._framing is Framing.CHUNKED:
+                client.out.append(LAST_CHUNK)
             self._finish(upstream_keep_alive=False)
             client.flush()
             return
-        self._ex, self._client = ex, client
         self._fail_mid_response(f"connection lost mid-response: {exc or 'EOF'}")
+
+
+def _discard(data: bytes) -> None:
+    pass
