@@ -92,7 +92,9 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
                 backend.active_connections -= 1
                 self._backend = None
             backend.failures_total += 1
-            detail = "connect timed out" if isinstance(error, TimeoutError) else str(error)
+            detail = (
+                "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+            )
             ctx.on_passive_failure(backend, f"connect failed: {detail}")
             if self._closed:
                 return

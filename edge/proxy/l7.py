@@ -339,7 +339,9 @@ class L7ClientProtocol(asyncio.Protocol):
                     lambda: L7UpstreamProtocol(backend, ctx), backend.address, backend.port
                 )
         except (OSError, TimeoutError) as error:
-            detail = "connect timed out" if isinstance(error, TimeoutError) else str(error)
+            detail = (
+                "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+            )
             self.upstream_failed(ex, backend, f"connect failed: {detail}", eject=True)
             return
         if self._lost or ex not in self._queue:

@@ -48,7 +48,7 @@ class BackendProcess:
         cmd = [
             sys.executable,
             "-m",
-            "tests.support.backend_server",
+            "deploy.backend.named_backend",
             "--port",
             str(self.port),
             "--name",

@@ -1,7 +1,7 @@
-"""A small HTTP/1.1 backend for tests: names itself, keeps connections alive.
+"""A small HTTP/1.1 backend that names itself (tests, demo, lab); keeps connections alive.
 
-Run as a process (`python -m tests.support.backend_server --port P --name N`)
-so that a test can really kill it. Paths:
+Run as a process (`python -m deploy.backend.named_backend --port P --name N`)
+so that a test or chaos run can really kill it. Paths:
   /                 200, body "<name>\n"
   /health           200 unless a file named by --fail-file exists (then 503)
   /status/NNN       that status
