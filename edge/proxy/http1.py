@@ -54,6 +54,10 @@ class ResponseHead(NamedTuple):
     # The upstream delimits the body by closing its connection.
     upstream_eof: bool
     keep_alive: bool
+    # Body length when framing is LENGTH.
+    content_length: int
+    # The upstream connection cannot carry another request after this response.
+    upstream_close: bool
 
 
 def _drop_named(headers: bytes, tokens: set[bytes]) -> bytes:
@@ -82,23 +86,36 @@ def rewrite_response_head(
     except ValueError:
         raise HeadError("bad status code") from None
     if status < 200:
-        return ResponseHead(b"", status, Framing.NONE, False, keep_alive)
+        return ResponseHead(b"", status, Framing.NONE, False, keep_alive, 0, False)
     parts = [b"HTTP/1.1"]
     last = 8
-    has_length = False
+    content_length = -1
     transfer_encoding: bytes | None = None
     named: set[bytes] = set()
+    # HTTP/1.0 closes unless it says keep-alive; HTTP/1.1 stays open unless it says close.
+    upstream_close = head[7:8] == b"0"
     for match in _NOTABLE_LINE.finditer(head.lower()):
         name = match.group(1)
         if name == b"content-length":
-            has_length = True
+            value = match.group(2).strip()
+            if not value.isdigit() or (content_length >= 0 and int(value) != content_length):
+                raise HeadError("bad Content-Length")
+            content_length = int(value)
             continue
         if name == b"transfer-encoding":
             transfer_encoding = match.group(2)
         elif name == b"connection":
             value = match.group(2).strip()
-            if value not in _CONNECTION_OPTIONS:
-                named.update(t.strip() for t in value.split(b","))
+            if value == b"close":
+                upstream_close = True
+            elif value == b"keep-alive":
+                upstream_close = False
+            elif value:
+                tokens = {t.strip() for t in value.split(b",")}
+                upstream_close = b"close" in tokens or (
+                    upstream_close and b"keep-alive" not in tokens
+                )
+                named.update(tokens)
         start, end = match.span()
         parts.append(head[last:start])
         last = end
@@ -109,7 +126,7 @@ def rewrite_response_head(
     elif transfer_encoding is not None:
         upstream_eof = b"chunked" not in transfer_encoding
         framing = Framing.CHUNKED
-    elif has_length:
+    elif content_length >= 0:
         framing = Framing.LENGTH
     else:
         upstream_eof = True
@@ -127,7 +144,9 @@ def rewrite_response_head(
     data = b"".join(parts)
     if named and (named := named - _CONNECTION_OPTIONS):
         data = _drop_named(data[:-4], named) + b"\r\n\r\n"
-    return ResponseHead(data, status, framing, upstream_eof, keep_alive)
+    return ResponseHead(
+        data, status, framing, upstream_eof, keep_alive, max(content_length, 0), upstream_close
+    )
 
 
 class RequestHead(NamedTuple):
@@ -147,7 +166,7 @@ def build_request_head(
     `via` is the complete header line to add, starting with CRLF.
     """
     parts = [method, b" ", url, b" HTTP/1.1"]
-    forwarded_for = client_address
+    forwarded: list[bytes] = []
     chunked = False
     content_length = False
     named: set[bytes] = set()
@@ -162,7 +181,7 @@ def build_request_head(
                 chunked = True
             continue
         if lname == b"x-forwarded-for":
-            forwarded_for = value + b", " + forwarded_for
+            forwarded.append(value)
             continue
         if lname == b"content-length":
             content_length = True
@@ -172,8 +191,56 @@ def build_request_head(
             # Both framings at once is how request smuggling starts.
             raise HeadError("both Content-Length and Transfer-Encoding")
         parts.append(b"\r\nTransfer-Encoding: chunked")
-    parts += (b"\r\nX-Forwarded-For: ", forwarded_for, via, b"\r\n\r\n")
+    forwarded.append(client_address)
+    parts += (b"\r\nX-Forwarded-For: ", b", ".join(forwarded), via, b"\r\n\r\n")
     return RequestHead(b"".join(parts), chunked)
+
+
+_REQUEST_NOTABLE_LINE = re.compile(
+    rb"\r\n(content-length|x-forwarded-for|"
+    + b"|".join(re.escape(h) for h in sorted(HOP_BY_HOP))
+    + rb")[ \t]*:([^\r]*)"
+)
+
+
+def rewrite_request_head(head: bytes, client_address: bytes, via: bytes) -> RequestHead:
+    """The raw request head (validated by the parser, without the final CRLF CRLF)
+    rewritten for upstream, as `build_request_head` does from parsed headers."""
+    line_end = head.find(b"\r\n")
+    request_line = head if line_end < 0 else head[:line_end]
+    headers = b"" if line_end < 0 else head[line_end:]
+    parts = [request_line[: request_line.rfind(b" ")], b" HTTP/1.1"]
+    forwarded: list[bytes] = []
+    chunked = content_length = False
+    named: set[bytes] = set()
+    last = 0
+    for match in _REQUEST_NOTABLE_LINE.finditer(headers.lower()):
+        name = match.group(1)
+        if name == b"content-length":
+            content_length = True
+            continue
+        if name == b"x-forwarded-for":
+            forwarded.append(headers[match.start(2) : match.end(2)].strip())
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            value = match.group(2).strip()
+            if value not in _CONNECTION_OPTIONS:
+                named.update(t.strip() for t in value.split(b","))
+        start, end = match.span()
+        parts.append(headers[last:start])
+        last = end
+    parts.append(headers[last:])
+    if chunked:
+        if content_length:
+            raise HeadError("both Content-Length and Transfer-Encoding")
+        parts.append(b"\r\nTransfer-Encoding: chunked")
+    forwarded.append(client_address)
+    parts += (b"\r\nX-Forwarded-For: ", b", ".join(forwarded), via, b"\r\n\r\n")
+    data = b"".join(parts)
+    if named and (named := named - _CONNECTION_OPTIONS):
+        data = _drop_named(data[:-4], named) + b"\r\n\r\n"
+    return RequestHead(data, chunked)
 
 
 def chunk(data: bytes) -> bytes:

@@ -35,6 +35,7 @@ from edge.proxy.http1 import (
     HeadError,
     build_request_head,
     chunk,
+    rewrite_request_head,
     rewrite_response_head,
 )
 
@@ -106,6 +107,13 @@ class L7ClientProtocol(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
         self._head_size = 0
+        self._light_parser: httptools.HttpRequestParser | None = None
+        # The raw fast path needs no parsed headers unless the hash key is a header.
+        pool_cfg = ctx.config.pool
+        self._fast_ok = (
+            pool_cfg.algorithm is not Algorithm.MAGLEV
+            or pool_cfg.hash_key.kind is HashKeyKind.CLIENT_ADDRESS
+        )
         self._paused = False
         self._closing = False
         self._lost = False
@@ -147,6 +155,17 @@ class L7ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow is not None:
             self.flow.bytes_in += len(data)
+        if (
+            self._parsing is None
+            and not self._queue
+            and self._fast_ok
+            and data.endswith(b"\r\n\r\n")
+            and data.find(b"\r\n\r\n") == len(data) - 4
+        ):
+            lowered = data.lower()
+            if b"\r\ncontent-length" not in lowered and b"\r\ntransfer-encoding" not in lowered:
+                self._whole_request(data)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -191,6 +210,48 @@ class L7ClientProtocol(asyncio.Protocol):
             self._fail_parse(408)
         elif self.transport is not None:
             self.transport.close()
+
+    def _whole_request(self, data: bytes) -> None:
+        """Fast path: exactly one complete request without a body, nothing in flight.
+
+        llhttp still validates it (a parser without callbacks), then the head is
+        rewritten from the raw bytes instead of being rebuilt header by header.
+        """
+        light = self._light_parser
+        if light is None:
+            light = self._light_parser = httptools.HttpRequestParser(_NoCallbacks())
+        try:
+            light.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._light_parser = None
+            self._fail_parse(501, b"protocol upgrade is not supported\n")
+            return
+        except httptools.HttpParserError as error:
+            self._light_parser = None
+            self._fail_parse(400, f"{error}\n".encode())
+            return
+        if len(data) > self.ctx.config.limits.max_header_bytes:
+            self._fail_parse(431)
+            return
+        ex = Exchange()
+        ex.method = light.get_method().decode("latin-1")
+        ex.http_10 = light.get_http_version() == "1.0"
+        ex.client_keep_alive = light.should_keep_alive()
+        ex.request_complete = True
+        ex.retryable = self.ctx.config.retry_idempotent and ex.method in IDEMPOTENT
+        try:
+            ex.head_bytes = rewrite_request_head(
+                data[:-4], self.client_address.encode(), self.ctx.via_line
+            ).data
+        except HeadError as error:
+            self._fail_parse(400, f"{error}\n".encode())
+            return
+        self._queue.append(ex)
+        self.deadline = 0.0
+        if self.flow is not None:
+            self.flow.requests += 1
+        self.dispatch(ex)
+        self.flush()
 
     def close_when_idle(self, grace: float) -> None:
         if not self._queue and self._parsing is None:
@@ -484,10 +545,11 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._ex: Exchange | None = None
         self._awaiting_head = True
         self._head_buf = b""
-        self._informational = 0
         self._framing = Framing.LENGTH
         self._upstream_eof = False
-        self._finish_after_feed = False
+        self._upstream_close = False
+        # Body bytes still expected for a Content-Length response (-1: parser frames it).
+        self._remaining = -1
         self._uses = 0
         self._write: Callable[[bytes], None] = _discard
         self.deadline = 0.0
@@ -573,10 +635,27 @@ class L7UpstreamProtocol(asyncio.Protocol):
             if self._head_buf:
                 data = self._head_buf + data
                 self._head_buf = b""
-            data = self._take_heads(data, ex, client)
-            if not data:
+            rest = self._take_head(data, ex, client)
+            if rest is None:
                 client.flush()
                 return
+            data = rest
+        if self._remaining >= 0:
+            # Content-Length body: counted and passed on, no parser needed.
+            remaining = self._remaining
+            size = len(data)
+            if size < remaining:
+                self._remaining = remaining - size
+                self._write(data)
+            else:
+                if size > remaining:
+                    data = data[:remaining]
+                    self._upstream_close = True  # it sent more than it announced
+                if data:
+                    self._write(data)
+                self._finish(upstream_keep_alive=not self._upstream_close)
+            client.flush()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -584,26 +663,23 @@ class L7UpstreamProtocol(asyncio.Protocol):
             client.flush()
             self._fail_mid_response(f"bad response: {error}")
             return
-        if self._finish_after_feed:
-            # httptools cannot be told that a HEAD response has no body: finish
-            # here and start a fresh parser for the next response.
-            self._finish_after_feed = False
-            self._parser = httptools.HttpResponseParser(self)
-            if self._ex is not None:
-                self._finish(upstream_keep_alive=True)
         client.flush()
 
-    def _take_heads(self, data: bytes, ex: Exchange, client: L7ClientProtocol) -> bytes:
-        """Rewrite complete heads at the start of `data`; return what the parser may see."""
+    def _take_head(self, data: bytes, ex: Exchange, client: L7ClientProtocol) -> bytes | None:
+        """Rewrite the response head(s) at the start of `data`.
+
+        Returns the bytes still to process (the body, or head and body when the
+        chunked/EOF parser must see it), or None when nothing is left to do.
+        """
         pos = 0
-        while self._awaiting_head:
+        while True:
             end = data.find(b"\r\n\r\n", pos)
             if end < 0:
                 if len(data) - pos > self.ctx.config.limits.max_header_bytes:
                     self._fail_mid_response("response head too large")
-                    return b""
+                    return None
                 self._head_buf = data[pos:]
-                return data[:pos]
+                return None
             try:
                 head = rewrite_response_head(
                     data[pos:end],
@@ -614,25 +690,35 @@ class L7UpstreamProtocol(asyncio.Protocol):
                 )
             except HeadError as error:
                 self._fail_mid_response(f"bad response: {error}")
-                return b""
+                return None
             start, pos = pos, end + 4
-            if head.status < 200:
-                # 1xx (100 Continue, 103 Early Hints): passed on as is, the final
-                # response follows on the same connection.
-                self._informational += 1
-                if head.status != 101 and not ex.http_10:
-                    client.out.append(b"HTTP/1.1" + data[start + 8 : pos])
-                continue
-            self._awaiting_head = False
-            self._framing = head.framing
-            self._upstream_eof = head.upstream_eof
-            ex.client_keep_alive = head.keep_alive
-            client.out.append(head.data)
-            if head.status >= 500 and self.ctx.config.health.passive.eject_on_5xx:
-                self.ctx.on_passive_failure(self.backend, f"answered HTTP {head.status}")
-            if ex.method == "HEAD":
-                self._finish_after_feed = True
-        return data
+            if head.status >= 200:
+                break
+            # 1xx (100 Continue, 103 Early Hints): passed on as is; the final
+            # response follows on the same connection.
+            if head.status != 101 and not ex.http_10:
+                client.out.append(b"HTTP/1.1" + data[start + 8 : pos])
+        self._awaiting_head = False
+        self._framing = head.framing
+        self._upstream_eof = head.upstream_eof
+        self._upstream_close = head.upstream_close
+        ex.client_keep_alive = head.keep_alive
+        client.out.append(head.data)
+        if head.status >= 500 and self.ctx.config.health.passive.eject_on_5xx:
+            self.ctx.on_passive_failure(self.backend, f"answered HTTP {head.status}")
+        if head.framing is Framing.NONE or (
+            head.framing is Framing.LENGTH and head.content_length == 0
+        ):
+            if pos < len(data):
+                self._upstream_close = True  # bytes after a body-less response
+            self._finish(upstream_keep_alive=not self._upstream_close)
+            return None
+        if head.framing is Framing.LENGTH:
+            self._remaining = head.content_length
+            return data[pos:]
+        # Chunked or EOF-delimited: the parser finds the end of the body.
+        self._remaining = -1
+        return data[start:]
 
     def on_body(self, body: bytes) -> None:
         if self._framing is Framing.CHUNKED:
@@ -641,10 +727,7 @@ class L7UpstreamProtocol(asyncio.Protocol):
             self._write(body)
 
     def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational -= 1
-            return
-        if self._ex is None or self._finish_after_feed:
+        if self._ex is None:
             return
         if self._framing is Framing.CHUNKED:
             self._write(LAST_CHUNK)
@@ -657,6 +740,7 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._client = None
         self._write = _discard
         self.deadline = 0.0
+        self._remaining = -1
         reusable = upstream_keep_alive and ex.request_complete and not self._upstream_eof
         client.response_done(ex, keep_alive=ex.client_keep_alive)
         if reusable:
@@ -720,3 +804,7 @@ class L7UpstreamProtocol(asyncio.Protocol):
 
 def _discard(data: bytes) -> None:
     pass
+
+
+class _NoCallbacks:
+    """The protocol of a parser that only validates."""

@@ -136,3 +136,31 @@ def test_no_hop_by_hop_header_ever_survives(headers: list[tuple[str, str]], http
         else:
             assert name not in HOP_BY_HOP
     assert data.endswith(VIA + b"\r\n\r\n")
+
+
+from edge.proxy.http1 import rewrite_request_head  # noqa: E402
+
+token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10)
+request_header = st.tuples(
+    st.one_of(
+        token,
+        st.sampled_from(
+            ["Connection", "Keep-Alive", "X-Forwarded-For", "TE", "Accept", "Upgrade", "Host"]
+        ),
+    ),
+    st.text("abcxyz0123 ,.=", max_size=12).map(str.strip),
+)
+
+
+@given(st.lists(request_header, max_size=8), st.sampled_from([b"GET", b"DELETE", b"OPTIONS"]))
+def test_raw_and_parsed_request_heads_agree(headers: list[tuple[str, str]], method: bytes) -> None:
+    """The fast path (raw bytes) and the parsed path build the same upstream head."""
+    pairs = [(n.encode(), v.encode()) for n, v in headers]
+    raw = b"%b /p?q=1 HTTP/1.1" % method + b"".join(b"\r\n%b: %b" % p for p in pairs)
+    try:
+        parsed = build_request_head(method, b"/p?q=1", pairs, b"198.18.0.9", VIA)
+    except HeadError:
+        with pytest.raises(HeadError):
+            rewrite_request_head(raw, b"198.18.0.9", VIA)
+        return
+    assert rewrite_request_head(raw, b"198.18.0.9", VIA) == parsed
