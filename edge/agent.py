@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -27,7 +28,7 @@ from edge.health import BackendHealth, HealthChange
 from edge.pool import Backend, Pool
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
-from edge.proxy.l7 import L7ClientProtocol, UpstreamPool
+from edge.proxy.l7 import L7ClientProtocol
 from edge.state import NodeState, NodeStateMachine, Observation, Thresholds, Transition
 
 log = logging.getLogger("edge.agent")
@@ -188,7 +189,7 @@ class Agent:
             return
         self.pool.refresh()
         if change.new is BackendHealth.DOWN:
-            UpstreamPool.close_backend(backend)
+            self.ctx.idle_upstreams.close_backend(backend)
         level = logging.WARNING if change.new is BackendHealth.DOWN else logging.INFO
         log.log(level, "%s", change.cause)
         self._event("backend", change.cause, backend=change.backend, health=change.new)
@@ -345,6 +346,9 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         log.error("%s", error)
         return 1
     agent.install_signal_handlers()
+    # Everything allocated so far lives as long as the process: keep it out of
+    # the collector's full passes, which would otherwise walk it on the hot path.
+    gc.freeze()
     log.info(
         "node %s (site %s) serving %s; admin on %s:%d",
         config.node.name,

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge.config import NodeConfig
 from edge.flows import FlowTable
@@ -102,6 +102,44 @@ class DeadlineSweeper:
             self.sweep(time.monotonic())
 
 
+class IdleConnection(Protocol):
+    transport: asyncio.Transport | None
+
+
+class IdlePool:
+    """Idle keep-alive upstream connections per backend, most recently used first."""
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[IdleConnection]] = {}
+
+    def acquire(self, backend: Backend) -> Any:
+        conns = self._idle.get(id(backend))
+        while conns:
+            conn = conns.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def put(self, backend: Backend, conn: IdleConnection, limit: int) -> bool:
+        conns = self._idle.setdefault(id(backend), [])
+        if len(conns) >= limit:
+            return False
+        conns.append(conn)
+        return True
+
+    def remove(self, backend: Backend, conn: IdleConnection) -> None:
+        conns = self._idle.get(id(backend))
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._idle[id(backend)]
+
+    def close_backend(self, backend: Backend) -> None:
+        for conn in self._idle.pop(id(backend), []):
+            if conn.transport is not None:
+                conn.transport.close()
+
+
 class ClientConnection(Protocol):
     def close_when_idle(self, grace: float) -> None:
         """Close once no request is in flight and none arrived for `grace` seconds."""
@@ -128,6 +166,7 @@ class ProxyContext:
     draining: bool = False
     # The Via header line added both ways, naming node and site (CRLF first).
     via_line: bytes = b""
+    idle_upstreams: IdlePool = field(default_factory=IdlePool)
 
     def __post_init__(self) -> None:
         self.update_config(self.config)

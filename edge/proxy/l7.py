@@ -385,7 +385,7 @@ class L7ClientProtocol(asyncio.Protocol):
         backend.requests_total += 1
         if self.flow is not None:
             self.flow.backend = backend.name
-        upstream = UpstreamPool.acquire(backend)
+        upstream = ctx.idle_upstreams.acquire(backend)
         if upstream is not None:
             upstream.start(self, ex)
             return
@@ -496,43 +496,6 @@ class L7ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per backend (most recently used first)."""
-
-    idle: dict[int, list[L7UpstreamProtocol]] = {}
-
-    @classmethod
-    def acquire(cls, backend: Backend) -> L7UpstreamProtocol | None:
-        conns = cls.idle.get(id(backend))
-        while conns:
-            conn = conns.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
-
-    @classmethod
-    def put(cls, conn: L7UpstreamProtocol, limit: int) -> bool:
-        conns = cls.idle.setdefault(id(conn.backend), [])
-        if len(conns) >= limit:
-            return False
-        conns.append(conn)
-        return True
-
-    @classmethod
-    def remove(cls, conn: L7UpstreamProtocol) -> None:
-        conns = cls.idle.get(id(conn.backend))
-        if conns and conn in conns:
-            conns.remove(conn)
-            if not conns:
-                del cls.idle[id(conn.backend)]
-
-    @classmethod
-    def close_backend(cls, backend: Backend) -> None:
-        for conn in cls.idle.pop(id(backend), []):
-            if conn.transport is not None:
-                conn.transport.close()
-
-
 class L7UpstreamProtocol(asyncio.Protocol):
     """One keep-alive connection to a backend, carrying one request at a time."""
 
@@ -586,8 +549,8 @@ class L7UpstreamProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.backend.retired or not UpstreamPool.put(
-            self, self.ctx.config.limits.upstream_pool_size
+        if self.backend.retired or not self.ctx.idle_upstreams.put(
+            self.backend, self, self.ctx.config.limits.upstream_pool_size
         ):
             transport.close()
             return
@@ -779,7 +742,7 @@ class L7UpstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.ctx.sweeper.discard(self)
-        UpstreamPool.remove(self)
+        self.ctx.idle_upstreams.remove(self.backend, self)
         ex, client = self._ex, self._client
         if ex is None or client is None:
             return
