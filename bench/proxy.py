@@ -81,26 +81,19 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def wrk_command(port: int, duration: int, path: str = "/") -> list[str]:
+    url = f"http://127.0.0.1:{port}{path}"
+    return ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s",
+            "--latency", "--timeout", "5s", url]  # fmt: skip
+
+
 def run_wrk(port: int, duration: int, path: str = "/") -> WrkResult:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            LOAD_CORE,
-            "wrk",
-            "-t1",
-            f"-c{CONNECTIONS}",
-            f"-d{duration}s",
-            "--latency",
-            "--timeout",
-            "5s",
-            f"http://127.0.0.1:{port}{path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=duration + 30,
-        check=True,
-    ).stdout
+    command = wrk_command(port, duration, path)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=True)
+    return parse_wrk(out.stdout)
+
+
+def parse_wrk(out: str) -> WrkResult:
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -254,33 +247,12 @@ def measure(name: str, port: int, pid: int | None) -> Row:
 
 def failover(lab: Lab, port: int, victim: subprocess.Popen[bytes]) -> WrkResult:
     """Kill one of two backends 2 s into a 6 s run; count failed requests."""
-    proc = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            LOAD_CORE,
-            "wrk",
-            "-t1",
-            f"-c{CONNECTIONS}",
-            "-d6s",
-            "--latency",
-            "--timeout",
-            "5s",
-            f"http://127.0.0.1:{port}/",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = subprocess.Popen(wrk_command(port, 6), stdout=subprocess.PIPE, text=True)
     time.sleep(2)
     victim.kill()
     victim.wait()
     out, _ = proc.communicate(timeout=40)
-    errors = 0
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors = sum(int(x) for x in m.groups())
-    non_2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return WrkResult(requests, 0, 0, 0, errors, non_2xx)
+    return parse_wrk(out)
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from edge.config import NodeConfig
-from edge.flows import FlowTable
+from edge.flows import Flow, FlowTable
 from edge.pool import Backend, Pool
 
 # Linux: bind an address that is not (yet) on an interface, e.g. the anycast /32
@@ -43,6 +43,24 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def connect_backend(
+    factory: Callable[[], P], backend: Backend, connect_timeout: float
+) -> tuple[P | None, str]:
+    """A new connection to a backend, or None and why not (for passive detection)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, protocol = await loop.create_connection(factory, backend.address, backend.port)
+    except TimeoutError:
+        return None, "connect failed: timed out"
+    except OSError as error:
+        return None, f"connect failed: {error.strerror or error}"
+    return protocol, ""
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -174,6 +192,13 @@ class ProxyContext:
     def update_config(self, config: NodeConfig) -> None:
         self.config = config
         self.via_line = b"\r\nVia: 1.1 %b" % self.node_label.encode()
+
+    def accepted(self, conn: ClientConnection, listener: str, transport: asyncio.Transport) -> Flow:
+        """Register a new client connection and open its flow (backend not chosen yet)."""
+        self.connections.setdefault(listener, set()).add(conn)
+        transport.set_write_buffer_limits(high=self.config.limits.buffer_high_water)
+        address, port = (transport.get_extra_info("peername") or ("?", 0))[:2]
+        return self.flows.open(address, port, listener, "")
 
     def open_connections(self) -> int:
         return sum(len(conns) for conns in self.connections.values())

@@ -186,6 +186,18 @@ def build_request_head(
         if lname == b"content-length":
             content_length = True
         parts += (b"\r\n", name, b": ", value)
+    return _end_request_head(parts, chunked, content_length, forwarded, client_address, via)
+
+
+def _end_request_head(
+    parts: list[bytes],
+    chunked: bool,
+    content_length: bool,
+    forwarded: list[bytes],
+    client_address: bytes,
+    via: bytes,
+) -> RequestHead:
+    """Our framing and forwarding headers after the kept ones."""
     if chunked:
         if content_length:
             # Both framings at once is how request smuggling starts.
@@ -231,16 +243,10 @@ def rewrite_request_head(head: bytes, client_address: bytes, via: bytes) -> Requ
         parts.append(headers[last:start])
         last = end
     parts.append(headers[last:])
-    if chunked:
-        if content_length:
-            raise HeadError("both Content-Length and Transfer-Encoding")
-        parts.append(b"\r\nTransfer-Encoding: chunked")
-    forwarded.append(client_address)
-    parts += (b"\r\nX-Forwarded-For: ", b", ".join(forwarded), via, b"\r\n\r\n")
-    data = b"".join(parts)
+    result = _end_request_head(parts, chunked, content_length, forwarded, client_address, via)
     if named and (named := named - _CONNECTION_OPTIONS):
-        data = _drop_named(data[:-4], named) + b"\r\n\r\n"
-    return RequestHead(data, chunked)
+        return RequestHead(_drop_named(result.data[:-4], named) + b"\r\n\r\n", chunked)
+    return result
 
 
 def chunk(data: bytes) -> bytes:

@@ -15,7 +15,7 @@ from typing import cast
 
 from edge.flows import Flow
 from edge.pool import Backend
-from edge.proxy.common import ProxyContext, set_nodelay, spawn
+from edge.proxy.common import ProxyContext, connect_backend, set_nodelay, spawn
 
 _READ_SIZE = 65536
 
@@ -59,13 +59,8 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         transport = self._transport
         ctx = self._ctx
-        ctx.connections.setdefault(self._listener, set()).add(self)
-        transport.set_write_buffer_limits(high=ctx.config.limits.buffer_high_water)
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        backend = ctx.pool.pick(peer[0].encode())
-        self._flow = ctx.flows.open(
-            peer[0], peer[1], self._listener, backend.name if backend else ""
-        )
+        self._flow = flow = ctx.accepted(self, self._listener, transport)
+        backend = ctx.pool.pick(flow.client_address.encode())
         if backend is None:
             transport.abort()
             return
@@ -81,21 +76,15 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
 
     async def _open_upstream(self, backend: Backend, retry: bool) -> None:
         ctx = self._ctx
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(ctx.config.timeouts.connect):
-                _, upstream = await loop.create_connection(
-                    lambda: L4UpstreamProtocol(self), backend.address, backend.port
-                )
-        except (OSError, TimeoutError) as error:
+        upstream, detail = await connect_backend(
+            lambda: L4UpstreamProtocol(self), backend, ctx.config.timeouts.connect
+        )
+        if upstream is None:
             if self._backend is backend:  # not yet released by connection_lost
                 backend.active_connections -= 1
                 self._backend = None
             backend.failures_total += 1
-            detail = (
-                "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
-            )
-            ctx.on_passive_failure(backend, f"connect failed: {detail}")
+            ctx.on_passive_failure(backend, detail)
             if self._closed:
                 return
             # Nothing was sent yet: a new connection to another backend is safe.

@@ -28,7 +28,7 @@ import httptools
 from edge.config import Algorithm, HashKeyKind
 from edge.flows import Flow
 from edge.pool import Backend
-from edge.proxy.common import ProxyContext, set_nodelay, spawn
+from edge.proxy.common import ProxyContext, connect_backend, set_nodelay, spawn
 from edge.proxy.http1 import (
     LAST_CHUNK,
     Framing,
@@ -127,11 +127,8 @@ class L7ClientProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
         ctx = self.ctx
-        ctx.connections.setdefault(self._listener, set()).add(self)
-        transport.set_write_buffer_limits(high=ctx.config.limits.buffer_high_water)
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        self.client_address = peer[0]
-        self.flow = ctx.flows.open(peer[0], peer[1], self._listener, "")
+        self.flow = ctx.accepted(self, self._listener, transport)
+        self.client_address = self.flow.client_address
         self.deadline = time.monotonic() + ctx.config.timeouts.client_header
         ctx.sweeper.add(self)
 
@@ -393,17 +390,11 @@ class L7ClientProtocol(asyncio.Protocol):
 
     async def _connect(self, ex: Exchange, backend: Backend) -> None:
         ctx = self.ctx
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(ctx.config.timeouts.connect):
-                _, upstream = await loop.create_connection(
-                    lambda: L7UpstreamProtocol(backend, ctx), backend.address, backend.port
-                )
-        except (OSError, TimeoutError) as error:
-            detail = (
-                "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
-            )
-            self.upstream_failed(ex, backend, f"connect failed: {detail}", eject=True)
+        upstream, detail = await connect_backend(
+            lambda: L7UpstreamProtocol(backend, ctx), backend, ctx.config.timeouts.connect
+        )
+        if upstream is None:
+            self.upstream_failed(ex, backend, detail, eject=True)
             return
         if self._lost or ex not in self._queue:
             upstream.release()
