@@ -1,0 +1,290 @@
+"""The node's BGP side in one object: policy + flap budget + ExaBGP driver + bfdd + watchdog.
+
+`BgpSpeaker` is what the edge agent drives (node state in, announcements out); it is
+also runnable on its own, for tests, the lab and debugging:
+
+    python -m bgp.speaker --config node.yaml --workdir /run/ae [--netns NS]
+                          [--condition healthy] [--weight 1.0] [--watchdog-s 1.0]
+
+It then reads commands on stdin, one per line: `condition NAME`, `weight W`,
+`drain on|off`, `stall SECONDS` (blocks the event loop on purpose: proves the watchdog),
+`wait-sent`, `status`, and prints one JSON status line after each. A bad config prints
+one line and exits 2 before anything is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence, Set
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, Protocol
+
+from bgp.bfd import BfdDaemon
+from bgp.config import (
+    BgpConfig,
+    ConfigError,
+    check_addresses_are_local,
+    load_bgp_config,
+    local_interface_addresses,
+)
+from bgp.drain import DrainReport, drain
+from bgp.exabgp import ExaBgpDriver, LoopWatchdog
+from bgp.flap import FlapDamper, classify_change
+from bgp.policy import Advertisement, NodeCondition, PolicyInputs, Reason, advertisements
+
+# Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
+SEND_CONFIRM_S = 5.0
+
+
+class DesiredSink(Protocol):
+    """What the announcer needs of a driver: the current desired set and a way to set it."""
+
+    @property
+    def desired(self) -> frozenset[Advertisement]: ...
+
+    def set_desired(self, advertisements: Set[Advertisement]) -> None: ...
+
+
+class Announcer:
+    """Turns (condition, weight, drain) into the driver's desired set, through the flap
+    budget: changes that take traffic away go at once, the others may be held down."""
+
+    def __init__(self, config: BgpConfig, sink: DesiredSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.damper = FlapDamper(config.flap)
+        self.inputs = PolicyInputs(condition=NodeCondition.STARTING, config=config)
+        self.reason = Reason.WITHDRAW_STARTING
+        self.held_until = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+
+    def update(
+        self,
+        *,
+        condition: NodeCondition | None = None,
+        weight: float | None = None,
+        operator_drain: bool | None = None,
+        drain_complete: bool | None = None,
+    ) -> Reason:
+        changes: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("condition", condition),
+                ("weight", weight),
+                ("operator_drain", operator_drain),
+                ("drain_complete", drain_complete),
+            )
+            if value is not None
+        }
+        self.inputs = dataclasses.replace(self.inputs, **changes)
+        self._apply()
+        return self.reason
+
+    def _apply(self) -> None:
+        desired, self.reason = advertisements(self.inputs)
+        now = time.monotonic()
+        wait = self.damper.admit(classify_change(self.sink.desired, desired), now)
+        if self._retry:
+            self._retry.cancel()
+            self._retry = None
+        if wait > 0:
+            self.held_until = now + wait
+            self._retry = asyncio.get_running_loop().call_later(wait, self._apply)
+            return
+        self.held_until = 0.0
+        self.sink.set_desired(desired)
+
+    def close(self) -> None:
+        if self._retry:
+            self._retry.cancel()
+
+
+class BgpSpeaker:
+    """One node's announcements, sessions and failure detection.
+
+    `update()` takes the node's condition / GSLB weight / operator drain; `drain_traffic()`
+    runs the drain choreography; `status()` is for the agent's /status.
+    """
+
+    def __init__(
+        self,
+        config: BgpConfig,
+        workdir: Path,
+        *,
+        netns: str | None = None,
+        watchdog_s: float | None = None,
+    ) -> None:
+        self.config = config
+        self.driver = ExaBgpDriver(config, workdir, netns=netns)
+        self.announcer = Announcer(config, self.driver)
+        self.bfd: BfdDaemon | None = None
+        if config.bfd.enabled:
+            self.bfd = BfdDaemon(config, workdir / "bfd", self.established, netns=netns)
+        # `watchdog_s` overrides the config's loop_stall_deadline_s (0 disables).
+        deadline_s = config.loop_stall_deadline_s if watchdog_s is None else watchdog_s
+        self.watchdog = LoopWatchdog(deadline_s, self.driver.kill_now) if deadline_s else None
+        self.last_drain: DrainReport | None = None
+
+    def established(self) -> set[IPv4Address]:
+        return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
+
+    async def start(self) -> None:
+        await self.driver.start()
+        if self.bfd:
+            await self.bfd.start()
+        if self.watchdog:
+            self.watchdog.start()
+
+    async def stop(self) -> None:
+        """Withdraw (bounded), stop ExaBGP and bfdd."""
+        self.announcer.close()
+        if self.watchdog:
+            self.watchdog.stop()
+        if self.bfd:
+            await self.bfd.stop()
+        await self.driver.stop()
+
+    def update(
+        self,
+        *,
+        condition: NodeCondition | None = None,
+        weight: float | None = None,
+        operator_drain: bool | None = None,
+        drain_complete: bool | None = None,
+    ) -> Reason:
+        return self.announcer.update(
+            condition=condition,
+            weight=weight,
+            operator_drain=operator_drain,
+            drain_complete=drain_complete,
+        )
+
+    async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:
+        """True once every established neighbor was sent the current desired set."""
+        try:
+            await asyncio.wait_for(self.driver.wait_sent(), bound_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def drain_traffic(self, new_connections_total: Callable[[], int]) -> DrainReport:
+        """GRACEFUL_SHUTDOWN + prepends out, wait until the node's new-connection rate is
+        quiet (bounded by the config's drain deadline), then withdraw. The caller then
+        finishes its open connections."""
+
+        async def announce_draining() -> None:
+            self.update(operator_drain=True, drain_complete=False)
+            await self.wait_sent()
+
+        async def withdraw() -> None:
+            self.update(drain_complete=True)
+            await self.wait_sent()
+
+        self.last_drain = await drain(
+            announce_draining,
+            new_connections_total,
+            withdraw,
+            quiet_rate_per_s=self.config.drain_quiet_rate_per_s,
+            quiet_window_s=self.config.drain_quiet_window_s,
+            deadline_s=self.config.drain_deadline_s,
+        )
+        return self.last_drain
+
+    def undrain(self) -> Reason:
+        """Clear the drain; announces again only if the node's condition allows it."""
+        return self.update(operator_drain=False, drain_complete=False)
+
+    def status(self) -> dict[str, Any]:
+        inputs = self.announcer.inputs
+        return {
+            "reason": str(self.announcer.reason),
+            "condition": str(inputs.condition),
+            "weight": inputs.weight,
+            "operator_drain": inputs.operator_drain,
+            "held_until_monotonic": self.announcer.held_until or None,
+            **self.driver.status(),
+            "bfd": None
+            if self.bfd is None
+            else {
+                "running": self.bfd.status.running,
+                "restarts": self.bfd.status.restarts,
+                "peers": {str(p): s for p, s in self.bfd.status.peers.items()},
+                "degraded": [str(p) for p in self.bfd.status.degraded],
+            },
+            "watchdog_stalls": self.watchdog.stalls if self.watchdog else 0,
+            "last_drain": None
+            if self.last_drain is None
+            else {
+                "outcome": str(self.last_drain.outcome),
+                "waited_s": round(self.last_drain.waited_s, 3),
+            },
+        }
+
+
+# -- the standalone command -----------------------------------------------------------------
+
+
+async def _stdin_reader() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def run(args: argparse.Namespace, config: BgpConfig) -> int:
+    speaker = BgpSpeaker(config, Path(args.workdir), netns=args.netns, watchdog_s=args.watchdog_s)
+    await speaker.start()
+    speaker.update(condition=NodeCondition(args.condition), weight=args.weight)
+    reader = await _stdin_reader()
+    try:
+        while line := (await reader.readline()).decode():
+            match line.split():
+                case ["condition", name]:
+                    speaker.update(condition=NodeCondition(name))
+                case ["weight", value]:
+                    speaker.update(weight=float(value))
+                case ["drain", flag]:
+                    speaker.update(operator_drain=flag == "on", drain_complete=False)
+                case ["stall", seconds]:
+                    time.sleep(float(seconds))  # noqa: ASYNC251 - on purpose: blocks the loop
+                case ["wait-sent"]:
+                    await speaker.wait_sent(10)
+                case _:
+                    pass
+            print(json.dumps(speaker.status()), flush=True)
+    finally:
+        await speaker.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bgp.speaker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--netns", default=None)
+    parser.add_argument("--condition", default="starting", choices=[c.value for c in NodeCondition])
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--watchdog-s", type=float, default=None, help="0 disables")
+    args = parser.parse_args(argv)
+    try:
+        config = load_bgp_config(Path(args.config), check_local=False)
+        errors = check_addresses_are_local(config, local_interface_addresses(args.netns))
+        if errors:
+            raise ConfigError(errors[0])
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(run(args, config))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
