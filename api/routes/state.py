@@ -1,0 +1,38 @@
+"""The whole desired state in one document, and its long-poll watch."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from api.routes.common import Ctx, Reader, state_response
+from api.schemas import DesiredState
+
+router = APIRouter(prefix="/v1", tags=["desired state"])
+
+
+@router.get("/state", response_model=DesiredState)
+async def get_state(ctx: Ctx, _: Reader) -> JSONResponse:
+    return state_response(await ctx.store.read_desired())
+
+
+@router.get("/watch", response_model=DesiredState)
+async def watch_state(
+    ctx: Ctx,
+    _: Reader,
+    after_revision: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    timeout_s: Annotated[float, Query(ge=0, le=300)] = 25.0,
+) -> JSONResponse:
+    """Long-poll: answers as soon as the desired revision is above `after_revision`, or with
+    the unchanged state when `timeout_s` (capped by the server) runs out."""
+    deadline = time.monotonic() + min(timeout_s, ctx.settings.long_poll_max_s)
+    while True:
+        generation = ctx.store.changes.generation
+        state = (await ctx.snapshots.get()).desired
+        remaining = deadline - time.monotonic()
+        if state.revision > after_revision or remaining <= 0:
+            return state_response(state)
+        await ctx.store.changes.wait(generation, remaining)
