@@ -25,6 +25,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from api.schemas import (
     ConflictBody,
     Convergence,
+    DesiredSpec,
     DesiredState,
     Drain,
     DrainKind,
@@ -200,6 +201,10 @@ class ApiClient:
 
     async def state(self) -> DesiredState:
         return await self._get("/v1/state", DesiredState)
+
+    async def apply_state(self, spec: DesiredSpec, *, revision: int) -> DesiredState:
+        """Replace sites, nodes and services in one revision."""
+        return await self._write("PUT", "/v1/state", revision, spec)
 
     async def watch_state(self, after_revision: int, timeout_s: float = 25.0) -> DesiredState:
         """Long-poll until the revision is above `after_revision` (or the timeout passes)."""

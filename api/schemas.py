@@ -113,6 +113,15 @@ class WeightsUpdate(Strict):
     nodes: dict[Name, Weight] = Field(default_factory=dict, max_length=10000)
 
 
+class DesiredSpec(Strict):
+    """Sites, nodes and services in one document (PUT /v1/state): a declarative apply.
+    Drains are kept (those whose target still exists); they change through /v1/drains."""
+
+    sites: dict[Name, SiteSpec] = Field(default_factory=dict, max_length=1000)
+    nodes: dict[Name, NodeSpec] = Field(default_factory=dict, max_length=10000)
+    services: dict[Name, ServiceSpec] = Field(default_factory=dict, max_length=1000)
+
+
 class DrainRequest(Strict):
     kind: DrainKind
     name: Name

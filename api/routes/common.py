@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Identity, TokenTable
-from api.schemas import ConflictBody, DesiredState
+from api.schemas import ConflictBody, DesiredSpec, DesiredState
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
@@ -161,7 +161,7 @@ async def revisioned_write(
     return state_response(stored)
 
 
-def require_site(state: DesiredState, site: str, field: str) -> None:
+def require_site(state: DesiredState | DesiredSpec, site: str, field: str) -> None:
     if site not in state.sites:
         raise ApiError(422, f"unknown site {site!r}", field)
 

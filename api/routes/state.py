@@ -8,8 +8,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from api.routes.common import Ctx, Reader, state_response
-from api.schemas import DesiredState
+from api.routes.common import (
+    Ctx,
+    IdempotencyKey,
+    IfMatch,
+    Operator,
+    Reader,
+    require_site,
+    revisioned_write,
+    state_response,
+)
+from api.schemas import DesiredSpec, DesiredState, DrainKind
+from api.store.base import EventDraft
 
 router = APIRouter(prefix="/v1", tags=["desired state"])
 
@@ -17,6 +27,42 @@ router = APIRouter(prefix="/v1", tags=["desired state"])
 @router.get("/state", response_model=DesiredState)
 async def get_state(ctx: Ctx, _: Reader) -> JSONResponse:
     return state_response(await ctx.store.read_desired())
+
+
+@router.put("/state", response_model=DesiredState, responses={412: {}, 428: {}})
+async def put_state(
+    ctx: Ctx,
+    who: Operator,
+    body: DesiredSpec,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Replace sites, nodes and services in one revision (declarative apply)."""
+
+    def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
+        for name, node in body.nodes.items():
+            require_site(body, node.site, f"nodes.{name}.site")
+        drains = [
+            d
+            for d in state.drains
+            if (d.kind is DrainKind.NODE and d.name in body.nodes)
+            or (d.kind is DrainKind.SITE and d.name in body.sites)
+        ]
+        cause = (
+            f"state applied: {len(body.sites)} sites, {len(body.nodes)} nodes, "
+            f"{len(body.services)} services"
+        )
+        new = state.model_copy(
+            update={
+                "sites": body.sites,
+                "nodes": body.nodes,
+                "services": body.services,
+                "drains": drains,
+            }
+        )
+        return new, [EventDraft("state-applied", "state", cause, who.name)]
+
+    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
 
 
 @router.get("/watch", response_model=DesiredState)

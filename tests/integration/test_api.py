@@ -11,7 +11,15 @@ import pytest
 from conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
 
 from api.client import ApiClient, Conflict, Forbidden, InvalidRequest
-from api.schemas import DrainKind, Heartbeat, Liveness, NodeSpec, NodeState, SiteSpec
+from api.schemas import (
+    DesiredSpec,
+    DrainKind,
+    Heartbeat,
+    Liveness,
+    NodeSpec,
+    NodeState,
+    SiteSpec,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -250,3 +258,23 @@ async def test_client_raises_typed_conflict_and_fails_over(api: ApiUnderTest) ->
         with pytest.raises(InvalidRequest) as invalid:
             await client.put_node("x", NodeSpec(site="nowhere"), revision=state.revision)
         assert invalid.value.field == "site"
+
+
+async def test_apply_whole_state_in_one_revision(api: ApiUnderTest) -> None:
+    revision = await seed(api)
+    async with ApiClient([api.url], OPERATOR) as client:
+        await client.drain(DrainKind.NODE, "b1", "disk", revision=revision)
+        current = await client.state()
+        spec = DesiredSpec(
+            sites={"a": SiteSpec(), "b": SiteSpec()},
+            nodes={"b1": NodeSpec(site="b"), "b2": NodeSpec(site="b")},
+        )
+        applied = await client.apply_state(spec, revision=current.revision)
+        assert applied.revision > current.revision
+        assert set(applied.nodes) == {"b1", "b2"}
+        assert [d.name for d in applied.drains] == ["b1"]  # the drain of a kept node stays
+        with pytest.raises(InvalidRequest) as invalid:
+            await client.apply_state(
+                DesiredSpec(nodes={"x": NodeSpec(site="nowhere")}), revision=applied.revision
+            )
+        assert invalid.value.field == "nodes.x.site"
