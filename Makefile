@@ -46,5 +46,9 @@ lab demo: venv
 bench-proxy: deps venv
 	$(PY) -m bench.proxy
 
+.PHONY: bench-api
+bench-api: deps venv
+	$(PY) -m bench.api
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results
