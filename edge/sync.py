@@ -171,8 +171,11 @@ class ControlPlaneSync:
                 self._failed("heartbeat", exc)
             else:
                 self._succeeded()
-                # The answer carries the current view: a backstop for a missed long-poll.
-                await self._apply(view)
+                # The answer carries the view (possibly a second old): a backstop for a missed
+                # long-poll, so only a strictly newer revision is taken from it.
+                current = self.desired
+                if current is None or view.revision > current.revision:
+                    await self._apply(view)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._heartbeat_now.wait(), self._interval_s)
 

@@ -78,7 +78,9 @@ def conflict_response(current: DesiredState) -> JSONResponse:
     )
 
 
-def context(request: Request) -> AppContext:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, a thread hop per dependency per request (it was most of a heartbeat's CPU).
+async def context(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -86,11 +88,11 @@ def context(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(context)]
 
 
-def identity(
+async def identity(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Identity:
-    tokens = context(request).tokens
+    tokens = (await context(request)).tokens
     header = f"Bearer {credentials.credentials}" if credentials else None
     who = tokens.identify(header)
     if who is None:
@@ -100,13 +102,13 @@ def identity(
     return who
 
 
-def reader(who: Annotated[Identity, Depends(identity)]) -> Identity:
+async def reader(who: Annotated[Identity, Depends(identity)]) -> Identity:
     if not who.can_read():
         raise ApiError(403, f"role {who.role} may not read this")
     return who
 
 
-def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
+async def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
     if not who.can_write():
         raise ApiError(403, f"role {who.role} may not change desired state")
     return who
