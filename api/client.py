@@ -15,6 +15,7 @@ This module imports only httpx, pydantic and api.schemas (import-linter checks i
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -122,7 +123,7 @@ class ApiClient:
         token: str | None = None,
         *,
         timeout_s: float = 5.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not endpoints:
@@ -131,6 +132,8 @@ class ApiClient:
         self._current = 0
         self._timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if isinstance(verify, str):  # a CA file, e.g. the API's self-signed certificate
+            verify = ssl.create_default_context(cafile=verify)
         self._http = httpx.AsyncClient(
             headers=headers, timeout=timeout_s, verify=verify, transport=transport
         )

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -94,14 +95,15 @@ class ControlPlaneSync:
         long_poll_s: float = 20.0,
         request_timeout_s: float = 2.0,
         stale_after_s: float | None = None,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
         """
         endpoints: API base URLs, tried in turn. token: this node's bearer token (role node).
         node: this node's name. state_path: where the last known good view is kept.
         heartbeat: returns the body to send (its applied_revision is replaced by the sync's).
         on_desired: applies a new desired view. stale_after_s: with no successful exchange
-        for this long, `stale` is true (default: three heartbeat intervals).
+        for this long, `stale` is true (default: three heartbeat intervals). verify: TLS
+        verification (True, False, a CA file path or an ssl.SSLContext).
         """
         self.node = node
         self.state_path = state_path
