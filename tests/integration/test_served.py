@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -87,11 +88,12 @@ def served_api(tmp_path: Path) -> Iterator[Served]:
             env=env,
         )
     url = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(cert))
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(url + "/healthz", verify=str(cert), timeout=1).status_code == 200:
+                if httpx.get(url + "/healthz", verify=trust, timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
