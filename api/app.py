@@ -159,6 +159,9 @@ async def _sweep_forever(store: Store, settings: Settings) -> None:
         except StoreUnavailable as exc:
             log.warning("dead-node sweep skipped: %s", exc)
             continue
+        except Exception:
+            log.exception("dead-node sweep failed")
+            continue
         for node in dead:
             log.info("node %s is dead: heartbeat lease expired", node)
 

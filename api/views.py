@@ -139,13 +139,9 @@ class SnapshotCache:
             return snapshot
         return None
 
-    async def get(self, *, fresh: bool = False, allow_stale: bool = False) -> Snapshot:
-        """The cached snapshot, or a new one if the store changed since (or `fresh`).
-
-        `allow_stale`: any snapshot younger than SNAPSHOT_MAX_AGE_S will do (heartbeat
-        answers: the long-poll, not the heartbeat, is what delivers changes promptly).
-        """
-        generation = self._store.changes.generation
+    def _usable(self, *, fresh: bool, allow_stale: bool) -> Snapshot | None:
+        if fresh:
+            return None
         snapshot = self._snapshot
         if (
             allow_stale
@@ -153,20 +149,28 @@ class SnapshotCache:
             and time.monotonic() - snapshot.built_at < SNAPSHOT_MAX_AGE_S
         ):
             return snapshot
-        cached = None if fresh else self._fresh(generation)
+        return self._fresh(self._store.changes.generation)
+
+    async def get(self, *, fresh: bool = False, allow_stale: bool = False) -> Snapshot:
+        """The cached snapshot, or a new one if the store changed since (or `fresh`).
+
+        `allow_stale`: any snapshot younger than SNAPSHOT_MAX_AGE_S will do (heartbeat
+        answers: the long-poll, not the heartbeat, is what delivers changes promptly).
+        """
+        cached = self._usable(fresh=fresh, allow_stale=allow_stale)
         if cached is not None:
             return cached
         async with self._lock:
+            # Another waiter may have rebuilt it while we queued for the lock.
+            cached = self._usable(fresh=fresh, allow_stale=allow_stale)
+            if cached is not None:
+                return cached
             latest = self._snapshot
             if latest is not None and not fresh:
                 pause = latest.built_at + 2 * self._last_build_s - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
-            # Another waiter may have rebuilt it while we queued for the lock.
             generation = self._store.changes.generation
-            cached = None if fresh else self._fresh(generation)
-            if cached is not None:
-                return cached
             started = time.monotonic()
             desired = await self._store.read_desired()
             observed = await self._store.read_observed(datetime.now(UTC))

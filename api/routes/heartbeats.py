@@ -32,7 +32,10 @@ async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat)
     snapshot = await ctx.snapshots.get(allow_stale=True)
     view = node_view(snapshot, node)
     if view is None:
-        # The cached snapshot may predate the node's creation: look at the store itself.
+        # The cached snapshot may predate the node's creation: look at the store itself
+        # (one read, so a node heartbeating under an unknown name costs little).
+        if node not in (await ctx.store.read_desired()).nodes:
+            raise ApiError(422, f"unknown node {node!r}", "node")
         view = node_view(await ctx.snapshots.get(fresh=True), node)
         if view is None:
             raise ApiError(422, f"unknown node {node!r}", "node")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -80,8 +82,6 @@ async def delete_node(
 async def _fresh_observed(ctx: Ctx) -> list[NodeObserved]:
     # Not the cached snapshot: heartbeats that change nothing but last_seen or the applied
     # revision do not bump the change generation, and these reads must show them.
-    from datetime import UTC, datetime
-
     desired = await ctx.store.read_desired()
     observed = await ctx.store.read_observed(datetime.now(UTC))
     return observed_view(build_snapshot(desired, observed, -1, 0.0))

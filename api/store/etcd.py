@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
@@ -86,9 +88,9 @@ class EtcdStore(Store):
         )
         self._prefix = prefix.encode()
         self._desired_key = self._prefix + b"w/desired"
-        # node -> lease id granted by this API instance (a lease per node, refreshed per
-        # heartbeat, so a node that stops heartbeating loses its alive key after the TTL).
-        self._leases: dict[str, int] = {}
+        # node -> (lease id granted by this API instance, when it was last refreshed): a lease
+        # per node, so a node that stops heartbeating loses its alive key after the TTL.
+        self._leases: dict[str, tuple[int, float]] = {}
         # node -> (mod_revision of o/<node>, record) as last written or read here.
         self._observed_cache: dict[str, tuple[int, ObservedRecord]] = {}
         self._watch_task: asyncio.Task[None] | None = None
@@ -97,8 +99,15 @@ class EtcdStore(Store):
         return self._prefix + "/".join(parts).encode()
 
     async def start(self) -> None:
-        revision, _ = await self._call(self.gateway.range(self._desired_key))
-        self._watch_task = asyncio.create_task(self._watch(revision + 1), name="etcd-watch")
+        # The API starts even when etcd does not answer yet: requests get 503 until it does,
+        # and the watch connects when it can (from "now": long-polls re-read the store anyway).
+        try:
+            revision, _ = await self._call(self.gateway.range(self._desired_key))
+            start_revision = revision + 1
+        except StoreUnavailable as exc:
+            log.warning("etcd not reachable at start (%s); continuing", exc)
+            start_revision = 0
+        self._watch_task = asyncio.create_task(self._watch(start_revision), name="etcd-watch")
 
     async def close(self) -> None:
         if self._watch_task is not None:
@@ -108,8 +117,19 @@ class EtcdStore(Store):
         await self.gateway.close()
 
     async def _watch(self, start_revision: int) -> None:
-        async for _, _events in self.gateway.watch_prefix(self._prefix + b"w/", start_revision):
-            self.changes.notify()
+        next_revision = start_revision
+        while True:
+            try:
+                async for resume_at, _events in self.gateway.watch_prefix(
+                    self._prefix + b"w/", next_revision
+                ):
+                    next_revision = resume_at
+                    self.changes.notify()
+            except Exception:
+                # A bug must not silently end the push path: log it and watch again.
+                log.exception("etcd watch failed; restarting it")
+                self.changes.notify()
+                await asyncio.sleep(0.5)
 
     @staticmethod
     async def _call(awaitable: Awaitable[T]) -> T:
@@ -173,12 +193,23 @@ class EtcdStore(Store):
     # --- observed --------------------------------------------------------------------
 
     async def _lease_for(self, node: str, ttl_s: float) -> tuple[int, bool]:
-        """(lease id, whether it is new). Refreshes the cached lease or grants another."""
-        lease = self._leases.get(node)
-        if lease is not None and await self._call(self.gateway.lease_keepalive(lease)) > 0:
-            return lease, False
-        lease = await self._call(self.gateway.lease_grant(max(1, round(ttl_s))))
-        self._leases[node] = lease
+        """(lease id, whether it is new). Refreshes the cached lease or grants another.
+
+        The lease lives TTL x 5/4 and is refreshed at most every TTL/4, so a node is dead
+        between TTL and 1.25 x TTL after its last heartbeat, and a node heartbeating every
+        second costs one keepalive per TTL/4 instead of one per heartbeat.
+        """
+        now = time.monotonic()
+        cached = self._leases.get(node)
+        if cached is not None:
+            lease, refreshed_at = cached
+            if now - refreshed_at < ttl_s / 4:
+                return lease, False
+            if await self._call(self.gateway.lease_keepalive(lease)) > 0:
+                self._leases[node] = (lease, now)
+                return lease, False
+        lease = await self._call(self.gateway.lease_grant(max(2, math.ceil(ttl_s * 5 / 4))))
+        self._leases[node] = (lease, now)
         return lease, True
 
     async def record_heartbeat(
