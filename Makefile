@@ -51,5 +51,10 @@ bench-proxy: deps venv
 bench-bgp: deps venv
 	$(PY) -m bench.bgp
 
+# Control-plane numbers: write->watch, heartbeat load, etcd leader kill (bounded).
+.PHONY: bench-api
+bench-api: deps venv
+	$(PY) -m bench.api
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results

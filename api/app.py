@@ -1,1 +1,205 @@
-"""Filled in by the GSLB control-plane issue."""
+"""The FastAPI application factory: `create_app(store, settings)`. Nothing is created at import.
+
+The app owns the store's lifecycle (started and closed in the lifespan) and runs one
+background task, the sweeper, that reports nodes whose heartbeat lease expired as dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth import TokenTable
+from api.routes import (
+    convergence,
+    drains,
+    events,
+    heartbeats,
+    nodes,
+    services,
+    sites,
+    state,
+    weights,
+)
+from api.routes.common import ApiError, AppContext
+from api.settings import Settings
+from api.store.base import Store, StoreUnavailable
+from api.views import SnapshotCache
+
+log = logging.getLogger("api")
+
+
+class BodyLimit:
+    """Refuse request bodies above `limit` bytes with 413, whether announced by
+    Content-Length or streamed in chunks, before the app buffers them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(send)
+                    return
+        received = 0
+        started = refused = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit and not refused:
+                    # Answer now and tell the app the client went away: FastAPI would turn
+                    # an exception raised here into a 400 of its own.
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 is already out; whatever the app says is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = b'{"detail":"request body too large","field":"body"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _field_of(loc: tuple[int | str, ...]) -> str:
+    # ("body", "nodes", "a1", "weight") -> "nodes.a1.weight"; ("header", "If-Match") -> "If-Match"
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header") and len(parts) > 1:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail, "field": exc.field}, status_code=exc.status, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _field_of(tuple(first.get("loc", ())))
+        return JSONResponse(
+            {"detail": f"{field}: {first.get('msg', 'invalid')}", "field": field},
+            status_code=422,
+        )
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("store unavailable: %s", exc)
+        return JSONResponse(
+            {"detail": "state store unavailable, retry", "field": None},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc.detail), "field": None},
+            status_code=exc.status_code,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: log it with the route (never headers, which carry tokens).
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error", "field": None}, status_code=500)
+
+
+async def _sweep_forever(store: Store, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            dead = await store.sweep_dead(datetime.now(UTC), settings.heartbeat_ttl_s)
+        except StoreUnavailable as exc:
+            log.warning("dead-node sweep skipped: %s", exc)
+            continue
+        except Exception:
+            log.exception("dead-node sweep failed")
+            continue
+        for node in dead:
+            log.info("node %s is dead: heartbeat lease expired", node)
+
+
+def create_app(store: Store, settings: Settings, tokens: TokenTable | None = None) -> FastAPI:
+    ctx = AppContext(
+        store=store,
+        settings=settings,
+        tokens=tokens or TokenTable.from_settings(settings),
+        snapshots=SnapshotCache(store),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await store.start()
+        sweeper = asyncio.create_task(_sweep_forever(store, settings), name="dead-node-sweeper")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await store.close()
+
+    app = FastAPI(
+        title="anycast-edge GSLB API",
+        version="1",
+        lifespan=lifespan,
+        description="Desired state (revisioned, If-Match), heartbeats, events, convergence.",
+    )
+    app.state.ctx = ctx
+    _install_error_handlers(app)
+    for module in (state, sites, nodes, services, weights, drains, heartbeats, events, convergence):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

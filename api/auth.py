@@ -1,1 +1,67 @@
-"""Filled in by the GSLB control-plane issue."""
+"""Bearer tokens with roles: viewer (read), operator (write desired state), node (heartbeat
+for its own node only, and read its own desired view).
+
+Tokens are compared by SHA-256 digest in constant time; the secret itself is never stored
+on the request, logged or echoed. Identities are the token's configured `name`, which is
+what events record as the author.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from api.schemas import Role
+from api.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    role: Role
+    node: str | None = None
+
+    def can_read(self) -> bool:
+        return self.role in (Role.VIEWER, Role.OPERATOR)
+
+    def can_write(self) -> bool:
+        return self.role is Role.OPERATOR
+
+    def may_act_for_node(self, node: str) -> bool:
+        return self.role is Role.OPERATOR or (self.role is Role.NODE and self.node == node)
+
+
+ANONYMOUS_VIEWER = Identity(name="anonymous", role=Role.VIEWER)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class TokenTable:
+    def __init__(self, entries: dict[bytes, Identity], allow_anonymous_read: bool) -> None:
+        self._entries = entries
+        self.allow_anonymous_read = allow_anonymous_read
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenTable:
+        entries = {
+            _digest(t.secret()): Identity(name=t.name, role=t.role, node=t.node)
+            for t in settings.tokens
+        }
+        return cls(entries, settings.allow_anonymous_read)
+
+    def identify(self, authorization: str | None) -> Identity | None:
+        if not authorization:
+            return ANONYMOUS_VIEWER if self.allow_anonymous_read else None
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            return None
+        presented = _digest(secret.strip())
+        found: Identity | None = None
+        # Compare against every entry so timing does not reveal which prefix matched.
+        for digest, identity in self._entries.items():
+            if hmac.compare_digest(digest, presented):
+                found = identity
+        return found

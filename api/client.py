@@ -1,1 +1,308 @@
-"""Filled in by the GSLB control-plane issue."""
+"""Typed asyncio client of the GSLB API, for edgectl and the edge agent.
+
+* `endpoints`: several API URLs (one per site); a request that fails to connect, times out
+  or gets 502/503/504 is tried on the next one, and the client sticks to the one that
+  answered. Writes are safe to repeat: each carries If-Match and an Idempotency-Key that
+  stays the same across the attempts, so a write whose answer was lost is recognised as
+  ours instead of coming back as a conflict.
+* Errors are typed: `Conflict` carries the state someone else wrote (412), `NotFound`,
+  `Forbidden`, `Unauthorized`, `InvalidRequest` (422, with the field), `Unavailable` (no
+  endpoint answered).
+
+From synchronous code (a CLI), wrap calls in `asyncio.run(...)`.
+This module imports only httpx, pydantic and api.schemas (import-linter checks it).
+"""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from api.schemas import (
+    ConflictBody,
+    Convergence,
+    DesiredSpec,
+    DesiredState,
+    Drain,
+    DrainKind,
+    DrainRequest,
+    EffectiveWeights,
+    Event,
+    EventPage,
+    Heartbeat,
+    NodeDesired,
+    NodeObserved,
+    NodeSpec,
+    ServiceSpec,
+    SiteSpec,
+    WeightsUpdate,
+)
+
+T = TypeVar("T")
+_RETRY_STATUSES = {502, 503, 504}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+        super().__init__(f"{status}: {detail}" + (f" (field {field})" if field else ""))
+        self.status = status
+        self.detail = detail
+        self.field = field
+
+
+class Unauthorized(ApiError):
+    pass
+
+
+class Forbidden(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    pass
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class PreconditionRequired(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    """412: the desired state moved since the revision the write was based on."""
+
+    def __init__(self, current: DesiredState) -> None:
+        super().__init__(412, f"revision mismatch (current revision {current.revision})")
+        self.current = current
+
+
+class Unavailable(ApiError):
+    """No endpoint answered (or all answered 502/503/504)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail)
+
+
+_ERRORS: Mapping[int, type[ApiError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    422: InvalidRequest,
+    428: PreconditionRequired,
+}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code == 412:
+        raise Conflict(ConflictBody.model_validate(body).current)
+    detail = str(body.get("detail", response.text)) if isinstance(body, dict) else response.text
+    field = body.get("field") if isinstance(body, dict) else None
+    error = _ERRORS.get(response.status_code, ApiError)
+    raise error(response.status_code, detail, field if isinstance(field, str) else None)
+
+
+class ApiClient:
+    """Async client. Use as `async with ApiClient([...], token) as api:` or call `aclose()`."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        token: str | None = None,
+        *,
+        timeout_s: float = 5.0,
+        verify: bool | str | ssl.SSLContext = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one API endpoint is required")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._current = 0
+        self._timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if isinstance(verify, str):  # a CA file, e.g. the API's self-signed certificate
+            verify = ssl.create_default_context(cafile=verify)
+        self._http = httpx.AsyncClient(
+            headers=headers, timeout=timeout_s, verify=verify, transport=transport
+        )
+
+    @property
+    def current_endpoint(self) -> str:
+        return self.endpoints[self._current]
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: BaseModel | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        content = body.model_dump_json().encode() if body is not None else None
+        all_headers = dict(headers or {})
+        if content is not None:
+            all_headers["Content-Type"] = "application/json"
+        failures: list[str] = []
+        for attempt in range(len(self.endpoints)):
+            index = (self._current + attempt) % len(self.endpoints)
+            endpoint = self.endpoints[index]
+            try:
+                response = await self._http.request(
+                    method,
+                    endpoint + path,
+                    params={k: v for k, v in (params or {}).items() if v is not None},
+                    content=content,
+                    headers=all_headers,
+                    timeout=timeout_s if timeout_s is not None else self._timeout_s,
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{endpoint}: {type(exc).__name__}")
+                continue
+            if response.status_code in _RETRY_STATUSES:
+                failures.append(f"{endpoint}: HTTP {response.status_code}")
+                continue
+            self._current = index
+            _raise_for(response)
+            return response
+        raise Unavailable("no API endpoint answered: " + "; ".join(failures))
+
+    async def _get(self, path: str, model: type[T] | TypeAdapter[T], **kwargs: Any) -> T:
+        response = await self._request("GET", path, **kwargs)
+        return _parse(response, model)
+
+    async def _write(
+        self, method: str, path: str, revision: int, body: BaseModel | None = None
+    ) -> DesiredState:
+        headers = {"If-Match": f'"{revision}"', "Idempotency-Key": uuid.uuid4().hex}
+        response = await self._request(method, path, body=body, headers=headers)
+        return _parse(response, DesiredState)
+
+    # --- desired state -----------------------------------------------------------------
+
+    async def state(self) -> DesiredState:
+        return await self._get("/v1/state", DesiredState)
+
+    async def apply_state(self, spec: DesiredSpec, *, revision: int) -> DesiredState:
+        """Replace sites, nodes and services in one revision."""
+        return await self._write("PUT", "/v1/state", revision, spec)
+
+    async def watch_state(self, after_revision: int, timeout_s: float = 25.0) -> DesiredState:
+        """Long-poll until the revision is above `after_revision` (or the timeout passes)."""
+        return await self._get(
+            "/v1/watch",
+            DesiredState,
+            params={"after_revision": after_revision, "timeout_s": timeout_s},
+            timeout_s=timeout_s + self._timeout_s,
+        )
+
+    async def put_site(self, name: str, spec: SiteSpec, *, revision: int) -> DesiredState:
+        return await self._write("PUT", f"/v1/sites/{name}", revision, spec)
+
+    async def delete_site(self, name: str, *, revision: int) -> DesiredState:
+        return await self._write("DELETE", f"/v1/sites/{name}", revision)
+
+    async def put_node(self, name: str, spec: NodeSpec, *, revision: int) -> DesiredState:
+        return await self._write("PUT", f"/v1/nodes/{name}", revision, spec)
+
+    async def delete_node(self, name: str, *, revision: int) -> DesiredState:
+        return await self._write("DELETE", f"/v1/nodes/{name}", revision)
+
+    async def put_service(self, name: str, spec: ServiceSpec, *, revision: int) -> DesiredState:
+        return await self._write("PUT", f"/v1/services/{name}", revision, spec)
+
+    async def delete_service(self, name: str, *, revision: int) -> DesiredState:
+        return await self._write("DELETE", f"/v1/services/{name}", revision)
+
+    async def set_weights(self, update: WeightsUpdate, *, revision: int) -> DesiredState:
+        return await self._write("PUT", "/v1/weights", revision, update)
+
+    async def drain(
+        self, kind: DrainKind, name: str, reason: str, *, revision: int
+    ) -> DesiredState:
+        request = DrainRequest(kind=kind, name=name, reason=reason)
+        return await self._write("POST", "/v1/drains", revision, request)
+
+    async def undrain(self, kind: DrainKind, name: str, *, revision: int) -> DesiredState:
+        return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision)
+
+    async def drains(self) -> list[Drain]:
+        return await self._get("/v1/drains", TypeAdapter(list[Drain]))
+
+    # --- nodes ---------------------------------------------------------------------
+
+    async def heartbeat(self, node: str, heartbeat: Heartbeat) -> NodeDesired:
+        response = await self._request("POST", f"/v1/nodes/{node}/heartbeat", body=heartbeat)
+        return _parse(response, NodeDesired)
+
+    async def node_desired(
+        self,
+        node: str,
+        *,
+        after_revision: int | None = None,
+        fingerprint: str | None = None,
+        timeout_s: float = 25.0,
+    ) -> NodeDesired:
+        """The node's desired view; with after_revision/fingerprint, a long-poll."""
+        return await self._get(
+            f"/v1/nodes/{node}/desired",
+            NodeDesired,
+            params={
+                "after_revision": after_revision,
+                "fingerprint": fingerprint,
+                "timeout_s": timeout_s,
+            },
+            timeout_s=timeout_s + self._timeout_s,
+        )
+
+    async def observed(self) -> list[NodeObserved]:
+        return await self._get("/v1/observed", TypeAdapter(list[NodeObserved]))
+
+    async def effective_weights(self) -> EffectiveWeights:
+        return await self._get("/v1/effective-weights", EffectiveWeights)
+
+    async def convergence(self) -> Convergence:
+        return await self._get("/v1/convergence", Convergence)
+
+    async def events(
+        self, *, limit: int = 100, after: str | None = None, wait_s: float = 0
+    ) -> list[Event]:
+        page = await self._get(
+            "/v1/events",
+            EventPage,
+            params={"limit": limit, "after": after, "wait_s": wait_s or None},
+            timeout_s=wait_s + self._timeout_s,
+        )
+        return page.events
+
+
+def _parse(response: httpx.Response, model: type[T] | TypeAdapter[T]) -> T:
+    adapter = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
+    try:
+        return adapter.validate_json(response.content)
+    except ValidationError as exc:
+        raise ApiError(
+            response.status_code, f"unexpected response: {exc.errors()[0]['msg']}"
+        ) from None

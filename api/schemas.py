@@ -1,1 +1,224 @@
-"""Filled in by the GSLB control-plane issue."""
+"""Wire schemas of the GSLB API, shared by the server, its typed client, edgectl and the agent.
+
+Every model forbids unknown fields and range-checks its numbers, so a typo in a request is
+a 422 naming the field instead of a silently ignored key. This module imports only pydantic
+and the standard library: the edge agent and edgectl import it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Names of sites, nodes and services: DNS-label-like, so they are safe in URLs, keys and logs.
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", min_length=1, max_length=63)]
+#: Operator weight: a relative share; 0 means "take no traffic" without draining.
+Weight = Annotated[int, Field(ge=0, le=1000)]
+#: Capacity in Mbit/s; 0 is allowed (a node that exists but must not be given traffic).
+CapacityMbps = Annotated[int, Field(ge=0, le=10_000_000)]
+Revision = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Reason = Annotated[str, Field(min_length=1, max_length=500)]
+
+#: The sum of every available node's effective weight: shares are published on this scale.
+EFFECTIVE_WEIGHT_TOTAL = 1000.0
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeState(enum.StrEnum):
+    """What a node reports about itself (the edge agent's state machine)."""
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+class Liveness(enum.StrEnum):
+    """What the control plane concludes from the heartbeat lease."""
+
+    UNKNOWN = "unknown"  # never heard from
+    ALIVE = "alive"
+    DEAD = "dead"  # lease expired
+
+
+class Role(enum.StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    NODE = "node"
+
+
+class DrainKind(enum.StrEnum):
+    NODE = "node"
+    SITE = "site"
+
+
+# --- desired state (operator-owned, revisioned) ------------------------------------------
+
+
+class SiteSpec(Strict):
+    capacity_mbps: CapacityMbps = 1000
+    weight: Weight = 100
+
+
+class NodeSpec(Strict):
+    site: Name
+    addresses: list[IPv4Address | IPv6Address] = Field(default_factory=list, max_length=16)
+    capacity_mbps: CapacityMbps = 1000
+    weight: Weight = 100
+
+
+class ServiceSpec(Strict):
+    prefix: IPv4Network | IPv6Network
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=64)
+
+
+class Drain(Strict):
+    kind: DrainKind
+    name: Name
+    reason: Reason
+    author: str
+    since: datetime
+
+
+class DesiredState(Strict):
+    """The whole operator-owned state; one revision covers all of it.
+
+    `write_id` identifies the write that produced this revision, so a client that retries
+    a write whose answer it lost can tell its own write from someone else's.
+    """
+
+    revision: Revision = 0
+    sites: dict[Name, SiteSpec] = Field(default_factory=dict)
+    nodes: dict[Name, NodeSpec] = Field(default_factory=dict)
+    services: dict[Name, ServiceSpec] = Field(default_factory=dict)
+    drains: list[Drain] = Field(default_factory=list)
+    write_id: str = ""
+
+
+# --- request bodies -------------------------------------------------------------------
+
+
+class WeightsUpdate(Strict):
+    """Set several operator weights in one revision (e.g. `site-a=3 site-b=1`)."""
+
+    sites: dict[Name, Weight] = Field(default_factory=dict, max_length=1000)
+    nodes: dict[Name, Weight] = Field(default_factory=dict, max_length=10000)
+
+
+class DesiredSpec(Strict):
+    """Sites, nodes and services in one document (PUT /v1/state): a declarative apply.
+    Drains are kept (those whose target still exists); they change through /v1/drains."""
+
+    sites: dict[Name, SiteSpec] = Field(default_factory=dict, max_length=1000)
+    nodes: dict[Name, NodeSpec] = Field(default_factory=dict, max_length=10000)
+    services: dict[Name, ServiceSpec] = Field(default_factory=dict, max_length=1000)
+
+
+class DrainRequest(Strict):
+    kind: DrainKind
+    name: Name
+    reason: Reason
+
+
+class BgpSession(Strict):
+    peer: Annotated[str, Field(min_length=1, max_length=64)]
+    state: Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class HealthSummary(Strict):
+    backends_total: Annotated[int, Field(ge=0, le=100_000)] = 0
+    backends_healthy: Annotated[int, Field(ge=0, le=100_000)] = 0
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
+class Heartbeat(Strict):
+    """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat)."""
+
+    state: NodeState
+    health: HealthSummary = HealthSummary()
+    connections: Annotated[int, Field(ge=0, le=10**9)] = 0
+    bgp_sessions: list[BgpSession] = Field(default_factory=list, max_length=64)
+    applied_revision: Revision = 0
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+class NodeObserved(Strict):
+    node: str
+    liveness: Liveness
+    last_seen: datetime | None = None
+    heartbeat: Heartbeat | None = None
+
+
+class NodeDesired(Strict):
+    """What the control plane publishes to one node: its drains and its effective weight.
+
+    `fingerprint` changes whenever anything in this view changes, including effective
+    weights moved by other nodes' health, which does not bump the desired revision.
+    """
+
+    revision: Revision
+    node: str
+    site: str
+    drained: bool
+    drain_reason: str = ""
+    operator_weight: Weight
+    effective_weight: float
+    services: dict[str, ServiceSpec] = Field(default_factory=dict)
+    fingerprint: str
+
+
+class EffectiveWeights(Strict):
+    revision: Revision
+    nodes: dict[str, float]
+    sites: dict[str, float]
+
+
+class Event(Strict):
+    id: str
+    time: datetime
+    kind: str
+    subject: str
+    cause: str
+    author: str
+    revision: Revision = 0
+
+
+class EventPage(Strict):
+    events: list[Event]
+
+
+class ConvergenceNode(Strict):
+    node: str
+    applied_revision: Revision | None
+    liveness: Liveness
+
+
+class Convergence(Strict):
+    revision: Revision
+    converged: bool
+    applied: list[str]
+    lagging: list[ConvergenceNode]
+
+
+class Problem(Strict):
+    """Error body (for 4xx): a message and, where it applies, the offending field."""
+
+    detail: str
+    field: str | None = None
+
+
+class ConflictBody(Strict):
+    """412 body: the state someone else wrote, so the caller can show what changed."""
+
+    detail: Literal["revision mismatch"] = "revision mismatch"
+    current: DesiredState

@@ -1,1 +1,108 @@
-"""Filled in by the GSLB control-plane issue."""
+"""gslb.yaml: the control plane's configuration, validated by pydantic.
+
+A bad file is reported in one line naming the field (`load_settings` raises ConfigError;
+`python -m api` prints it and exits 2). Tokens come from the file (`token`) or from the
+environment (`token_env`, preferred: the file then holds no secret).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from api.schemas import Name, Role
+
+
+class ConfigError(Exception):
+    """One line, naming the field and what was expected."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SqliteStoreSettings(_Config):
+    kind: Literal["sqlite"] = "sqlite"
+    path: Path = Path("gslb.db")
+
+
+class EtcdStoreSettings(_Config):
+    kind: Literal["etcd"]
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(min_length=1)
+    prefix: Annotated[str, Field(pattern=r"^/.*/$")] = "/anycast-edge/"
+    request_timeout_s: Annotated[float, Field(gt=0, le=30)] = 0.5
+    deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+
+
+class TlsSettings(_Config):
+    cert: Path
+    key: Path
+
+
+class TokenSettings(_Config):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    role: Role
+    node: Name | None = None
+    token: SecretStr | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenSettings:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("set exactly one of token and token_env")
+        if self.role is Role.NODE and self.node is None:
+            raise ValueError("a node token needs `node`")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        assert self.token_env is not None
+        value = os.environ.get(self.token_env, "")
+        if not value:
+            raise ConfigError(f"tokens[{self.name}].token_env: environment {self.token_env} unset")
+        return value
+
+
+class Settings(_Config):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    tls: TlsSettings | None = None
+    store: SqliteStoreSettings | EtcdStoreSettings = Field(
+        default_factory=SqliteStoreSettings, discriminator="kind"
+    )
+    heartbeat_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 5.0
+    sweep_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    long_poll_max_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    #: Unauthenticated reads; for a lab or a demo only.
+    allow_anonymous_read: bool = False
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_settings(data: object, source: str = "config") -> Settings:
+    try:
+        return Settings.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"{source}: {_field_path(tuple(error['loc']))}: {error['msg']}") from None
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    return parse_settings(data, str(path))

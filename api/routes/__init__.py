@@ -1,1 +1,1 @@
-"""Filled in by the GSLB control-plane issue."""
+"""HTTP routes, one module per resource; `common` holds auth and the revisioned-write helper."""

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import Site
 from tests.support.procs import BIN, AgentProcess, free_port, node_config, wait_for
+from tests.support.site import Site
 
 
 def backend_health(site: Site) -> dict[str, str]:

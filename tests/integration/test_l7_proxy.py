@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.integration.conftest import Site
+from tests.support.site import Site
 
 
 def raw(site: Site, payload: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:

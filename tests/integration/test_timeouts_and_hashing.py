@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import Site
 from tests.support.procs import AgentProcess, BackendProcess, free_port, node_config
+from tests.support.site import Site
 
 
 def test_slow_backend_gets_504_and_is_ejected_and_slow_client_gets_408(tmp_path: Path) -> None:

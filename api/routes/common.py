@@ -1,0 +1,176 @@
+"""Shared route machinery: the app context, authentication, and revisioned writes.
+
+Every write goes through `revisioned_write`: it needs `If-Match` (428 without), answers 412
+with the current state when the revision moved, and returns the new state with its ETag.
+An optional `Idempotency-Key` names the write, so a client that lost the answer to a write
+can send it again and learn it succeeded instead of getting a 412 against itself.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.auth import Identity, TokenTable
+from api.schemas import ConflictBody, DesiredSpec, DesiredState
+from api.settings import Settings
+from api.store.base import EventDraft, RevisionConflict, Store
+from api.views import SnapshotCache
+
+_bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+
+
+@dataclass
+class AppContext:
+    store: Store
+    settings: Settings
+    tokens: TokenTable
+    snapshots: SnapshotCache
+
+
+class ApiError(Exception):
+    """An error answered as {"detail": ..., "field": ...} with a status code."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+
+class ConflictError(Exception):
+    def __init__(self, current: DesiredState) -> None:
+        super().__init__("revision mismatch")
+        self.current = current
+
+
+def etag(revision: int) -> str:
+    return f'"{revision}"'
+
+
+def state_response(state: DesiredState, status: int = 200) -> JSONResponse:
+    return JSONResponse(
+        state.model_dump(mode="json"), status_code=status, headers={"ETag": etag(state.revision)}
+    )
+
+
+def conflict_response(current: DesiredState) -> JSONResponse:
+    return JSONResponse(
+        ConflictBody(current=current).model_dump(mode="json"),
+        status_code=412,
+        headers={"ETag": etag(current.revision)},
+    )
+
+
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, a thread hop per dependency per request (it was most of a heartbeat's CPU).
+async def context(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(context)]
+
+
+async def identity(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Identity:
+    tokens = (await context(request)).tokens
+    header = f"Bearer {credentials.credentials}" if credentials else None
+    who = tokens.identify(header)
+    if who is None:
+        raise ApiError(
+            401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return who
+
+
+async def reader(who: Annotated[Identity, Depends(identity)]) -> Identity:
+    if not who.can_read():
+        raise ApiError(403, f"role {who.role} may not read this")
+    return who
+
+
+async def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
+    if not who.can_write():
+        raise ApiError(403, f"role {who.role} may not change desired state")
+    return who
+
+
+Reader = Annotated[Identity, Depends(reader)]
+Operator = Annotated[Identity, Depends(operator)]
+AnyIdentity = Annotated[Identity, Depends(identity)]
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description='The revision the write is based on, as returned in ETag (e.g. "17").',
+        max_length=64,
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Names this write so a retry of it is recognised.",
+        max_length=64,
+    ),
+]
+
+Mutation = Callable[[DesiredState], tuple[DesiredState, list[EventDraft]]]
+
+
+async def revisioned_write(
+    ctx: AppContext, if_match: str | None, idempotency_key: str | None, mutate: Mutation
+) -> JSONResponse:
+    if if_match is None:
+        raise ApiError(
+            428, "this write needs If-Match with the revision it is based on", "If-Match"
+        )
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ApiError(422, "expected 1-64 characters [A-Za-z0-9_.-]", "Idempotency-Key")
+    current = await ctx.store.read_desired()
+    match = _ETAG.match(if_match.strip())
+    expected = int(match.group(1)) if match else -1
+    if expected != current.revision:
+        if idempotency_key and current.write_id == idempotency_key:
+            return state_response(current)  # our own earlier attempt committed
+        return conflict_response(current)
+    new, events = mutate(current)
+    new = new.model_copy(update={"write_id": idempotency_key or uuid.uuid4().hex})
+    try:
+        stored = await ctx.store.write_desired(expected, new, events)
+    except RevisionConflict as conflict:
+        return conflict_response(conflict.current)
+    return state_response(stored)
+
+
+def require_site(state: DesiredState | DesiredSpec, site: str, field: str) -> None:
+    if site not in state.sites:
+        raise ApiError(422, f"unknown site {site!r}", field)
+
+
+def require_node(state: DesiredState, node: str, field: str) -> None:
+    if node not in state.nodes:
+        raise ApiError(422, f"unknown node {node!r}", field)
+
+
+NamePath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", max_length=63)]

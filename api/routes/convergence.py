@@ -1,0 +1,21 @@
+"""GET /v1/convergence: which nodes have applied the latest desired revision."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+
+from api.routes.common import Ctx, Reader
+from api.schemas import Convergence
+from api.views import build_snapshot, convergence_view
+
+router = APIRouter(prefix="/v1", tags=["convergence"])
+
+
+@router.get("/convergence", response_model=Convergence)
+async def convergence(ctx: Ctx, _: Reader) -> Convergence:
+    # Fresh reads: applied revisions arrive in heartbeats, which do not invalidate the cache.
+    desired = await ctx.store.read_desired()
+    observed = await ctx.store.read_observed(datetime.now(UTC))
+    return convergence_view(build_snapshot(desired, observed, -1, 0.0))

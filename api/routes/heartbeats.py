@@ -1,0 +1,75 @@
+"""Heartbeats (observed state, written by nodes under a TTL/lease) and each node's published
+desired view, with a long-poll so a node learns a change within milliseconds."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.auth import Identity
+from api.routes.common import AnyIdentity, ApiError, Ctx, NamePath
+from api.schemas import Heartbeat, NodeDesired
+from api.views import node_view
+
+router = APIRouter(prefix="/v1/nodes", tags=["heartbeats"])
+
+
+def _may_act_for(who: Identity, node: str) -> None:
+    if not who.may_act_for_node(node):
+        raise ApiError(403, f"token {who.name!r} may not act for node {node!r}", "node")
+
+
+@router.post("/{node}/heartbeat", response_model=NodeDesired)
+async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat) -> NodeDesired:
+    """Record the node's heartbeat; answers with the node's desired view (up to a second old:
+    the long-poll is authoritative)."""
+    _may_act_for(who, node)
+    # A snapshot up to a second old is fine here: the view in the answer is a backstop, the
+    # long-poll is what delivers changes promptly. Rebuilding per heartbeat would not scale.
+    snapshot = await ctx.snapshots.get(allow_stale=True)
+    view = node_view(snapshot, node)
+    if view is None:
+        # The cached snapshot may predate the node's creation: look at the store itself
+        # (one read, so a node heartbeating under an unknown name costs little).
+        if node not in (await ctx.store.read_desired()).nodes:
+            raise ApiError(422, f"unknown node {node!r}", "node")
+        view = node_view(await ctx.snapshots.get(fresh=True), node)
+        if view is None:
+            raise ApiError(422, f"unknown node {node!r}", "node")
+    await ctx.store.record_heartbeat(
+        node, body, datetime.now(UTC), ctx.settings.heartbeat_ttl_s, who.name
+    )
+    return view
+
+
+@router.get("/{node}/desired", response_model=NodeDesired)
+async def node_desired(
+    ctx: Ctx,
+    who: AnyIdentity,
+    node: NamePath,
+    after_revision: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+    fingerprint: Annotated[str | None, Query(max_length=64)] = None,
+    timeout_s: Annotated[float, Query(ge=0, le=300)] = 25.0,
+) -> NodeDesired:
+    """The node's desired view. Long-poll: with `after_revision` and/or `fingerprint`, it
+    answers as soon as the revision is above `after_revision` or the view's fingerprint
+    differs (effective weights move with other nodes' health without a new revision), or
+    with the unchanged view when `timeout_s` (capped by the server) runs out."""
+    if not (who.can_read() or who.may_act_for_node(node)):
+        _may_act_for(who, node)
+    deadline = time.monotonic() + min(timeout_s, ctx.settings.long_poll_max_s)
+    while True:
+        generation = ctx.store.changes.generation
+        view = node_view(await ctx.snapshots.get(), node)
+        if view is None:
+            raise ApiError(404, f"no node {node!r}", "node")
+        changed = (after_revision is not None and view.revision > after_revision) or (
+            fingerprint is not None and view.fingerprint != fingerprint
+        )
+        remaining = deadline - time.monotonic()
+        if changed or (after_revision is None and fingerprint is None) or remaining <= 0:
+            return view
+        await ctx.store.changes.wait(generation, remaining)

@@ -1,0 +1,63 @@
+"""Services: the anycast prefixes (and ports) the edges announce and serve."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.routes.common import (
+    ApiError,
+    Ctx,
+    IdempotencyKey,
+    IfMatch,
+    NamePath,
+    Operator,
+    Reader,
+    revisioned_write,
+)
+from api.schemas import DesiredState, ServiceSpec
+from api.store.base import EventDraft
+
+router = APIRouter(prefix="/v1/services", tags=["services"])
+
+
+@router.get("", response_model=dict[str, ServiceSpec])
+async def list_services(ctx: Ctx, _: Reader) -> dict[str, ServiceSpec]:
+    return (await ctx.store.read_desired()).services
+
+
+@router.put("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+async def put_service(
+    ctx: Ctx,
+    who: Operator,
+    name: NamePath,
+    body: ServiceSpec,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
+        services = {**state.services, name: body}
+        return state.model_copy(update={"services": services}), [
+            EventDraft("service-set", name, f"service prefix {body.prefix}", who.name)
+        ]
+
+    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+
+
+@router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+async def delete_service(
+    ctx: Ctx,
+    who: Operator,
+    name: NamePath,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
+        if name not in state.services:
+            raise ApiError(404, f"no service {name!r}", "name")
+        services = {k: v for k, v in state.services.items() if k != name}
+        return state.model_copy(update={"services": services}), [
+            EventDraft("service-deleted", name, "service deleted", who.name)
+        ]
+
+    return await revisioned_write(ctx, if_match, idempotency_key, mutate)

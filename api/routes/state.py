@@ -1,0 +1,84 @@
+"""The whole desired state in one document, and its long-poll watch."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from api.routes.common import (
+    Ctx,
+    IdempotencyKey,
+    IfMatch,
+    Operator,
+    Reader,
+    require_site,
+    revisioned_write,
+    state_response,
+)
+from api.schemas import DesiredSpec, DesiredState, DrainKind
+from api.store.base import EventDraft
+
+router = APIRouter(prefix="/v1", tags=["desired state"])
+
+
+@router.get("/state", response_model=DesiredState)
+async def get_state(ctx: Ctx, _: Reader) -> JSONResponse:
+    return state_response(await ctx.store.read_desired())
+
+
+@router.put("/state", response_model=DesiredState, responses={412: {}, 428: {}})
+async def put_state(
+    ctx: Ctx,
+    who: Operator,
+    body: DesiredSpec,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Replace sites, nodes and services in one revision (declarative apply)."""
+
+    def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
+        for name, node in body.nodes.items():
+            require_site(body, node.site, f"nodes.{name}.site")
+        drains = [
+            d
+            for d in state.drains
+            if (d.kind is DrainKind.NODE and d.name in body.nodes)
+            or (d.kind is DrainKind.SITE and d.name in body.sites)
+        ]
+        cause = (
+            f"state applied: {len(body.sites)} sites, {len(body.nodes)} nodes, "
+            f"{len(body.services)} services"
+        )
+        new = state.model_copy(
+            update={
+                "sites": body.sites,
+                "nodes": body.nodes,
+                "services": body.services,
+                "drains": drains,
+            }
+        )
+        return new, [EventDraft("state-applied", "state", cause, who.name)]
+
+    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+
+
+@router.get("/watch", response_model=DesiredState)
+async def watch_state(
+    ctx: Ctx,
+    _: Reader,
+    after_revision: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    timeout_s: Annotated[float, Query(ge=0, le=300)] = 25.0,
+) -> JSONResponse:
+    """Long-poll: answers as soon as the desired revision is above `after_revision`, or with
+    the unchanged state when `timeout_s` (capped by the server) runs out."""
+    deadline = time.monotonic() + min(timeout_s, ctx.settings.long_poll_max_s)
+    while True:
+        generation = ctx.store.changes.generation
+        state = (await ctx.snapshots.get()).desired
+        remaining = deadline - time.monotonic()
+        if state.revision > after_revision or remaining <= 0:
+            return state_response(state)
+        await ctx.store.changes.wait(generation, remaining)

@@ -1,0 +1,1 @@
+"""Harnesses for tests, benchmarks and demos: real processes on loopback, never mocks."""

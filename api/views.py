@@ -1,0 +1,179 @@
+"""What the API publishes: a snapshot of desired + observed state and the views derived from it
+(effective weights, each node's desired view, convergence). The derivations are pure; the
+snapshot is cached per store change generation so a thousand long-polls woken by one change
+share one store read and one weight computation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from api.gslb import NodeHealth, WeightResult, drained_nodes, effective_weights
+from api.schemas import (
+    Convergence,
+    ConvergenceNode,
+    DesiredState,
+    EffectiveWeights,
+    Liveness,
+    NodeDesired,
+    NodeObserved,
+)
+from api.store.base import Store
+
+#: Even without a change notification, a snapshot older than this is rebuilt: the bound on
+#: staleness if a notification is ever missed (e.g. an etcd watch that stalls silently).
+SNAPSHOT_MAX_AGE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    desired: DesiredState
+    observed: dict[str, NodeObserved]
+    weights: WeightResult
+    drained: dict[str, str]
+    generation: int
+    built_at: float
+
+
+def build_snapshot(
+    desired: DesiredState, observed: dict[str, NodeObserved], generation: int, built_at: float
+) -> Snapshot:
+    health = {
+        name: NodeHealth(o.liveness, o.heartbeat.state if o.heartbeat else None)
+        for name, o in observed.items()
+    }
+    return Snapshot(
+        desired=desired,
+        observed=observed,
+        weights=effective_weights(desired, health),
+        drained=drained_nodes(desired),
+        generation=generation,
+        built_at=built_at,
+    )
+
+
+def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
+    spec = snapshot.desired.nodes.get(node)
+    if spec is None:
+        return None
+    fields = {
+        "revision": snapshot.desired.revision,
+        "node": node,
+        "site": spec.site,
+        "drained": node in snapshot.drained,
+        "drain_reason": snapshot.drained.get(node, ""),
+        "operator_weight": spec.weight,
+        # Rounded so float noise never changes the fingerprint.
+        "effective_weight": round(snapshot.weights.nodes.get(node, 0.0), 3),
+        "services": snapshot.desired.services,
+    }
+    canonical = NodeDesired.model_validate({**fields, "fingerprint": ""}).model_dump_json()
+    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return NodeDesired.model_validate({**fields, "fingerprint": fingerprint})
+
+
+def weights_view(snapshot: Snapshot) -> EffectiveWeights:
+    return EffectiveWeights(
+        revision=snapshot.desired.revision,
+        nodes={n: round(w, 3) for n, w in snapshot.weights.nodes.items()},
+        sites={s: round(w, 3) for s, w in snapshot.weights.sites.items()},
+    )
+
+
+def observed_view(snapshot: Snapshot) -> list[NodeObserved]:
+    names = sorted(set(snapshot.desired.nodes) | set(snapshot.observed))
+    return [
+        snapshot.observed.get(name) or NodeObserved(node=name, liveness=Liveness.UNKNOWN)
+        for name in names
+    ]
+
+
+def convergence_view(snapshot: Snapshot) -> Convergence:
+    """Which nodes have applied the latest desired revision. Only live nodes can block
+    convergence: a dead node is listed as lagging but waiting for it would never end."""
+    revision = snapshot.desired.revision
+    applied: list[str] = []
+    lagging: list[ConvergenceNode] = []
+    blocking = False
+    for name in sorted(snapshot.desired.nodes):
+        observed = snapshot.observed.get(name)
+        liveness = observed.liveness if observed else Liveness.UNKNOWN
+        applied_revision = (
+            observed.heartbeat.applied_revision if observed and observed.heartbeat else None
+        )
+        if applied_revision is not None and applied_revision >= revision:
+            applied.append(name)
+            continue
+        lagging.append(
+            ConvergenceNode(node=name, applied_revision=applied_revision, liveness=liveness)
+        )
+        blocking = blocking or liveness is Liveness.ALIVE
+    return Convergence(revision=revision, converged=not blocking, applied=applied, lagging=lagging)
+
+
+class SnapshotCache:
+    """One snapshot per change generation, rebuilt lazily.
+
+    Rebuilds are spaced by at least twice the last rebuild's duration: a burst of changes
+    (a fleet of nodes sending their first heartbeat) then costs at most about a third of a
+    core instead of one full rebuild per change, at the price of a few ms of latency.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._snapshot: Snapshot | None = None
+        self._lock = asyncio.Lock()
+        self._last_build_s = 0.0
+
+    def _fresh(self, generation: int) -> Snapshot | None:
+        snapshot = self._snapshot
+        if (
+            snapshot is not None
+            and snapshot.generation == generation
+            and time.monotonic() - snapshot.built_at < SNAPSHOT_MAX_AGE_S
+        ):
+            return snapshot
+        return None
+
+    def _usable(self, *, fresh: bool, allow_stale: bool) -> Snapshot | None:
+        if fresh:
+            return None
+        snapshot = self._snapshot
+        if (
+            allow_stale
+            and snapshot is not None
+            and time.monotonic() - snapshot.built_at < SNAPSHOT_MAX_AGE_S
+        ):
+            return snapshot
+        return self._fresh(self._store.changes.generation)
+
+    async def get(self, *, fresh: bool = False, allow_stale: bool = False) -> Snapshot:
+        """The cached snapshot, or a new one if the store changed since (or `fresh`).
+
+        `allow_stale`: any snapshot younger than SNAPSHOT_MAX_AGE_S will do (heartbeat
+        answers: the long-poll, not the heartbeat, is what delivers changes promptly).
+        """
+        cached = self._usable(fresh=fresh, allow_stale=allow_stale)
+        if cached is not None:
+            return cached
+        async with self._lock:
+            # Another waiter may have rebuilt it while we queued for the lock.
+            cached = self._usable(fresh=fresh, allow_stale=allow_stale)
+            if cached is not None:
+                return cached
+            latest = self._snapshot
+            if latest is not None and not fresh:
+                pause = latest.built_at + 2 * self._last_build_s - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+            generation = self._store.changes.generation
+            started = time.monotonic()
+            desired = await self._store.read_desired()
+            observed = await self._store.read_observed(datetime.now(UTC))
+            self._snapshot = build_snapshot(desired, observed, generation, time.monotonic())
+            self._last_build_s = self._snapshot.built_at - started
+            return self._snapshot

@@ -1,0 +1,396 @@
+"""`make bench-api`: GSLB API numbers on this machine; a table, and bench-results/api.json.
+
+1. write -> watching node sees it (p50/p99), SQLite and etcd: an operator write through the
+   API, a node long-polling its desired view through the API; measured from just before the
+   write request to the moment the node's long-poll answers with the new revision.
+2. N simulated nodes heartbeating every second against one API (SQLite store): p50/p99
+   latency, errors, the API process's CPU. Bounded duration. The client runs in this process
+   on the same 2 cores, so at high N the client's own CPU counts against the API.
+3. etcd leader killed (kill -9) during a stream of writes: the longest gap between two
+   acknowledged writes, and acknowledged writes missing afterwards (target 0).
+
+The API runs as its own process (`python -m api`), etcd as a real 3-member cluster, all on
+loopback, everything stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from api.client import ApiClient, ApiError
+from api.schemas import DesiredSpec, Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from api.testing.etcd_cluster import LocalEtcdCluster, free_port
+
+TOKEN = "bench-operator-token"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ApiProcess:
+    def __init__(self, workdir: Path, store: dict[str, Any], **settings: Any) -> None:
+        self.port = free_port()
+        self.config = workdir / f"gslb-{self.port}.yaml"
+        data = {
+            "port": self.port,
+            "store": store,
+            "tokens": [{"name": "bench", "role": "operator", "token": TOKEN}],
+            **settings,
+        }
+        self.config.write_text(yaml.safe_dump(data))
+        self.log = workdir / f"api-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "api", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"API did not start: {self.log.read_text()[-500:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+async def seed(url: str, nodes: int) -> int:
+    spec = DesiredSpec(
+        sites={"a": SiteSpec(), "b": SiteSpec()},
+        nodes={f"n{i}": NodeSpec(site="ab"[i % 2]) for i in range(nodes)},
+    )
+    async with ApiClient([url], TOKEN) as client:
+        current = await client.state()
+        return (await client.apply_state(spec, revision=current.revision)).revision
+
+
+async def write_to_watch(url: str, writes: int) -> dict[str, Any]:
+    revision = await seed(url, 2)
+    latencies: list[float] = []
+    async with ApiClient([url], TOKEN) as operator, ApiClient([url], TOKEN) as node:
+        view = await node.node_desired("n0")
+        for i in range(writes):
+            watcher = asyncio.create_task(
+                node.node_desired(
+                    "n0", after_revision=view.revision, fingerprint=view.fingerprint, timeout_s=10
+                )
+            )
+            await asyncio.sleep(0.02)  # let the long-poll reach the server and park
+            started = time.perf_counter()
+            state = await operator.put_node(
+                "n0", NodeSpec(site="a", weight=1 + i % 2), revision=revision
+            )
+            view = await watcher
+            latencies.append(time.perf_counter() - started)
+            assert view.revision == state.revision, (view.revision, state.revision)
+            revision = state.revision
+    return {
+        "writes": writes,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+
+
+class RawConnection:
+    """A minimal keep-alive HTTP/1.1 client, one per simulated node, like a real fleet.
+
+    httpx's shared pool spends more CPU per request than the API does; with a thousand
+    simulated nodes on the same two cores the load generator, not the API, was measured.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, token: str) -> int:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await self.reader.readexactly(length)
+            return status
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def heartbeats(
+    url: str, pid: int, nodes: int, duration_s: float, etcd_pids: Sequence[int] = ()
+) -> dict[str, Any]:
+    await seed(url, nodes)
+    latencies: list[float] = []
+    errors = 0
+    body = Heartbeat(state=NodeState.HEALTHY, connections=10).model_dump_json().encode()
+    host, port = url.removeprefix("http://").split(":")
+    connections = [RawConnection(host, int(port)) for _ in range(nodes)]
+    start = time.monotonic() + 1.0
+    cpu_before = cpu_seconds(pid)
+    etcd_cpu_before = sum(cpu_seconds(p) for p in etcd_pids)
+
+    async def node_loop(i: int) -> None:
+        nonlocal errors
+        # Spread the nodes over the second, as real fleets are.
+        tick = start + (i / nodes)
+        while tick < start + duration_s:
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
+            sent = time.perf_counter()
+            try:
+                status = await asyncio.wait_for(
+                    connections[i].post(f"/v1/nodes/n{i}/heartbeat", body, TOKEN), 5
+                )
+                if status != 200:
+                    errors += 1
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                errors += 1
+                connections[i].close()
+            latencies.append(time.perf_counter() - sent)
+            tick += 1.0
+
+    try:
+        await asyncio.gather(*(node_loop(i) for i in range(nodes)))
+    finally:
+        for connection in connections:
+            connection.close()
+    cpu = cpu_seconds(pid) - cpu_before
+    etcd_cpu = sum(cpu_seconds(p) for p in etcd_pids) - etcd_cpu_before
+    # When the box cannot keep up, the last heartbeats go out late: rates use the real time.
+    elapsed = time.monotonic() - start
+    return {
+        "nodes": nodes,
+        "duration_s": duration_s,
+        "elapsed_s": elapsed,
+        "heartbeats": len(latencies),
+        "rate_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "errors": errors,
+        "api_cpu_pct": 100 * cpu / elapsed,
+        "etcd_cpu_pct": 100 * etcd_cpu / elapsed,
+    }
+
+
+async def leader_kill(url: str, cluster: LocalEtcdCluster, duration_s: float) -> dict[str, Any]:
+    revision = await seed(url, 2)
+    acknowledged: list[str] = []
+    ack_times: list[float] = []
+    failed = 0
+    killed_at = None
+    async with ApiClient([url], TOKEN, timeout_s=3) as client:
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < duration_s:
+            if killed_at is None and time.monotonic() - start > duration_s / 3:
+                leader = cluster.leader_index()
+                assert leader is not None
+                cluster.kill(leader)
+                killed_at = time.monotonic()
+            name = f"s{i}"
+            i += 1
+            try:
+                state = await client.put_service(
+                    name, ServiceSpec(prefix=f"198.51.100.{i % 250}/32"), revision=revision
+                )
+            except ApiError:
+                failed += 1
+                try:
+                    revision = (await client.state()).revision
+                except ApiError:
+                    await asyncio.sleep(0.05)
+                continue
+            revision = state.revision
+            acknowledged.append(name)
+            ack_times.append(time.monotonic())
+        final = await client.state()
+    gaps = [b - a for a, b in itertools.pairwise(ack_times)]
+    lost = [name for name in acknowledged if name not in final.services]
+    return {
+        "writes_acknowledged": len(acknowledged),
+        "writes_failed": failed,
+        "longest_gap_s": max(gaps) if gaps else float("nan"),
+        "acknowledged_lost": len(lost),
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("measurement", "result", "target")]
+    for store, r in results["write_to_watch"].items():
+        rows.append(
+            (
+                f"write -> node sees it ({store}, {r['writes']} writes)",
+                f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
+                "<= 50 ms",
+            )
+        )
+    for r in results["heartbeats"]:
+        rows.append(
+            (
+                f"{r['nodes']} nodes x 1 heartbeat/s, {r['duration_s']:.0f} s ({r['store']})"
+                f" [took {r['elapsed_s']:.1f} s]",
+                f"{r['rate_per_s']:.0f}/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms, "
+                f"{r['errors']} errors, API CPU {r['api_cpu_pct']:.0f}%"
+                + (f", etcd CPU {r['etcd_cpu_pct']:.0f}%" if r["store"] == "etcd" else ""),
+                "p99 <= 50 ms, 0 errors",
+            )
+        )
+    k = results.get("leader_kill")
+    if k:
+        rows.append(
+            (
+                "etcd leader kill -9 during writes",
+                f"longest write gap {k['longest_gap_s']:.2f} s, {k['writes_acknowledged']} acked,"
+                f" {k['writes_failed']} failed, {k['acknowledged_lost']} acked lost",
+                "<= 2 s, 0 lost",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    # One socket per simulated node: make room for a thousand of them.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--writes", type=int, default=100)
+    parser.add_argument("--nodes", type=int, nargs="*", default=[250, 1000])
+    parser.add_argument("--etcd-nodes", type=int, nargs="*", default=[250])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--kill-duration", type=float, default=9.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/api.json"))
+    args = parser.parse_args()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()},
+        "write_to_watch": {},
+        "heartbeats": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        workdir = Path(tmp)
+        cluster = LocalEtcdCluster(workdir / "etcd")
+        apis: list[ApiProcess] = []
+        try:
+            sqlite_api = ApiProcess(
+                workdir,
+                {"kind": "sqlite", "path": str(workdir / "gslb.db")},
+                max_body_bytes=4 << 20,
+            )
+            apis.append(sqlite_api)
+            sqlite_api.start()
+            print("write -> watch (sqlite)...", file=sys.stderr)
+            results["write_to_watch"]["sqlite"] = asyncio.run(
+                write_to_watch(sqlite_api.url, args.writes)
+            )
+            for nodes in args.nodes:
+                print(f"heartbeats: {nodes} nodes for {args.duration} s...", file=sys.stderr)
+                assert sqlite_api.process is not None
+                result = asyncio.run(
+                    heartbeats(sqlite_api.url, sqlite_api.process.pid, nodes, args.duration)
+                )
+                results["heartbeats"].append({"store": "sqlite", **result})
+            sqlite_api.stop()
+
+            cluster.start()
+            etcd_store = {
+                "kind": "etcd",
+                "endpoints": cluster.client_urls,
+                "request_timeout_s": 0.3,
+            }
+            etcd_api = ApiProcess(workdir, etcd_store, max_body_bytes=4 << 20)
+            apis.append(etcd_api)
+            etcd_api.start()
+            print("write -> watch (etcd)...", file=sys.stderr)
+            results["write_to_watch"]["etcd"] = asyncio.run(
+                write_to_watch(etcd_api.url, args.writes)
+            )
+            for nodes in args.etcd_nodes:
+                print(f"heartbeats (etcd): {nodes} nodes for {args.duration} s...", file=sys.stderr)
+                assert etcd_api.process is not None
+                result = asyncio.run(
+                    heartbeats(
+                        etcd_api.url,
+                        etcd_api.process.pid,
+                        nodes,
+                        args.duration,
+                        [m.process.pid for m in cluster.members if m.process],
+                    )
+                )
+                results["heartbeats"].append({"store": "etcd", **result})
+            print("etcd leader kill...", file=sys.stderr)
+            results["leader_kill"] = asyncio.run(
+                leader_kill(etcd_api.url, cluster, args.kill_duration)
+            )
+        finally:
+            for api in apis:
+                api.stop()
+            cluster.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\n(written to {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

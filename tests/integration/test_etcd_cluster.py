@@ -1,0 +1,109 @@
+"""etcd-only properties: several API instances on one cluster, and a leader killed with -9."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import NODE_A1, OPERATOR, make_settings
+
+from api.app import create_app
+from api.client import ApiClient, Conflict, Unavailable
+from api.schemas import Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from api.store import open_store
+from api.store.etcd import EtcdStore
+from api.testing.etcd_cluster import LocalEtcdCluster
+from api.testing.server import ThreadedServer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _server(
+    cluster: LocalEtcdCluster, tmp_path: Path, prefix: str, **overrides: object
+) -> ThreadedServer:
+    settings = make_settings("etcd", tmp_path, cluster, prefix, **overrides)
+    return ThreadedServer(lambda: create_app(open_store(settings.store), settings))
+
+
+async def test_two_api_instances_share_state_and_push(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    prefix = f"/multi-{uuid.uuid4().hex[:8]}/"
+    with (
+        _server(etcd_cluster, tmp_path, prefix) as site_a,
+        _server(etcd_cluster, tmp_path, prefix) as site_b,
+    ):
+        async with (
+            ApiClient([site_a.url], OPERATOR) as via_a,
+            ApiClient([site_b.url], NODE_A1) as node_via_b,
+        ):
+            state = await via_a.put_site("a", SiteSpec(), revision=0)
+            state = await via_a.put_node("a1", NodeSpec(site="a"), revision=state.revision)
+            await node_via_b.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+            first = await node_via_b.node_desired("a1")
+            waiter = asyncio.create_task(
+                node_via_b.node_desired(
+                    "a1", after_revision=first.revision, fingerprint=first.fingerprint, timeout_s=20
+                )
+            )
+            await asyncio.sleep(0.2)
+            state = await via_a.put_node(
+                "a1", NodeSpec(site="a", weight=5), revision=state.revision
+            )
+            # Instance b learns of a's write through etcd's watch, not by polling.
+            seen = await asyncio.wait_for(waiter, 15)
+            assert seen.revision == state.revision
+            assert seen.operator_weight == 5
+            observed = {o.node: o for o in await via_a.observed()}
+            assert observed["a1"].heartbeat is not None
+
+
+async def test_leader_kill_during_writes_loses_no_acknowledged_write(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    prefix = f"/kill-{uuid.uuid4().hex[:8]}/"
+    acknowledged: list[str] = []
+    unavailable = 0
+    killed: int | None = None
+    with _server(etcd_cluster, tmp_path, prefix) as api:
+        async with ApiClient([api.url], OPERATOR, timeout_s=10) as client:
+            revision = (await client.put_site("a", SiteSpec(), revision=0)).revision
+            try:
+                for i in range(40):
+                    if i == 10:
+                        killed = etcd_cluster.leader_index()
+                        assert killed is not None
+                        etcd_cluster.kill(killed)
+                    name = f"s{i}"
+                    spec = ServiceSpec(prefix=f"198.51.100.{i}/32")
+                    try:
+                        state = await client.put_service(name, spec, revision=revision)
+                    except Unavailable:
+                        unavailable += 1
+                        # The write may or may not have committed; only acknowledged ones count.
+                        await asyncio.sleep(0.2)
+                        with contextlib.suppress(Unavailable):
+                            revision = (await client.state()).revision
+                        continue
+                    except Conflict as conflict:
+                        revision = conflict.current.revision
+                        continue
+                    acknowledged.append(name)
+                    revision = state.revision
+            finally:
+                if killed is not None:
+                    etcd_cluster.restart(killed)
+                    etcd_cluster.wait_healthy()
+    print(f"acknowledged {len(acknowledged)}, unavailable {unavailable}")
+    assert len(acknowledged) >= 20, (acknowledged, unavailable)
+    # Read back through a fresh client of the whole cluster.
+    store = EtcdStore(etcd_cluster.client_urls, prefix=prefix)
+    try:
+        final = await store.read_desired()
+    finally:
+        await store.close()
+    missing = [name for name in acknowledged if name not in final.services]
+    assert missing == []
