@@ -72,6 +72,13 @@ class AgentCollector(Collector):
         accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
         accepted.add_metric([], agent.flows.accepted_total)
         yield accepted
+        if (control := agent.status_extras.get("control_plane")) is not None:
+            stale = GaugeMetricFamily(
+                "anycast_edge_control_plane_stale",
+                "1 while no GSLB API answers and the last known good state is in force",
+            )
+            stale.add_metric([], 1.0 if control()["stale"] else 0.0)
+            yield stale
 
 
 def create_admin_app(agent: Agent) -> Starlette:

@@ -355,6 +355,12 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
 
         announcer = BgpAnnouncer(agent, config.bgp)
         await announcer.start()
+    link = None
+    if config.control_plane is not None:
+        from edge.control import ControlPlaneLink
+
+        link = ControlPlaneLink(agent, config.control_plane, announcer)
+        await link.start()
     # Everything allocated so far lives as long as the process: keep it out of
     # the collector's full passes, which would otherwise walk it on the hot path.
     gc.freeze()
@@ -367,6 +373,8 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.port,
     )
     await agent.run_until_stopped()
+    if link is not None:
+        await link.stop()
     if announcer is not None:
         await announcer.stop()
     return 0

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bgp.config import BgpConfig, check_addresses_are_local, describe_validation_error
 
@@ -189,6 +198,40 @@ class NodeIdentity(_Model):
     site: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
+ApiUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+")]
+
+
+class ControlPlaneConfig(_Model):
+    """The GSLB API this node syncs with (optional: without it the node runs on its own)."""
+
+    endpoints: Annotated[
+        list[Annotated[str, Field(pattern=r"^https?://[^\s/]+")]], Field(min_length=1)
+    ]
+    # The node's bearer token, given directly or named by an environment variable.
+    token: SecretStr | None = None
+    token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    # The last known good desired state, so a restart without any API still serves.
+    state_file: Path = Path("/var/lib/anycast-edge/desired.json")
+    heartbeat_interval: Annotated[float, Field(ge=0.1, le=60)] = 1.0
+    request_timeout: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # CA bundle for an API served over TLS with a private CA.
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ControlPlaneConfig:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token and token_env")
+        if self.token_env is not None and not os.environ.get(self.token_env):
+            raise ValueError(f"token_env: environment variable {self.token_env} is not set")
+        return self
+
+    def bearer_token(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        assert self.token_env is not None
+        return os.environ[self.token_env]
+
+
 class NodeConfig(_Model):
     node: NodeIdentity
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
@@ -203,6 +246,7 @@ class NodeConfig(_Model):
     retry_idempotent: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bgp: BgpConfig | None = None
+    control_plane: ControlPlaneConfig | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
@@ -232,7 +276,8 @@ def format_validation_error(error: ValidationError) -> str:
     got = first.get("input")
     if not location:  # a whole-model rule: its message names the fields
         return message
-    if first["type"] in ("missing",) or isinstance(got, dict | list):
+    secret = first["loc"][:1] == ("control_plane",)  # may hold a token: never echoed
+    if secret or first["type"] in ("missing",) or isinstance(got, dict | list):
         return f"{location}: {message}"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more)" if more else ""

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
 
 from api.client import ApiClient, Conflict, Forbidden, InvalidRequest
 from api.schemas import (
@@ -20,6 +19,7 @@ from api.schemas import (
     NodeState,
     SiteSpec,
 )
+from tests.integration.conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import NODE_A1, OPERATOR, make_settings
 
 from api.app import create_app
 from api.client import ApiClient, Conflict, Unavailable
@@ -17,6 +16,7 @@ from api.store import open_store
 from api.store.etcd import EtcdStore
 from api.testing.etcd_cluster import LocalEtcdCluster
 from api.testing.server import ThreadedServer
+from tests.integration.conftest import NODE_A1, OPERATOR, make_settings
 
 pytestmark = pytest.mark.timeout(180)
 

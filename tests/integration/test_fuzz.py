@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import OPERATOR, ApiUnderTest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.integration.conftest import OPERATOR, ApiUnderTest
 
 pytestmark = pytest.mark.timeout(200)
 

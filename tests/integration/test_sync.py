@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import NODE_A1, OPERATOR, VIEWER, make_settings
 
 from api.app import create_app
 from api.client import ApiClient
@@ -20,6 +19,7 @@ from api.store import open_store
 from api.testing.etcd_cluster import LocalEtcdCluster
 from api.testing.server import ThreadedServer
 from edge.sync import ControlPlaneSync
+from tests.integration.conftest import NODE_A1, OPERATOR, VIEWER, make_settings
 
 pytestmark = pytest.mark.timeout(120)
 
