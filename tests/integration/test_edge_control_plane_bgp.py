@@ -1,0 +1,176 @@
+"""GSLB weights reach the routers: two real agents (bgp: and control_plane: sections) in
+edge namespaces, the real API (`python -m api`, SQLite) in the router's namespace, a real FRR
+router. The operator's 3:1 becomes kernel next-hop weights 3:1; with the API killed the
+routes and weights stay (static stability); a change made once it is back reaches the FIB."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+from pyroute2.netns import popns, pushns
+
+from api.client import ApiClient
+from api.schemas import NodeSpec, SiteSpec, WeightsUpdate
+from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
+from tests.support.procs import ROOT
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.timeout(180),
+]
+
+T = TypeVar("T")
+OPERATOR = "operator-token-for-the-lab"
+API_PORT = 8088
+
+
+def in_netns(netns: str, make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine whose sockets are made inside `netns` (this thread only)."""
+    pushns(netns)
+    try:
+        return asyncio.run(make())  # type: ignore[arg-type]
+    finally:
+        popns()
+
+
+@pytest.fixture
+def lab() -> Iterator[NetLab]:
+    built = NetLab.create(2)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+def start_api(lab: NetLab) -> tuple[str, Any]:
+    assert lab.router is not None
+    host = str(lab.edges[0].router_address)  # reachable from every edge through the router
+    settings = {
+        "host": host,
+        "port": API_PORT,
+        "store": {"kind": "sqlite", "path": str(lab.workdir / "gslb.db")},
+        "heartbeat_ttl_s": 3,
+        "tokens": [{"name": "ops", "role": "operator", "token": OPERATOR}]
+        + [
+            {
+                "name": f"edge{e.index}",
+                "role": "node",
+                "node": f"edge{e.index}",
+                "token": f"node-token-{e.index}",
+            }
+            for e in lab.edges
+        ],
+    }
+    path = lab.workdir / "gslb.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    log = (lab.workdir / "api.log").open("ab")
+    proc = lab.spawn(
+        netns_command(lab.router.netns, sys.executable, "-m", "api", "--config", str(path)),
+        cwd=ROOT, stdout=log,
+    )  # fmt: skip
+    url = f"http://{host}:{API_PORT}"
+
+    async def ready() -> bool:
+        async with httpx.AsyncClient() as client:
+            try:
+                return (await client.get(url + "/docs", timeout=1)).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    wait_for(lambda: in_netns(lab.router.netns, ready), 30, what="the API serving")  # type: ignore[union-attr]
+    return url, proc
+
+
+def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
+    edge = lab.edges[index - 1]
+    port = 9000 + index
+    lab.spawn(
+        netns_command(edge.netns, sys.executable, "-m", "deploy.backend.named_backend",
+                      "--port", str(port), "--name", f"b{index}"),
+        cwd=ROOT,
+    )  # fmt: skip
+    bgp = edge_bgp_config(edge, runtime_dir=str(lab.workdir / f"run{index}")).model_dump(
+        mode="json"
+    )
+    bgp["neighbors"][0]["md5_password"] = edge.md5_password
+    node = {
+        "node": {"name": f"edge{index}", "site": "lab"},
+        "listeners": [{"name": "tcp", "kind": "tcp", "address": VIP, "port": 8080}],
+        "backends": [{"name": f"b{index}", "address": "127.0.0.1", "port": port}],
+        "health": {
+            "active": {"kind": "tcp", "interval": 0.2, "timeout": 0.2, "rise": 2, "fall": 2}
+        },
+        "bgp": bgp,
+        "control_plane": {
+            "endpoints": [api_url],
+            "token": f"node-token-{index}",
+            "state_file": str(lab.workdir / f"desired{index}.json"),
+            "heartbeat_interval": 0.3,
+        },
+    }
+    path = lab.workdir / f"node{index}.yaml"
+    path.write_text(yaml.safe_dump(node))
+    log = (lab.workdir / f"agent{index}.log").open("ab")
+    agent_bin = str(Path(sys.executable).parent / "anycast-edge")
+    return lab.spawn(netns_command(edge.netns, agent_bin, "run", "--config", str(path)), stdout=log)
+
+
+def ratio(lab: NetLab) -> float:
+    """Kernel next-hop weight of edge1 over edge2 at the router (0 when not both present)."""
+    assert lab.router is not None
+    hops = lab.router.fib_nexthops(VIP)
+    first, second = (hops.get(str(e.address), 0) for e in lab.edges)
+    return first / second if first and second else 0.0
+
+
+def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
+    assert lab.router is not None
+    router_ns = lab.router.netns
+    api_url, api = start_api(lab)
+
+    async def seed() -> None:
+        async with ApiClient([api_url], OPERATOR) as operator:
+            state = await operator.put_site("lab", SiteSpec(), revision=0)
+            state = await operator.put_node(
+                "edge1", NodeSpec(site="lab", weight=300), revision=state.revision
+            )
+            await operator.put_node(
+                "edge2", NodeSpec(site="lab", weight=100), revision=state.revision
+            )
+
+    in_netns(router_ns, seed)
+    for index in (1, 2):
+        start_agent(lab, index, api_url)
+    wait_for(lambda: abs(ratio(lab) - 3.0) < 0.05, 60, what="next-hop weights 3:1 from the GSLB")
+
+    # The API dies (no clean close): the edges keep announcing with the weights in force.
+    api.send_signal(signal.SIGKILL)
+    api.wait(10)
+    for _ in range(10):  # several heartbeat intervals, bounded
+        assert abs(ratio(lab) - 3.0) < 0.05
+        time.sleep(0.3)
+
+    # Back: a change made through it reaches the routers.
+    api_url, api = start_api(lab)
+
+    async def even() -> None:
+        async with ApiClient([api_url], OPERATOR) as operator:
+            state = await operator.state()
+            await operator.set_weights(
+                WeightsUpdate(nodes={"edge1": 100, "edge2": 100}), revision=state.revision
+            )
+
+    in_netns(router_ns, even)
+    wait_for(lambda: abs(ratio(lab) - 1.0) < 0.05, 60, what="next-hop weights 1:1 after the change")
