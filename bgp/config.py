@@ -1,0 +1,260 @@
+"""The node's `bgp:` section: pydantic v2 models, validated once at load time.
+
+The edge agent's node.yaml embeds `BgpConfig` as its optional `bgp:` field. Checks that
+need the running host (are these addresses on a local interface?) live apart, in
+`check_addresses_are_local`, so the edge config loader calls them explicitly and unit
+tests of the models never touch the network.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# 0 is reserved, 23456 is AS_TRANS, 65535 and 4294967295 are reserved (RFC 7300).
+RESERVED_ASNS = frozenset({0, 23456, 65535, 4294967295})
+# The kernel's TCP_MD5SIG_MAXKEYLEN.
+MD5_PASSWORD_MAX_BYTES = 80
+# Printable ASCII without whitespace, quotes or ';': ExaBGP's and FRR's config parsers
+# both take such a token verbatim, so what we render is what the kernel gets.
+_MD5_PASSWORD_RE = re.compile(r"^[!#-&(-:<-~]+$")
+_COMMUNITY_RE = re.compile(r"^(\d{1,5}):(\d{1,5})$")
+
+
+def _check_asn(value: int) -> int:
+    if not 1 <= value <= 4294967294 or value in RESERVED_ASNS:
+        raise ValueError(
+            f"{value} is not a usable AS number (expected 1..4294967294, "
+            "not 23456 (AS_TRANS) or 65535)"
+        )
+    return value
+
+
+def _check_community(value: str) -> str:
+    match = _COMMUNITY_RE.match(value)
+    if not match or int(match[1]) > 65535 or int(match[2]) > 65535:
+        raise ValueError(f"{value!r} is not a standard community (expected 'ASN:VALUE', 0..65535)")
+    return value
+
+
+Asn = Annotated[int, AfterValidator(_check_asn)]
+Community = Annotated[str, AfterValidator(_check_community)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BfdSettings(_Strict):
+    """Single-hop BFD run by bfdd beside ExaBGP; the router's `bfd profile` must match."""
+
+    enabled: bool = False
+    transmit_interval_ms: int = Field(default=100, ge=10, le=60000)
+    receive_interval_ms: int = Field(default=100, ge=10, le=60000)
+    detect_multiplier: int = Field(default=3, ge=2, le=255)
+
+
+class FlapBudget(_Strict):
+    """At most `max_changes_per_minute` re-announces; beyond that, exponential hold-down."""
+
+    max_changes_per_minute: int = Field(default=6, ge=1, le=600)
+    initial_backoff_s: float = Field(default=2.0, gt=0, le=3600)
+    max_backoff_s: float = Field(default=60.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must be >= initial_backoff_s")
+        return self
+
+
+class Neighbor(_Strict):
+    peer_address: IPv4Address
+    peer_asn: Asn
+    md5_password: SecretStr | None = None
+    # ExaBGP's default is 180 s; 3 s bounds a dead edge's route lifetime without BFD.
+    hold_time_s: int = Field(default=3, ge=3, le=65535)
+    description: str = Field(default="", max_length=80, pattern=r"^[\w .:/-]*$")
+
+    @field_validator("md5_password")
+    @classmethod
+    def _md5_password_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        # Never echo the password in the error: describe it.
+        if not raw:
+            raise ValueError("the TCP-MD5 password is empty")
+        if len(raw.encode()) > MD5_PASSWORD_MAX_BYTES:
+            raise ValueError(f"the TCP-MD5 password is longer than {MD5_PASSWORD_MAX_BYTES} bytes")
+        if not _MD5_PASSWORD_RE.match(raw):
+            raise ValueError(
+                "the TCP-MD5 password must be printable ASCII without spaces, quotes or ';'"
+            )
+        return value
+
+
+class BgpConfig(_Strict):
+    local_asn: Asn
+    router_id: IPv4Address
+    # The address ExaBGP binds to and announces as next-hop; must be on a local interface.
+    local_address: IPv4Address
+    anycast_range: IPv4Network = IPv4Network("198.51.100.0/24")
+    prefixes: list[IPv4Network] = Field(min_length=1, max_length=64)
+    neighbors: list[Neighbor] = Field(min_length=1, max_length=16)
+    # What this node can serve; weight x capacity becomes the link-bandwidth community.
+    capacity_mbps: float = Field(default=1000.0, gt=0, le=10_000_000)
+    med: int = Field(default=0, ge=0, le=4294967295)
+    drain_prepends: int = Field(default=3, ge=0, le=10)
+    communities: list[Community] = Field(default_factory=list, max_length=32)
+    bfd: BfdSettings = BfdSettings()
+    flap: FlapBudget = FlapBudget()
+    drain_deadline_s: float = Field(default=30.0, gt=0, le=3600)
+    # A drain waits until fewer than this many new connections/s arrive over the window.
+    drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
+    drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
+
+    @field_validator("prefixes")
+    @classmethod
+    def _unique_prefixes(cls, value: list[IPv4Network]) -> list[IPv4Network]:
+        if len(set(value)) != len(value):
+            raise ValueError("prefixes are listed twice")
+        return value
+
+    @field_validator("neighbors")
+    @classmethod
+    def _unique_neighbors(cls, value: list[Neighbor]) -> list[Neighbor]:
+        peers = [n.peer_address for n in value]
+        if len(set(peers)) != len(peers):
+            raise ValueError("a neighbor peer_address is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _prefixes_inside_anycast_range(self) -> Self:
+        for prefix in self.prefixes:
+            if not prefix.subnet_of(self.anycast_range):
+                raise ValueError(
+                    f"prefix {prefix} is outside the anycast range {self.anycast_range}"
+                )
+        for neighbor in self.neighbors:
+            if neighbor.peer_address == self.local_address:
+                raise ValueError(f"neighbor {neighbor.peer_address} is our own local_address")
+        return self
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "bgp") -> str:
+    """One line naming the first bad field and what was expected (never the input value,
+    which could be a password)."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    message = first["msg"].removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more)" if more else ""
+    return f"{location}: {message}{suffix}"
+
+
+def local_interface_addresses(netns: str | None = None) -> list[IPv4Interface]:
+    """IPv4 addresses (with their prefix length) on this host's interfaces."""
+    from pyroute2 import IPRoute, NetNS
+
+    ipr: Any = NetNS(netns) if netns else IPRoute()
+    try:
+        return [
+            IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+            for msg in ipr.get_addr(family=2)
+        ]
+    finally:
+        ipr.close()
+
+
+def check_addresses_are_local(
+    config: BgpConfig, interfaces: Iterable[IPv4Interface] | None = None
+) -> list[str]:
+    """Errors (one line each) for addresses that do not fit this host's interfaces:
+    local_address must be assigned here, every neighbor must be on a connected subnet
+    (single-hop eBGP and BFD). Empty when all is well."""
+    local = list(interfaces) if interfaces is not None else local_interface_addresses()
+    errors: list[str] = []
+    if all(iface.ip != config.local_address for iface in local):
+        errors.append(f"bgp.local_address: {config.local_address} is not on a local interface")
+    for index, neighbor in enumerate(config.neighbors):
+        if not any(
+            neighbor.peer_address in iface.network and iface.network.prefixlen < 32
+            for iface in local
+        ):
+            errors.append(
+                f"bgp.neighbors.{index}.peer_address: {neighbor.peer_address} "
+                "is not on a subnet of any local interface"
+            )
+    return errors
+
+
+def load_bgp_config(path: Path, *, check_local: bool = True) -> BgpConfig:
+    """Load a YAML file holding a `bgp:` mapping (or the section alone). Raises
+    ConfigError with one line."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}".splitlines()[0]) from None
+    section = document.get("bgp", document) if isinstance(document, dict) else document
+    try:
+        config = BgpConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    if check_local:
+        errors = check_addresses_are_local(config)
+        if errors:
+            raise ConfigError(errors[0])
+    return config
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as one line for the operator."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m bgp.config FILE`: validate; one line and exit 2 on error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m bgp.config NODE_YAML", file=sys.stderr)
+        return 2
+    try:
+        load_bgp_config(Path(args[0]))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+__all__ = [
+    "BfdSettings",
+    "BgpConfig",
+    "ConfigError",
+    "FlapBudget",
+    "Neighbor",
+    "check_addresses_are_local",
+    "describe_validation_error",
+    "load_bgp_config",
+    "local_interface_addresses",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

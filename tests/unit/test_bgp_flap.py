@@ -1,0 +1,92 @@
+"""bgp.flap: withdraws are never delayed; re-announces are budgeted with exponential hold-down."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bgp.config import BgpConfig, FlapBudget
+from bgp.flap import WINDOW_S, ChangeKind, FlapDamper, classify_change
+from bgp.policy import NodeCondition, PolicyInputs, advertisements
+
+CONFIG = BgpConfig.model_validate(
+    {
+        "local_asn": 65101,
+        "router_id": "198.18.0.2",
+        "local_address": "198.18.0.2",
+        "prefixes": ["198.51.100.10/32"],
+        "neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65000}],
+    }
+)
+
+
+def ads(condition: NodeCondition, **kw: Any) -> Any:
+    return advertisements(PolicyInputs(condition=condition, config=CONFIG, **kw))[0]
+
+
+def test_classify() -> None:
+    up, down = ads(NodeCondition.HEALTHY), ads(NodeCondition.DOWN)
+    assert classify_change(up, up) is ChangeKind.NONE
+    assert classify_change(down, up) is ChangeKind.ADVANCE
+    assert classify_change(up, down) is ChangeKind.RETREAT
+    assert classify_change(up, ads(NodeCondition.DRAINING)) is ChangeKind.RETREAT
+    assert classify_change(ads(NodeCondition.DRAINING), up) is ChangeKind.ADVANCE
+    assert classify_change(up, ads(NodeCondition.HEALTHY, weight=0.5)) is ChangeKind.ADVANCE
+
+
+def test_budget_then_exponential_hold() -> None:
+    damper = FlapDamper(FlapBudget(max_changes_per_minute=3, initial_backoff_s=2, max_backoff_s=8))
+    t = 0.0
+    for _ in range(3):
+        assert damper.admit(ChangeKind.ADVANCE, t) == 0.0
+        t += 1
+    assert damper.admit(ChangeKind.ADVANCE, t) == 2.0  # over budget: held 2 s
+    assert damper.admit(ChangeKind.ADVANCE, t + 1) == 1.0  # still held
+    assert damper.admit(ChangeKind.RETREAT, t + 1) == 0.0  # withdraw passes through a hold
+    assert damper.admit(ChangeKind.ADVANCE, t + 2) == 0.0  # hold served
+    assert damper.admit(ChangeKind.ADVANCE, t + 3) == 4.0  # flapping again: doubled
+    assert damper.admit(ChangeKind.ADVANCE, t + 7) == 0.0
+    assert damper.admit(ChangeKind.ADVANCE, t + 8) == 8.0
+    assert damper.admit(ChangeKind.ADVANCE, t + 16) == 0.0
+    assert damper.admit(ChangeKind.ADVANCE, t + 17) == 8.0  # capped at max_backoff_s
+    # A quiet window forgives.
+    later = t + 25 + 2 * WINDOW_S
+    assert damper.admit(ChangeKind.ADVANCE, later) == 0.0
+    assert damper.backoff_s == 0.0
+
+
+events = st.lists(
+    st.tuples(st.floats(min_value=0, max_value=5), st.sampled_from(list(ChangeKind))),
+    max_size=200,
+)
+
+
+@given(events, st.integers(min_value=1, max_value=10))
+def test_withdraw_never_delayed(steps: Sequence[tuple[float, ChangeKind]], budget: int) -> None:
+    damper = FlapDamper(FlapBudget(max_changes_per_minute=budget))
+    now = 0.0
+    for gap, kind in steps:
+        now += gap
+        delay = damper.admit(kind, now)
+        if kind is not ChangeKind.ADVANCE:
+            assert delay == 0.0
+        assert delay >= 0.0
+
+
+@given(events, st.integers(min_value=1, max_value=10))
+def test_admitted_advances_bounded(steps: Sequence[tuple[float, ChangeKind]], budget: int) -> None:
+    """In any minute, admitted advances <= budget + the holds served in it, and every
+    hold lasts at least initial_backoff_s, so at most budget + 60/initial a minute."""
+    settings = FlapBudget(max_changes_per_minute=budget, initial_backoff_s=2, max_backoff_s=60)
+    damper = FlapDamper(settings)
+    now, admitted = 0.0, []
+    for gap, _kind in steps:
+        now += gap
+        if damper.admit(ChangeKind.ADVANCE, now) == 0.0:
+            admitted.append(now)
+    for start in admitted:
+        in_window = [t for t in admitted if start <= t < start + WINDOW_S]
+        assert len(in_window) <= budget + WINDOW_S / settings.initial_backoff_s + 1
