@@ -1,0 +1,390 @@
+"""A throwaway network of namespaces with a real FRR router, for tests and benchmarks.
+
+    client ── router (zebra, bgpd, bfdd) ─┬─ edge 1 (anycast /32 on lo)
+                                          ├─ edge 2
+                                          └─ edge 3
+
+Names start with `ae-` plus a random suffix so concurrent runs never collide; links are
+/30s in 198.18.0.0/15; the anycast range is 198.51.100.0/24. `NetLab.close()` kills every
+process it started and deletes every namespace, whatever state the lab is in. Only
+traffic inside these namespaces; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+FRR_DIR = Path("/usr/lib/frr")
+ROUTER_ASN = 65000
+EDGE_ASN_BASE = 65100
+ANYCAST_RANGE = "198.51.100.0/24"
+VIP = "198.51.100.10"
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 10.0) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
+) -> None:
+    """Poll until `predicate()` holds; bounded. Raises TimeoutError naming what we waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def netns_command(netns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", netns, *cmd]
+
+
+@dataclass
+class Edge:
+    index: int
+    netns: str
+    address: IPv4Address  # the edge's side of its link to the router
+    router_address: IPv4Address
+    veth: str  # the edge's interface (blackhole it to freeze the edge)
+    asn: int
+    md5_password: str
+
+
+@dataclass
+class FrrRouter:
+    netns: str
+    workdir: Path
+    router_id: IPv4Address
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def vtysh(self, *commands: str, timeout: float = 10.0) -> str:
+        args = ["vtysh", "--vty_socket", str(self.workdir)]
+        for command in commands:
+            args += ["-c", command]
+        return run(*netns_command(self.netns, *args), timeout=timeout)
+
+    def bgp_routes(self) -> dict[str, Any]:
+        """`show bgp ipv4 unicast json`: prefix -> list of paths."""
+        data = json.loads(self.vtysh("show bgp ipv4 unicast json") or "{}")
+        routes: dict[str, Any] = data.get("routes", {})
+        return routes
+
+    def bgp_route_detail(self, prefix: str) -> dict[str, Any]:
+        detail: dict[str, Any] = json.loads(self.vtysh(f"show bgp ipv4 unicast {prefix} json"))
+        return detail
+
+    def neighbor_states(self) -> dict[str, str]:
+        data = json.loads(self.vtysh("show bgp neighbors json") or "{}")
+        return {peer: info.get("bgpState", "") for peer, info in data.items()}
+
+    def bfd_peers(self) -> list[dict[str, Any]]:
+        peers: list[dict[str, Any]] = json.loads(self.vtysh("show bfd peers json") or "[]")
+        return peers
+
+    def fib_nexthops(self, prefix: str = VIP) -> dict[str, int]:
+        """Kernel FIB next-hops of `prefix` in the router: gateway -> weight."""
+        data = json.loads(
+            run("ip", "-n", self.netns, "-j", "-d", "route", "show", "exact", f"{prefix}/32")
+            or "[]"
+        )
+        hops: dict[str, int] = {}
+        for route in data:
+            if "gateway" in route:
+                hops[route["gateway"]] = 1
+            for hop in route.get("nexthops", []):
+                hops[hop["gateway"]] = int(hop.get("weight", 1))
+        return hops
+
+
+def _router_configs(
+    router_id: IPv4Address, edges: Sequence[Edge], bfd: bool, timers: tuple[int, int, int]
+) -> tuple[str, str, str]:
+    tx, rx, mult = timers
+    zebra = "hostname router\nlog stdout warnings\n!\n"
+    # Global commands stay outside `router bgp` (inside it, the rest of the block is lost).
+    lines = [
+        "hostname router",
+        "log stdout warnings",
+        "bgp route-map delay-timer 0",
+        f"ip prefix-list ANYCAST seq 5 permit {ANYCAST_RANGE} ge 32",
+        "bgp community-list standard GSHUT permit graceful-shutdown",
+        "route-map FROM-EDGE permit 5",
+        " match ip address prefix-list ANYCAST",
+        " match community GSHUT",
+        " set local-preference 0",
+        "exit",
+        "route-map FROM-EDGE permit 10",
+        " match ip address prefix-list ANYCAST",
+        "exit",
+        f"router bgp {ROUTER_ASN}",
+        f" bgp router-id {router_id}",
+        " no bgp ebgp-requires-policy",
+        " bgp bestpath as-path multipath-relax",
+    ]
+    for edge in edges:
+        lines += [
+            f" neighbor {edge.address} remote-as {edge.asn}",
+            f" neighbor {edge.address} timers connect 1",
+            f" neighbor {edge.address} password {edge.md5_password}",
+        ]
+        if bfd:
+            lines.append(f" neighbor {edge.address} bfd profile fast")
+    lines += [" address-family ipv4 unicast", "  maximum-paths 8"]
+    lines += [f"  neighbor {edge.address} route-map FROM-EDGE in" for edge in edges]
+    lines += [" exit-address-family", "exit", ""]
+    bfdd = "\n".join(
+        [
+            "hostname router",
+            "log stdout warnings",
+            "bfd",
+            " profile fast",
+            f"  detect-multiplier {mult}",
+            f"  receive-interval {rx}",
+            f"  transmit-interval {tx}",
+            " exit",
+            "exit",
+            "",
+        ]
+    )
+    return zebra, "\n".join(lines), bfdd
+
+
+class NetLab:
+    """Build with `NetLab.create(...)`; always `close()` (or use it as a context manager)."""
+
+    def __init__(self) -> None:
+        self.suffix = secrets.token_hex(3)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"ae-{self.suffix}-"))
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.edges: list[Edge] = []
+        self.router: FrrRouter | None = None
+        self.client_netns = ""
+        self.client_address = IPv4Address("198.19.0.2")
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        edge_count: int = 2,
+        *,
+        bfd: bool = False,
+        bfd_timers: tuple[int, int, int] = (100, 100, 3),
+        client: bool = False,
+        router_passwords: Sequence[str] | None = None,
+    ) -> NetLab:
+        lab = cls()
+        try:
+            lab._build(edge_count, bfd, bfd_timers, client, router_passwords)
+        except BaseException:
+            lab.close()
+            raise
+        return lab
+
+    def _add_netns(self, role: str) -> str:
+        name = f"ae-{self.suffix}-{role}"
+        run("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def _veth(self, left_ns: str, left: str, right_ns: str, right: str) -> None:
+        run(
+            "ip",
+            "link",
+            "add",
+            left,
+            "netns",
+            left_ns,
+            "type",
+            "veth",
+            "peer",
+            right,
+            "netns",
+            right_ns,
+        )
+
+    def _build(
+        self,
+        edge_count: int,
+        bfd: bool,
+        bfd_timers: tuple[int, int, int],
+        client: bool,
+        router_passwords: Sequence[str] | None,
+    ) -> None:
+        router_ns = self._add_netns("r")
+        for key, value in (
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.fib_multipath_hash_policy", "1"),
+        ):
+            run(*netns_command(router_ns, "sysctl", "-qw", f"{key}={value}"))
+        for index in range(1, edge_count + 1):
+            edge_ns = self._add_netns(f"e{index}")
+            base = 4 * index
+            router_if, edge_if = f"ae{self.suffix}r{index}", f"ae{self.suffix}e{index}"
+            self._veth(router_ns, router_if, edge_ns, edge_if)
+            router_addr = IPv4Address(f"198.18.0.{base + 1}")
+            edge_addr = IPv4Address(f"198.18.0.{base + 2}")
+            run("ip", "-n", router_ns, "addr", "add", f"{router_addr}/30", "dev", router_if)
+            run("ip", "-n", router_ns, "link", "set", router_if, "up")
+            run("ip", "-n", edge_ns, "addr", "add", f"{edge_addr}/30", "dev", edge_if)
+            run("ip", "-n", edge_ns, "link", "set", edge_if, "up")
+            run("ip", "-n", edge_ns, "addr", "add", f"{VIP}/32", "dev", "lo")
+            run("ip", "-n", edge_ns, "route", "add", "default", "via", str(router_addr))
+            password = (
+                router_passwords[index - 1] if router_passwords else f"pw-{self.suffix}-{index}"
+            )
+            self.edges.append(
+                Edge(
+                    index=index,
+                    netns=edge_ns,
+                    address=edge_addr,
+                    router_address=router_addr,
+                    veth=edge_if,
+                    asn=EDGE_ASN_BASE + index,
+                    md5_password=password,
+                )
+            )
+        if client:
+            self.client_netns = self._add_netns("c")
+            router_if, client_if = f"ae{self.suffix}rc", f"ae{self.suffix}c"
+            self._veth(router_ns, router_if, self.client_netns, client_if)
+            run("ip", "-n", router_ns, "addr", "add", "198.19.0.1/30", "dev", router_if)
+            run("ip", "-n", router_ns, "link", "set", router_if, "up")
+            run(
+                "ip",
+                "-n",
+                self.client_netns,
+                "addr",
+                "add",
+                f"{self.client_address}/30",
+                "dev",
+                client_if,
+            )
+            run("ip", "-n", self.client_netns, "link", "set", client_if, "up")
+            run("ip", "-n", self.client_netns, "route", "add", "default", "via", "198.19.0.1")
+        self._start_router(router_ns, bfd, bfd_timers)
+
+    def _start_router(self, netns: str, bfd: bool, bfd_timers: tuple[int, int, int]) -> None:
+        workdir = self.workdir / "router"
+        workdir.mkdir()
+        # FRR drops privileges to its own user: that user must own the sockets' directory.
+        self.workdir.chmod(0o755)
+        shutil.chown(workdir, "frr", "frr")
+        router_id = IPv4Address("198.18.0.1")
+        zebra_conf, bgpd_conf, bfdd_conf = _router_configs(router_id, self.edges, bfd, bfd_timers)
+        zserv = workdir / "zserv.api"
+        router = FrrRouter(netns=netns, workdir=workdir, router_id=router_id)
+        daemons: list[tuple[str, str, list[str]]] = [
+            ("zebra", zebra_conf, []),
+            ("bfdd", bfdd_conf, []),
+            ("bgpd", bgpd_conf, []),
+        ]
+        for daemon, conf, extra in daemons:
+            if daemon == "bfdd" and not bfd:
+                continue
+            conf_path = workdir / f"{daemon}.conf"
+            conf_path.write_text(conf)
+            args = [
+                str(FRR_DIR / daemon),
+                "-f", str(conf_path),
+                "-i", str(workdir / f"{daemon}.pid"),
+                "-z", str(zserv),
+                "--vty_socket", str(workdir),
+                *extra,
+            ]  # fmt: skip
+            if daemon == "zebra":
+                args += ["--log", f"file:{workdir / 'zebra.log'}"]
+            if daemon == "bfdd":
+                args += ["--bfdctl", str(workdir / "bfdd.sock")]
+            log = (workdir / f"{daemon}.out").open("wb")
+            process = self.spawn(netns_command(netns, *args), stdout=log)
+            router.processes.append(process)
+            if daemon == "zebra":
+                wait_for(zserv.exists, 10, what="zebra's socket")
+        self.router = router
+        wait_for((workdir / "bgpd.vty").exists, 10, what="bgpd's vty socket")
+
+    # -- processes ----------------------------------------------------------------------
+
+    def spawn(
+        self, args: Sequence[str], stdout: Any = subprocess.DEVNULL, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start a process that `close()` will kill (its whole process group)."""
+        process = subprocess.Popen(
+            list(args),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kwargs,
+        )
+        self.processes.append(process)
+        return process
+
+    def edge_command(self, edge: Edge, *cmd: str) -> list[str]:
+        return netns_command(edge.netns, *cmd)
+
+    def blackhole(self, edge: Edge) -> None:
+        """Drop everything the edge sends, without taking the carrier down (no TCP close)."""
+        run("ip", "-n", edge.netns, "link", "set", edge.veth, "up")
+        run("tc", "-n", edge.netns, "qdisc", "add", "dev", edge.veth, "root", "pfifo", "limit", "0")
+
+    def unblackhole(self, edge: Edge) -> None:
+        run("tc", "-n", edge.netns, "qdisc", "del", "dev", edge.veth, "root", check=False)
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        self.processes.clear()
+        # Anything else still inside our namespaces (children that left our groups).
+        for netns in self.namespaces:
+            pids = run("ip", "netns", "pids", netns, check=False).split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for netns in self.namespaces:
+            run("ip", "netns", "delete", netns, check=False)
+        self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> NetLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def netlab(edge_count: int = 2, **kwargs: Any) -> Iterator[NetLab]:
+    lab = NetLab.create(edge_count, **kwargs)
+    try:
+        yield lab
+    finally:
+        lab.close()
