@@ -184,7 +184,7 @@ def parse_message(line: str) -> Message:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     """preexec: SIGKILL this child when the thread that forked it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -427,7 +427,7 @@ class ExaBgpDriver:
                 stdout=stderr,
                 stderr=stderr,
                 env=self._exabgp_env(),
-                preexec_fn=_set_parent_death_signal,
+                preexec_fn=set_parent_death_signal,
             )
         finally:
             stderr.close()
