@@ -85,7 +85,10 @@ class BfdDaemon:
         *,
         netns: str | None = None,
         check_interval_s: float = 0.5,
-        repair_after_s: float = 5.0,
+        # BFD sessions take a few seconds to come up (slow start at 1 s intervals): a
+        # session younger than this is not yet a fault.
+        report_after_s: float = 5.0,
+        repair_after_s: float = 10.0,
         on_degraded: Callable[[list[IPv4Address]], None] | None = None,
     ) -> None:
         self.config = config
@@ -93,7 +96,9 @@ class BfdDaemon:
         self.bgp_established = bgp_established
         self.netns = netns
         self.check_interval_s = check_interval_s
+        self.report_after_s = report_after_s
         self.repair_after_s = repair_after_s
+        self._reported = False
         self.on_degraded = on_degraded
         self.status = BfdStatus(running=False)
         self._process: asyncio.subprocess.Process | None = None
@@ -173,10 +178,15 @@ class BfdDaemon:
             if status.degraded:
                 if self._degraded_since is None:
                     self._degraded_since = now
+                late = now - self._degraded_since > self.report_after_s
+                if late and not self._reported:
+                    self._reported = True
+                    log.warning("BFD down while BGP up: %s", status.degraded)
                     if self.on_degraded:
                         self.on_degraded(status.degraded)
             else:
                 self._degraded_since = None
+                self._reported = False
             stuck = self._degraded_since is not None and (
                 now - self._degraded_since > self.repair_after_s
             )
@@ -188,6 +198,7 @@ class BfdDaemon:
                 self.status.restarts += 1
                 await self._spawn()
                 self._degraded_since = None
+                self._reported = False
 
     async def _kill(self) -> None:
         process = self._process

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -129,32 +130,32 @@ class BgpConfig(_Strict):
     drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
     drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
 
+    # Field validators (not model validators) so the error names the field; the fields
+    # they compare with are declared above them, hence present in `info.data`.
     @field_validator("prefixes")
     @classmethod
-    def _unique_prefixes(cls, value: list[IPv4Network]) -> list[IPv4Network]:
+    def _prefixes_unique_and_inside_range(
+        cls, value: list[IPv4Network], info: ValidationInfo
+    ) -> list[IPv4Network]:
         if len(set(value)) != len(value):
             raise ValueError("prefixes are listed twice")
+        anycast_range = info.data.get("anycast_range")
+        for prefix in value:
+            if anycast_range is not None and not prefix.subnet_of(anycast_range):
+                raise ValueError(f"prefix {prefix} is outside the anycast range {anycast_range}")
         return value
 
     @field_validator("neighbors")
     @classmethod
-    def _unique_neighbors(cls, value: list[Neighbor]) -> list[Neighbor]:
+    def _neighbors_unique_and_not_self(
+        cls, value: list[Neighbor], info: ValidationInfo
+    ) -> list[Neighbor]:
         peers = [n.peer_address for n in value]
         if len(set(peers)) != len(peers):
             raise ValueError("a neighbor peer_address is listed twice")
+        if info.data.get("local_address") in peers:
+            raise ValueError("a neighbor peer_address is our own local_address")
         return value
-
-    @model_validator(mode="after")
-    def _prefixes_inside_anycast_range(self) -> Self:
-        for prefix in self.prefixes:
-            if not prefix.subnet_of(self.anycast_range):
-                raise ValueError(
-                    f"prefix {prefix} is outside the anycast range {self.anycast_range}"
-                )
-        for neighbor in self.neighbors:
-            if neighbor.peer_address == self.local_address:
-                raise ValueError(f"neighbor {neighbor.peer_address} is our own local_address")
-        return self
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "bgp") -> str:

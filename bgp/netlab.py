@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,32 @@ ROUTER_ASN = 65000
 EDGE_ASN_BASE = 65100
 ANYCAST_RANGE = "198.51.100.0/24"
 VIP = "198.51.100.10"
+
+
+_NAME_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{vip}", {port}))
+s.listen(512)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"{name}")
+    c.close()
+"""
+
+_NAME_CLIENT = """
+import collections, json, socket
+counts = collections.Counter()
+for _ in range({count}):
+    try:
+        c = socket.create_connection(("{vip}", {port}), timeout=2)
+        counts[c.recv(16).decode() or "?"] += 1
+        c.close()
+    except OSError:
+        counts["failed"] += 1
+print(json.dumps(counts))
+"""
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 10.0) -> str:
@@ -328,14 +355,18 @@ class NetLab:
     # -- processes ----------------------------------------------------------------------
 
     def spawn(
-        self, args: Sequence[str], stdout: Any = subprocess.DEVNULL, **kwargs: Any
+        self,
+        args: Sequence[str],
+        stdout: Any = subprocess.DEVNULL,
+        stdin_pipe: bool = False,
+        **kwargs: Any,
     ) -> subprocess.Popen[bytes]:
         """Start a process that `close()` will kill (its whole process group)."""
         process = subprocess.Popen(
             list(args),
             stdout=stdout,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             start_new_session=True,
             **kwargs,
         )
@@ -352,6 +383,30 @@ class NetLab:
 
     def unblackhole(self, edge: Edge) -> None:
         run("tc", "-n", edge.netns, "qdisc", "del", "dev", edge.veth, "root", check=False)
+
+    # -- traffic (only inside the lab's namespaces, bounded) ------------------------------
+
+    def start_name_servers(self, port: int = 8080) -> None:
+        """On each edge, a TCP server on the VIP that answers its edge index and closes."""
+        for edge in self.edges:
+            code = _NAME_SERVER.format(vip=VIP, port=port, name=edge.index)
+            self.spawn(netns_command(edge.netns, sys.executable, "-c", code))
+        for edge in self.edges:
+
+            def listening(netns: str = edge.netns) -> bool:
+                return f":{port}" in run("ip", "netns", "exec", netns, "ss", "-ltn")
+
+            wait_for(listening, 10, what=f"name server on edge {edge.index}")
+
+    def count_connections(
+        self, count: int, port: int = 8080, timeout: float = 60
+    ) -> dict[str, int]:
+        """`count` new connections from the client to the VIP: edge index (or "failed")
+        -> connections."""
+        code = _NAME_CLIENT.format(vip=VIP, port=port, count=count)
+        out = run(*netns_command(self.client_netns, sys.executable, "-c", code), timeout=timeout)
+        counts: dict[str, int] = json.loads(out)
+        return counts
 
     # -- teardown -----------------------------------------------------------------------
 

@@ -1,0 +1,481 @@
+"""bgp against the real parts: FRR 8.4 (zebra, bgpd, bfdd) and ExaBGP 5 in namespaces.
+
+Every test builds its own lab (names `ae-<random>-...`) and always tears it down. Waits
+poll with generous bounds; nothing asserts on a timing (timings are in `make bench-bgp`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bgp.bfd import BfdDaemon
+from bgp.config import BgpConfig
+from bgp.drain import DrainOutcome, drain
+from bgp.exabgp import ExaBgpDriver
+from bgp.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
+from bgp.policy import NodeCondition, PolicyInputs, advertisements
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(
+        not Path("/usr/lib/frr/bgpd").exists() or not shutil.which("vtysh"),
+        reason="needs FRR (Debian package frr)",
+    ),
+    pytest.mark.timeout(120),
+]
+
+VIP_PREFIX = f"{VIP}/32"
+
+
+def edge_config(edge: Edge, **overrides: Any) -> BgpConfig:
+    data: dict[str, Any] = {
+        "local_asn": edge.asn,
+        "router_id": str(edge.address),
+        "local_address": str(edge.address),
+        "prefixes": [VIP_PREFIX],
+        "neighbors": [
+            {
+                "peer_address": str(edge.router_address),
+                "peer_asn": ROUTER_ASN,
+                "md5_password": edge.md5_password,
+            }
+        ],
+        "drain_prepends": 2,
+    }
+    data.update(overrides)
+    return BgpConfig.model_validate(data)
+
+
+@dataclass
+class Speaker:
+    """One edge's BGP side, run in this process: driver (+ bfdd) in the edge namespace."""
+
+    edge: Edge
+    config: BgpConfig
+    driver: ExaBgpDriver
+    bfd: BfdDaemon | None = None
+
+    async def announce(
+        self, condition: NodeCondition, weight: float = 1.0, operator_drain: bool = False
+    ) -> None:
+        desired, _ = advertisements(
+            PolicyInputs(condition, self.config, weight=weight, operator_drain=operator_drain)
+        )
+        self.driver.set_desired(desired)
+        await asyncio.wait_for(self.driver.wait_sent(), 15)
+
+    def established(self) -> set[Any]:
+        return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
+
+
+async def until(predicate: Callable[[], bool], what: str, bound_s: float = 20) -> None:
+    """Poll `predicate` off the event loop (vtysh blocks), so the drivers keep running."""
+    await asyncio.to_thread(wait_for, predicate, bound_s, 0.05, what)
+
+
+@pytest.fixture
+def labs() -> Iterator[list[NetLab]]:
+    made: list[NetLab] = []
+    yield made
+    for lab in made:
+        lab.close()
+
+
+@pytest.fixture
+async def speakers() -> AsyncIterator[list[Speaker]]:
+    started: list[Speaker] = []
+    yield started
+    for speaker in started:
+        if speaker.bfd:
+            await speaker.bfd.stop()
+        await speaker.driver.stop(withdraw_first=False)
+
+
+def make_lab(labs: list[NetLab], edge_count: int, **kwargs: Any) -> NetLab:
+    lab = NetLab.create(edge_count, **kwargs)
+    labs.append(lab)
+    return lab
+
+
+async def start_speaker(
+    lab: NetLab, edge: Edge, speakers: list[Speaker], **overrides: Any
+) -> Speaker:
+    config = edge_config(edge, **overrides)
+    workdir = lab.workdir / f"edge{edge.index}"
+    driver = ExaBgpDriver(config, workdir, netns=edge.netns, restart_backoff_s=(0.2, 2.0))
+    speaker = Speaker(edge, config, driver)
+    speakers.append(speaker)
+    await driver.start()
+    if config.bfd.enabled:
+        speaker.bfd = BfdDaemon(
+            config,
+            workdir / "bfd",
+            speaker.established,
+            netns=edge.netns,
+            report_after_s=5,
+            repair_after_s=8,
+        )
+        await speaker.bfd.start()
+    await asyncio.wait_for(driver.wait_established(), 30)
+    return speaker
+
+
+def paths(lab: NetLab, prefix: str = VIP_PREFIX) -> list[dict[str, Any]]:
+    assert lab.router
+    found: list[dict[str, Any]] = lab.router.bgp_route_detail(prefix).get("paths", [])
+    return found
+
+
+def path_from(lab: NetLab, edge: Edge) -> dict[str, Any] | None:
+    for path in paths(lab):
+        if path.get("peer", {}).get("peerId") == str(edge.address):
+            return path
+    return None
+
+
+def fib(lab: NetLab) -> dict[str, int]:
+    assert lab.router
+    return lab.router.fib_nexthops(VIP)
+
+
+# -- announce / withdraw ------------------------------------------------------------------
+
+
+async def test_announces_only_when_healthy_and_withdraws_when_not(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    speaker = await start_speaker(lab, edge, speakers)
+    nexthop = str(edge.address)
+
+    await speaker.announce(NodeCondition.STARTING)  # fail closed: nothing yet
+    await asyncio.sleep(0.5)
+    assert fib(lab) == {} and paths(lab) == []
+
+    await speaker.announce(NodeCondition.HEALTHY)
+    await until(lambda: nexthop in fib(lab), "route in the router's FIB")
+
+    await speaker.announce(NodeCondition.DOWN)
+    await until(lambda: fib(lab) == {} and paths(lab) == [], "route gone from RIB and FIB")
+
+    await speaker.announce(NodeCondition.DEGRADED)
+    await until(lambda: nexthop in fib(lab), "route back while degraded")
+    await speaker.announce(NodeCondition.HEALTHY, weight=0.0)
+    await until(lambda: fib(lab) == {}, "weight 0 withdraws")
+
+
+async def test_med_prepends_and_graceful_shutdown_then_drain_withdraws(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 2)
+    first, second = lab.edges
+    steady = await start_speaker(lab, first, speakers, med=50)
+    draining = await start_speaker(lab, second, speakers, med=50, communities=["65102:7"])
+    await steady.announce(NodeCondition.HEALTHY)
+    await draining.announce(NodeCondition.HEALTHY)
+    await until(lambda: len(fib(lab)) == 2, "both edges in the FIB (ECMP)")
+    path = path_from(lab, second)
+    assert path is not None
+    assert path["metric"] == 50
+    assert path["aspath"]["string"] == "65102"
+    assert path["community"]["string"] == "65102:7"
+
+    await draining.announce(NodeCondition.HEALTHY, operator_drain=True)
+
+    def drained_path_seen() -> bool:
+        drained = path_from(lab, second)
+        return drained is not None and "graceful-shutdown" in drained.get("community", {}).get(
+            "string", ""
+        )
+
+    await until(drained_path_seen, "the draining path with GRACEFUL_SHUTDOWN")
+    drained = path_from(lab, second)
+    assert drained is not None
+    assert drained["aspath"]["string"] == "65102 65102 65102"  # own ASN + 2 prepends
+    assert "65102:7" in drained["community"]["string"]
+    # The router's policy lowers GSHUT routes: new flows go to the steady edge only.
+    await until(lambda: fib(lab) == {str(first.address): 1}, "FIB without the draining edge")
+
+    # The choreography: GSHUT already out, no new connections arrive -> withdraw.
+    report = await drain(
+        lambda: draining.announce(NodeCondition.DRAINING),
+        lambda: 0,
+        lambda: draining.announce(NodeCondition.DOWN),
+        quiet_rate_per_s=1.0,
+        quiet_window_s=0.3,
+        deadline_s=10,
+    )
+    assert report.outcome is DrainOutcome.TRAFFIC_MOVED
+    await until(lambda: path_from(lab, second) is None, "drained edge withdrawn")
+    assert path_from(lab, first) is not None
+
+
+# -- weights ------------------------------------------------------------------------------
+
+
+async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 3, client=True)
+    e1, e2, e3 = lab.edges
+    s1 = await start_speaker(lab, e1, speakers, capacity_mbps=300)
+    s2 = await start_speaker(lab, e2, speakers, capacity_mbps=100)
+    s3 = await start_speaker(lab, e3, speakers, capacity_mbps=200)
+    await s1.announce(NodeCondition.HEALTHY)
+    await s2.announce(NodeCondition.HEALTHY)
+    await s3.announce(NodeCondition.HEALTHY, weight=0.5)  # 100 Mbit/s effective
+    await until(lambda: len(fib(lab)) == 3, "three weighted next-hops")
+    weights = fib(lab)
+    share = {hop: w / sum(weights.values()) for hop, w in weights.items()}
+    assert share[str(e1.address)] == pytest.approx(0.6, abs=0.02)
+    assert share[str(e2.address)] == pytest.approx(0.2, abs=0.02)
+    assert share[str(e3.address)] == pytest.approx(0.2, abs=0.02)
+
+    # A GSLB weight change reaches the kernel: 300 : 100 : 200 -> shares 1/2, 1/6, 1/3.
+    await s3.announce(NodeCondition.HEALTHY, weight=1.0)
+
+    def reweighted() -> bool:
+        hops = fib(lab)
+        total = sum(hops.values())
+        return len(hops) == 3 and abs(hops.get(str(e3.address), 0) / total - 1 / 3) < 0.02
+
+    await until(reweighted, "next-hop weights following the new GSLB weight")
+
+    # Real connections through the router split in proportion (bounded: 1200 connects).
+    lab.start_name_servers()
+    counts = await asyncio.to_thread(lab.count_connections, 1200)
+    assert counts.get("failed", 0) == 0
+    served = {int(k): v for k, v in counts.items() if k.isdigit()}
+    total = sum(served.values())
+    assert total == 1200
+    # Generous bound for a test (binomial noise); the benchmark reports the exact shares.
+    assert served.get(1, 0) / total == pytest.approx(0.5, abs=0.07)
+    assert served.get(2, 0) / total == pytest.approx(1 / 6, abs=0.07)
+    assert served.get(3, 0) / total == pytest.approx(1 / 3, abs=0.07)
+
+
+# -- failure: agent, ExaBGP, frozen edge --------------------------------------------------
+
+
+def write_speaker_config(lab: NetLab, edge: Edge, **overrides: Any) -> Path:
+    config = edge_config(edge, **overrides)
+    data = json.loads(config.model_dump_json())
+    data["neighbors"][0]["md5_password"] = edge.md5_password
+    path = lab.workdir / f"node{edge.index}.yaml"
+    path.write_text(yaml.safe_dump({"bgp": data}))
+    return path
+
+
+def exabgp_pids_in(netns: str) -> list[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
+    ).stdout
+    pids = []
+    for pid in out.split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"exabgp" in cmdline and b"api_relay" not in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab]) -> None:
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    config_path = write_speaker_config(lab, edge)
+    agent = lab.spawn(
+        [
+            sys.executable, "-m", "bgp.speaker",
+            "--config", str(config_path),
+            "--workdir", str(lab.workdir / "agent"),
+            "--netns", edge.netns,
+            "--condition", "healthy",
+        ],
+        stdin_pipe=True,
+    )  # fmt: skip
+    await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
+    assert exabgp_pids_in(edge.netns)
+
+    os.kill(agent.pid, signal.SIGKILL)  # no clean-up code runs
+    await until(lambda: fib(lab) == {} and paths(lab) == [], "route gone with the agent")
+    await until(lambda: not exabgp_pids_in(edge.netns), "ExaBGP gone with the agent")
+
+
+async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    config_path = write_speaker_config(lab, edge)
+    agent = lab.spawn(
+        [
+            sys.executable, "-m", "bgp.speaker",
+            "--config", str(config_path),
+            "--workdir", str(lab.workdir / "agent"),
+            "--netns", edge.netns,
+            "--condition", "healthy",
+            "--watchdog-s", "0.5",
+        ],
+        stdin_pipe=True,
+    )  # fmt: skip
+    await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
+    assert agent.stdin is not None
+    agent.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
+    agent.stdin.flush()
+    await until(lambda: fib(lab) == {}, "route gone while the agent's loop is stalled", bound_s=7)
+    assert agent.poll() is None
+    # When the loop recovers, the supervisor restarts ExaBGP and re-announces.
+    await until(lambda: str(edge.address) in fib(lab), "route back after the stall", bound_s=30)
+
+
+async def test_exabgp_crash_is_restarted_and_desired_set_reannounced(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    speaker = await start_speaker(lab, edge, speakers)
+    await speaker.announce(NodeCondition.HEALTHY, weight=0.5)
+    await until(lambda: str(edge.address) in fib(lab), "route in FIB")
+    old_pid = speaker.driver.pid
+    speaker.driver.kill_now()
+    await until(lambda: fib(lab) == {}, "route gone with ExaBGP")
+    await until(
+        lambda: speaker.driver.pid not in (None, old_pid) and str(edge.address) in fib(lab),
+        "ExaBGP restarted and the route re-announced",
+    )
+    path = path_from(lab, edge)
+    assert path is not None
+    assert speaker.driver.restarts >= 1
+
+
+async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 2, bfd=True)
+    first, second = lab.edges
+    bfd = {"enabled": True, "transmit_interval_ms": 100, "receive_interval_ms": 100}
+    s1 = await start_speaker(lab, first, speakers, bfd=bfd)
+    s2 = await start_speaker(lab, second, speakers, bfd=bfd)
+    await s1.announce(NodeCondition.HEALTHY)
+    await s2.announce(NodeCondition.HEALTHY)
+    assert lab.router
+
+    def bfd_up(count: int) -> bool:
+        assert lab.router
+        peers = lab.router.bfd_peers()
+        return sum(p["status"] == "up" for p in peers) == count
+
+    await until(lambda: len(fib(lab)) == 2 and bfd_up(2), "two routes, two BFD sessions up")
+
+    # Freeze the first edge: everything it sends is dropped, no TCP close, no FIN.
+    lab.blackhole(first)
+    await until(lambda: fib(lab) == {str(second.address): 1}, "frozen edge out of the FIB")
+    neighbor = json.loads(lab.router.vtysh(f"show bgp neighbors {first.address} json"))
+    reason = neighbor[str(first.address)].get("lastNotificationReason", "")
+    assert reason == "Cease/BFD Down", f"session not torn down by BFD: {reason!r}"
+    lab.unblackhole(first)
+
+    # The edge's bfdd hangs: the router drops BGP, brings it back without BFD, fast
+    # failover is silently gone -> we report it as degraded and repair it (restart).
+    assert s2.bfd is not None and s2.bfd.pid is not None
+    degraded_reports: list[Any] = []
+    s2.bfd.on_degraded = degraded_reports.append
+    os.kill(s2.bfd.pid, signal.SIGSTOP)
+    await until(lambda: bool(degraded_reports), "BFD-down-while-BGP-up reported", bound_s=40)
+    await until(
+        lambda: s2.bfd is not None and s2.bfd.status.restarts >= 1 and bfd_up(2),
+        "bfdd restarted and both BFD sessions up again",
+        bound_s=40,
+    )
+
+
+# -- refusals -----------------------------------------------------------------------------
+
+
+async def test_wrong_md5_password_never_establishes(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 2)
+    good, bad = lab.edges
+    await start_speaker(lab, good, speakers)  # control: the right password establishes
+    config = edge_config(
+        bad,
+        neighbors=[
+            {
+                "peer_address": str(bad.router_address),
+                "peer_asn": ROUTER_ASN,
+                "md5_password": "not-the-password",
+            }
+        ],
+    )
+    driver = ExaBgpDriver(config, lab.workdir / "bad", netns=bad.netns)
+    speakers.append(Speaker(bad, config, driver))
+    await driver.start()
+    driver.set_desired(advertisements(PolicyInputs(NodeCondition.HEALTHY, config))[0])
+    assert lab.router
+    # Several connect attempts (FRR retries every second); never established.
+    for _ in range(12):
+        await asyncio.sleep(0.5)
+        assert lab.router.neighbor_states()[str(bad.address)] != "Established"
+        assert driver.neighbors()[bad.router_address].state != "up"
+    assert lab.router.neighbor_states()[str(good.address)] == "Established"
+    assert path_from(lab, bad) is None
+
+
+async def test_router_import_filter_refuses_prefix_outside_anycast_range(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    speaker = await start_speaker(lab, edge, speakers)
+    # Our config refuses such a prefix; go around it to prove the router refuses it too.
+    assert await speaker.driver.send_raw(f"announce route 203.0.113.1/32 next-hop {edge.address}")
+    await speaker.announce(NodeCondition.HEALTHY)  # sent after the bad one
+    await until(lambda: str(edge.address) in fib(lab), "the in-range route")
+    assert lab.router
+    assert "203.0.113.1/32" not in lab.router.bgp_routes()
+
+
+def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    base = {
+        "local_asn": 65101,
+        "router_id": "198.18.0.2",
+        "local_address": "198.18.0.2",
+        "prefixes": [VIP_PREFIX],
+        "neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65000}],
+    }
+    cases = {
+        "local_asn": base | {"local_asn": 0},
+        "prefixes": base | {"prefixes": ["203.0.113.0/24"]},
+        "md5_password": base
+        | {"neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 1, "md5_password": "a b"}]},
+        "local_address": base,  # 198.18.0.2 is on no interface of this namespace
+    }
+    for field, body in cases.items():
+        path = tmp_path / f"{field}.yaml"
+        path.write_text(yaml.safe_dump({"bgp": body}))
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "bgp.speaker",
+                "--config", str(path), "--workdir", str(tmp_path / "w"),
+            ],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and field in result.stderr
+        assert not (tmp_path / "w" / "exabgp.conf").exists()
