@@ -46,5 +46,10 @@ lab demo: venv
 bench-proxy: deps venv
 	$(PY) -m bench.proxy
 
+# BGP numbers with real FRR + ExaBGP in network namespaces (root; ~1 min, bounded).
+.PHONY: bench-bgp
+bench-bgp: deps venv
+	$(PY) -m bench.bgp
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results

@@ -15,18 +15,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
+
+from bgp.config import BgpConfig
 
 FRR_DIR = Path("/usr/lib/frr")
 ROUTER_ASN = 65000
@@ -94,6 +98,74 @@ class Edge:
     veth: str  # the edge's interface (blackhole it to freeze the edge)
     asn: int
     md5_password: str
+
+
+def edge_bgp_config(edge: Edge, **overrides: Any) -> BgpConfig:
+    """The `bgp:` section for one lab edge, talking to the lab's router."""
+    data: dict[str, Any] = {
+        "local_asn": edge.asn,
+        "router_id": str(edge.address),
+        "local_address": str(edge.address),
+        "prefixes": [f"{VIP}/32"],
+        "neighbors": [
+            {
+                "peer_address": str(edge.router_address),
+                "peer_asn": ROUTER_ASN,
+                "md5_password": edge.md5_password,
+            }
+        ],
+        "drain_prepends": 2,
+    }
+    data.update(overrides)
+    return BgpConfig.model_validate(data)
+
+
+class RouteMonitor:
+    """`ip monitor route` in a namespace, each line stamped with time.monotonic() when read:
+    a change seen the moment the kernel reports it, without polling."""
+
+    def __init__(self, netns: str) -> None:
+        self._process = subprocess.Popen(
+            ["ip", "-o", "-n", netns, "monitor", "route"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self._lines.put((time.monotonic(), line))
+
+    def drain_pending(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._lines.get_nowait()
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float) -> float:
+        """The monotonic time of the first line (from now on) that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no matching route change")
+            with contextlib.suppress(queue.Empty):
+                stamp, line = self._lines.get(timeout=remaining)
+                if predicate(line):
+                    return stamp
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait(timeout=5)
+
+
+def passive_opens(netns: str) -> int:
+    """TCP connections accepted in a namespace so far (its own kernel counter)."""
+    lines = run("ip", "netns", "exec", netns, "cat", "/proc/net/snmp").splitlines()
+    tcp = [line.split() for line in lines if line.startswith("Tcp:")]
+    return int(tcp[1][tcp[0].index("PassiveOpens")])
 
 
 @dataclass

@@ -26,6 +26,7 @@ from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
+from bgp.netlab import edge_bgp_config as edge_config
 from bgp.policy import NodeCondition, PolicyInputs, advertisements
 
 pytestmark = [
@@ -39,25 +40,6 @@ pytestmark = [
 ]
 
 VIP_PREFIX = f"{VIP}/32"
-
-
-def edge_config(edge: Edge, **overrides: Any) -> BgpConfig:
-    data: dict[str, Any] = {
-        "local_asn": edge.asn,
-        "router_id": str(edge.address),
-        "local_address": str(edge.address),
-        "prefixes": [VIP_PREFIX],
-        "neighbors": [
-            {
-                "peer_address": str(edge.router_address),
-                "peer_asn": ROUTER_ASN,
-                "md5_password": edge.md5_password,
-            }
-        ],
-        "drain_prepends": 2,
-    }
-    data.update(overrides)
-    return BgpConfig.model_validate(data)
 
 
 @dataclass

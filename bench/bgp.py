@@ -1,0 +1,331 @@
+"""`make bench-bgp`: BGP numbers measured on this machine with real FRR and ExaBGP in netns.
+
+Prints a table and writes bench-results/bgp.json:
+- health verdict -> UPDATE sent by ExaBGP (the agent's own share) and -> route gone from
+  the router's kernel FIB (FRR 8.4's own processing is the floor);
+- hard edge failure (blackholed, no TCP close) -> next-hop gone, with BFD and without;
+- a planned drain of one of two edges under a steady load of short connections;
+- share of new connections per edge vs the weights.
+
+Every run is bounded (counts and deadlines); traffic stays inside the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bgp.bfd import BfdDaemon
+from bgp.drain import drain
+from bgp.exabgp import ExaBgpDriver
+from bgp.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens, wait_for
+from bgp.policy import NodeCondition, PolicyInputs, advertisements
+
+RESULTS = Path("bench-results/bgp.json")
+UPDATE_ROUNDS = 30
+BFD_ROUNDS = 5
+HOLD_ROUNDS = 3
+SHARE_CONNECTIONS = 2000
+DRAIN_LOAD_S = 8.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (with few samples p99 is the maximum, said so plainly)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(percentile(values, 50) * 1000, 2),
+        "p99_ms": round(percentile(values, 99) * 1000, 2),
+        "max_ms": round(max(values) * 1000, 2) if values else math.nan,
+    }
+
+
+async def start_driver(lab: NetLab, index: int, **overrides: Any) -> ExaBgpDriver:
+    edge = lab.edges[index]
+    config = edge_bgp_config(edge, **overrides)
+    driver = ExaBgpDriver(config, lab.workdir / f"edge{edge.index}", netns=edge.netns)
+    await driver.start()
+    await asyncio.wait_for(driver.wait_established(), 30)
+    return driver
+
+
+def healthy(driver: ExaBgpDriver, weight: float = 1.0, drain_flag: bool = False) -> Any:
+    inputs = PolicyInputs(
+        NodeCondition.HEALTHY, driver.config, weight=weight, operator_drain=drain_flag
+    )
+    return advertisements(inputs)[0]
+
+
+async def bench_verdict_to_update_and_fib() -> dict[str, Any]:
+    lab = NetLab.create(1)
+    assert lab.router
+    monitor = RouteMonitor(lab.router.netns)
+    driver = await start_driver(lab, 0)
+    sent_withdraw: list[float] = []
+    sent_announce: list[float] = []
+    fib_withdraw: list[float] = []
+    fib_announce: list[float] = []
+    try:
+        for _ in range(UPDATE_ROUNDS):
+            for announce in (True, False):
+                monitor.drain_pending()
+                started = time.monotonic()
+                # The verdict: policy evaluation is part of the agent's share.
+                desired = healthy(driver) if announce else frozenset()
+                driver.set_desired(desired)
+                await asyncio.wait_for(driver.wait_sent(), 10)
+                sent = time.monotonic()
+
+                def matches(line: str, announce: bool = announce) -> bool:
+                    return VIP in line and (("Deleted" in line) != announce)
+
+                in_fib = await asyncio.to_thread(monitor.wait_line, matches, 10)
+                (sent_announce if announce else sent_withdraw).append(sent - started)
+                (fib_announce if announce else fib_withdraw).append(in_fib - started)
+                await asyncio.sleep(0.05)
+    finally:
+        await driver.stop(withdraw_first=False)
+        monitor.close()
+        lab.close()
+    return {
+        "verdict_to_update_sent_withdraw": summary_ms(sent_withdraw),
+        "verdict_to_update_sent_announce": summary_ms(sent_announce),
+        "verdict_to_fib_route_gone": summary_ms(fib_withdraw),
+        "verdict_to_fib_route_installed": summary_ms(fib_announce),
+    }
+
+
+async def bench_hard_failure(bfd: bool, rounds: int, timers_ms: int = 100) -> dict[str, Any]:
+    lab = NetLab.create(2, bfd=bfd, bfd_timers=(timers_ms, timers_ms, 3))
+    assert lab.router
+    router = lab.router
+    monitor = RouteMonitor(router.netns)
+    bfd_settings = {
+        "enabled": bfd,
+        "transmit_interval_ms": timers_ms,
+        "receive_interval_ms": timers_ms,
+    }
+    drivers = [await start_driver(lab, i, bfd=bfd_settings) for i in range(2)]
+    daemons: list[BfdDaemon] = []
+    if bfd:
+        for driver, edge in zip(drivers, lab.edges, strict=True):
+
+            def established(driver: ExaBgpDriver = driver) -> set[Any]:
+                return {p for p, s in driver.neighbors().items() if s.state == "up"}
+
+            daemon = BfdDaemon(
+                driver.config, lab.workdir / f"bfd{edge.index}", established, netns=edge.netns
+            )
+            await daemon.start()
+            daemons.append(daemon)
+    gone: list[float] = []
+    victim = lab.edges[0]
+
+    def ready() -> bool:
+        if len(router.fib_nexthops()) != 2:
+            return False
+        return not bfd or sum(p["status"] == "up" for p in router.bfd_peers()) == 2
+
+    try:
+        for driver in drivers:
+            driver.set_desired(healthy(driver))
+        for _ in range(rounds):
+            await asyncio.to_thread(wait_for, ready, 60, 0.1, "both edges ready")
+            monitor.drain_pending()
+            started = time.monotonic()
+            lab.blackhole(victim)
+
+            def nexthop_gone(line: str) -> bool:
+                return VIP in line and str(victim.address) not in line
+
+            out = await asyncio.to_thread(monitor.wait_line, nexthop_gone, 30)
+            gone.append(out - started)
+            lab.unblackhole(victim)
+    finally:
+        for daemon in daemons:
+            await daemon.stop()
+        for driver in drivers:
+            await driver.stop(withdraw_first=False)
+        monitor.close()
+        lab.close()
+    return summary_ms(gone)
+
+
+_LOAD_CLIENT = """
+import json, socket, time
+end = time.monotonic() + {seconds}
+results = []
+while time.monotonic() < end and len(results) < 20000:
+    t = time.monotonic()
+    time.sleep(0.002)  # a steady ~400 requests/s, not a flood
+    try:
+        c = socket.create_connection(("{vip}", 8080), timeout=1)
+        who = c.recv(16).decode() or "empty"
+        c.close()
+    except OSError as exc:
+        who = "failed:" + type(exc).__name__
+    results.append((t, who))
+print(json.dumps(results))
+"""
+
+
+async def bench_planned_drain() -> dict[str, Any]:
+    lab = NetLab.create(2, client=True)
+    drivers = [await start_driver(lab, i) for i in range(2)]
+    draining = drivers[1]
+    try:
+        for driver in drivers:
+            driver.set_desired(healthy(driver))
+        assert lab.router
+        router = lab.router
+        await asyncio.to_thread(wait_for, lambda: len(router.fib_nexthops()) == 2, 30)
+        await asyncio.to_thread(lab.start_name_servers)
+        code = _LOAD_CLIENT.format(seconds=DRAIN_LOAD_S, vip=VIP)
+        load = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", lab.client_netns, sys.executable, "-c", code,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(1.5)
+        edge_ns = lab.edges[1].netns
+
+        async def announce_draining() -> None:
+            draining.set_desired(healthy(draining, drain_flag=True))
+            await asyncio.wait_for(draining.wait_sent(), 10)
+
+        async def withdraw() -> None:
+            draining.set_desired(frozenset())
+            await asyncio.wait_for(draining.wait_sent(), 10)
+
+        drain_started = time.monotonic()
+        report = await drain(
+            announce_draining,
+            lambda: passive_opens(edge_ns),
+            withdraw,
+            quiet_rate_per_s=1.0,
+            quiet_window_s=1.0,
+            deadline_s=10.0,
+            poll_interval_s=0.1,
+        )
+        drain_done = time.monotonic()
+        stdout, _ = await asyncio.wait_for(load.communicate(), DRAIN_LOAD_S + 30)
+    finally:
+        for driver in drivers:
+            await driver.stop(withdraw_first=False)
+        lab.close()
+    results: list[tuple[float, str]] = json.loads(stdout.decode())
+    failed = [who for _, who in results if who.startswith("failed")]
+    # Client clock and ours are the same monotonic clock (same host).
+    after = [who for t, who in results if t > drain_done]
+    return {
+        "requests": len(results),
+        "failed": len(failed),
+        "failures": sorted(set(failed)),
+        "drain_outcome": str(report.outcome),
+        "drain_s": round(drain_done - drain_started, 2),
+        "requests_after_drain": len(after),
+        "served_by_drained_edge_after_drain": sum(1 for who in after if who == "2"),
+    }
+
+
+async def bench_share() -> dict[str, Any]:
+    lab = NetLab.create(3, client=True)
+    capacities = (300, 100, 200)
+    drivers = [await start_driver(lab, i, capacity_mbps=c) for i, c in enumerate(capacities)]
+    try:
+        for driver in drivers:
+            driver.set_desired(healthy(driver))
+        assert lab.router
+        router = lab.router
+        await asyncio.to_thread(wait_for, lambda: len(router.fib_nexthops()) == 3, 30)
+        weights = router.fib_nexthops()
+        await asyncio.to_thread(lab.start_name_servers)
+        counts = await asyncio.to_thread(lab.count_connections, SHARE_CONNECTIONS, 8080, 120)
+    finally:
+        for driver in drivers:
+            await driver.stop(withdraw_first=False)
+        lab.close()
+    total = sum(v for k, v in counts.items() if k.isdigit())
+    rows = {}
+    for edge, capacity in zip(lab.edges, capacities, strict=True):
+        rows[f"edge{edge.index}"] = {
+            "target_share": round(capacity / sum(capacities), 3),
+            "kernel_weight": weights.get(str(edge.address)),
+            "measured_share": round(counts.get(str(edge.index), 0) / total, 3) if total else 0,
+        }
+    return {"connections": total, "failed": counts.get("failed", 0), "edges": rows}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(name: str, stats: dict[str, Any], note: str = "") -> None:
+        rows.append((name, f"{stats['p50_ms']:.1f}", f"{stats['p99_ms']:.1f}", note))
+
+    u = results["updates"]
+    n = u["verdict_to_update_sent_withdraw"]["n"]
+    add("verdict -> UPDATE sent (withdraw)", u["verdict_to_update_sent_withdraw"], f"n={n}")
+    add("verdict -> UPDATE sent (announce)", u["verdict_to_update_sent_announce"], f"n={n}")
+    add("verdict -> route gone from FIB", u["verdict_to_fib_route_gone"], "incl. FRR+zebra")
+    add("verdict -> route in FIB", u["verdict_to_fib_route_installed"], "incl. FRR+zebra")
+    for key, label in (
+        ("blackhole_bfd_50ms", "blackhole -> nexthop gone, BFD 50ms x3"),
+        ("blackhole_bfd_100ms", "blackhole -> nexthop gone, BFD 100ms x3"),
+        ("blackhole_no_bfd", "blackhole -> nexthop gone, no BFD"),
+    ):
+        if key in results:
+            note = "hold time 3 s" if key.endswith("no_bfd") else "router+edge bfdd"
+            add(label, results[key], f"n={results[key]['n']}, {note}")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'p50 ms':>9}  {'p99 ms':>9}  note")
+    for name, p50, p99, note in rows:
+        print(f"{name:<{width}}  {p50:>9}  {p99:>9}  {note}")
+    d = results["planned_drain"]
+    print(
+        f"\nplanned drain of 1 of 2 edges under load: {d['requests']} requests, "
+        f"{d['failed']} failed {d['failures'] or ''}, drain {d['drain_outcome']} in "
+        f"{d['drain_s']} s, {d['served_by_drained_edge_after_drain']} of "
+        f"{d['requests_after_drain']} later requests reached the drained edge"
+    )
+    s = results["share"]
+    print(f"\nshare of {s['connections']} new connections ({s['failed']} failed):")
+    for name, row in s["edges"].items():
+        print(
+            f"  {name}: target {row['target_share']:.3f}  kernel weight "
+            f"{row['kernel_weight']}  measured {row['measured_share']:.3f}  "
+            f"(diff {row['measured_share'] - row['target_share']:+.3f})"
+        )
+
+
+def write_results(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+
+
+async def main() -> None:
+    results: dict[str, Any] = {"machine_note": "2 shared cores; FRR 8.4.4, ExaBGP 5.0.15"}
+    results["updates"] = await bench_verdict_to_update_and_fib()
+    results["blackhole_bfd_50ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=50)
+    results["blackhole_bfd_100ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=100)
+    results["blackhole_no_bfd"] = await bench_hard_failure(False, HOLD_ROUNDS)
+    results["planned_drain"] = await bench_planned_drain()
+    results["share"] = await bench_share()
+    write_results(results)
+    print_table(results)
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
