@@ -1,14 +1,15 @@
-"""A standalone BGP speaker: policy + flap budget + ExaBGP driver + bfdd + loop watchdog.
+"""The node's BGP side in one object: policy + flap budget + ExaBGP driver + bfdd + watchdog.
 
-What the edge agent wires, runnable on its own (tests, the lab, debugging):
+`BgpSpeaker` is what the edge agent drives (node state in, announcements out); it is
+also runnable on its own, for tests, the lab and debugging:
 
     python -m bgp.speaker --config node.yaml --workdir /run/ae [--netns NS]
                           [--condition healthy] [--weight 1.0] [--watchdog-s 1.0]
 
-It reads commands on stdin, one per line: `condition NAME`, `weight W`, `drain on|off`,
-`stall SECONDS` (blocks the event loop on purpose: proves the watchdog), `status`.
-It prints one JSON status line after each command. A bad config prints one line and
-exits 2 before anything is started.
+It then reads commands on stdin, one per line: `condition NAME`, `weight W`,
+`drain on|off`, `stall SECONDS` (blocks the event loop on purpose: proves the watchdog),
+`wait-sent`, `status`, and prints one JSON status line after each. A bad config prints
+one line and exits 2 before anything is started.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence, Set
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bgp.bfd import BfdDaemon
 from bgp.config import (
@@ -32,25 +34,55 @@ from bgp.config import (
     load_bgp_config,
     local_interface_addresses,
 )
+from bgp.drain import DrainReport, drain
 from bgp.exabgp import ExaBgpDriver, LoopWatchdog
 from bgp.flap import FlapDamper, classify_change
-from bgp.policy import NodeCondition, PolicyInputs, Reason, advertisements
+from bgp.policy import Advertisement, NodeCondition, PolicyInputs, Reason, advertisements
+
+# Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
+SEND_CONFIRM_S = 5.0
+
+
+class DesiredSink(Protocol):
+    """What the announcer needs of a driver: the current desired set and a way to set it."""
+
+    @property
+    def desired(self) -> frozenset[Advertisement]: ...
+
+    def set_desired(self, advertisements: Set[Advertisement]) -> None: ...
 
 
 class Announcer:
     """Turns (condition, weight, drain) into the driver's desired set, through the flap
-    budget. The edge agent's bridge does the same from its state machine."""
+    budget: changes that take traffic away go at once, the others may be held down."""
 
-    def __init__(self, config: BgpConfig, driver: ExaBgpDriver) -> None:
+    def __init__(self, config: BgpConfig, sink: DesiredSink) -> None:
         self.config = config
-        self.driver = driver
+        self.sink = sink
         self.damper = FlapDamper(config.flap)
         self.inputs = PolicyInputs(condition=NodeCondition.STARTING, config=config)
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
         self._retry: asyncio.TimerHandle | None = None
 
-    def update(self, **changes: Any) -> Reason:
+    def update(
+        self,
+        *,
+        condition: NodeCondition | None = None,
+        weight: float | None = None,
+        operator_drain: bool | None = None,
+        drain_complete: bool | None = None,
+    ) -> Reason:
+        changes: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("condition", condition),
+                ("weight", weight),
+                ("operator_drain", operator_drain),
+                ("drain_complete", drain_complete),
+            )
+            if value is not None
+        }
         self.inputs = dataclasses.replace(self.inputs, **changes)
         self._apply()
         return self.reason
@@ -58,7 +90,7 @@ class Announcer:
     def _apply(self) -> None:
         desired, self.reason = advertisements(self.inputs)
         now = time.monotonic()
-        wait = self.damper.admit(classify_change(self.driver.desired, desired), now)
+        wait = self.damper.admit(classify_change(self.sink.desired, desired), now)
         if self._retry:
             self._retry.cancel()
             self._retry = None
@@ -67,10 +99,137 @@ class Announcer:
             self._retry = asyncio.get_running_loop().call_later(wait, self._apply)
             return
         self.held_until = 0.0
-        self.driver.set_desired(desired)
+        self.sink.set_desired(desired)
+
+    def close(self) -> None:
+        if self._retry:
+            self._retry.cancel()
 
 
-async def _read_lines() -> asyncio.StreamReader:
+class BgpSpeaker:
+    """One node's announcements, sessions and failure detection.
+
+    `update()` takes the node's condition / GSLB weight / operator drain; `drain_traffic()`
+    runs the drain choreography; `status()` is for the agent's /status.
+    """
+
+    def __init__(
+        self,
+        config: BgpConfig,
+        workdir: Path,
+        *,
+        netns: str | None = None,
+        watchdog_s: float | None = 1.0,
+    ) -> None:
+        self.config = config
+        self.driver = ExaBgpDriver(config, workdir, netns=netns)
+        self.announcer = Announcer(config, self.driver)
+        self.bfd: BfdDaemon | None = None
+        if config.bfd.enabled:
+            self.bfd = BfdDaemon(config, workdir / "bfd", self.established, netns=netns)
+        self.watchdog = LoopWatchdog(watchdog_s, self.driver.kill_now) if watchdog_s else None
+        self.last_drain: DrainReport | None = None
+
+    def established(self) -> set[IPv4Address]:
+        return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
+
+    async def start(self) -> None:
+        await self.driver.start()
+        if self.bfd:
+            await self.bfd.start()
+        if self.watchdog:
+            self.watchdog.start()
+
+    async def stop(self) -> None:
+        """Withdraw (bounded), stop ExaBGP and bfdd."""
+        self.announcer.close()
+        if self.watchdog:
+            self.watchdog.stop()
+        if self.bfd:
+            await self.bfd.stop()
+        await self.driver.stop()
+
+    def update(
+        self,
+        *,
+        condition: NodeCondition | None = None,
+        weight: float | None = None,
+        operator_drain: bool | None = None,
+        drain_complete: bool | None = None,
+    ) -> Reason:
+        return self.announcer.update(
+            condition=condition,
+            weight=weight,
+            operator_drain=operator_drain,
+            drain_complete=drain_complete,
+        )
+
+    async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:
+        """True once every established neighbor was sent the current desired set."""
+        try:
+            await asyncio.wait_for(self.driver.wait_sent(), bound_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def drain_traffic(self, new_connections_total: Callable[[], int]) -> DrainReport:
+        """GRACEFUL_SHUTDOWN + prepends out, wait until the node's new-connection rate is
+        quiet (bounded by the config's drain deadline), then withdraw. The caller then
+        finishes its open connections."""
+
+        async def announce_draining() -> None:
+            self.update(operator_drain=True, drain_complete=False)
+            await self.wait_sent()
+
+        async def withdraw() -> None:
+            self.update(drain_complete=True)
+            await self.wait_sent()
+
+        self.last_drain = await drain(
+            announce_draining,
+            new_connections_total,
+            withdraw,
+            quiet_rate_per_s=self.config.drain_quiet_rate_per_s,
+            quiet_window_s=self.config.drain_quiet_window_s,
+            deadline_s=self.config.drain_deadline_s,
+        )
+        return self.last_drain
+
+    def undrain(self) -> Reason:
+        """Clear the drain; announces again only if the node's condition allows it."""
+        return self.update(operator_drain=False, drain_complete=False)
+
+    def status(self) -> dict[str, Any]:
+        inputs = self.announcer.inputs
+        return {
+            "reason": str(self.announcer.reason),
+            "condition": str(inputs.condition),
+            "weight": inputs.weight,
+            "operator_drain": inputs.operator_drain,
+            "held_until_monotonic": self.announcer.held_until or None,
+            **self.driver.status(),
+            "bfd": None
+            if self.bfd is None
+            else {
+                "running": self.bfd.status.running,
+                "restarts": self.bfd.status.restarts,
+                "peers": {str(p): s for p, s in self.bfd.status.peers.items()},
+                "degraded": [str(p) for p in self.bfd.status.degraded],
+            },
+            "watchdog_stalls": self.watchdog.stalls if self.watchdog else 0,
+            "last_drain": None
+            if self.last_drain is None
+            else {
+                "outcome": str(self.last_drain.outcome),
+                "waited_s": round(self.last_drain.waited_s, 3),
+            },
+        }
+
+
+# -- the standalone command -----------------------------------------------------------------
+
+
+async def _stdin_reader() -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -78,66 +237,30 @@ async def _read_lines() -> asyncio.StreamReader:
 
 
 async def run(args: argparse.Namespace, config: BgpConfig) -> int:
-    workdir = Path(args.workdir)
-    driver = ExaBgpDriver(config, workdir, netns=args.netns)
-    announcer = Announcer(config, driver)
-    bfd: BfdDaemon | None = None
-    watchdog = LoopWatchdog(args.watchdog_s, driver.kill_now) if args.watchdog_s > 0 else None
-    await driver.start()
-    if config.bfd.enabled:
-        bfd = BfdDaemon(
-            config,
-            workdir / "bfd",
-            lambda: {p for p, s in driver.neighbors().items() if s.state == "up"},
-            netns=args.netns,
-        )
-        await bfd.start()
-    if watchdog:
-        watchdog.start()
-    announcer.update(condition=NodeCondition(args.condition), weight=args.weight)
-
-    def status() -> dict[str, Any]:
-        return {
-            "reason": str(announcer.reason),
-            "held_until": announcer.held_until,
-            "bgp": driver.status(),
-            "bfd": None
-            if bfd is None
-            else {
-                "running": bfd.status.running,
-                "restarts": bfd.status.restarts,
-                "degraded": [str(p) for p in bfd.status.degraded],
-            },
-            "watchdog_stalls": watchdog.stalls if watchdog else 0,
-        }
-
-    reader = await _read_lines()
+    speaker = BgpSpeaker(
+        config, Path(args.workdir), netns=args.netns, watchdog_s=args.watchdog_s or None
+    )
+    await speaker.start()
+    speaker.update(condition=NodeCondition(args.condition), weight=args.weight)
+    reader = await _stdin_reader()
     try:
         while line := (await reader.readline()).decode():
-            words = line.split()
-            if not words:
-                continue
-            match words:
+            match line.split():
                 case ["condition", name]:
-                    announcer.update(condition=NodeCondition(name))
+                    speaker.update(condition=NodeCondition(name))
                 case ["weight", value]:
-                    announcer.update(weight=float(value))
+                    speaker.update(weight=float(value))
                 case ["drain", flag]:
-                    announcer.update(operator_drain=flag == "on")
+                    speaker.update(operator_drain=flag == "on", drain_complete=False)
                 case ["stall", seconds]:
                     time.sleep(float(seconds))  # noqa: ASYNC251 - on purpose: blocks the loop
                 case ["wait-sent"]:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(driver.wait_sent(), 10)
+                    await speaker.wait_sent(10)
                 case _:
                     pass
-            print(json.dumps(status()), flush=True)
+            print(json.dumps(speaker.status()), flush=True)
     finally:
-        if watchdog:
-            watchdog.stop()
-        if bfd:
-            await bfd.stop()
-        await driver.stop()
+        await speaker.stop()
     return 0
 
 
@@ -158,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run(args, config))
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(run(args, config))
+    return 130
 
 
 if __name__ == "__main__":
