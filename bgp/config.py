@@ -129,6 +129,16 @@ class BgpConfig(_Strict):
     # A drain waits until fewer than this many new connections/s arrive over the window.
     drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
     drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
+    # ExaBGP's config and API socket, bfdd's sockets. A unix socket path must stay under
+    # 108 bytes, so this stays short.
+    runtime_dir: Path = Field(default=Path("/run/anycast-edge"))
+
+    @field_validator("runtime_dir")
+    @classmethod
+    def _short_absolute(cls, value: Path) -> Path:
+        if not value.is_absolute() or len(str(value)) > 60:
+            raise ValueError("expected an absolute path of at most 60 characters")
+        return value
 
     # Field validators (not model validators) so the error names the field; the fields
     # they compare with are declared above them, hence present in `info.data`.

@@ -62,6 +62,8 @@ class Agent:
         self.state_listeners: list[StateListener] = []
         # Set by the BGP side: returns once the routers have moved traffic away.
         self.before_stop_accepting: Callable[[str], Awaitable[None]] | None = None
+        # Extra sections of /status, e.g. "bgp" from the BGP bridge.
+        self.status_extras: dict[str, Callable[[], Any]] = {}
         self._servers: dict[str, tuple[ListenerConfig, asyncio.Server]] = {}
         self._checker = HealthChecker(self._check_result)
         self._admin: AdminServer | None = None
@@ -335,6 +337,7 @@ class Agent:
             "events": list(self.events)[-20:],
             "uptime_s": round(time.time() - self._started_at, 3),
             "reloaded_at": self._reloaded_at,
+            **{name: extra() for name, extra in self.status_extras.items()},
         }
 
 
@@ -346,6 +349,12 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         log.error("%s", error)
         return 1
     agent.install_signal_handlers()
+    announcer = None
+    if config.bgp is not None:
+        from edge.announcer import BgpAnnouncer
+
+        announcer = BgpAnnouncer(agent, config.bgp)
+        await announcer.start()
     # Everything allocated so far lives as long as the process: keep it out of
     # the collector's full passes, which would otherwise walk it on the hot path.
     gc.freeze()
@@ -358,4 +367,6 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.port,
     )
     await agent.run_until_stopped()
+    if announcer is not None:
+        await announcer.stop()
     return 0

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bgp.config import BgpConfig, check_addresses_are_local, describe_validation_error
+
 
 class ConfigError(Exception):
     """A configuration problem, already phrased as one line for the operator."""
@@ -200,6 +202,7 @@ class NodeConfig(_Model):
     admin: AdminConfig = AdminConfig()
     retry_idempotent: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    bgp: BgpConfig | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
@@ -222,6 +225,8 @@ def _unique_names(field: str, names: list[str]) -> None:
 def format_validation_error(error: ValidationError) -> str:
     """The first problem as one line: `field.path: what was expected (got X)`."""
     first = error.errors()[0]
+    if first["loc"][:1] == ("bgp",):  # never echoes the input: it may be a password
+        return describe_validation_error(error, prefix="")
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
@@ -254,4 +259,7 @@ def load_config(path: Path) -> NodeConfig:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} not valid YAML") from None
-    return parse_config(data)
+    config = parse_config(data)
+    if config.bgp is not None and (errors := check_addresses_are_local(config.bgp)):
+        raise ConfigError(errors[0])
+    return config

@@ -1,0 +1,118 @@
+"""The real agent (`anycast-edge run`) with a `bgp:` section, in an edge namespace, in
+front of a real FRR router: its health drives the announcement; SIGTERM drains through
+GRACEFUL_SHUTDOWN before the withdraw; SIGKILL takes the route with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
+from tests.support.procs import ROOT
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.timeout(120),
+]
+
+BACKEND_PORT = 9001
+
+
+@pytest.fixture
+def lab() -> Iterator[NetLab]:
+    built = NetLab.create(1)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+def start_agent(lab: NetLab, fail_file: Path) -> Any:
+    (edge,) = lab.edges
+    lab.spawn(
+        netns_command(
+            edge.netns, sys.executable, "-m", "tests.support.backend_server",
+            "--port", str(BACKEND_PORT), "--name", "b1", "--fail-file", str(fail_file),
+        ),
+        cwd=ROOT,
+    )  # fmt: skip
+    bgp = edge_bgp_config(
+        edge,
+        runtime_dir=str(lab.workdir / "run"),
+        drain_quiet_window_s=0.5,
+        drain_deadline_s=10,
+    )
+    bgp_data = bgp.model_dump(mode="json")
+    bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
+    node = {
+        "node": {"name": "edge1", "site": "lab"},
+        "listeners": [{"name": "tcp", "kind": "tcp", "address": VIP, "port": 8080}],
+        "backends": [{"name": "b1", "address": "127.0.0.1", "port": BACKEND_PORT}],
+        "health": {
+            "active": {
+                "kind": "http", "path": "/health",
+                "interval": 0.2, "timeout": 0.2, "rise": 2, "fall": 2,
+            }
+        },
+        "drain": {"deadline": 2},
+        "bgp": bgp_data,
+    }  # fmt: skip
+    config_path = lab.workdir / "node.yaml"
+    config_path.write_text(yaml.safe_dump(node))
+    agent_bin = str(Path(sys.executable).parent / "anycast-edge")
+    log = (lab.workdir / "agent.log").open("wb")
+    return lab.spawn(
+        netns_command(edge.netns, agent_bin, "run", "--config", str(config_path)), stdout=log
+    )
+
+
+def announced(lab: NetLab) -> bool:
+    assert lab.router
+    return str(lab.edges[0].address) in lab.router.fib_nexthops(VIP)
+
+
+def withdrawn(lab: NetLab) -> bool:
+    assert lab.router
+    return lab.router.fib_nexthops(VIP) == {} and lab.router.bgp_routes() == {}
+
+
+def test_agent_health_drives_announcement_and_kill_takes_route(lab: NetLab) -> None:
+    fail_file = lab.workdir / "b1.fail"
+    agent = start_agent(lab, fail_file)
+    wait_for(lambda: announced(lab), 30, what="route once the backend is healthy")
+
+    fail_file.touch()  # the only backend fails its checks: node down
+    wait_for(lambda: withdrawn(lab), 20, what="withdraw when the backends die")
+    fail_file.unlink()
+    wait_for(lambda: announced(lab), 20, what="announce again when health rises")
+
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: withdrawn(lab), 20, what="route gone with the killed agent")
+
+
+def test_agent_sigterm_drains_through_graceful_shutdown(lab: NetLab) -> None:
+    agent = start_agent(lab, lab.workdir / "b1.fail")
+    wait_for(lambda: announced(lab), 30, what="route once healthy")
+    assert lab.router
+    router = lab.router
+    seen_gshut: list[bool] = []
+
+    def gshut_then_gone() -> bool:
+        paths = router.bgp_route_detail(f"{VIP}/32").get("paths", [])
+        for path in paths:
+            if "graceful-shutdown" in path.get("community", {}).get("string", ""):
+                seen_gshut.append(True)
+        return bool(seen_gshut) and not paths
+
+    agent.send_signal(signal.SIGTERM)
+    wait_for(gshut_then_gone, 30, interval=0.02, what="GSHUT seen, then the withdraw")
+    assert agent.wait(30) == 0
