@@ -151,13 +151,17 @@ class BfdDaemon:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )
+        stdout = b""
         try:
             stdout, _ = await asyncio.wait_for(process.communicate(), 5)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-            return {}
+            pass  # a hung bfdd: no answer is "no session up"
+        finally:
+            # Also when cancelled (supervisor stopping): never leave vtysh behind.
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await asyncio.shield(process.wait())
         return parse_bfd_peers(stdout.decode(errors="replace"))
 
     async def check_once(self) -> BfdStatus:

@@ -129,6 +129,9 @@ class BgpConfig(_Strict):
     # A drain waits until fewer than this many new connections/s arrive over the window.
     drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
     drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
+    # A thread kills ExaBGP (its routes go) when the agent's event loop stalls this long;
+    # 0 disables the watchdog.
+    loop_stall_deadline_s: float = Field(default=2.0, ge=0, le=600)
     # ExaBGP's config and API socket, bfdd's sockets. A unix socket path must stay under
     # 108 bytes, so this stays short.
     runtime_dir: Path = Field(default=Path("/run/anycast-edge"))

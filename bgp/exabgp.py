@@ -207,6 +207,9 @@ class _PeerView:
     since: float = field(default_factory=time.monotonic)
     # prefix -> (announced?, monotonic time the UPDATE was reported sent)
     last_sent: dict[IPv4Network, tuple[bool, float]] = field(default_factory=dict)
+    # When ExaBGP last finished sending its whole RIB to this peer (End-of-RIB): that
+    # covers every change written before it, withdraws included.
+    end_of_rib_at: float = 0.0
 
 
 class ExaBgpDriver:
@@ -316,7 +319,7 @@ class ExaBgpDriver:
         if withdraw_first and self._writer is not None and self._written:
             self.set_desired(())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wait_written(), withdraw_wait_s)
+                await asyncio.wait_for(self.wait_sent(), withdraw_wait_s)
         self._stopping = True
         self._changed.set()
         if self._supervisor:
@@ -369,6 +372,8 @@ class ExaBgpDriver:
     def _all_up_peers_sent(self) -> bool:
         for view in self._peers.values():
             if view.state != "up":
+                continue
+            if view.end_of_rib_at >= self._written_at:
                 continue
             for prefix in self._pending_prefixes:
                 sent = view.last_sent.get(prefix)
@@ -489,6 +494,8 @@ class ExaBgpDriver:
                 view = self._peers.get(message.peer)
                 if view is not None:
                     now = time.monotonic()
+                    if message.end_of_rib:
+                        view.end_of_rib_at = now
                     for prefix in message.announced:
                         view.last_sent[prefix] = (True, now)
                     for prefix in message.withdrawn:
@@ -505,6 +512,7 @@ class ExaBgpDriver:
                 # ExaBGP re-sends its whole RIB (= our desired set, once written) to a
                 # returning peer; a pass of the write loop catches up anything pending.
                 view.last_sent.clear()
+                view.end_of_rib_at = 0.0
                 self._changed.set()
             if self.on_neighbor_change:
                 self.on_neighbor_change(message)

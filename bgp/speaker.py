@@ -119,7 +119,7 @@ class BgpSpeaker:
         workdir: Path,
         *,
         netns: str | None = None,
-        watchdog_s: float | None = 1.0,
+        watchdog_s: float | None = None,
     ) -> None:
         self.config = config
         self.driver = ExaBgpDriver(config, workdir, netns=netns)
@@ -127,7 +127,9 @@ class BgpSpeaker:
         self.bfd: BfdDaemon | None = None
         if config.bfd.enabled:
             self.bfd = BfdDaemon(config, workdir / "bfd", self.established, netns=netns)
-        self.watchdog = LoopWatchdog(watchdog_s, self.driver.kill_now) if watchdog_s else None
+        # `watchdog_s` overrides the config's loop_stall_deadline_s (0 disables).
+        deadline_s = config.loop_stall_deadline_s if watchdog_s is None else watchdog_s
+        self.watchdog = LoopWatchdog(deadline_s, self.driver.kill_now) if deadline_s else None
         self.last_drain: DrainReport | None = None
 
     def established(self) -> set[IPv4Address]:
@@ -237,9 +239,7 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 
 async def run(args: argparse.Namespace, config: BgpConfig) -> int:
-    speaker = BgpSpeaker(
-        config, Path(args.workdir), netns=args.netns, watchdog_s=args.watchdog_s or None
-    )
+    speaker = BgpSpeaker(config, Path(args.workdir), netns=args.netns, watchdog_s=args.watchdog_s)
     await speaker.start()
     speaker.update(condition=NodeCondition(args.condition), weight=args.weight)
     reader = await _stdin_reader()
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--netns", default=None)
     parser.add_argument("--condition", default="starting", choices=[c.value for c in NodeCondition])
     parser.add_argument("--weight", type=float, default=1.0)
-    parser.add_argument("--watchdog-s", type=float, default=1.0)
+    parser.add_argument("--watchdog-s", type=float, default=None, help="0 disables")
     args = parser.parse_args(argv)
     try:
         config = load_bgp_config(Path(args.config), check_local=False)

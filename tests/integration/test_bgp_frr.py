@@ -371,6 +371,8 @@ async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
     reason = neighbor[str(first.address)].get("lastNotificationReason", "")
     assert reason == "Cease/BFD Down", f"session not torn down by BFD: {reason!r}"
     lab.unblackhole(first)
+    # The session comes back and the edge's desired set is announced again.
+    await until(lambda: len(fib(lab)) == 2, "the thawed edge back in the FIB", bound_s=40)
 
     # The edge's bfdd hangs: the router drops BGP, brings it back without BFD, fast
     # failover is silently gone -> we report it as degraded and repair it (restart).

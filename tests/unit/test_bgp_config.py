@@ -126,3 +126,34 @@ def test_loader_checks_addresses_on_this_host(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^bgp.local_address: 198.18.255.254"):
         load_bgp_config(path)
     assert load_bgp_config(path, check_local=False).local_asn == 65101
+
+
+def test_node_yaml_embeds_bgp_and_names_its_fields_without_echoing_secrets(
+    tmp_path: Path,
+) -> None:
+    from edge.config import ConfigError as EdgeConfigError
+    from edge.config import load_config, parse_config
+
+    node: dict[str, Any] = {
+        "node": {"name": "e1", "site": "s"},
+        "listeners": [{"name": "tcp", "kind": "tcp", "address": "127.0.0.1", "port": 8080}],
+        "backends": [{"name": "b1", "address": "127.0.0.1", "port": 9000}],
+    }
+    assert parse_config(node).bgp is None
+    secret = "has space secret"
+    bad = valid() | {
+        "neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65000, "md5_password": secret}]
+    }
+    with pytest.raises(EdgeConfigError) as info:
+        parse_config(node | {"bgp": bad})
+    assert str(info.value).startswith("bgp.neighbors.0.md5_password:")
+    assert "secret" not in str(info.value)
+    with pytest.raises(EdgeConfigError, match=r"^bgp.local_asn:"):
+        parse_config(node | {"bgp": valid() | {"local_asn": 23456}})
+    # The loader also checks the addresses against this host's interfaces.
+    import yaml
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(node | {"bgp": valid() | {"local_address": "198.18.255.254"}}))
+    with pytest.raises(EdgeConfigError, match=r"^bgp.local_address: 198.18.255.254"):
+        load_config(path)
