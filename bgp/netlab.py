@@ -226,6 +226,7 @@ def _router_configs(
         "bgp route-map delay-timer 0",
         f"ip prefix-list ANYCAST seq 5 permit {ANYCAST_RANGE} ge 32",
         "bgp community-list standard GSHUT permit graceful-shutdown",
+        # FRR 8.4 honours GSHUT by itself; said explicitly for routers that do not.
         "route-map FROM-EDGE permit 5",
         " match ip address prefix-list ANYCAST",
         " match community GSHUT",
