@@ -40,7 +40,7 @@ def start_agent(lab: NetLab, fail_file: Path) -> Any:
     (edge,) = lab.edges
     lab.spawn(
         netns_command(
-            edge.netns, sys.executable, "-m", "tests.support.backend_server",
+            edge.netns, sys.executable, "-m", "deploy.backend.named_backend",
             "--port", str(BACKEND_PORT), "--name", "b1", "--fail-file", str(fail_file),
         ),
         cwd=ROOT,

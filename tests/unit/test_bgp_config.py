@@ -157,3 +157,9 @@ def test_node_yaml_embeds_bgp_and_names_its_fields_without_echoing_secrets(
     path.write_text(yaml.safe_dump(node | {"bgp": valid() | {"local_address": "198.18.255.254"}}))
     with pytest.raises(EdgeConfigError, match=r"^bgp.local_address: 198.18.255.254"):
         load_config(path)
+
+
+def test_example_bgp_section_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "bgp.yaml"
+    config = load_bgp_config(example, check_local=False)
+    assert config.bfd.enabled and config.neighbors[0].hold_time_s == 3
