@@ -4,6 +4,7 @@ GRACEFUL_SHUTDOWN before the withdraw; SIGKILL takes the route with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
+from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, run, wait_for
 from tests.support.procs import ROOT
 
 pytestmark = [
@@ -85,10 +86,22 @@ def withdrawn(lab: NetLab) -> bool:
     return lab.router.fib_nexthops(VIP) == {} and lab.router.bgp_routes() == {}
 
 
+def agent_status(lab: NetLab) -> dict[str, Any]:
+    """The agent's /status, read from inside its namespace (admin is on its loopback)."""
+    url = "http://127.0.0.1:9901/status"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    return dict(json.loads(run(*netns_command(lab.edges[0].netns, sys.executable, "-c", code))))
+
+
 def test_agent_health_drives_announcement_and_kill_takes_route(lab: NetLab) -> None:
     fail_file = lab.workdir / "b1.fail"
     agent = start_agent(lab, fail_file)
     wait_for(lambda: announced(lab), 30, what="route once the backend is healthy")
+    status = agent_status(lab)
+    assert status["state"] == "healthy"
+    assert status["bgp"]["announced"] == [f"{VIP}/32"]
+    assert status["bgp"]["sessions"][str(lab.edges[0].router_address)]["state"] == "up"
+    assert status["bgp"]["reason"] == "announce: node healthy"
 
     fail_file.touch()  # the only backend fails its checks: node down
     wait_for(lambda: withdrawn(lab), 20, what="withdraw when the backends die")
