@@ -161,6 +161,19 @@ class RouteMonitor:
         self._process.wait(timeout=5)
 
 
+def pids_running(netns: str, needle: bytes) -> list[int]:
+    """Processes in a namespace whose command line contains `needle`."""
+    pids = []
+    for pid in run("ip", "netns", "pids", netns, check=False).split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
 def passive_opens(netns: str) -> int:
     """TCP connections accepted in a namespace so far (its own kernel counter)."""
     lines = run("ip", "netns", "exec", netns, "cat", "/proc/net/snmp").splitlines()

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import yaml
 
-from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, run, wait_for
+from bgp.netlab import (
+    VIP,
+    NetLab,
+    edge_bgp_config,
+    netns_command,
+    pids_running,
+    run,
+    wait_for,
+)
 from tests.support.procs import ROOT
 
 pytestmark = [
@@ -108,8 +116,14 @@ def test_agent_health_drives_announcement_and_kill_takes_route(lab: NetLab) -> N
     fail_file.unlink()
     wait_for(lambda: announced(lab), 20, what="announce again when health rises")
 
+    assert pids_running(lab.edges[0].netns, b"bin/exabgp")
     os.kill(agent.pid, signal.SIGKILL)
     wait_for(lambda: withdrawn(lab), 20, what="route gone with the killed agent")
+    wait_for(
+        lambda: not pids_running(lab.edges[0].netns, b"bin/exabgp"),
+        20,
+        what="ExaBGP gone with the killed agent (parent-death signal)",
+    )
 
 
 def test_agent_sigterm_drains_through_graceful_shutdown(lab: NetLab) -> None:
