@@ -231,7 +231,8 @@ def _router_configs(
     router_id: IPv4Address, edges: Sequence[Edge], bfd: bool, timers: tuple[int, int, int]
 ) -> tuple[str, str, str]:
     tx, rx, mult = timers
-    zebra = "hostname router\nlog stdout warnings\n!\n"
+    # work-queue 0: zebra hands routes to the kernel at once (its default batches ~10 ms).
+    zebra = "hostname router\nlog stdout warnings\nzebra work-queue 0\n!\n"
     # Global commands stay outside `router bgp` (inside it, the rest of the block is lost).
     lines = [
         "hostname router",
