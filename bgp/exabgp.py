@@ -254,9 +254,10 @@ class ExaBgpDriver:
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        # Time the last batch of changes was written (for wait_sent), and which prefixes.
+        # Time the last batch of changes was written (for wait_sent), and what each
+        # changed prefix should now be: announced (True) or withdrawn (False).
         self._written_at = 0.0
-        self._pending_prefixes: frozenset[IPv4Network] = frozenset()
+        self._pending: dict[IPv4Network, bool] = {}
 
     # -- public API -------------------------------------------------------------------
 
@@ -375,9 +376,11 @@ class ExaBgpDriver:
                 continue
             if view.end_of_rib_at >= self._written_at:
                 continue
-            for prefix in self._pending_prefixes:
+            for prefix, announced in self._pending.items():
                 sent = view.last_sent.get(prefix)
-                if sent is None or sent[1] < self._written_at:
+                # The kind matters too: a late report of the previous batch's announce
+                # must not pass for this batch's withdraw.
+                if sent is None or sent[1] < self._written_at or sent[0] != announced:
                     return False
         return True
 
@@ -537,9 +540,11 @@ class ExaBgpDriver:
             if not commands:
                 self._notify()
                 continue
-            self._pending_prefixes = frozenset(
-                adv.prefix for adv in desired.symmetric_difference(written)
-            )
+            desired_prefixes = {adv.prefix for adv in desired}
+            self._pending = {
+                adv.prefix: adv.prefix in desired_prefixes
+                for adv in desired.symmetric_difference(written)
+            }
             self._written_at = time.monotonic()
             results = await asyncio.gather(*(self._command(c) for c in commands))
             if all(results):

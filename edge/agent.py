@@ -284,6 +284,8 @@ class Agent:
         old = self.config
         if new.admin != old.admin:
             log.warning("admin endpoint changes take effect at the next restart")
+        if new.bgp != old.bgp:
+            log.warning("bgp changes take effect at the next restart")
         self.config = new
         self.ctx.update_config(new)
         self.pool.reconfigure(
