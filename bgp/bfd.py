@@ -174,6 +174,11 @@ class BfdDaemon:
         self.status.degraded = degraded_peers(self.status.peers, self.bgp_established())
         return self.status
 
+    @property
+    def reported_degraded(self) -> bool:
+        """BFD has been down under an established BGP session past the report delay."""
+        return self._reported
+
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(self.check_interval_s)

@@ -201,6 +201,13 @@ class BgpSpeaker:
         """Clear the drain; announces again only if the node's condition allows it."""
         return self.update(operator_drain=False, drain_complete=False)
 
+    def degraded_reason(self) -> str | None:
+        """Why announcing is less safe than it should be, or None (for the node's state)."""
+        if self.bfd is not None and self.bfd.reported_degraded:
+            peers = ", ".join(str(p) for p in self.bfd.status.degraded)
+            return f"BFD down while BGP up with {peers}: fast failover lost"
+        return None
+
     def status(self) -> dict[str, Any]:
         inputs = self.announcer.inputs
         return {

@@ -64,6 +64,9 @@ class Agent:
         self.before_stop_accepting: Callable[[str], Awaitable[None]] | None = None
         # Extra sections of /status, e.g. "bgp" from the BGP bridge.
         self.status_extras: dict[str, Callable[[], Any]] = {}
+        # Named checks that can hold an otherwise healthy node at degraded (reason or None).
+        self.degradations: dict[str, Callable[[], str | None]] = {}
+        self._tick_task: asyncio.Task[None] | None = None
         self._servers: dict[str, tuple[ListenerConfig, asyncio.Server]] = {}
         self._checker = HealthChecker(self._check_result)
         self._admin: AdminServer | None = None
@@ -92,6 +95,16 @@ class Agent:
         self._checker.set_targets(self._check_targets())
         self._event("agent", "started", listeners=[cfg.name for cfg in self.config.listeners])
         self.evaluate()
+        self._tick_task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Re-evaluate once a second: listener self-checks and degradations change unseen."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.evaluate()
+            except Exception:
+                log.exception("state evaluation failed")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,6 +130,8 @@ class Agent:
         await self.stop()
 
     async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
         if self._drain_task is not None and not self._drain_task.done():
             self._drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,7 +217,9 @@ class Agent:
         ok, detail = self._listeners_ok()
         if self._drain_task is not None:
             ok, detail = True, ""  # listeners closed on purpose by the drain
-        self._transitioned(self.machine.observe(Observation(total, healthy, settled, ok, detail)))
+        degraded_by = tuple(r for check in self.degradations.values() if (r := check()))
+        observation = Observation(total, healthy, settled, ok, detail, degraded_by)
+        self._transitioned(self.machine.observe(observation))
 
     def _transitioned(self, transition: Transition | None) -> None:
         if transition is None:

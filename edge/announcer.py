@@ -33,6 +33,7 @@ class BgpAnnouncer:
         self.agent.state_listeners.append(self._on_transition)
         self.agent.before_stop_accepting = self._move_traffic_away
         self.agent.status_extras["bgp"] = self.speaker.status
+        self.agent.degradations["bgp"] = self.speaker.degraded_reason
         self._apply(self.agent.state)
 
     async def stop(self) -> None:

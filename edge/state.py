@@ -40,6 +40,8 @@ class Observation:
     # All listeners are bound and answer their own self-check.
     listeners_ok: bool
     listeners_detail: str = ""
+    # Conditions that make a node that could be healthy only degraded (e.g. BFD lost).
+    degraded_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,8 @@ class NodeStateMachine:
             return NodeState.DOWN, f"{counts}, below {self.thresholds.down_below:.0%}"
         if share < self.thresholds.degraded_below:
             return NodeState.DEGRADED, f"{counts}, below {self.thresholds.degraded_below:.0%}"
+        if obs.degraded_by:
+            return NodeState.DEGRADED, f"{counts}; {'; '.join(obs.degraded_by)}"
         return NodeState.HEALTHY, counts
 
     def _move(self, new: NodeState, cause: str) -> Transition | None:

@@ -45,7 +45,7 @@ def lab() -> Iterator[NetLab]:
         built.close()
 
 
-def start_agent(lab: NetLab, fail_file: Path) -> Any:
+def start_agent(lab: NetLab, fail_file: Path, **bgp_overrides: Any) -> Any:
     (edge,) = lab.edges
     lab.spawn(
         netns_command(
@@ -59,6 +59,7 @@ def start_agent(lab: NetLab, fail_file: Path) -> Any:
         runtime_dir=str(lab.workdir / "run"),
         drain_quiet_window_s=0.5,
         drain_deadline_s=10,
+        **bgp_overrides,
     )
     bgp_data = bgp.model_dump(mode="json")
     bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
@@ -143,3 +144,33 @@ def test_agent_sigterm_drains_through_graceful_shutdown(lab: NetLab) -> None:
     agent.send_signal(signal.SIGTERM)
     wait_for(gshut_then_gone, 30, interval=0.02, what="GSHUT seen, then the withdraw")
     assert agent.wait(30) == 0
+
+
+def test_bfd_lost_under_bgp_makes_the_node_degraded_until_repaired() -> None:
+    """The edge's bfdd hangs: the router drops BGP and brings it back without BFD, so fast
+    failover is silently gone. The agent's node state says degraded (with the cause) until
+    its bfdd is restarted and BFD is up again."""
+    built = NetLab.create(1, bfd=True)
+    try:
+        start_agent(built, built.workdir / "b1.fail", bfd={"enabled": True})
+        wait_for(lambda: announced(built), 30, what="route once healthy")
+        wait_for(lambda: agent_status(built)["state"] == "healthy", 20, what="healthy with BFD up")
+        bfdd = pids_running(built.edges[0].netns, b"bfdd")
+        assert bfdd, "the agent runs bfdd beside ExaBGP"
+        for pid in bfdd:
+            os.kill(pid, signal.SIGSTOP)
+        seen: list[dict[str, Any]] = []
+
+        def degraded() -> bool:
+            status = agent_status(built)
+            if status["state"] == "degraded":
+                seen.append(status)
+                return True
+            return False
+
+        wait_for(degraded, 60, interval=0.1, what="node degraded: BFD down while BGP up")
+        assert any("BFD down while BGP up" in e["cause"] for e in seen[0]["events"])
+        assert announced(built)  # degraded still serves
+        wait_for(lambda: agent_status(built)["state"] == "healthy", 60, what="bfdd repaired")
+    finally:
+        built.close()

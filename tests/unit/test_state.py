@@ -123,3 +123,17 @@ def test_properties_hold_for_any_sequence(sequence: list[tuple[str, int, bool, b
         # Never back to starting.
         if before is not NodeState.STARTING:
             assert sm.state is not NodeState.STARTING
+
+
+def test_a_degradation_holds_a_healthy_node_at_degraded_and_lifts() -> None:
+    sm = NodeStateMachine()
+    sm.observe(obs(4))
+    bfd = "BFD down while BGP up with 198.18.0.5: fast failover lost"
+    t = sm.observe(Observation(4, 4, True, True, "", (bfd,)))
+    assert t is not None and t.new is NodeState.DEGRADED and bfd in t.cause
+    t = sm.observe(obs(4))
+    assert t is not None and t.new is NodeState.HEALTHY
+    # It never lifts a worse verdict: down stays down.
+    sm.observe(obs(0))
+    assert sm.observe(Observation(4, 0, True, True, "", (bfd,))) is None
+    assert sm.state is NodeState.DOWN
