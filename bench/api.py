@@ -328,7 +328,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--writes", type=int, default=100)
     parser.add_argument("--nodes", type=int, nargs="*", default=[250, 1000])
-    parser.add_argument("--etcd-nodes", type=int, nargs="*", default=[250])
+    parser.add_argument("--etcd-nodes", type=int, nargs="*", default=[250, 1000])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--kill-duration", type=float, default=9.0)
     parser.add_argument("--out", type=Path, default=Path("bench-results/api.json"))
