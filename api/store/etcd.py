@@ -208,22 +208,12 @@ class EtcdStore(Store):
     ) -> DesiredState:
         write_id = new.write_id or uuid.uuid4().hex
         body = new.model_copy(update={"revision": 0, "write_id": write_id}).model_dump_json()
-        now = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC)
+        # Event keys are unique per transaction, not per write_id: a client that reuses an
+        # idempotency key for another write must not overwrite the first write's events.
+        stamp = uuid.uuid4().hex
         success = [_put(self._desired_key, body)] + [
-            _put(
-                self._key("e", f"{write_id}-{i:02d}"),
-                json.dumps(
-                    {
-                        "time": now,
-                        "kind": e.kind,
-                        "subject": e.subject,
-                        "cause": e.cause,
-                        "author": e.author,
-                        # the revision is this transaction's, known only once it commits
-                        "desired": True,
-                    }
-                ),
-            )
+            _put(self._key("e", f"{stamp}-{i:02d}"), _event_json(e, now, True))
             for i, e in enumerate(events)
         ]
         failure = [{"request_range": {"key": b64(self._desired_key)}}]
@@ -417,16 +407,7 @@ class EtcdStore(Store):
                         _put(kv.key, _record_json(marked)),
                         _put(
                             self._key("e", f"dead-{node}-{kv.mod_revision}-00"),
-                            json.dumps(
-                                {
-                                    "time": now.isoformat(),
-                                    "kind": event.kind,
-                                    "subject": event.subject,
-                                    "cause": event.cause,
-                                    "author": event.author,
-                                    "desired": False,
-                                }
-                            ),
+                            _event_json(event, now, False),
                         ),
                     ],
                     [],
