@@ -7,12 +7,14 @@ import contextlib
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import NODE_A1, OPERATOR, make_settings
 
 from api.app import create_app
 from api.client import ApiClient, Conflict, Unavailable
 from api.schemas import Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from api.settings import parse_settings
 from api.store import open_store
 from api.store.etcd import EtcdStore
 from api.testing.etcd_cluster import LocalEtcdCluster
@@ -107,3 +109,27 @@ async def test_leader_kill_during_writes_loses_no_acknowledged_write(
         await store.close()
     missing = [name for name in acknowledged if name not in final.services]
     assert missing == []
+
+
+async def test_api_starts_without_etcd_and_answers_503_not_500(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "store": {
+                "kind": "etcd",
+                "endpoints": ["http://127.0.0.1:9", "http://127.0.0.2:9"],
+                "request_timeout_s": 0.2,
+                "deadline_s": 0.5,
+            },
+            "tokens": [{"name": "ops", "role": "operator", "token": OPERATOR}],
+        }
+    )
+    with ThreadedServer(lambda: create_app(open_store(settings.store), settings)) as api:
+        async with httpx.AsyncClient(
+            base_url=api.url, headers={"Authorization": f"Bearer {OPERATOR}"}
+        ) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            state = await http.get("/v1/state")
+            assert state.status_code == 503
+            assert state.headers["Retry-After"] == "1"
+            write = await http.put("/v1/sites/a", json={}, headers={"If-Match": '"0"'})
+            assert write.status_code == 503
