@@ -133,3 +133,30 @@ async def test_api_starts_without_etcd_and_answers_503_not_500(tmp_path: Path) -
             assert state.headers["Retry-After"] == "1"
             write = await http.put("/v1/sites/a", json={}, headers={"If-Match": '"0"'})
             assert write.status_code == 503
+
+
+async def test_two_sweeping_instances_report_a_dead_node_once(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    prefix = f"/sweep-{uuid.uuid4().hex[:8]}/"
+    with (
+        _server(etcd_cluster, tmp_path, prefix) as site_a,
+        _server(etcd_cluster, tmp_path, prefix) as site_b,
+    ):
+        async with (
+            ApiClient([site_a.url], OPERATOR) as via_a,
+            ApiClient([site_b.url], NODE_A1) as node_via_b,
+        ):
+            state = await via_a.put_site("a", SiteSpec(), revision=0)
+            await via_a.put_node("a1", NodeSpec(site="a"), revision=state.revision)
+            await node_via_b.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+
+            async def dead_events() -> int:
+                return sum(e.kind == "node-dead" for e in await via_a.events())
+
+            for _ in range(150):  # bounded: TTL 2 s + lease bucket + sweeps
+                if await dead_events():
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # several more sweeps by both instances
+            assert await dead_events() == 1
