@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from api.schemas import Name, Role
 
@@ -39,8 +47,9 @@ class EtcdStoreSettings(_Config):
 
 
 class TlsSettings(_Config):
-    cert: Path
-    key: Path
+    # FilePath: a missing file is a config error (one line, exit 2), not a traceback later.
+    cert: FilePath
+    key: FilePath
 
 
 class TokenSettings(_Config):

@@ -161,23 +161,32 @@ class ControlPlaneSync:
                 log.warning("cannot save last known good to %s: %s", self.state_path, exc)
         self._heartbeat_now.set()
 
+    async def _heartbeat_once(self) -> None:
+        try:
+            body = self._heartbeat_source().model_copy(
+                update={"applied_revision": self.applied_revision}
+            )
+        except Exception:
+            # The agent's report failed: skip this beat. If it keeps failing, the lease
+            # expires and the control plane reports the node dead, which is the truth.
+            log.exception("building the heartbeat failed")
+            return
+        try:
+            view = await self._client.heartbeat(self.node, body)
+        except ApiError as exc:
+            self._failed("heartbeat", exc)
+            return
+        self._succeeded()
+        # The answer carries the view (possibly a second old): a backstop for a missed
+        # long-poll, so only a strictly newer revision is taken from it.
+        current = self.desired
+        if current is None or view.revision > current.revision:
+            await self._apply(view)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             self._heartbeat_now.clear()
-            try:
-                body = self._heartbeat_source().model_copy(
-                    update={"applied_revision": self.applied_revision}
-                )
-                view = await self._client.heartbeat(self.node, body)
-            except ApiError as exc:
-                self._failed("heartbeat", exc)
-            else:
-                self._succeeded()
-                # The answer carries the view (possibly a second old): a backstop for a missed
-                # long-poll, so only a strictly newer revision is taken from it.
-                current = self.desired
-                if current is None or view.revision > current.revision:
-                    await self._apply(view)
+            await self._heartbeat_once()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._heartbeat_now.wait(), self._interval_s)
 

@@ -4,13 +4,20 @@ Consensus, quorum writes and log replication are etcd's; this module only maps t
 operations onto etcd transactions, leases and watches. Key layout under the prefix:
 
     w/desired           the whole desired state (JSON); its mod_revision is the revision
-    w/alive/<node>      attached to the node's heartbeat lease: gone = lease expired
-    w/state/<node>      the node's reported state, written only when it changes
+    w/state/<node>      the node's reported state, written only when it changes (or revives)
+    a/<node>            attached to a heartbeat lease: gone = no heartbeat for the TTL
     o/<node>            the node's last heartbeat, last-seen time, dead-reported flag
     e/<write-id>-<i>    events; ordered by create_revision, then key
 
 Everything under w/ is what published views depend on, and it changes rarely: one watch on
-that prefix wakes the long-polls. Heartbeats rewrite o/<node> every second but not w/.
+that prefix wakes the long-polls, and a second one on a/ reports deletions only (a lease
+expired). Heartbeats rewrite o/<node> and a/<node> every second but nothing under w/.
+
+Heartbeats are cheap on purpose (a thousand nodes, one API): there are no per-node
+keepalives. Each API instance grants one lease per second (TTL = heartbeat TTL + 1 s) and
+every heartbeat re-attaches its node's a/<node> to the newest one, so a node's key expires
+between TTL and TTL + 1 s after its last heartbeat. Heartbeats that arrive together are
+written in one etcd transaction holding one nested compare-and-swap transaction per node.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -40,6 +48,44 @@ from api.store.etcd_gateway import EtcdError, EtcdGateway, EtcdUnavailable, KeyV
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: A new heartbeat lease per this many seconds per API instance (see the module docstring).
+LEASE_BUCKET_S = 1.0
+#: Nodes per heartbeat transaction (etcd refuses more than 128 operations per transaction).
+HEARTBEAT_BATCH = 100
+#: Heartbeat transactions in flight at once per API instance.
+HEARTBEAT_TRANSACTIONS_IN_FLIGHT = 3
+
+
+@dataclass
+class _PendingHeartbeat:
+    heartbeat: Heartbeat
+    now: datetime
+    ttl_s: float
+    author: str
+    futures: list[asyncio.Future[None]]
+    attempts: int = 0
+
+
+def _fail(batch: dict[str, _PendingHeartbeat], error: Exception) -> None:
+    for pending in batch.values():
+        for future in pending.futures:
+            if not future.done():
+                future.set_exception(error)
+
+
+def _event_json(event: EventDraft, now: datetime, desired: bool) -> str:
+    return json.dumps(
+        {
+            "time": now.isoformat(),
+            "kind": event.kind,
+            "subject": event.subject,
+            "cause": event.cause,
+            "author": event.author,
+            # for desired changes the revision is the transaction's, known once it commits
+            "desired": desired,
+        }
+    )
 
 
 def _record_json(record: ObservedRecord) -> str:
@@ -88,12 +134,17 @@ class EtcdStore(Store):
         )
         self._prefix = prefix.encode()
         self._desired_key = self._prefix + b"w/desired"
-        # node -> (lease id granted by this API instance, when it was last refreshed): a lease
-        # per node, so a node that stops heartbeating loses its alive key after the TTL.
-        self._leases: dict[str, tuple[int, float]] = {}
+        # The newest heartbeat lease of this instance and when it was granted.
+        self._lease: tuple[int, float] | None = None
+        self._lease_lock = asyncio.Lock()
+        self._pending: dict[str, _PendingHeartbeat] = {}
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._in_flight: set[str] = set()
         # node -> (mod_revision of o/<node>, record) as last written or read here.
-        self._observed_cache: dict[str, tuple[int, ObservedRecord]] = {}
-        self._watch_task: asyncio.Task[None] | None = None
+        self._observed_cache: dict[str, tuple[int, ObservedRecord | None]] = {}
+        self._watch_tasks: list[asyncio.Task[None]] = []
+        # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
+        self._known_dead: dict[bytes, int] = {}
 
     def _key(self, *parts: str) -> bytes:
         return self._prefix + "/".join(parts).encode()
@@ -107,21 +158,24 @@ class EtcdStore(Store):
         except StoreUnavailable as exc:
             log.warning("etcd not reachable at start (%s); continuing", exc)
             start_revision = 0
-        self._watch_task = asyncio.create_task(self._watch(start_revision), name="etcd-watch")
+        self._watch_tasks = [
+            asyncio.create_task(self._watch(b"w/", start_revision, False), name="etcd-watch"),
+            asyncio.create_task(self._watch(b"a/", start_revision, True), name="etcd-watch-expiry"),
+        ]
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in [*self._watch_tasks, *self._flushers]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+                await task
         await self.gateway.close()
 
-    async def _watch(self, start_revision: int) -> None:
+    async def _watch(self, suffix: bytes, start_revision: int, deletes_only: bool) -> None:
         next_revision = start_revision
         while True:
             try:
                 async for resume_at, _events in self.gateway.watch_prefix(
-                    self._prefix + b"w/", next_revision
+                    self._prefix + suffix, next_revision, deletes_only=deletes_only
                 ):
                     next_revision = resume_at
                     self.changes.notify()
@@ -156,22 +210,12 @@ class EtcdStore(Store):
     ) -> DesiredState:
         write_id = new.write_id or uuid.uuid4().hex
         body = new.model_copy(update={"revision": 0, "write_id": write_id}).model_dump_json()
-        now = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC)
+        # Event keys are unique per transaction, not per write_id: a client that reuses an
+        # idempotency key for another write must not overwrite the first write's events.
+        stamp = uuid.uuid4().hex
         success = [_put(self._desired_key, body)] + [
-            _put(
-                self._key("e", f"{write_id}-{i:02d}"),
-                json.dumps(
-                    {
-                        "time": now,
-                        "kind": e.kind,
-                        "subject": e.subject,
-                        "cause": e.cause,
-                        "author": e.author,
-                        # the revision is this transaction's, known only once it commits
-                        "desired": True,
-                    }
-                ),
-            )
+            _put(self._key("e", f"{stamp}-{i:02d}"), _event_json(e, now, True))
             for i, e in enumerate(events)
         ]
         failure = [{"request_range": {"key": b64(self._desired_key)}}]
@@ -192,86 +236,142 @@ class EtcdStore(Store):
 
     # --- observed --------------------------------------------------------------------
 
-    async def _lease_for(self, node: str, ttl_s: float) -> tuple[int, bool]:
-        """(lease id, whether it is new). Refreshes the cached lease or grants another.
-
-        The lease lives TTL x 5/4 and is refreshed at most every TTL/4, so a node is dead
-        between TTL and 1.25 x TTL after its last heartbeat, and a node heartbeating every
-        second costs one keepalive per TTL/4 instead of one per heartbeat.
-        """
-        now = time.monotonic()
-        cached = self._leases.get(node)
-        if cached is not None:
-            lease, refreshed_at = cached
-            if now - refreshed_at < ttl_s / 4:
-                return lease, False
-            if await self._call(self.gateway.lease_keepalive(lease)) > 0:
-                self._leases[node] = (lease, now)
-                return lease, False
-        lease = await self._call(self.gateway.lease_grant(max(2, math.ceil(ttl_s * 5 / 4))))
-        self._leases[node] = (lease, now)
-        return lease, True
+    async def _current_lease(self, ttl_s: float) -> int:
+        async with self._lease_lock:
+            now = time.monotonic()
+            if self._lease is not None and now - self._lease[1] < LEASE_BUCKET_S:
+                return self._lease[0]
+            lease = await self._call(
+                self.gateway.lease_grant(max(2, math.ceil(ttl_s + LEASE_BUCKET_S)))
+            )
+            self._lease = (lease, now)
+            return lease
 
     async def record_heartbeat(
         self, node: str, heartbeat: Heartbeat, now: datetime, ttl_s: float, author: str
     ) -> None:
-        lease, new_lease = await self._lease_for(node, ttl_s)
-        observed_key = self._key("o", node)
-        cached: tuple[int, ObservedRecord | None] | None = self._observed_cache.get(node)
-        if cached is None:
-            _, kvs = await self._call(self.gateway.range(observed_key))
-            cached = (kvs[0].mod_revision, _record_from(kvs[0].value)) if kvs else (0, None)
-        reattach = new_lease
-        for _attempt in range(4):
-            mod_revision, previous = cached
-            events = heartbeat_events(node, previous, heartbeat, author)
-            record = ObservedRecord(heartbeat=heartbeat, last_seen=now)
-            success = [_put(observed_key, _record_json(record))]
-            if reattach or previous is None or previous.dead_reported:
-                success.append(_put(self._key("w", "alive", node), "1", lease))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending = self._pending.get(node)
+        if pending is None:
+            self._pending[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, [future])
+        else:
+            # A newer heartbeat of the same node supersedes the queued one (one put per key
+            # per transaction); both callers learn the outcome.
+            pending.heartbeat, pending.now, pending.author = heartbeat, now, author
+            pending.futures.append(future)
+        self._flushers = {task for task in self._flushers if not task.done()}
+        if len(self._flushers) < HEARTBEAT_TRANSACTIONS_IN_FLIGHT:
+            self._flushers.add(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
+        await future
+
+    async def _flush_heartbeats(self) -> None:
+        """Write queued heartbeats, a batch per transaction, until none is left. While
+        transactions are in flight the next batch accumulates: group commit. A node is in
+        at most one transaction at a time (its compare-and-swap would fail against itself).
+        """
+        while True:
+            batch: dict[str, _PendingHeartbeat] = {}
+            for node, pending in self._pending.items():
+                if node not in self._in_flight:
+                    batch[node] = pending
+                    if len(batch) == HEARTBEAT_BATCH:
+                        break
+            if not batch:
+                return
+            for node in batch:
+                del self._pending[node]
+            self._in_flight.update(batch)
+            try:
+                retry = await self._write_heartbeats(batch)
+            except StoreUnavailable as exc:
+                _fail(batch, exc)
+                continue
+            except BaseException as exc:  # a bug or cancellation: never leave callers hanging
+                _fail(batch, StoreUnavailable(f"heartbeat write: {exc!r}"))
+                raise
+            finally:
+                self._in_flight.difference_update(batch)
+            for node, pending in retry.items():
+                if node in self._pending:  # a newer one arrived meanwhile: it wins
+                    self._pending[node].futures.extend(pending.futures)
+                else:
+                    self._pending[node] = pending
+
+    async def _write_heartbeats(
+        self, batch: dict[str, _PendingHeartbeat]
+    ) -> dict[str, _PendingHeartbeat]:
+        """One transaction for the batch; returns the nodes to retry (their CAS failed)."""
+        if any(node not in self._observed_cache for node in batch):
+            await self._fill_observed_cache()
+            for node in batch:
+                self._observed_cache.setdefault(node, (0, None))  # never heard of before
+        lease = await self._current_lease(max(p.ttl_s for p in batch.values()))
+        operations: list[dict[str, Any]] = []
+        records: dict[str, ObservedRecord] = {}
+        for node, pending in batch.items():
+            mod_revision, previous = self._observed_cache.get(node, (0, None))
+            events = heartbeat_events(node, previous, pending.heartbeat, pending.author)
+            record = ObservedRecord(heartbeat=pending.heartbeat, last_seen=pending.now)
+            records[node] = record
+            observed_key = self._key("o", node)
+            success = [
+                _put(observed_key, _record_json(record)),
+                _put(self._key("a", node), "1", lease),
+            ]
             if events:
-                success.append(_put(self._key("w", "state", node), str(heartbeat.state)))
+                success.append(_put(self._key("w", "state", node), str(pending.heartbeat.state)))
                 stamp = uuid.uuid4().hex
                 success += [
-                    _put(
-                        self._key("e", f"{stamp}-{i:02d}"),
-                        json.dumps(
-                            {
-                                "time": now.isoformat(),
-                                "kind": e.kind,
-                                "subject": e.subject,
-                                "cause": e.cause,
-                                "author": e.author,
-                                "desired": False,
-                            }
-                        ),
-                    )
+                    _put(self._key("e", f"{stamp}-{i:02d}"), _event_json(e, pending.now, False))
                     for i, e in enumerate(events)
                 ]
-            ok, revision, responses = await self._call(
-                self.gateway.txn(
-                    [_mod_equals(observed_key, mod_revision)],
-                    success,
-                    [{"request_range": {"key": b64(observed_key)}}],
-                )
+            operations.append(
+                {
+                    "request_txn": {
+                        "compare": [_mod_equals(observed_key, mod_revision)],
+                        "success": success,
+                        "failure": [{"request_range": {"key": b64(observed_key)}}],
+                    }
+                }
             )
-            if ok:
-                self._observed_cache[node] = (revision, record)
-                return
-            # Another API instance (or our own timed-out attempt) wrote in between: start from
-            # what is there, and re-attach the alive key to our lease, which may not hold it.
-            raw = responses[0].get("response_range", {}).get("kvs", []) if responses else []
+        _, revision, responses = await self._call(self.gateway.txn([], operations, []))
+        retry: dict[str, _PendingHeartbeat] = {}
+        for (node, pending), response in zip(batch.items(), responses, strict=True):
+            nested = response.get("response_txn", {})
+            if nested.get("succeeded"):
+                self._observed_cache[node] = (revision, records[node])
+                for future in pending.futures:
+                    if not future.done():
+                        future.set_result(None)
+                continue
+            # Another API instance (or the sweeper) wrote this node in between: start again
+            # from what is there, so its transitions are judged against the real previous.
+            raw = nested.get("responses", [{}])[0].get("response_range", {}).get("kvs", [])
             if raw:
                 current = KeyValue.from_json(raw[0])
-                cached = (current.mod_revision, _record_from(current.value))
+                self._observed_cache[node] = (current.mod_revision, _record_from(current.value))
             else:
-                cached = (0, None)
-            reattach = True
-        raise StoreUnavailable(f"heartbeat of {node}: too much contention")
+                self._observed_cache[node] = (0, None)
+            pending.attempts += 1
+            if pending.attempts >= 4:
+                for future in pending.futures:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable(f"heartbeat of {node}: contention"))
+            else:
+                retry[node] = pending
+        return retry
+
+    async def _fill_observed_cache(self) -> None:
+        prefix = self._key("o", "")
+        _, kvs = await self._call(self.gateway.range(prefix, prefix=True))
+        for kv in kvs:
+            node = kv.key[len(prefix) :].decode()
+            if node not in self._observed_cache:
+                self._observed_cache[node] = (kv.mod_revision, _record_from(kv.value))
 
     async def _observed_and_alive(self) -> tuple[list[KeyValue], set[str]]:
         _, records = await self._call(self.gateway.range(self._key("o", ""), prefix=True))
-        alive_prefix = self._key("w", "alive", "")
+        alive_prefix = self._key("a", "")
         _, alive = await self._call(self.gateway.range(alive_prefix, prefix=True, keys_only=True))
         return records, {kv.key[len(alive_prefix) :].decode() for kv in alive}
 
@@ -291,13 +391,34 @@ class EtcdStore(Store):
         return result
 
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
-        records, alive = await self._observed_and_alive()
-        observed_prefix = len(self._key("o", ""))
+        # Keys only first: with a thousand nodes, fetching every record twice a second would
+        # cost more than the heartbeats. Only nodes without an alive key are read.
+        observed_prefix = self._key("o", "")
+        alive_prefix = self._key("a", "")
+        _, observed_keys = await self._call(
+            self.gateway.range(observed_prefix, prefix=True, keys_only=True)
+        )
+        _, alive_keys = await self._call(
+            self.gateway.range(alive_prefix, prefix=True, keys_only=True)
+        )
+        alive = {kv.key[len(alive_prefix) :] for kv in alive_keys}
+        silent = [
+            kv
+            for kv in observed_keys
+            if kv.key[len(observed_prefix) :] not in alive
+            # already reported dead and unchanged since: nothing to read
+            and self._known_dead.get(kv.key) != kv.mod_revision
+        ]
         dead: list[str] = []
-        for kv in records:
-            node = kv.key[observed_prefix:].decode()
+        for key in (kv.key for kv in silent):
+            _, found = await self._call(self.gateway.range(key))
+            if not found:
+                continue
+            kv = found[0]
+            node = key[len(observed_prefix) :].decode()
             record = _record_from(kv.value)
-            if node in alive or record.dead_reported:
+            if record.dead_reported:
+                self._known_dead[key] = kv.mod_revision
                 continue
             marked = ObservedRecord(record.heartbeat, record.last_seen, dead_reported=True)
             event = dead_event(node, record, ttl_s)
@@ -309,16 +430,7 @@ class EtcdStore(Store):
                         _put(kv.key, _record_json(marked)),
                         _put(
                             self._key("e", f"dead-{node}-{kv.mod_revision}-00"),
-                            json.dumps(
-                                {
-                                    "time": now.isoformat(),
-                                    "kind": event.kind,
-                                    "subject": event.subject,
-                                    "cause": event.cause,
-                                    "author": event.author,
-                                    "desired": False,
-                                }
-                            ),
+                            _event_json(event, now, False),
                         ),
                     ],
                     [],

@@ -215,7 +215,7 @@ class EtcdGateway:
     # --- watch -----------------------------------------------------------------------
 
     async def watch_prefix(
-        self, prefix: bytes, start_revision: int
+        self, prefix: bytes, start_revision: int, *, deletes_only: bool = False
     ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """Yield (next revision to watch from, events) forever, resuming after failures.
 
@@ -227,13 +227,14 @@ class EtcdGateway:
         while True:
             index = self._current
             endpoint = self.endpoints[index]
-            request = {
-                "create_request": {
-                    "key": b64(prefix),
-                    "range_end": b64(prefix_end(prefix)),
-                    "start_revision": str(next_revision),
-                }
+            create: dict[str, Any] = {
+                "key": b64(prefix),
+                "range_end": b64(prefix_end(prefix)),
+                "start_revision": str(next_revision),
             }
+            if deletes_only:
+                create["filters"] = ["NOPUT"]
+            request = {"create_request": create}
             try:
                 async with self._http.stream(
                     "POST",

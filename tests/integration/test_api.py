@@ -168,8 +168,11 @@ async def test_roles_node_token_cannot_write_or_act_for_another_node(api: ApiUnd
             await node_a1.heartbeat("b1", Heartbeat(state=NodeState.DOWN))
         with pytest.raises(Forbidden):
             await node_a1.state()  # a node reads only its own view
+        with pytest.raises(Forbidden):
+            await node_a1.node_desired("b1")  # nor another node's view
         view = await node_a1.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
         assert view.node == "a1"
+        assert (await node_a1.node_desired("a1")).node == "a1"
     async with ApiClient([api.url], VIEWER) as viewer:
         with pytest.raises(Forbidden):
             await viewer.put_site("a", SiteSpec(weight=1), revision=revision)

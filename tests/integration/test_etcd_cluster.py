@@ -7,11 +7,13 @@ import contextlib
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from api.app import create_app
 from api.client import ApiClient, Conflict, Unavailable
 from api.schemas import Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from api.settings import parse_settings
 from api.store import open_store
 from api.store.etcd import EtcdStore
 from api.testing.etcd_cluster import LocalEtcdCluster
@@ -107,3 +109,54 @@ async def test_leader_kill_during_writes_loses_no_acknowledged_write(
         await store.close()
     missing = [name for name in acknowledged if name not in final.services]
     assert missing == []
+
+
+async def test_api_starts_without_etcd_and_answers_503_not_500(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "store": {
+                "kind": "etcd",
+                "endpoints": ["http://127.0.0.1:9", "http://127.0.0.2:9"],
+                "request_timeout_s": 0.2,
+                "deadline_s": 0.5,
+            },
+            "tokens": [{"name": "ops", "role": "operator", "token": OPERATOR}],
+        }
+    )
+    with ThreadedServer(lambda: create_app(open_store(settings.store), settings)) as api:
+        async with httpx.AsyncClient(
+            base_url=api.url, headers={"Authorization": f"Bearer {OPERATOR}"}
+        ) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            state = await http.get("/v1/state")
+            assert state.status_code == 503
+            assert state.headers["Retry-After"] == "1"
+            write = await http.put("/v1/sites/a", json={}, headers={"If-Match": '"0"'})
+            assert write.status_code == 503
+
+
+async def test_two_sweeping_instances_report_a_dead_node_once(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    prefix = f"/sweep-{uuid.uuid4().hex[:8]}/"
+    with (
+        _server(etcd_cluster, tmp_path, prefix) as site_a,
+        _server(etcd_cluster, tmp_path, prefix) as site_b,
+    ):
+        async with (
+            ApiClient([site_a.url], OPERATOR) as via_a,
+            ApiClient([site_b.url], NODE_A1) as node_via_b,
+        ):
+            state = await via_a.put_site("a", SiteSpec(), revision=0)
+            await via_a.put_node("a1", NodeSpec(site="a"), revision=state.revision)
+            await node_via_b.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+
+            async def dead_events() -> int:
+                return sum(e.kind == "node-dead" for e in await via_a.events())
+
+            for _ in range(150):  # bounded: TTL 2 s + lease bucket + sweeps
+                if await dead_events():
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # several more sweeps by both instances
+            assert await dead_events() == 1

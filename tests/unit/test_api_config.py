@@ -27,6 +27,7 @@ def test_defaults_are_sqlite_on_loopback() -> None:
         ({"store": {"kind": "etcd", "endpoints": []}}, "store.etcd.endpoints"),
         ({"tokens": [{"name": "x", "role": "node", "token": "t"}]}, "tokens.0"),
         ({"tokens": [{"name": "x", "role": "king", "token": "t"}]}, "tokens.0.role"),
+        ({"tls": {"cert": "/nonexistent.crt", "key": "/nonexistent.key"}}, "tls.cert"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(data: object, field: str) -> None:

@@ -1,0 +1,83 @@
+"""Published views (api.views): node view fingerprints and convergence. Pure, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from api.schemas import (
+    DesiredState,
+    Drain,
+    DrainKind,
+    Heartbeat,
+    Liveness,
+    NodeObserved,
+    NodeSpec,
+    NodeState,
+    SiteSpec,
+)
+from api.views import build_snapshot, convergence_view, node_view, observed_view
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+DESIRED = DesiredState(
+    revision=9,
+    sites={"a": SiteSpec(), "b": SiteSpec()},
+    nodes={"a1": NodeSpec(site="a"), "a2": NodeSpec(site="a"), "b1": NodeSpec(site="b")},
+)
+
+
+def seen(node: str, applied: int, liveness: Liveness = Liveness.ALIVE) -> NodeObserved:
+    return NodeObserved(
+        node=node,
+        liveness=liveness,
+        last_seen=NOW,
+        heartbeat=Heartbeat(state=NodeState.HEALTHY, applied_revision=applied),
+    )
+
+
+def test_fingerprint_moves_with_other_nodes_health_without_a_revision() -> None:
+    all_up = {n: seen(n, 9) for n in DESIRED.nodes}
+    before = node_view(build_snapshot(DESIRED, all_up, 0, 0.0), "a1")
+    b1_dead = {**all_up, "b1": seen("b1", 9, Liveness.DEAD)}
+    after = node_view(build_snapshot(DESIRED, b1_dead, 1, 0.0), "a1")
+    assert before is not None and after is not None
+    assert before.revision == after.revision
+    assert after.effective_weight > before.effective_weight
+    assert after.fingerprint != before.fingerprint
+    same = node_view(build_snapshot(DESIRED, all_up, 2, 0.0), "a1")
+    assert same == before
+    assert node_view(build_snapshot(DESIRED, all_up, 0, 0.0), "nope") is None
+
+
+def test_drained_site_shows_in_each_node_view() -> None:
+    drained = DESIRED.model_copy(
+        update={
+            "drains": [
+                Drain(kind=DrainKind.SITE, name="a", reason="power", author="ops", since=NOW)
+            ]
+        }
+    )
+    view = node_view(build_snapshot(drained, {n: seen(n, 9) for n in DESIRED.nodes}, 0, 0.0), "a2")
+    assert view is not None and view.drained and view.effective_weight == 0
+    assert "power" in view.drain_reason
+
+
+def test_convergence_only_live_nodes_block() -> None:
+    observed = {"a1": seen("a1", 9), "a2": seen("a2", 8, Liveness.DEAD)}
+    report = convergence_view(build_snapshot(DESIRED, observed, 0, 0.0))
+    assert report.applied == ["a1"]
+    assert [(n.node, n.liveness) for n in report.lagging] == [
+        ("a2", Liveness.DEAD),
+        ("b1", Liveness.UNKNOWN),
+    ]
+    assert report.converged  # nothing alive is behind
+    observed["b1"] = seen("b1", 8)
+    assert not convergence_view(build_snapshot(DESIRED, observed, 0, 0.0)).converged
+
+
+def test_observed_view_lists_never_seen_nodes_as_unknown() -> None:
+    listed = observed_view(build_snapshot(DESIRED, {"a1": seen("a1", 9)}, 0, 0.0))
+    assert [(o.node, o.liveness) for o in listed] == [
+        ("a1", Liveness.ALIVE),
+        ("a2", Liveness.UNKNOWN),
+        ("b1", Liveness.UNKNOWN),
+    ]
