@@ -109,8 +109,12 @@ def create_admin_app(agent: Agent) -> Starlette:
         return JSONResponse({"count": len(agent.flows), "flows": items})
 
     async def flow_stream(request: Request) -> Response:
+        # Subscribed before the response starts: a client that has the headers
+        # misses no event that happens after.
+        sub = agent.flows.subscribe()
+
         async def events() -> AsyncIterator[bytes]:
-            with agent.flows.subscribe() as sub:
+            with sub:
                 while True:
                     event = await sub.queue.get()
                     line = {"event": event.kind, **event.flow, "dropped": sub.dropped}

@@ -108,6 +108,7 @@ class L7ClientProtocol(asyncio.Protocol):
         self._parsing: Exchange | None = None
         self._head_size = 0
         self._light_parser: httptools.HttpRequestParser | None = None
+        self._light_facts = _HeadFacts()
         # The raw fast path needs no parsed headers unless the hash key is a header.
         pool_cfg = ctx.config.pool
         self._fast_ok = (
@@ -215,8 +216,10 @@ class L7ClientProtocol(asyncio.Protocol):
         rewritten from the raw bytes instead of being rebuilt header by header.
         """
         light = self._light_parser
+        facts = self._light_facts
         if light is None:
-            light = self._light_parser = httptools.HttpRequestParser(_NoCallbacks())
+            light = self._light_parser = httptools.HttpRequestParser(facts)
+            facts.parser = light
         try:
             light.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -231,9 +234,9 @@ class L7ClientProtocol(asyncio.Protocol):
             self._fail_parse(431)
             return
         ex = Exchange()
-        ex.method = light.get_method().decode("latin-1")
-        ex.http_10 = light.get_http_version() == "1.0"
-        ex.client_keep_alive = light.should_keep_alive()
+        ex.method = facts.method
+        ex.http_10 = facts.http_10
+        ex.client_keep_alive = facts.keep_alive
         ex.request_complete = True
         ex.retryable = self.ctx.config.retry_idempotent and ex.method in IDEMPOTENT
         try:
@@ -760,5 +763,19 @@ def _discard(data: bytes) -> None:
     pass
 
 
-class _NoCallbacks:
-    """The protocol of a parser that only validates."""
+class _HeadFacts:
+    """The protocol of the validating parser: only what the head says, read while the
+    parser is on it (after the message, llhttp has already reset its flags)."""
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpRequestParser | None = None
+        self.method = ""
+        self.http_10 = False
+        self.keep_alive = True
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        self.method = parser.get_method().decode("latin-1")
+        self.http_10 = parser.get_http_version() == "1.0"
+        self.keep_alive = parser.should_keep_alive()

@@ -88,3 +88,19 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
+
+
+def test_example_node_yaml_with_control_plane_section_is_valid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+    data = yaml.safe_load((root / "node.yaml").read_text())
+    data |= yaml.safe_load((root / "control_plane.yaml").read_text())
+    monkeypatch.setenv("ANYCAST_EDGE_NODE_TOKEN", "t0ken")
+    cfg = parse_config(data)
+    assert cfg.control_plane is not None and cfg.control_plane.bearer_token() == "t0ken"
+    monkeypatch.delenv("ANYCAST_EDGE_NODE_TOKEN")
+    with pytest.raises(ConfigError, match="ANYCAST_EDGE_NODE_TOKEN is not set"):
+        parse_config(data)
