@@ -215,6 +215,13 @@ async def test_watch_long_poll_delivers_a_change_and_effective_weights(api: ApiU
     revision = await seed(api)
     async with ApiClient([api.url], NODE_A1) as a1, ApiClient([api.url], OPERATOR) as operator:
         await a1.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+
+        # The published view is rebuilt from heartbeats shortly after: wait until it shows
+        # a1 alive, so the view the long-poll starts from is the settled one.
+        async def heartbeat_reflected() -> bool:
+            return (await a1.node_desired("a1")).effective_weight > 0
+
+        await poll_until(heartbeat_reflected, timeout_s=10)
         first = await a1.node_desired("a1")
         waiter = asyncio.create_task(
             a1.node_desired(
