@@ -45,7 +45,12 @@ async def test_two_api_instances_share_state_and_push(
             state = await via_a.put_site("a", SiteSpec(), revision=0)
             state = await via_a.put_node("a1", NodeSpec(site="a"), revision=state.revision)
             await node_via_b.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
-            first = await node_via_b.node_desired("a1")
+            # Start the long-poll from the settled view: the heartbeat reflected in it.
+            for _ in range(200):  # bounded: 10 s
+                first = await node_via_b.node_desired("a1")
+                if first.effective_weight > 0:
+                    break
+                await asyncio.sleep(0.05)
             waiter = asyncio.create_task(
                 node_via_b.node_desired(
                     "a1", after_revision=first.revision, fingerprint=first.fingerprint, timeout_s=20
