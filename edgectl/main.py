@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.text import Text
@@ -55,7 +56,8 @@ T = TypeVar("T")
 
 HELP = (
     "Operate the anycast edge fleet through the GSLB API. Endpoints: --api URL (repeatable, "
-    "tried in order) or EDGECTL_API (comma-separated); token: --token or EDGECTL_TOKEN. "
+    "tried in order) or EDGECTL_API (comma-separated), else http://127.0.0.1:8080; token: "
+    "--token or EDGECTL_TOKEN. "
     "Read commands take --json for scripts."
 )
 
@@ -158,10 +160,11 @@ def _connection(ctx: typer.Context, api: list[str] | None, token: str | None) ->
     if not values:
         values = [os.environ.get("EDGECTL_API", "")] if os.environ.get("EDGECTL_API") else []
     endpoints = parse_endpoints(values) or [DEFAULT_API]
+    ca_file = base.ca_file or os.environ.get("EDGECTL_CA_FILE") or None
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise CliError(Exit.USAGE, f"CA file {ca_file!r} does not exist")
     return Connection(
-        endpoints,
-        token or base.token or os.environ.get("EDGECTL_TOKEN") or None,
-        base.ca_file or os.environ.get("EDGECTL_CA_FILE") or None,
+        endpoints, token or base.token or os.environ.get("EDGECTL_TOKEN") or None, ca_file
     )
 
 
@@ -181,7 +184,7 @@ def _run(
     return asyncio.run(go())
 
 
-def _out() -> Any:
+def _out() -> Console:
     return render.console()
 
 
