@@ -14,6 +14,8 @@ whatever each node's own capacity.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,10 @@ class ControlPlaneLink:
         self.agent = agent
         self.announcer = announcer
         self._drained_by_gslb = False
+        self._last_positive: float | None = None
+        self._announced: float | None = None
+        self._reconciler: asyncio.Task[None] | None = None
+        self._interval = config.heartbeat_interval
         verify: bool | str = str(config.ca_file) if config.ca_file else True
         self.sync = ControlPlaneSync(
             endpoints=config.endpoints,
@@ -58,9 +64,48 @@ class ControlPlaneLink:
     async def start(self) -> None:
         self.agent.status_extras["control_plane"] = self.status
         self.sync.start()
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
 
     async def stop(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
         await self.sync.stop()
+
+    def weight_in_force(self, view: NodeDesired | None = None) -> float | None:
+        """The effective weight to announce, or None before any view.
+
+        Normally the view's. But a view that gives this node 0 only because it was
+        reported down (not drained, operator weight above 0) is the GSLB's reaction to
+        our own old health: while no API answers it cannot be updated, so a node that
+        has recovered announces its last positive weight instead of staying out.
+        """
+        view = view or self.sync.desired
+        if view is None:
+            return None
+        zero_for_health = (
+            view.effective_weight == 0 and not view.drained and view.operator_weight > 0
+        )
+        if self.sync.stale and zero_for_health and self._last_positive is not None:
+            return self._last_positive
+        return view.effective_weight
+
+    def _announce_weight(self, view: NodeDesired | None = None) -> None:
+        weight = self.weight_in_force(view)
+        if weight is None or weight == self._announced or self.announcer is None:
+            return
+        bgp = self.agent.config.bgp
+        if bgp is None:
+            return
+        self._announced = weight
+        self.announcer.set_weight(announced_weight(weight, bgp.capacity_mbps))
+
+    async def _reconcile_forever(self) -> None:
+        # Staleness changes with time, not with a new view: look again now and then.
+        while True:
+            await asyncio.sleep(self._interval)
+            self._announce_weight()
 
     def _heartbeat(self) -> Heartbeat:
         agent = self.agent
@@ -78,9 +123,10 @@ class ControlPlaneLink:
 
     async def _apply(self, view: NodeDesired) -> None:
         agent = self.agent
-        if self.announcer is not None and agent.config.bgp is not None:
-            weight = announced_weight(view.effective_weight, agent.config.bgp.capacity_mbps)
-            self.announcer.set_weight(weight)
+        if view.effective_weight > 0:
+            self._last_positive = view.effective_weight
+        # The sync records the view as in force once this returns; announce from it now.
+        self._announce_weight(view)
         if view.drained and not agent.machine.drain_requested:
             self._drained_by_gslb = True
             agent.start_drain(f"GSLB: {view.drain_reason or 'drained'}", exit_when_done=False)
@@ -106,6 +152,7 @@ class ControlPlaneLink:
             else round(time.time() - sync.last_success, 3),
             "last_error": sync.last_error,
             "applied_revision": sync.applied_revision,
+            "weight_in_force": self.weight_in_force(),
             "desired": None
             if desired is None
             else {

@@ -98,7 +98,8 @@ def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
     port = 9000 + index
     lab.spawn(
         netns_command(edge.netns, sys.executable, "-m", "deploy.backend.named_backend",
-                      "--port", str(port), "--name", f"b{index}"),
+                      "--port", str(port), "--name", f"b{index}",
+                      "--fail-file", str(lab.workdir / f"b{index}.fail")),
         cwd=ROOT,
     )  # fmt: skip
     bgp = edge_bgp_config(edge, runtime_dir=str(lab.workdir / f"run{index}")).model_dump(
@@ -110,8 +111,15 @@ def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
         "listeners": [{"name": "tcp", "kind": "tcp", "address": VIP, "port": 8080}],
         "backends": [{"name": f"b{index}", "address": "127.0.0.1", "port": port}],
         "health": {
-            "active": {"kind": "tcp", "interval": 0.2, "timeout": 0.2, "rise": 2, "fall": 2}
-        },
+            "active": {
+                "kind": "http",
+                "path": "/health",
+                "interval": 0.2,
+                "timeout": 0.2,
+                "rise": 2,
+                "fall": 2,
+            }
+        },  # fmt: skip
         "bgp": bgp,
         "control_plane": {
             "endpoints": [api_url],
@@ -174,3 +182,40 @@ def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
 
     in_netns(router_ns, even)
     wait_for(lambda: abs(ratio(lab) - 1.0) < 0.05, 60, what="next-hop weights 1:1 after the change")
+
+
+def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight(
+    lab: NetLab,
+) -> None:
+    """edge1 goes down while the API is up: the GSLB gives it 0 and the routers only use
+    edge2. The API dies, edge1 recovers: it must not stay out for as long as the control
+    plane is gone, so it announces its last positive weight (750 of 1000) again."""
+    assert lab.router is not None
+    router = lab.router
+    api_url, api = start_api(lab)
+
+    async def seed() -> None:
+        async with ApiClient([api_url], OPERATOR) as operator:
+            state = await operator.put_site("lab", SiteSpec(), revision=0)
+            state = await operator.put_node(
+                "edge1", NodeSpec(site="lab", weight=300), revision=state.revision
+            )
+            await operator.put_node(
+                "edge2", NodeSpec(site="lab", weight=100), revision=state.revision
+            )
+
+    in_netns(router.netns, seed)
+    for index in (1, 2):
+        start_agent(lab, index, api_url)
+    wait_for(lambda: abs(ratio(lab) - 3.0) < 0.05, 60, what="next-hop weights 3:1")
+
+    edge1, edge2 = (str(e.address) for e in lab.edges)
+    (lab.workdir / "b1.fail").touch()  # edge1's only backend fails: edge1 down
+    wait_for(lambda: set(router.fib_nexthops(VIP)) == {edge2}, 30, what="only edge2 in the FIB")
+    time.sleep(2)  # several heartbeats: the GSLB has published weight 0 for edge1
+    api.send_signal(signal.SIGKILL)
+    api.wait(10)
+    (lab.workdir / "b1.fail").unlink()  # edge1 recovers while no API answers
+    # Its last positive weight against edge2's 1000 (the view edge2 holds): 0.75.
+    wait_for(lambda: abs(ratio(lab) - 0.75) < 0.05, 60, what="edge1 back at its last weight")
+    assert set(router.fib_nexthops(VIP)) == {edge1, edge2}
