@@ -12,6 +12,8 @@ so that a test or chaos run can really kill it. Paths:
   /echo             the request body back (any method)
   /headers          the request headers it received, one per line
   /hop              a response carrying hop-by-hop headers
+  /upgrade          with `Upgrade: echo`: 101, then echoes every byte (a WebSocket stand-in);
+                    any other path refuses an upgrade with a plain 200 and closes
 """
 
 from __future__ import annotations
@@ -35,14 +37,30 @@ class BackendProtocol(asyncio.Protocol):
         self.body: list[bytes] = []
         self.method = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.echoing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.echoing:
+            if self.transport is not None:
+                self.transport.write(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # Protocol "echo": 101, then every byte comes back (bytes already sent too).
+            if self.transport is not None and self.url.startswith(b"/upgrade"):
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n"
+                    b"Connection: Upgrade\r\nX-Backend: %b\r\n\r\n" % self.name
+                )
+                self.echoing = True
+                self.transport.write(data[upgrade.args[0] :])
+            elif self.transport is not None:
+                self.send(200, b"no upgrade here\n", keep_alive=False)
         except httptools.HttpParserError:
             if self.transport:
                 self.transport.close()
@@ -62,6 +80,8 @@ class BackendProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # answered in data_received, where the parser stops
         self.method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         headers = b"".join(b"%b: %b\n" % h for h in self.headers)

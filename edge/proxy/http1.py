@@ -149,6 +149,12 @@ def rewrite_response_head(
     )
 
 
+def switching_protocols_head(head: bytes, via: bytes) -> bytes:
+    """A 101 head for the client: kept as the backend sent it (its Upgrade and
+    Connection headers are the point of it), on HTTP/1.1, with our Via added."""
+    return b"HTTP/1.1" + head[8:] + via + b"\r\n\r\n"
+
+
 class RequestHead(NamedTuple):
     data: bytes
     chunked: bool
@@ -160,10 +166,12 @@ def build_request_head(
     headers: list[tuple[bytes, bytes]],
     client_address: bytes,
     via: bytes,
+    upgrade: bool = False,
 ) -> RequestHead:
     """The head sent upstream: HTTP/1.1, hop-by-hop dropped, X-Forwarded-For and Via added.
 
-    `via` is the complete header line to add, starting with CRLF.
+    `via` is the complete header line to add, starting with CRLF. With `upgrade` (a
+    protocol upgrade such as WebSocket), Upgrade is kept and `Connection: Upgrade` sent.
     """
     parts = [method, b" ", url, b" HTTP/1.1"]
     forwarded: list[bytes] = []
@@ -176,6 +184,9 @@ def build_request_head(
             named.update(t.strip().lower() for t in value.split(b","))
     for name, value in headers:
         lname = name.lower()
+        if upgrade and lname == b"upgrade":
+            parts += (b"\r\n", name, b": ", value)
+            continue
         if lname in HOP_BY_HOP or lname in named:
             if lname == b"transfer-encoding":
                 chunked = True
@@ -186,6 +197,8 @@ def build_request_head(
         if lname == b"content-length":
             content_length = True
         parts += (b"\r\n", name, b": ", value)
+    if upgrade:
+        parts.append(b"\r\nConnection: Upgrade")
     return _end_request_head(parts, chunked, content_length, forwarded, client_address, via)
 
 

@@ -37,6 +37,7 @@ from edge.proxy.http1 import (
     chunk,
     rewrite_request_head,
     rewrite_response_head,
+    switching_protocols_head,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,10 @@ class L7ClientProtocol(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
         self._head_size = 0
+        # A protocol upgrade: set when the request was sent, the tunnel once it is up.
+        self._upgrading = False
+        self._tunnel: L7UpstreamProtocol | None = None
+        self._tunnel_pending: list[bytes] = []
         self._light_parser: httptools.HttpRequestParser | None = None
         self._light_facts = _HeadFacts()
         # The raw fast path needs no parsed headers unless the hash key is a header.
@@ -153,6 +158,9 @@ class L7ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow is not None:
             self.flow.bytes_in += len(data)
+        if self._upgrading:
+            self._tunnel_out(data)
+            return
         if (
             self._parsing is None
             and not self._queue
@@ -161,13 +169,17 @@ class L7ClientProtocol(asyncio.Protocol):
             and data.find(b"\r\n\r\n") == len(data) - 4
         ):
             lowered = data.lower()
-            if b"\r\ncontent-length" not in lowered and b"\r\ntransfer-encoding" not in lowered:
+            if (
+                b"\r\ncontent-length" not in lowered
+                and b"\r\ntransfer-encoding" not in lowered
+                and b"\r\nupgrade" not in lowered
+            ):
                 self._whole_request(data)
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail_parse(501, b"protocol upgrade is not supported\n")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
             return
         except httptools.HttpParserError as error:
             if self._head_size < 0:
@@ -185,6 +197,11 @@ class L7ClientProtocol(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        tunnel = self._tunnel
+        if tunnel is not None and tunnel.transport is not None:
+            if tunnel.transport.can_write_eof():
+                tunnel.transport.write_eof()
+            return True
         # The client sent all it will send; answer what is in flight, then close.
         if not self._queue:
             return False
@@ -208,6 +225,43 @@ class L7ClientProtocol(asyncio.Protocol):
             self._fail_parse(408)
         elif self.transport is not None:
             self.transport.close()
+
+    # -- protocol upgrades (WebSocket and the like) ---------------------------------
+    def _upgrade_requested(self, early: bytes) -> None:
+        """The parser stopped at an upgrade request: from here on, bytes are the new
+        protocol's. They are held until the backend agrees (101), then tunnelled."""
+        ex = self._queue[-1] if self._queue else None
+        if ex is None or not ex.upgrade or not ex.head_bytes:
+            self._fail_parse(501, b"CONNECT is not supported\n")
+            return
+        self._parsing = None
+        ex.request_complete = True
+        ex.retryable = False  # the client may already be speaking the new protocol
+        self._upgrading = True
+        self._tunnel_out(early)
+        self.flush()
+
+    def _tunnel_out(self, data: bytes) -> None:
+        """Client bytes of an upgraded connection: to the backend, or held until the 101."""
+        if not data:
+            return
+        upstream = self._tunnel
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
+            return
+        self._tunnel_pending.append(data)
+        if sum(map(len, self._tunnel_pending)) > self.ctx.config.limits.buffer_high_water:
+            self._pause()
+
+    def tunnel_established(self, upstream: L7UpstreamProtocol) -> None:
+        self._tunnel = upstream
+        self.deadline = 0.0
+        if self._tunnel_pending and upstream.transport is not None:
+            upstream.transport.write(b"".join(self._tunnel_pending))
+            self._tunnel_pending.clear()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     def _whole_request(self, data: bytes) -> None:
         """Fast path: exactly one complete request without a body, nothing in flight.
@@ -304,9 +358,15 @@ class L7ClientProtocol(asyncio.Protocol):
         ex.client_keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             ex.upgrade = True
-            return
+            if ex.method == "CONNECT":
+                return  # not a forward proxy: refused with 501 when the parser stops
         head = build_request_head(
-            parser.get_method(), ex.url, ex.headers, self.client_address.encode(), self.ctx.via_line
+            parser.get_method(),
+            ex.url,
+            ex.headers,
+            self.client_address.encode(),
+            self.ctx.via_line,
+            upgrade=ex.upgrade,
         )
         ex.head_bytes = head.data
         ex.chunked_request = head.chunked
@@ -370,8 +430,8 @@ class L7ClientProtocol(asyncio.Protocol):
         return self.client_address.encode()
 
     def dispatch(self, ex: Exchange, exclude: Backend | None = None) -> None:
-        if ex.upgrade:
-            return  # answered with 501 when the parser reports the upgrade
+        if ex.upgrade and not ex.head_bytes:
+            return  # CONNECT: answered with 501 when the parser reports the upgrade
         ctx = self.ctx
         pool = ctx.pool
         key = self._hash_key(ex) if pool.algorithm is Algorithm.MAGLEV else b""
@@ -507,6 +567,8 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._upstream_close = False
         # Body bytes still expected for a Content-Length response (-1: parser frames it).
         self._remaining = -1
+        # After a 101: raw bytes both ways until either side closes.
+        self._tunnel = False
         self._uses = 0
         self._write: Callable[[bytes], None] = _discard
         self.deadline = 0.0
@@ -581,6 +643,10 @@ class L7UpstreamProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        if self._tunnel:
+            client.out.append(data)
+            client.flush()
+            return
         if not ex.response_started:
             ex.response_started = True
             if ex.body_buffer:
@@ -643,12 +709,27 @@ class L7UpstreamProtocol(asyncio.Protocol):
                     self.ctx.via_line,
                     head_request=ex.method == "HEAD",
                     client_http10=ex.http_10,
-                    keep_alive=ex.client_keep_alive and client.keep_alive_allowed(),
+                    # An upgrade refused: the client may have sent bytes of the new
+                    # protocol already, so its connection closes after the answer.
+                    keep_alive=ex.client_keep_alive
+                    and client.keep_alive_allowed()
+                    and not ex.upgrade,
                 )
             except HeadError as error:
                 self._fail_mid_response(f"bad response: {error}")
                 return None
             start, pos = pos, end + 4
+            if head.status == 101 and ex.upgrade:
+                # The backend switched protocols: pass its 101 on, then only bytes.
+                client.out.append(switching_protocols_head(data[start:end], self.ctx.via_line))
+                self._awaiting_head = False
+                self._tunnel = True
+                self.deadline = 0.0
+                client.tunnel_established(self)
+                rest = data[pos:]
+                if rest:
+                    client.out.append(rest)
+                return None
             if head.status >= 200:
                 break
             # 1xx (100 Continue, 103 Early Hints): passed on as is; the final
@@ -731,6 +812,11 @@ class L7UpstreamProtocol(asyncio.Protocol):
             client.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        client = self._client
+        if self._tunnel and client is not None and client.transport is not None:
+            if client.transport.can_write_eof():
+                client.transport.write_eof()
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -742,6 +828,14 @@ class L7UpstreamProtocol(asyncio.Protocol):
             return
         self._ex = None
         self._client = None
+        if self._tunnel:
+            # The backend ended the upgraded connection: so does the client's.
+            if client.transport is not None:
+                if exc is None:
+                    client.transport.close()
+                else:
+                    client.transport.abort()
+            return
         if not ex.response_started:
             # A reused connection closed by the backend between requests is the
             # keep-alive race, not a broken backend: retry without ejecting.

@@ -119,7 +119,7 @@ def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
                 "rise": 2,
                 "fall": 2,
             }
-        },  # fmt: skip
+        },
         "bgp": bgp,
         "control_plane": {
             "endpoints": [api_url],

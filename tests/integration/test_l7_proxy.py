@@ -118,8 +118,6 @@ def test_bad_requests_get_4xx_not_a_crash(shared_site: Site) -> None:
     assert raw(shared_site, smuggle).startswith(b"HTTP/1.1 400")
     huge = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n"
     assert raw(shared_site, huge).startswith(b"HTTP/1.1 431")
-    upgrade = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    assert raw(shared_site, upgrade).startswith(b"HTTP/1.1 501")
     # The agent still serves.
     assert httpx.get(shared_site.http + "/").status_code == 200
 
@@ -162,3 +160,48 @@ def test_flow_events_stream(shared_site: Site) -> None:
                 break
     assert len(seen) == 2, seen
     assert '"event": "accept"' in seen[0] and '"event": "close"' in seen[1]
+
+
+def read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def test_protocol_upgrade_is_tunnelled_both_ways(shared_site: Site) -> None:
+    """A WebSocket-style upgrade: the backend's 101 reaches the client, then bytes flow
+    both ways untouched (the client's early bytes too) until one side closes."""
+    with socket.create_connection(("127.0.0.1", shared_site.http_port), timeout=5) as s:
+        s.sendall(
+            b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly"
+        )
+        head, got = read_head(s)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert b"Upgrade: echo" in head and b"Connection: Upgrade" in head
+        assert b"Via: 1.1 edge-t1.site-t" in head
+        while len(got) < 5:
+            got += s.recv(4096)
+        assert got == b"early"
+        for i in range(20):
+            message = f"frame {i} \r\n\r\n GET / HTTP/1.1".encode()  # not HTTP any more
+            s.sendall(message)
+            echoed = b""
+            while len(echoed) < len(message):
+                echoed += s.recv(4096)
+            assert echoed == message
+        s.shutdown(socket.SHUT_WR)  # the backend closes on our EOF: so does the proxy
+        assert s.recv(4096) == b""
+
+
+def test_refused_upgrade_is_answered_then_closed_and_connect_is_refused(shared_site: Site) -> None:
+    out = raw(
+        shared_site, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"no upgrade here\n")
+    assert b"\r\nConnection: close\r\n" in out
+    out = raw(shared_site, b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 501")
