@@ -61,7 +61,7 @@ def request(host: str = VIP, port: int = PORT, timeout: float = 2.0) -> dict[str
         if not record["ok"]:
             record["error"] = f"HTTP {status}"
     except OSError as exc:
-        record["error"] = type(exc).__name__
+        record["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
     record["end"] = time.time()
     return record
 
