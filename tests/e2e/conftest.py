@@ -1,4 +1,4 @@
-"""The docker-compose lab, brought up once for the e2e session and always taken down.
+"""The docker-compose lab, brought up once for the e2e package and always taken down.
 
 Needs root (it may install and start Docker) or a Docker engine that answers. The
 finalizer removes every container, network and volume the lab made and stops dockerd
@@ -26,7 +26,7 @@ def _can_run() -> str:
     return "needs root or a running Docker engine"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab_up() -> Iterator[dict[str, float]]:
     reason = _can_run()
     if reason:
