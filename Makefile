@@ -71,5 +71,11 @@ bench-bgp: deps venv
 bench-api: deps venv
 	$(PY) -m bench.api
 
+# Lab numbers: drains, node kill/freeze with and without BFD, weight change -> core FIB,
+# site share (brings the lab up and down; a few minutes, bounded).
+.PHONY: bench-lab
+bench-lab: venv
+	$(PY) -m bench.lab
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results .lab
