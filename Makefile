@@ -1,4 +1,5 @@
 # anycast-edge: `make lab` and `make test` work on a fresh Debian machine (as root).
+# `make lab` (the docker-compose lab) installs and starts Docker when it is missing.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 DEB_TEST := frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps lint test test-unit test-integration lab demo bench-proxy clean
+.PHONY: all venv deps lint test test-unit test-integration test-e2e lab lab-down lab-status demo bench-proxy clean
 
 all: test
 
@@ -38,9 +39,23 @@ test-unit: venv
 test-integration: deps venv
 	$(BIN)/pytest -q tests/integration
 
-# Until the docker-compose lab exists: a local demo, one agent on loopback
-# in front of two backends, with traffic and its status shown.
-lab demo: venv
+# The docker-compose lab, end to end (brings it up once, always takes it down; a few min).
+test-e2e: venv
+	$(BIN)/pytest -q -p no:cacheprovider tests/e2e
+
+# The docker-compose lab: client, FRR routers, two sites of real edges, GSLB on etcd.
+# Builds what is missing (Docker itself, the base image, the wheelhouse, the images).
+lab: venv
+	$(PY) -m deploy.lab up
+
+lab-down: venv
+	$(PY) -m deploy.lab down
+
+lab-status: venv
+	$(PY) -m deploy.lab status
+
+# A local demo without Docker: one agent on loopback in front of two backends.
+demo: venv
 	$(PY) -m deploy.demo.run_demo
 
 bench-proxy: deps venv
@@ -56,5 +71,11 @@ bench-bgp: deps venv
 bench-api: deps venv
 	$(PY) -m bench.api
 
+# Lab numbers: drains, node kill/freeze with and without BFD, weight change -> core FIB,
+# site share (brings the lab up and down; a few minutes, bounded).
+.PHONY: bench-lab
+bench-lab: venv
+	$(PY) -m bench.lab
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results .lab

@@ -1,0 +1,680 @@
+"""The docker-compose lab: `python -m deploy.lab up|down|status|chaos ...` (`make lab`,
+`edgectl lab ...`).
+
+    up      makes the machine lab-ready (scripts/lab-docker.sh), builds the images, starts
+            the lab, seeds the GSLB (two sites, four nodes), waits until every edge is
+            announced and alive, then prints the fleet and a short burst of client traffic
+    down    removes everything the lab made: containers, networks, volumes, host rules
+            (`--stop-engine` also stops a dockerd that the lab itself started)
+    status  containers, routers' BGP sessions and FIB next-hops, the GSLB's view
+    chaos   kill NODE | freeze NODE | cut-link NODE | partition-api-etcd |
+            kill-etcd-leader | heal (heal undoes every one of them)
+
+Traffic only ever goes between the lab's own containers (and from this host to the
+lab's API and etcd addresses on the lab's bridges); every wait and load is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from api.client import ApiClient, ApiError
+from api.schemas import DesiredSpec, DrainKind, NodeSpec, SiteSpec, WeightsUpdate
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+PROJECT = "anycast-lab"
+LABEL = "anycast-edge-lab.role"
+VIP = "198.51.100.10"
+OPERATOR_TOKEN = "lab-operator-token"
+ENGINE_STATE = Path("/run/anycast-edge-lab")
+
+SITES = {"site-a": ("edge-a1", "edge-a2"), "site-b": ("edge-b1", "edge-b2")}
+NODES = [node for nodes in SITES.values() for node in nodes]
+NODE_SITE = {node: site for site, nodes in SITES.items() for node in nodes}
+EDGE_ADDRESS = {
+    "edge-a1": "198.18.10.11",
+    "edge-a2": "198.18.10.12",
+    "edge-b1": "198.18.20.11",
+    "edge-b2": "198.18.20.12",
+}
+SITE_ROUTER = {"site-a": "router-a", "site-b": "router-b"}
+# The core's next-hop toward each site router.
+SITE_NEXT_HOP = {"site-a": "198.18.1.2", "site-b": "198.18.2.2"}
+API_URLS = {"api-a": "http://198.18.10.30:8080", "api-b": "http://198.18.20.30:8080"}
+ETCD = {"etcd1": "198.18.100.11", "etcd2": "198.18.100.12", "etcd3": "198.18.100.13"}
+ROUTERS = ("core", "router-a", "router-b")
+# One service per image: building these builds every image of the lab.
+IMAGE_SERVICES = ("etcd1", "client", "core", "backend-a1", "api-a", "edge-a1")
+# Bridged frames between lab containers whose source is a lab address: Docker's isolation
+# rules for internal networks would drop every packet whose source or destination is
+# outside the bridge's subnet, i.e. all routed traffic between the lab's routers.
+BRIDGE_RULES = (
+    ["-s", "198.18.0.0/15", "-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"],
+    ["-s", "198.51.100.0/24", "-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"],
+)
+
+
+class LabError(Exception):
+    """Something the lab could not do, said in one line."""
+
+
+def say(message: str) -> None:
+    print(f"lab: {message}", flush=True)
+
+
+def run(
+    *cmd: str, timeout: float = 60.0, check: bool = True, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        input=input_text,
+    )
+    if check and result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise LabError(f"{' '.join(cmd[:4])}...: {detail[-1] if detail else result.returncode}")
+    return result
+
+
+def container(service: str) -> str:
+    return f"lab-{service}"
+
+
+def dexec(service: str, *cmd: str, timeout: float = 30.0, check: bool = True) -> str:
+    return run("docker", "exec", container(service), *cmd, timeout=timeout, check=check).stdout
+
+
+def compose_command() -> list[str]:
+    base = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
+    return [*base, "-p", PROJECT, "-f", str(COMPOSE_FILE)]
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
+) -> None:
+    """Poll until `predicate()` holds; bounded. LabError naming what we waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(LabError, subprocess.TimeoutExpired, httpx.HTTPError, ApiError):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise LabError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- engine and images ------------------------------------------------------------------
+
+
+def engine_running() -> bool:
+    return (
+        shutil.which("docker") is not None
+        and run("docker", "info", timeout=20, check=False).returncode == 0
+    )
+
+
+def ensure_engine() -> bool:
+    """Make the machine lab-ready; True when this call started dockerd."""
+    started_before = engine_running()
+    process = subprocess.run(["bash", str(ROOT / "scripts" / "lab-docker.sh")], check=False)
+    if process.returncode != 0:
+        raise LabError("scripts/lab-docker.sh failed (see above)")
+    return not started_before
+
+
+def stop_engine_if_ours() -> None:
+    """Stop the dockerd that scripts/lab-docker.sh started (never one we did not start)."""
+    owner = ENGINE_STATE / "dockerd.owner"
+    pid_file = ENGINE_STATE / "dockerd.pid"
+    if not owner.exists() or not pid_file.exists():
+        return
+    with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.2)
+        say("stopped dockerd (the lab had started it)")
+    owner.unlink(missing_ok=True)
+
+
+def build_images() -> None:
+    say("building images (deploy/docker/Dockerfile; cached layers are reused)")
+    process = subprocess.Popen(
+        [*compose_command(), "build", *IMAGE_SERVICES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    tail: list[str] = []
+    for raw in process.stdout:
+        line = raw.rstrip()
+        tail = [*tail[-30:], line]
+        if line.startswith(("Building ", "Step ", "Successfully tagged")):
+            print(f"  {line[:110]}", flush=True)
+    if process.wait() != 0:
+        print("\n".join(tail), file=sys.stderr)
+        raise LabError("image build failed")
+
+
+def allow_bridged_traffic() -> None:
+    if not shutil.which("iptables"):
+        return
+    if run("iptables", "-S", "DOCKER-USER", check=False).returncode != 0:
+        return  # no Docker firewall chain: nothing drops bridged traffic
+    for rule in BRIDGE_RULES:
+        if run("iptables", "-C", "DOCKER-USER", *rule, check=False).returncode != 0:
+            run("iptables", "-I", "DOCKER-USER", *rule)
+
+
+def remove_bridged_rules() -> None:
+    if not shutil.which("iptables"):
+        return
+    for rule in BRIDGE_RULES:
+        while run("iptables", "-C", "DOCKER-USER", *rule, check=False).returncode == 0:
+            run("iptables", "-D", "DOCKER-USER", *rule, check=False)
+
+
+# -- the GSLB ----------------------------------------------------------------------------
+
+
+def api_call(make: Callable[[ApiClient], Any], endpoints: Sequence[str] | None = None) -> Any:
+    """Run `await make(client)` against the lab's APIs (any that answers)."""
+
+    async def go() -> Any:
+        urls = list(endpoints or API_URLS.values())
+        async with ApiClient(urls, OPERATOR_TOKEN, timeout_s=3) as client:
+            return await make(client)
+
+    return asyncio.run(go())
+
+
+def seed() -> int:
+    """Two sites and four nodes at equal weights, unless the GSLB already has them."""
+
+    async def go(client: ApiClient) -> int:
+        state = await client.state()
+        if set(state.nodes) == set(NODES):
+            return state.revision
+        spec = DesiredSpec(
+            sites={site: SiteSpec() for site in SITES},
+            nodes={node: NodeSpec(site=NODE_SITE[node]) for node in NODES},
+        )
+        return (await client.apply_state(spec, revision=state.revision)).revision
+
+    revision: int = api_call(go)
+    return revision
+
+
+def set_site_weights(weights: dict[str, int]) -> int:
+    async def go(client: ApiClient) -> int:
+        state = await client.state()
+        update = WeightsUpdate(sites=weights)
+        return (await client.set_weights(update, revision=state.revision)).revision
+
+    revision: int = api_call(go)
+    return revision
+
+
+def drain(kind: DrainKind, name: str, reason: str = "lab") -> int:
+    async def go(client: ApiClient) -> int:
+        state = await client.state()
+        return (await client.drain(kind, name, reason, revision=state.revision)).revision
+
+    revision: int = api_call(go)
+    return revision
+
+
+def undrain_all() -> None:
+    async def go(client: ApiClient) -> None:
+        for item in await client.drains():
+            state = await client.state()
+            await client.undrain(item.kind, item.name, revision=state.revision)
+
+    api_call(go)
+
+
+def gslb_view() -> dict[str, Any]:
+    """Effective weights, liveness and state per node, drains (from any API that answers)."""
+
+    async def go(client: ApiClient) -> dict[str, Any]:
+        weights = await client.effective_weights()
+        observed = await client.observed()
+        drains = await client.drains()
+        return {
+            "revision": weights.revision,
+            "sites": weights.sites,
+            "nodes": {
+                o.node: {
+                    "liveness": str(o.liveness),
+                    "state": str(o.heartbeat.state) if o.heartbeat else "",
+                    "applied_revision": o.heartbeat.applied_revision if o.heartbeat else None,
+                    "effective_weight": weights.nodes.get(o.node, 0.0),
+                }
+                for o in observed
+            },
+            "drains": [f"{d.kind}:{d.name}" for d in drains],
+        }
+
+    view: dict[str, Any] = api_call(go)
+    return view
+
+
+# -- routers -----------------------------------------------------------------------------
+
+
+def fib_nexthops(router: str, prefix: str = VIP) -> dict[str, int]:
+    """Kernel next-hops of the VIP in a router container: gateway -> weight."""
+    out = dexec(router, "ip", "-j", "-d", "route", "show", "exact", f"{prefix}/32", check=False)
+    hops: dict[str, int] = {}
+    for route in json.loads(out or "[]"):
+        if "gateway" in route:
+            hops[route["gateway"]] = 1
+        for hop in route.get("nexthops", []):
+            hops[hop["gateway"]] = int(hop.get("weight", 1))
+    return hops
+
+
+def bgp_sessions(router: str) -> dict[str, str]:
+    data = json.loads(dexec(router, "vtysh", "-c", "show bgp neighbors json", check=False) or "{}")
+    return {peer: info.get("bgpState", "") for peer, info in data.items()}
+
+
+def bfd_peers(router: str) -> dict[str, str]:
+    data = json.loads(dexec(router, "vtysh", "-c", "show bfd peers json", check=False) or "[]")
+    return {p.get("peer", ""): p.get("status", "") for p in data}
+
+
+def forwarded_packets(router: str) -> int:
+    """Packets the router's kernel forwarded so far (Ip: ForwDatagrams)."""
+    lines = dexec(router, "cat", "/proc/net/snmp").splitlines()
+    ip = [line.split() for line in lines if line.startswith("Ip:")]
+    return int(ip[1][ip[0].index("ForwDatagrams")])
+
+
+def site_shares_at_core() -> dict[str, float]:
+    hops = fib_nexthops("core")
+    total = sum(hops.values())
+    return {
+        site: (hops.get(hop, 0) / total if total else 0.0) for site, hop in SITE_NEXT_HOP.items()
+    }
+
+
+# -- containers --------------------------------------------------------------------------
+
+
+def containers() -> dict[str, str]:
+    """Lab container name -> state (running, paused, exited...)."""
+    out = run(
+        "docker", "ps", "-a", "--filter", f"label={LABEL}",
+        "--format", "{{.Names}} {{.State}}", check=False,
+    ).stdout  # fmt: skip
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def lab_networks() -> list[str]:
+    out = run(
+        "docker", "network", "ls", "--filter", f"label=com.docker.compose.project={PROJECT}",
+        "--format", "{{.Name}}", check=False,
+    ).stdout  # fmt: skip
+    return out.split()
+
+
+# -- traffic -----------------------------------------------------------------------------
+
+
+def burst(count: int = 200, timeout: float = 60.0) -> dict[str, Any]:
+    """`count` new connections from the client to the VIP, one after the other: a summary."""
+    out = dexec(
+        "client", "python", "-m", "deploy.lab_client", "burst",
+        "--count", str(count), "--timeout", str(timeout), timeout=timeout + 30,
+    )  # fmt: skip
+    summary: dict[str, Any] = json.loads(out)
+    return summary
+
+
+class Load:
+    """A steady client load running in the client container (bounded); `result()` returns
+    one record per request: start, end, ok, node, site, error."""
+
+    def __init__(self, duration: float, workers: int = 4, pause: float = 0.01) -> None:
+        self.duration = duration
+        self.process = subprocess.Popen(
+            [
+                "docker", "exec", container("client"), "python", "-m", "deploy.lab_client",
+                "run", "--duration", str(duration), "--workers", str(workers),
+                "--pause", str(pause),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def result(self) -> list[dict[str, Any]]:
+        out, err = self.process.communicate(timeout=self.duration + 60)
+        if self.process.returncode != 0:
+            raise LabError(f"client load failed: {err.strip()[-200:]}")
+        records: list[dict[str, Any]] = json.loads(out)
+        return records
+
+
+@contextlib.contextmanager
+def load(duration: float, workers: int = 4, pause: float = 0.01) -> Iterator[Load]:
+    running = Load(duration, workers, pause)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None and running.process.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                running.process.wait(timeout=duration + 60)
+
+
+# -- chaos -------------------------------------------------------------------------------
+
+
+def _interface_for(service: str, prefix: str) -> str:
+    """The container's interface holding an address that starts with `prefix`."""
+    for entry in json.loads(dexec(service, "ip", "-j", "-4", "addr", "show")):
+        for info in entry.get("addr_info", []):
+            if str(info.get("local", "")).startswith(prefix):
+                return str(entry["ifname"])
+    raise LabError(f"{service} has no interface in {prefix}*")
+
+
+def blackhole(service: str, prefix: str) -> str:
+    """Drop everything a container sends on one interface, without carrier loss (this kernel
+    has no netem: a zero-length pfifo does it)."""
+    dev = _interface_for(service, prefix)
+    dexec(service, "tc", "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "0")
+    return dev
+
+
+def chaos_kill(node: str) -> None:
+    run("docker", "kill", container(node))
+
+
+def chaos_freeze(node: str) -> None:
+    run("docker", "pause", container(node))
+
+
+def chaos_cut_link(node: str) -> None:
+    blackhole(node, EDGE_ADDRESS[node].rsplit(".", 1)[0] + ".")
+
+
+def chaos_partition_api_etcd() -> None:
+    for api in API_URLS:
+        blackhole(api, "198.18.100.")
+
+
+def etcd_leader() -> str:
+    """The etcd member (etcd1..3) that is leader now, asked over the v3 JSON gateway."""
+    ids: dict[int, str] = {}
+    leader = 0
+    for name, address in ETCD.items():
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            data = httpx.post(
+                f"http://{address}:2379/v3/maintenance/status", json={}, timeout=2
+            ).json()
+            ids[int(data["header"]["member_id"])] = name
+            leader = int(data["leader"])
+    if leader not in ids:
+        raise LabError("no etcd member names a leader")
+    return ids[leader]
+
+
+def chaos_kill_etcd_leader() -> str:
+    leader = etcd_leader()
+    run("docker", "kill", container(leader))
+    return leader
+
+
+def chaos_heal() -> list[str]:
+    """Undo every chaos action: unpause, start what was killed, remove blackholes."""
+    done: list[str] = []
+    for name, state in containers().items():
+        if state == "paused":
+            run("docker", "unpause", name)
+            done.append(f"unpaused {name}")
+    for name, state in containers().items():
+        if state in ("exited", "dead", "created"):
+            run("docker", "start", name)
+            done.append(f"started {name}")
+    for service in [*NODES, *API_URLS]:
+        if containers().get(container(service)) != "running":
+            continue
+        for entry in json.loads(dexec(service, "ip", "-j", "link", "show", check=False) or "[]"):
+            dev = str(entry.get("ifname", ""))
+            if dev == "lo" or entry.get("qdisc") != "pfifo":
+                continue
+            dexec(service, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+            done.append(f"{service}: {dev} reconnected")
+    return done
+
+
+# -- readiness and status ----------------------------------------------------------------
+
+
+def announced_everywhere() -> bool:
+    """Every edge's route in its site router's FIB, and both sites in the core's."""
+    for site, router in SITE_ROUTER.items():
+        hops = fib_nexthops(router)
+        if any(EDGE_ADDRESS[node] not in hops for node in SITES[site]):
+            return False
+    return set(fib_nexthops("core")) == set(SITE_NEXT_HOP.values())
+
+
+def bfd_up_everywhere() -> bool:
+    """Every edge's BFD session up at its site router (fast failover armed)."""
+    for site, router in SITE_ROUTER.items():
+        peers = bfd_peers(router)
+        if any(peers.get(EDGE_ADDRESS[node]) != "up" for node in SITES[site]):
+            return False
+    return True
+
+
+def fleet_ready() -> bool:
+    view = gslb_view()
+    nodes = view["nodes"]
+    alive = all(nodes.get(n, {}).get("liveness") == "alive" for n in NODES)
+    return alive and announced_everywhere() and bfd_up_everywhere()
+
+
+def wait_ready(timeout: float = 180.0) -> None:
+    started = time.monotonic()
+    wait_for(lambda: set(bgp_sessions("core").values()) == {"Established"}, timeout,
+             "the core's BGP sessions")  # fmt: skip
+    say(f"core router: BGP up with both site routers ({time.monotonic() - started:.1f} s)")
+    wait_for(lambda: api_call(lambda c: c.state()) is not None, timeout, "a GSLB API answering")
+    revision = seed()
+    say(f"GSLB API answering; sites and nodes seeded (revision {revision})")
+    wait_for(fleet_ready, timeout, "every edge alive in the GSLB, announced, BFD up")
+    say(f"all four edges alive, announced, BFD up ({time.monotonic() - started:.1f} s)")
+
+
+def status() -> dict[str, Any]:
+    result: dict[str, Any] = {"containers": containers()}
+    if not result["containers"]:
+        return result
+    routers: dict[str, Any] = {}
+    for router in ROUTERS:
+        if result["containers"].get(container(router)) != "running":
+            routers[router] = {"state": result["containers"].get(container(router), "absent")}
+            continue
+        routers[router] = {
+            "fib": fib_nexthops(router),
+            "bgp": bgp_sessions(router),
+            "bfd": bfd_peers(router),
+        }
+    result["routers"] = routers
+    try:
+        result["gslb"] = gslb_view()
+    except (ApiError, httpx.HTTPError) as exc:
+        result["gslb"] = {"error": str(exc)}
+    return result
+
+
+def print_status(data: dict[str, Any]) -> None:
+    if not data["containers"]:
+        print("the lab is not running")
+        return
+    states = data["containers"]
+    odd = {name: state for name, state in states.items() if state != "running"}
+    print(f"containers: {len(states)} ({len(states) - len(odd)} running)", end="")
+    print("".join(f", {name} {state}" for name, state in sorted(odd.items())))
+    for router, info in data.get("routers", {}).items():
+        if "fib" not in info:
+            print(f"{router:9} {info.get('state')}")
+            continue
+        fib = ", ".join(f"{hop} w{weight}" for hop, weight in sorted(info["fib"].items()))
+        sessions = ", ".join(f"{peer} {state}" for peer, state in sorted(info["bgp"].items()))
+        bfd = ", ".join(f"{peer} {state}" for peer, state in sorted(info["bfd"].items()))
+        print(f"{router:9} VIP via [{fib or 'no route'}]")
+        print(f"{'':9} BGP: {sessions}")
+        if bfd:
+            print(f"{'':9} BFD: {bfd}")
+    gslb = data.get("gslb", {})
+    if "error" in gslb:
+        print(f"GSLB: {gslb['error']}")
+        return
+    if gslb:
+        sites = ", ".join(f"{site} {share:.0f}" for site, share in sorted(gslb["sites"].items()))
+        drains = ", ".join(gslb["drains"]) or "none"
+        print(f"GSLB revision {gslb['revision']}: site shares {sites}; drains: {drains}")
+        print(f"  {'node':9} {'liveness':8} {'state':9} {'weight':>7} applied")
+        for node, info in sorted(gslb["nodes"].items()):
+            print(
+                f"  {node:9} {info['liveness']:8} {info['state']:9} "
+                f"{info['effective_weight']:7.1f} {info['applied_revision']}"
+            )
+
+
+def print_burst(summary: dict[str, Any]) -> None:
+    print(f"client -> {VIP}:80, {summary['total']} new connections, {summary['failed']} failed")
+    for site, count in sorted(summary["by_site"].items()):
+        nodes = ", ".join(
+            f"{node} {n}"
+            for node, n in sorted(summary["by_node"].items())
+            if NODE_SITE.get(node) == site
+        )
+        print(f"  {site}: {count} ({nodes})")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def up(build: bool = True, burst_count: int = 200) -> None:
+    started = time.monotonic()
+    ensure_engine()
+    allow_bridged_traffic()
+    if build:
+        build_images()
+    say("starting the lab (docker-compose up)")
+    run(*compose_command(), "up", "-d", "--no-build", timeout=300)
+    wait_ready()
+    say(f"lab up in {time.monotonic() - started:.1f} s")
+    print_status(status())
+    print_burst(burst(burst_count))
+
+
+def down(stop_engine: bool = False) -> None:
+    if engine_running():
+        say("removing the lab's containers, networks and volumes")
+        compose_down = [*compose_command(), "down", "-v", "--remove-orphans", "-t", "2"]
+        run(*compose_down, timeout=180, check=False)
+        leftovers = list(containers())
+        if leftovers:
+            run("docker", "rm", "-f", "-v", *leftovers, timeout=120, check=False)
+        for network in lab_networks():
+            run("docker", "network", "rm", network, check=False)
+        remove_bridged_rules()
+    if stop_engine:
+        stop_engine_if_ours()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.lab", description="the lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="build and start the lab, wait, show status and traffic")
+    p_up.add_argument("--no-build", action="store_true", help="use the images as they are")
+    p_down = sub.add_parser("down", help="remove everything the lab made")
+    p_down.add_argument("--stop-engine", action="store_true", help="stop a dockerd the lab started")
+    p_status = sub.add_parser("status", help="containers, routers, GSLB")
+    p_status.add_argument("--json", action="store_true")
+    p_chaos = sub.add_parser("chaos", help="break something (bounded); `heal` undoes it all")
+    p_chaos.add_argument(
+        "action",
+        choices=["kill", "freeze", "cut-link", "partition-api-etcd", "kill-etcd-leader", "heal"],
+    )
+    p_chaos.add_argument("node", nargs="?", choices=NODES)
+    p_traffic = sub.add_parser("traffic", help="a burst of new client connections")
+    p_traffic.add_argument("--count", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up(build=not args.no_build)
+        elif args.command == "down":
+            down(stop_engine=args.stop_engine)
+        elif args.command == "status":
+            data = status() if engine_running() else {"containers": {}}
+            if args.json:
+                print(json.dumps(data, indent=2, default=str))
+            else:
+                print_status(data)
+        elif args.command == "traffic":
+            print_burst(burst(args.count))
+        else:
+            return chaos(args.action, args.node)
+    except LabError as exc:
+        print(f"lab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def chaos(action: str, node: str | None) -> int:
+    if action in ("kill", "freeze", "cut-link") and node is None:
+        print(f"lab: chaos {action} needs a node: {', '.join(NODES)}", file=sys.stderr)
+        return 2
+    if action == "kill" and node:
+        chaos_kill(node)
+        say(f"killed {node} (heal: `chaos heal`)")
+    elif action == "freeze" and node:
+        chaos_freeze(node)
+        say(f"froze {node}: paused, no TCP close, no BFD answer (heal: `chaos heal`)")
+    elif action == "cut-link" and node:
+        chaos_cut_link(node)
+        say(f"cut {node}'s link: everything it sends is dropped (heal: `chaos heal`)")
+    elif action == "partition-api-etcd":
+        chaos_partition_api_etcd()
+        say("partitioned both APIs from etcd (heal: `chaos heal`)")
+    elif action == "kill-etcd-leader":
+        say(f"killed the etcd leader {chaos_kill_etcd_leader()} (heal: `chaos heal`)")
+    else:
+        for line in chaos_heal() or ["nothing to heal"]:
+            say(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
