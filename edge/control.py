@@ -76,7 +76,8 @@ class ControlPlaneLink:
     def weight_in_force(self, view: NodeDesired | None = None) -> float | None:
         """The effective weight to announce, or None before any view.
 
-        Normally the view's. But a view that gives this node 0 only because it was
+        Normally the view's; a drained view keeps the last positive weight (the drain
+        choreography withdraws). And a view that gives this node 0 only because it was
         reported down (not drained, operator weight above 0) is the GSLB's reaction to
         our own old health: while no API answers it cannot be updated, so a node that
         has recovered announces its last positive weight instead of staying out.
@@ -84,6 +85,11 @@ class ControlPlaneLink:
         view = view or self.sync.desired
         if view is None:
             return None
+        if view.drained:
+            # The GSLB's 0 for a drained node is where the drain ends, not how it starts:
+            # the node's own choreography announces GRACEFUL_SHUTDOWN with the weight it
+            # had, then withdraws once traffic has moved. A 0 here would withdraw at once.
+            return self._last_positive if self._last_positive is not None else 0.0
         zero_for_health = (
             view.effective_weight == 0 and not view.drained and view.operator_weight > 0
         )

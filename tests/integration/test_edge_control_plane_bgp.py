@@ -20,7 +20,7 @@ import yaml
 from pyroute2.netns import popns, pushns
 
 from api.client import ApiClient
-from api.schemas import NodeSpec, SiteSpec, WeightsUpdate
+from api.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
 from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
 from tests.support.procs import ROOT
 
@@ -182,6 +182,28 @@ def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
 
     in_netns(router_ns, even)
     wait_for(lambda: abs(ratio(lab) - 1.0) < 0.05, 60, what="next-hop weights 1:1 after the change")
+
+    # A GSLB drain of edge1 runs the drain choreography: GRACEFUL_SHUTDOWN first (routers
+    # move new flows away), the withdraw only after; not an immediate withdraw.
+    seen_gshut: list[bool] = []
+
+    def gshut_then_gone() -> bool:
+        paths = lab.router.bgp_route_detail(f"{VIP}/32").get("paths", [])  # type: ignore[union-attr]
+        mine = [
+            p for p in paths if p.get("nexthops", [{}])[0].get("ip") == str(lab.edges[0].address)
+        ]
+        if any("graceful-shutdown" in p.get("community", {}).get("string", "") for p in mine):
+            seen_gshut.append(True)
+        return bool(seen_gshut) and not mine
+
+    async def drain_edge1() -> None:
+        async with ApiClient([api_url], OPERATOR) as operator:
+            state = await operator.state()
+            await operator.drain(DrainKind.NODE, "edge1", "maintenance", revision=state.revision)
+
+    in_netns(router_ns, drain_edge1)
+    wait_for(gshut_then_gone, 60, interval=0.02, what="edge1: GSHUT seen, then withdrawn")
+    assert set(lab.router.fib_nexthops(VIP)) == {str(lab.edges[1].address)}
 
 
 def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight(
