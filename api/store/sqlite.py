@@ -11,8 +11,9 @@ cheaper than a thread hop, and running them all on one thread serialises them wi
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,6 +97,26 @@ class SqliteStore(Store):
         state = DesiredState.model_validate_json(row[1])
         return state.model_copy(update={"revision": row[0]})
 
+    @contextlib.contextmanager
+    def _transaction(self, synchronous: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE, COMMIT when the block ends (unless it
+        rolled back itself), ROLLBACK on any error; SQLite errors become StoreUnavailable."""
+        db = self.db
+        try:
+            if synchronous is not None:
+                db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                if db.in_transaction:
+                    db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
     async def read_desired(self) -> DesiredState:
         try:
             return self._read_desired()
@@ -105,38 +126,27 @@ class SqliteStore(Store):
     async def write_desired(
         self, expected_revision: int, new: DesiredState, events: Sequence[EventDraft]
     ) -> DesiredState:
-        db = self.db
-        try:
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                current = self._read_desired()
-                if current.revision != expected_revision:
-                    db.execute("ROLLBACK")
-                    if new.write_id and current.write_id == new.write_id:
-                        return current
-                    raise RevisionConflict(current)
-                revision = expected_revision + 1
-                stored = new.model_copy(update={"revision": revision})
-                db.execute(
-                    "INSERT INTO desired (id, revision, body) VALUES (1, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET "
-                    "revision = excluded.revision, body = excluded.body",
-                    (revision, stored.model_dump_json()),
-                )
-                now = datetime.now(UTC).timestamp()
-                db.executemany(
-                    "INSERT INTO events (time, kind, subject, cause, author, revision) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [(now, e.kind, e.subject, e.cause, e.author, revision) for e in events],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        with self._transaction("FULL") as db:
+            current = self._read_desired()
+            if current.revision != expected_revision:
+                db.execute("ROLLBACK")
+                if new.write_id and current.write_id == new.write_id:
+                    return current
+                raise RevisionConflict(current)
+            revision = expected_revision + 1
+            stored = new.model_copy(update={"revision": revision})
+            db.execute(
+                "INSERT INTO desired (id, revision, body) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET "
+                "revision = excluded.revision, body = excluded.body",
+                (revision, stored.model_dump_json()),
+            )
+            now = datetime.now(UTC).timestamp()
+            db.executemany(
+                "INSERT INTO events (time, kind, subject, cause, author, revision) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(now, e.kind, e.subject, e.cause, e.author, revision) for e in events],
+            )
         self.changes.notify()
         return stored
 
@@ -145,39 +155,28 @@ class SqliteStore(Store):
     async def record_heartbeat(
         self, node: str, heartbeat: Heartbeat, now: datetime, ttl_s: float, author: str
     ) -> None:
-        db = self.db
-        try:
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute(
-                    "SELECT body, last_seen, ttl, dead_reported FROM observed WHERE node = ?",
-                    (node,),
-                ).fetchone()
-                previous = None
-                if row is not None:
-                    previous = ObservedRecord(
-                        heartbeat=Heartbeat.model_validate_json(row[0]),
-                        last_seen=datetime.fromtimestamp(row[1], UTC),
-                        # Expired but not yet swept counts as dead: the revival is an event.
-                        dead_reported=bool(row[3]) or row[1] + row[2] < now.timestamp(),
-                    )
-                events = heartbeat_events(node, previous, heartbeat, author)
-                db.execute(
-                    "INSERT INTO observed (node, body, last_seen, ttl, dead_reported) "
-                    "VALUES (?, ?, ?, ?, 0) ON CONFLICT(node) DO UPDATE SET "
-                    "body = excluded.body, last_seen = excluded.last_seen, ttl = excluded.ttl, "
-                    "dead_reported = 0",
-                    (node, heartbeat.model_dump_json(), now.timestamp(), ttl_s),
+        with self._transaction("NORMAL") as db:
+            row = db.execute(
+                "SELECT body, last_seen, ttl, dead_reported FROM observed WHERE node = ?",
+                (node,),
+            ).fetchone()
+            previous = None
+            if row is not None:
+                previous = ObservedRecord(
+                    heartbeat=Heartbeat.model_validate_json(row[0]),
+                    last_seen=datetime.fromtimestamp(row[1], UTC),
+                    # Expired but not yet swept counts as dead: the revival is an event.
+                    dead_reported=bool(row[3]) or row[1] + row[2] < now.timestamp(),
                 )
-                self._insert_events(events, now)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            events = heartbeat_events(node, previous, heartbeat, author)
+            db.execute(
+                "INSERT INTO observed (node, body, last_seen, ttl, dead_reported) "
+                "VALUES (?, ?, ?, ?, 0) ON CONFLICT(node) DO UPDATE SET "
+                "body = excluded.body, last_seen = excluded.last_seen, ttl = excluded.ttl, "
+                "dead_reported = 0",
+                (node, heartbeat.model_dump_json(), now.timestamp(), ttl_s),
+            )
+            self._insert_events(events, now)
         if events:
             # Liveness or state changed: effective weights may have moved.
             self.changes.notify()
@@ -208,30 +207,20 @@ class SqliteStore(Store):
         return result
 
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
-        db = self.db
         dead: list[str] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = db.execute(
-                    "SELECT node, body, last_seen, ttl FROM observed "
-                    "WHERE dead_reported = 0 AND last_seen + ttl < ?",
-                    (now.timestamp(),),
-                ).fetchall()
-                for node, body, last_seen, ttl in rows:
-                    record = ObservedRecord(
-                        Heartbeat.model_validate_json(body), datetime.fromtimestamp(last_seen, UTC)
-                    )
-                    db.execute("UPDATE observed SET dead_reported = 1 WHERE node = ?", (node,))
-                    self._insert_events([dead_event(node, record, ttl)], now)
-                    dead.append(node)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT node, body, last_seen, ttl FROM observed "
+                "WHERE dead_reported = 0 AND last_seen + ttl < ?",
+                (now.timestamp(),),
+            ).fetchall()
+            for node, body, last_seen, ttl in rows:
+                record = ObservedRecord(
+                    Heartbeat.model_validate_json(body), datetime.fromtimestamp(last_seen, UTC)
+                )
+                db.execute("UPDATE observed SET dead_reported = 1 WHERE node = ?", (node,))
+                self._insert_events([dead_event(node, record, ttl)], now)
+                dead.append(node)
         if dead:
             self.changes.notify()
         return dead
