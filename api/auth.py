@@ -12,8 +12,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from api.schemas import Role
 from api.settings import Settings
+from contract.schemas import Role
 
 
 @dataclass(frozen=True, slots=True)

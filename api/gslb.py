@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from api.schemas import (
+from contract.schemas import (
     EFFECTIVE_WEIGHT_TOTAL,
     DesiredState,
     DrainKind,

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from api.schemas import Name, Role
+from contract.schemas import Name, Role
 
 
 class ConfigError(Exception):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from api.gslb import NodeHealth, WeightResult, drained_nodes, effective_weights
-from api.schemas import (
+from api.store.base import Store
+from contract.schemas import (
     Convergence,
     ConvergenceNode,
     DesiredState,
@@ -22,7 +23,6 @@ from api.schemas import (
     NodeDesired,
     NodeObserved,
 )
-from api.store.base import Store
 
 #: Even without a change notification, a snapshot older than this is rebuilt: the bound on
 #: staleness if a notification is ever missed (e.g. an etcd watch that stalls silently).

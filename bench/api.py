@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 import yaml
 
-from api.client import ApiClient, ApiError
-from api.schemas import DesiredSpec, Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
-from api.testing.etcd_cluster import LocalEtcdCluster, free_port
+from contract.client import ApiClient, ApiError
+from contract.schemas import DesiredSpec, Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from tests.support.etcd_cluster import LocalEtcdCluster, free_port
 
 TOKEN = "bench-operator-token"
 #: Heartbeats of the first seconds (every node's first contact is an event) are not counted.

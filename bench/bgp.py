@@ -24,8 +24,8 @@ from typing import Any
 from bgp.bfd import BfdDaemon
 from bgp.drain import drain
 from bgp.exabgp import ExaBgpDriver
-from bgp.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens, wait_for
 from bgp.policy import NodeCondition, PolicyInputs, advertisements
+from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens, wait_for
 
 RESULTS = Path("bench-results/bgp.json")
 UPDATE_ROUNDS = 30

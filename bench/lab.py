@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.schemas import DrainKind
+from contract.schemas import DrainKind
 from deploy import lab
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import httpx
 
-from api.client import ApiClient, ApiError
-from api.schemas import DesiredSpec, DrainKind, NodeSpec, SiteSpec, WeightsUpdate
+from contract.client import ApiClient, ApiError
+from contract.schemas import DesiredSpec, DrainKind, NodeSpec, SiteSpec, WeightsUpdate
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

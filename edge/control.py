@@ -20,8 +20,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from api.schemas import BgpSession, HealthSummary, Heartbeat, NodeDesired
-from api.schemas import NodeState as ReportedState
+from contract.schemas import BgpSession, HealthSummary, Heartbeat, NodeDesired
+from contract.schemas import NodeState as ReportedState
 from edge.config import ControlPlaneConfig
 from edge.sync import ControlPlaneSync
 

@@ -39,8 +39,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from api.client import ApiClient, ApiError
-from api.schemas import Heartbeat, NodeDesired
+from contract.client import ApiClient, ApiError
+from contract.schemas import Heartbeat, NodeDesired
 
 log = logging.getLogger(__name__)
 

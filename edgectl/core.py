@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from api.schemas import (
+from contract.schemas import (
     Convergence,
     DesiredState,
     DrainKind,

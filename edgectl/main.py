@@ -1,6 +1,6 @@
 """edgectl: the operator CLI of the anycast edge fleet, a client of the GSLB API.
 
-Only a client: it imports `api.client` and `api.schemas` and nothing else of ours. Every
+Only a client: it imports `contract.client` and `contract.schemas` and nothing else of ours. Every
 failure is one line on stderr and an exit code from `edgectl.core.Exit`; `main()` is the
 top-level handler, so no traceback ever reaches an operator.
 """
@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.text import Text
 
-from api.client import (
+from contract.client import (
     ApiClient,
     ApiError,
     Conflict,
@@ -33,7 +33,7 @@ from api.client import (
     Unauthorized,
     Unavailable,
 )
-from api.schemas import DesiredState, DrainKind, WeightsUpdate
+from contract.schemas import DesiredState, DrainKind, WeightsUpdate
 from edgectl import render
 from edgectl.core import (
     EXIT_CODES_HELP,

@@ -12,7 +12,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from api.schemas import Convergence, DesiredState, EffectiveWeights, Event
+from contract.schemas import Convergence, DesiredState, EffectiveWeights, Event
 from edgectl.core import Change, Fleet, NodeRow
 
 

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Identity, TokenTable
-from api.schemas import ConflictBody, DesiredSpec, DesiredState
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
+from contract.schemas import ConflictBody, DesiredSpec, DesiredState
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

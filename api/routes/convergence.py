@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 
 from api.routes.common import Ctx, Reader
-from api.schemas import Convergence
 from api.views import build_snapshot, convergence_view
+from contract.schemas import Convergence
 
 router = APIRouter(prefix="/v1", tags=["convergence"])
 

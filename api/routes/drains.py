@@ -19,8 +19,8 @@ from api.routes.common import (
     require_site,
     revisioned_write,
 )
-from api.schemas import DesiredState, Drain, DrainKind, DrainRequest
 from api.store.base import EventDraft
+from contract.schemas import DesiredState, Drain, DrainKind, DrainRequest
 
 router = APIRouter(prefix="/v1/drains", tags=["drains"])
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.routes.common import Ctx, Reader
-from api.schemas import EventPage
+from contract.schemas import EventPage
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 

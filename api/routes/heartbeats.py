@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query
 
 from api.auth import Identity
 from api.routes.common import AnyIdentity, ApiError, Ctx, NamePath
-from api.schemas import Heartbeat, NodeDesired
 from api.views import node_view
+from contract.schemas import Heartbeat, NodeDesired
 
 router = APIRouter(prefix="/v1/nodes", tags=["heartbeats"])
 

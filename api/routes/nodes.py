@@ -18,9 +18,9 @@ from api.routes.common import (
     require_site,
     revisioned_write,
 )
-from api.schemas import DesiredState, NodeObserved, NodeSpec
 from api.store.base import EventDraft
 from api.views import build_snapshot, observed_view
+from contract.schemas import DesiredState, NodeObserved, NodeSpec
 
 router = APIRouter(prefix="/v1", tags=["nodes"])
 

@@ -15,8 +15,8 @@ from api.routes.common import (
     Reader,
     revisioned_write,
 )
-from api.schemas import DesiredState, ServiceSpec
 from api.store.base import EventDraft
+from contract.schemas import DesiredState, ServiceSpec
 
 router = APIRouter(prefix="/v1/services", tags=["services"])
 

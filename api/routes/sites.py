@@ -15,8 +15,8 @@ from api.routes.common import (
     Reader,
     revisioned_write,
 )
-from api.schemas import DesiredState, SiteSpec
 from api.store.base import EventDraft
+from contract.schemas import DesiredState, SiteSpec
 
 router = APIRouter(prefix="/v1/sites", tags=["sites"])
 

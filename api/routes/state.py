@@ -18,8 +18,8 @@ from api.routes.common import (
     revisioned_write,
     state_response,
 )
-from api.schemas import DesiredSpec, DesiredState, DrainKind
 from api.store.base import EventDraft
+from contract.schemas import DesiredSpec, DesiredState, DrainKind
 
 router = APIRouter(prefix="/v1", tags=["desired state"])
 

@@ -15,9 +15,9 @@ from api.routes.common import (
     require_site,
     revisioned_write,
 )
-from api.schemas import DesiredState, EffectiveWeights, WeightsUpdate
 from api.store.base import EventDraft
 from api.views import weights_view
+from contract.schemas import DesiredState, EffectiveWeights, WeightsUpdate
 
 router = APIRouter(prefix="/v1", tags=["weights"])
 

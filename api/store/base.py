@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from api.schemas import DesiredState, Event, Heartbeat, NodeObserved, NodeState
+from contract.schemas import DesiredState, Event, Heartbeat, NodeObserved, NodeState
 
 
 class StoreUnavailable(Exception):

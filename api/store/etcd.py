@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from api.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 from api.store.base import (
     EventDraft,
     ObservedRecord,
@@ -45,6 +44,7 @@ from api.store.base import (
     heartbeat_events,
 )
 from api.store.etcd_gateway import EtcdError, EtcdGateway, EtcdUnavailable, KeyValue, b64
+from contract.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from api.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 from api.store.base import (
     EventDraft,
     ObservedRecord,
@@ -27,6 +26,7 @@ from api.store.base import (
     dead_event,
     heartbeat_events,
 )
+from contract.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS desired (

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from api.client import ApiClient, ApiError
-from api.schemas import DrainKind, ServiceSpec
+from contract.client import ApiClient, ApiError
+from contract.schemas import DrainKind, ServiceSpec
 from deploy import lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.usefixtures("lab_ok")]

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.settings import Settings, parse_settings
 from api.store import open_store
-from api.testing.etcd_cluster import LocalEtcdCluster
-from api.testing.server import ThreadedServer
+from tests.support.etcd_cluster import LocalEtcdCluster
+from tests.support.server import ThreadedServer
 from tests.support.site import Site
 
 OPERATOR = "operator-token-0123"

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from api.client import ApiClient, Conflict, Forbidden, InvalidRequest
-from api.schemas import (
+from contract.client import ApiClient, Conflict, Forbidden, InvalidRequest
+from contract.schemas import (
     DesiredSpec,
     DrainKind,
     Heartbeat,

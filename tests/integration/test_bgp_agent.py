@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bgp.netlab import (
+from tests.support.netlab import (
     VIP,
     NetLab,
     edge_bgp_config,

@@ -25,9 +25,9 @@ from bgp.bfd import BfdDaemon
 from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
-from bgp.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
-from bgp.netlab import edge_bgp_config as edge_config
 from bgp.policy import NodeCondition, PolicyInputs, advertisements
+from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
+from tests.support.netlab import edge_bgp_config as edge_config
 
 pytestmark = [
     pytest.mark.netns,

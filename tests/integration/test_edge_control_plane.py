@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from api.client import ApiClient
-from api.schemas import DrainKind, NodeSpec, SiteSpec
+from contract.client import ApiClient
+from contract.schemas import DrainKind, NodeSpec, SiteSpec
 from tests.integration.conftest import NODE_A1, OPERATOR, VIEWER, ApiUnderTest
 from tests.support.procs import wait_for
 from tests.support.site import Site

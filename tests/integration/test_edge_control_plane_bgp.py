@@ -19,9 +19,9 @@ import pytest
 import yaml
 from pyroute2.netns import popns, pushns
 
-from api.client import ApiClient
-from api.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
-from bgp.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
+from contract.client import ApiClient
+from contract.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
+from tests.support.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
 from tests.support.procs import ROOT
 
 pytestmark = [

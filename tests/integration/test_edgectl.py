@@ -1,6 +1,6 @@
 """The real `edgectl` binary against the real API (uvicorn; SQLite and etcd where it matters).
 
-Nodes are played by the test: heartbeats sent with api.client and node tokens, reporting the
+Nodes are played by the test: heartbeats sent with contract.client and node tokens, reporting the
 state and revision a real agent would. Every loop is bounded; no assertion is about time."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from api.client import ApiClient
-from api.schemas import (
+from contract.client import ApiClient
+from contract.schemas import (
     BgpSession,
     DrainKind,
     Heartbeat,
@@ -28,8 +28,8 @@ from api.schemas import (
     SiteSpec,
     WeightsUpdate,
 )
-from api.testing.etcd_cluster import free_port
 from tests.integration.conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
+from tests.support.etcd_cluster import free_port
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.timeout(180)

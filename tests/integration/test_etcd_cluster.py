@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.client import ApiClient, Conflict, Unavailable
-from api.schemas import Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
 from api.settings import parse_settings
 from api.store import open_store
 from api.store.etcd import EtcdStore
-from api.testing.etcd_cluster import LocalEtcdCluster
-from api.testing.server import ThreadedServer
+from contract.client import ApiClient, Conflict, Unavailable
+from contract.schemas import Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
 from tests.integration.conftest import NODE_A1, OPERATOR, make_settings
+from tests.support.etcd_cluster import LocalEtcdCluster
+from tests.support.server import ThreadedServer
 
 pytestmark = pytest.mark.timeout(180)
 

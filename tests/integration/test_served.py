@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.client import ApiClient, Forbidden, Unauthorized
-from api.schemas import Heartbeat, NodeSpec, NodeState, SiteSpec
-from api.testing.etcd_cluster import free_port
+from contract.client import ApiClient, Forbidden, Unauthorized
+from contract.schemas import Heartbeat, NodeSpec, NodeState, SiteSpec
+from tests.support.etcd_cluster import free_port
 
 pytestmark = pytest.mark.timeout(90)
 

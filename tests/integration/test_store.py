@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from api.schemas import DesiredState, Heartbeat, Liveness, NodeState, SiteSpec
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.store.etcd import EtcdStore
 from api.store.sqlite import SqliteStore
+from contract.schemas import DesiredState, Heartbeat, Liveness, NodeState, SiteSpec
 
 pytestmark = pytest.mark.timeout(60)
 

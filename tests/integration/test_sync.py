@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from api.app import create_app
-from api.client import ApiClient
-from api.schemas import DrainKind, Heartbeat, NodeDesired, NodeSpec, NodeState, SiteSpec
 from api.store import open_store
-from api.testing.etcd_cluster import LocalEtcdCluster
-from api.testing.server import ThreadedServer
+from contract.client import ApiClient
+from contract.schemas import DrainKind, Heartbeat, NodeDesired, NodeSpec, NodeState, SiteSpec
 from edge.sync import ControlPlaneSync
 from tests.integration.conftest import NODE_A1, OPERATOR, VIEWER, make_settings
+from tests.support.etcd_cluster import LocalEtcdCluster
+from tests.support.server import ThreadedServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from api.auth import TokenTable
-from api.schemas import Role
 from api.settings import ConfigError, load_settings, parse_settings
+from contract.schemas import Role
 
 
 def test_defaults_are_sqlite_on_loopback() -> None:

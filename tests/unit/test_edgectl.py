@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.schemas import (
+from contract.schemas import (
     Convergence,
     ConvergenceNode,
     DesiredState,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api.gslb import NodeHealth, drained_nodes, effective_weights
-from api.schemas import (
+from contract.schemas import (
     EFFECTIVE_WEIGHT_TOTAL,
     DesiredState,
     Drain,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.schemas import NodeDesired
+from contract.schemas import NodeDesired
 from edge.sync import load_last_known_good, write_atomically
 
 VIEW = NodeDesired(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from api.schemas import (
+from api.views import build_snapshot, convergence_view, node_view, observed_view
+from contract.schemas import (
     DesiredState,
     Drain,
     DrainKind,
@@ -15,7 +16,6 @@ from api.schemas import (
     NodeState,
     SiteSpec,
 )
-from api.views import build_snapshot, convergence_view, node_view, observed_view
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 DESIRED = DesiredState(

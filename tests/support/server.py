@@ -13,7 +13,7 @@ from collections.abc import Callable
 import uvicorn
 from fastapi import FastAPI
 
-from api.testing.etcd_cluster import free_port
+from tests.support.etcd_cluster import free_port
 
 
 class ThreadedServer:

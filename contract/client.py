@@ -10,7 +10,7 @@
   endpoint answered).
 
 From synchronous code (a CLI), wrap calls in `asyncio.run(...)`.
-This module imports only httpx, pydantic and api.schemas (import-linter checks it).
+This module imports only httpx, pydantic and contract.schemas (import-linter checks it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from api.schemas import (
+from contract.schemas import (
     ConflictBody,
     Convergence,
     DesiredSpec,

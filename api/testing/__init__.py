@@ -1,1 +1,0 @@
-"""Harnesses for tests, benchmarks and demos: real processes on loopback, never mocks."""
