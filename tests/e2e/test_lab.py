@@ -90,17 +90,38 @@ def _fib_lacks(router: str, address: str) -> bool:
     return bool(hops) and address not in hops
 
 
+def _settled() -> bool:
+    """The change is over: every live node applied the GSLB's latest revision, and no router's
+    next-hops for the VIP moved for a second. A drain re-weights the nodes left serving (each
+    applies its new share on its own long-poll, so a site router's split moves for a moment),
+    and a flow hashed anew mid-handshake by such a move is reset: that belongs to the change
+    (flow forwarding between edges is what preserves it), not to the state after it."""
+    view = lab.gslb_view()
+    lagging = [
+        name
+        for name, node in view["nodes"].items()
+        if node["liveness"] == "alive" and node["applied_revision"] != view["revision"]
+    ]
+    if lagging:
+        return False
+    before = {router: lab.fib_nexthops(router) for router in lab.ROUTERS}
+    time.sleep(1.0)
+    return before == {router: lab.fib_nexthops(router) for router in lab.ROUTERS}
+
+
 def test_drain_a_node_then_its_site() -> None:
     node, site = "edge-a1", "site-a"
-    with lab.load(duration=16, workers=4) as running:
+    with lab.load(duration=30, workers=4) as running:
         time.sleep(3)
         lab.drain(DrainKind.NODE, node, "e2e: planned node drain")
         lab.wait_for(lambda: _fib_lacks("router-a", lab.EDGE_ADDRESS[node]), 30, f"{node} gone")
+        lab.wait_for(_settled, 30, "the fleet settled after the node drain")
         node_drained_at = time.time()
         time.sleep(3)
         site_drain_started_at = time.time()
         lab.drain(DrainKind.SITE, site, "e2e: planned site drain")
         lab.wait_for(lambda: _fib_lacks("core", lab.SITE_NEXT_HOP[site]), 30, f"{site} gone")
+        lab.wait_for(_settled, 30, "the fleet settled after the site drain")
         site_drained_at = time.time()
         records = running.result()
     report("drain", records)
