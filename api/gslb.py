@@ -152,10 +152,10 @@ def shares(desired: DesiredState, health: Mapping[str, NodeHealth]) -> Shares:
         # which simplifies to the line below.
         own = 0.0 if name in serving else capacity[name]
         total = raw_total - raw(site, available[site]) + raw(site, available[site] + own)
-        weight_per_mbps = desired.sites[site].weight / full[site]
+        site_weight = desired.sites[site].weight
         bandwidth[name] = (
             0.0
             if total <= 0
-            else FLEET_LINK_BANDWIDTH_MBPS * weight_per_mbps * capacity[name] / total
+            else FLEET_LINK_BANDWIDTH_MBPS * site_weight * capacity[name] / (full[site] * total)
         )
     return Shares(link_bandwidth_mbps=bandwidth, serving=serving)

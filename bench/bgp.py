@@ -62,10 +62,10 @@ async def start_driver(lab: NetLab, index: int, **overrides: Any) -> ExaBgpDrive
     return driver
 
 
-def healthy(driver: ExaBgpDriver, weight: float = 1.0, drain_flag: bool = False) -> Any:
-    """The node's announcement at `weight` times its capacity (leaving: while draining)."""
+def healthy(driver: ExaBgpDriver, drain_flag: bool = False) -> Any:
+    """The node's announcement at its capacity (leaving: while draining)."""
     serving = Serving.LEAVING if drain_flag else Serving.FULL
-    inputs = PolicyInputs(serving, driver.config, weight * driver.config.capacity_mbps)
+    inputs = PolicyInputs(serving, driver.config, driver.config.capacity_mbps)
     return advertisements(inputs)[0]
 
 

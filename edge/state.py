@@ -149,13 +149,11 @@ class NodeStateMachine:
         old_drain = self.drain
         self.drain = drain
         if self.last_observation is None:
-            if drain.active:
-                return self._move(
-                    NodeState.DOWN,
-                    f"drain requested before start: {drain.reason}",
-                    phase_changed=old_drain != drain,
-                )
-            return None
+            # Nothing observed yet: no health to go back to, so down until the first look.
+            cause = (
+                f"drain requested before start: {drain.reason}" if drain.active else undrain_cause
+            )
+            return self._move(NodeState.DOWN, cause, phase_changed=old_drain != drain)
         state, cause = self._derive(self.last_observation)
         if undrain_cause:
             cause = f"{undrain_cause}; {cause}"
