@@ -25,7 +25,8 @@ from bgp.bfd import BfdDaemon
 from bgp.drain import drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import PolicyInputs, Serving, advertisements
-from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens, wait_for
+from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens
+from tests.support.procs import wait_for
 
 RESULTS = Path("bench-results/bgp.json")
 UPDATE_ROUNDS = 30

@@ -21,15 +21,12 @@ from tests.support.netlab import (
     edge_bgp_config,
     netns_command,
     pids_running,
-    run,
-    wait_for,
 )
-from tests.support.procs import ROOT
+from tests.support.procs import ROOT, run, wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.needs("root", "frr"),
     pytest.mark.timeout(120),
 ]
 

@@ -6,7 +6,6 @@ routes and weights stay (static stability); a change made once it is back reache
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -21,13 +20,12 @@ from pyroute2.netns import popns, pushns
 
 from contract.client import ApiClient
 from contract.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
-from tests.support.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
-from tests.support.procs import ROOT
+from tests.support.netlab import VIP, NetLab, edge_bgp_config, netns_command
+from tests.support.procs import ROOT, wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.needs("root", "frr"),
     pytest.mark.timeout(180),
 ]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bgp.config import BgpConfig
+from tests.support.procs import run, wait_for
 
 FRR_DIR = Path("/usr/lib/frr")
 ROUTER_ASN = 65000
@@ -63,26 +64,6 @@ for _ in range({count}):
         counts["failed"] += 1
 print(json.dumps(counts))
 """
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 10.0) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
-) -> None:
-    """Poll until `predicate()` holds; bounded. Raises TimeoutError naming what we waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def netns_command(netns: str, *cmd: str) -> list[str]:
