@@ -137,7 +137,9 @@ class Nodes:
                 for node, client in clients.items():
                     view = views.get(node)
                     drained = (
-                        self.apply and view is not None and view.admin_state is not AdminState.ACTIVE
+                        self.apply
+                        and view is not None
+                        and view.admin_state is not AdminState.ACTIVE
                     )
                     beat = Heartbeat(
                         state=NodeState.DRAINING if drained else NodeState.HEALTHY,

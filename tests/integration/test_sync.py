@@ -15,7 +15,15 @@ import pytest
 from api.app import create_app
 from api.store import open_store
 from contract.client import ApiClient
-from contract.schemas import AdminState, DrainKind, Heartbeat, NodeDesired, NodeSpec, NodeState, SiteSpec
+from contract.schemas import (
+    AdminState,
+    DrainKind,
+    Heartbeat,
+    NodeDesired,
+    NodeSpec,
+    NodeState,
+    SiteSpec,
+)
 from edge.sync import ControlPlaneSync
 from tests.integration.conftest import NODE_A1, OPERATOR, VIEWER, make_settings
 from tests.support.etcd_cluster import LocalEtcdCluster
