@@ -50,6 +50,18 @@ log = logging.getLogger("edge.agent")
 
 # How long an idle keep-alive client connection may stay once draining stopped accepting.
 DRAIN_IDLE_GRACE = 1.0
+#: What a stop needs beyond the drain's own deadlines: the extensions' stop (ExaBGP's
+#: withdraw and exit, bfdd), the admin endpoint, the event loop's close. Generous on purpose.
+STOP_MARGIN_S = 30.0
+
+
+def sigterm_stop_bound_s(config: NodeConfig) -> float:
+    """The longest a SIGTERM drain can take before the process exits: moving traffic (the
+    BGP drain deadline, or `drain.accept_grace` without BGP), then the open connections'
+    `drain.deadline`, then the stop margin. A service manager's stop timeout must exceed it
+    (deploy/systemd/anycast-edge.service; `anycast-edge check-config` prints it)."""
+    moving = config.bgp.drain_deadline_s if config.bgp is not None else config.drain.accept_grace
+    return moving + config.drain.deadline + STOP_MARGIN_S
 
 
 class Agent:

@@ -163,11 +163,11 @@ class NodeStateMachine:
         health_state, health_cause = self._health(obs)
         drain = self.drain
         if drain.phase is DrainPhase.DONE:
-            return NodeState.DOWN, f"drained ({drain.source}): {drain.reason}"
+            return NodeState.DOWN, f"drained: {drain.reason} ({drain.source})"
         if drain.active:
             # Draining only makes sense from a state that was taking traffic.
             if self.state in (*SERVING_STATES, NodeState.DRAINING):
-                return NodeState.DRAINING, f"draining ({drain.source}): {drain.reason}"
+                return NodeState.DRAINING, f"drain requested: {drain.reason} ({drain.source})"
             return NodeState.DOWN, f"drain requested while {self.state}: {drain.reason}"
         if self.state is NodeState.STARTING and health_state is NodeState.STARTING:
             return NodeState.STARTING, health_cause

@@ -3,7 +3,8 @@
 * every `make bench-<name>` target runs `bench.<name>`, which writes bench-results/<name>.json;
 * the import contracts exist and import-linter keeps them, and forbidding a standard-library
   module means something (grimp records stdlib imports when external packages are included);
-* the pure cores named in the contract exist, and the packages import on their own.
+* the pure cores named in the contract exist, and the packages import on their own;
+* systemd's stop timeout is above the longest SIGTERM drain the shipped configs allow.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import grimp
 import pytest
+import yaml
 from setuptools import find_packages
 
+from edge.agent import sigterm_stop_bound_s
+from edge.config import parse_config
 from tests.support.procs import BIN, ROOT
 
 PACKAGES = ["contract", "edge", "bgp", "api", "edgectl"]
@@ -81,3 +85,28 @@ def test_the_wheel_ships_every_package_and_no_test_tooling() -> None:
     assert set(PACKAGES) <= shipped  # a package without __init__.py would be left out
     assert not any(name.startswith("tests") for name in shipped)
     assert not Path(ROOT / "bgp" / "netlab.py").exists()
+
+
+SHIPPED_NODE_CONFIGS = sorted(
+    [ROOT / "deploy" / "examples" / "node.yaml", *(ROOT / "deploy" / "lab").glob("edge-*.yaml")]
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED_NODE_CONFIGS, ids=lambda p: p.name)
+def test_systemd_stop_timeout_is_above_the_longest_sigterm_drain(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unit = (ROOT / "deploy" / "systemd" / "anycast-edge.service").read_text()
+    (timeout_s,) = (float(v) for v in re.findall(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE))
+    data = yaml.safe_load(path.read_text())
+    if token_env := (data.get("control_plane") or {}).get("token_env"):
+        monkeypatch.setenv(token_env, "a-token-for-the-check")
+    config = parse_config(data)
+    # The bound includes edge.agent.STOP_MARGIN_S: at the bound, systemd still waits long
+    # enough; so do the default deadlines.
+    assert sigterm_stop_bound_s(config) <= timeout_s
+    bgp_defaults = {k: v for k, v in (data.get("bgp") or {}).items() if k != "drain_deadline_s"}
+    defaults = parse_config(
+        {**data, "drain": {}, **({"bgp": bgp_defaults} if bgp_defaults else {})}
+    )
+    assert sigterm_stop_bound_s(defaults) <= timeout_s
