@@ -20,7 +20,7 @@ from pyroute2.netns import popns, pushns
 
 from contract.client import ApiClient
 from contract.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
-from tests.support.netlab import VIP, NetLab, edge_bgp_config, netns_command
+from tests.support.netlab import VIP, NetLab, admin_status, edge_bgp_config, netns_command
 from tests.support.procs import ROOT, wait_for
 
 pytestmark = [
@@ -134,13 +134,7 @@ def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
 
 
 def agent_status(lab: NetLab, index: int) -> dict[str, Any]:
-    """The agent's /status from its own admin endpoint (loopback of its namespace)."""
-
-    async def get() -> dict[str, Any]:
-        async with httpx.AsyncClient() as client:
-            return dict((await client.get("http://127.0.0.1:9901/status", timeout=2)).json())
-
-    return in_netns(lab.edges[index - 1].netns, get)
+    return admin_status(lab.edges[index - 1].netns)
 
 
 def ratio(lab: NetLab) -> float:
@@ -267,9 +261,9 @@ def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight
         lambda: in_netns(router.netns, published), 30, what="the GSLB publishing edge2 at 1000"
     )
     wait_for(
-        lambda: agent_status(lab, 2)["bgp"]["link_bandwidth_mbps"] == 1000,
+        lambda: router.link_bandwidth_mbps(edge2) == 1000,
         30,
-        what="edge2 announcing its share of 1000 Mbit/s",
+        what="edge2's share of 1000 Mbit/s at the router",
     )
     api.send_signal(signal.SIGKILL)
     api.wait(10)

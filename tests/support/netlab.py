@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -68,6 +69,13 @@ print(json.dumps(counts))
 
 def netns_command(netns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", netns, *cmd]
+
+
+def admin_status(netns: str, port: int = 9901) -> dict[str, Any]:
+    """An agent's /status, read from inside its namespace (admin is on its loopback)."""
+    url = f"http://127.0.0.1:{port}/status"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    return dict(json.loads(run(*netns_command(netns, sys.executable, "-c", code))))
 
 
 @dataclass
@@ -184,6 +192,17 @@ class FrrRouter:
     def bgp_route_detail(self, prefix: str) -> dict[str, Any]:
         detail: dict[str, Any] = json.loads(self.vtysh(f"show bgp ipv4 unicast {prefix} json"))
         return detail
+
+    def link_bandwidth_mbps(self, nexthop: str, prefix: str = VIP) -> float | None:
+        """The link-bandwidth (Mbit/s) on the path via `nexthop`, as FRR decoded it, or None."""
+        for path in self.bgp_route_detail(f"{prefix}/32").get("paths", []):
+            if path.get("nexthops", [{}])[0].get("ip") != nexthop:
+                continue
+            text = path.get("extendedCommunity", {}).get("string", "")
+            # "LB:<AS>:<bytes/s> (<rounded human unit>)": the bytes/s are exact.
+            if match := re.search(r"LB:\d+:(\d+)", text):
+                return int(match[1]) * 8 / 1e6
+        return None
 
     def neighbor_states(self) -> dict[str, str]:
         data = json.loads(self.vtysh("show bgp neighbors json") or "{}")
