@@ -321,7 +321,7 @@ class Agent:
     async def _run_drain(self) -> None:
         loop = asyncio.get_running_loop()
         moved = False
-        for extension in self.extensions:
+        for extension in list(self._started_extensions):
             moved = await extension.before_stop_accepting() or moved
         if not moved and self.config.drain.accept_grace:
             await asyncio.sleep(self.config.drain.accept_grace)
@@ -351,9 +351,11 @@ class Agent:
                 await steps
 
     async def undrain(self, source: DrainSource, reason: str) -> None:
+        if not self.machine.drain.active:
+            return
         transition = self.machine.cancel_drain(source, reason)
         if self.machine.drain.active:
-            return  # no drain ended: none was running, or `source` may not end this one
+            return  # `source` may not end this drain (the GSLB ends only its own)
         await self._cancel_drain_steps()
         await self._open_listeners()
         self._event("drain", f"undrained ({source}): {reason}")
@@ -462,12 +464,13 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
 async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
     agent = Agent(config, config_path, build_extensions(config))
+    # Before the extensions start (ExaBGP takes a moment): a SIGTERM then is a drain too.
+    agent.install_signal_handlers()
     try:
         await agent.start()
     except OSError as error:
         log.error("%s", error)
         return 1
-    agent.install_signal_handlers()
     # Everything allocated so far lives as long as the process: keep it out of
     # the collector's full passes, which would otherwise walk it on the hot path.
     gc.freeze()
