@@ -1,7 +1,7 @@
 """What the API publishes: a snapshot of desired + observed state and the views derived from it
-(effective weights, each node's desired view, convergence). The derivations are pure; the
+(shares, each node's desired view, convergence). The derivations are pure; the
 snapshot is cached per store change generation so a thousand long-polls woken by one change
-share one store read and one weight computation.
+share one store read and one share computation.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from api.gslb import NodeHealth, WeightResult, drained_nodes, effective_weights
+from api.gslb import NodeDrain, NodeHealth, Shares, admin_state, drained_nodes, shares
 from api.store.base import Store
 from contract.schemas import (
     Convergence,
@@ -33,8 +33,9 @@ SNAPSHOT_MAX_AGE_S = 1.0
 class Snapshot:
     desired: DesiredState
     observed: dict[str, NodeObserved]
-    weights: WeightResult
-    drained: dict[str, str]
+    health: dict[str, NodeHealth]
+    shares: Shares
+    drained: dict[str, NodeDrain]
     generation: int
     built_at: float
 
@@ -49,7 +50,8 @@ def build_snapshot(
     return Snapshot(
         desired=desired,
         observed=observed,
-        weights=effective_weights(desired, health),
+        health=health,
+        shares=shares(desired, health),
         drained=drained_nodes(desired),
         generation=generation,
         built_at=built_at,
@@ -60,15 +62,17 @@ def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
     spec = snapshot.desired.nodes.get(node)
     if spec is None:
         return None
+    drain = snapshot.drained.get(node)
     fields = {
         "revision": snapshot.desired.revision,
         "node": node,
         "site": spec.site,
-        "drained": node in snapshot.drained,
-        "drain_reason": snapshot.drained.get(node, ""),
+        "admin_state": admin_state(drain, snapshot.health.get(node)),
+        "drain_source": drain.source if drain else None,
+        "drain_reason": drain.reason if drain else "",
         "operator_weight": spec.weight,
         # Rounded so float noise never changes the fingerprint.
-        "effective_weight": round(snapshot.weights.nodes.get(node, 0.0), 3),
+        "link_bandwidth_mbps": round(snapshot.shares.link_bandwidth_mbps.get(node, 0.0), 3),
         "services": snapshot.desired.services,
     }
     canonical = NodeDesired.model_validate({**fields, "fingerprint": ""}).model_dump_json()
@@ -79,8 +83,8 @@ def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
 def weights_view(snapshot: Snapshot) -> EffectiveWeights:
     return EffectiveWeights(
         revision=snapshot.desired.revision,
-        nodes={n: round(w, 3) for n, w in snapshot.weights.nodes.items()},
-        sites={s: round(w, 3) for s, w in snapshot.weights.sites.items()},
+        nodes={n: round(w, 3) for n, w in snapshot.shares.nodes.items()},
+        sites={s: round(w, 3) for s, w in snapshot.shares.sites(snapshot.desired).items()},
     )
 
 

@@ -35,7 +35,15 @@ import httpx
 import yaml
 
 from contract.client import ApiClient, ApiError
-from contract.schemas import DesiredSpec, Heartbeat, NodeSpec, NodeState, ServiceSpec, SiteSpec
+from contract.schemas import (
+    NODE_CONTRACT_VERSION,
+    DesiredSpec,
+    Heartbeat,
+    NodeSpec,
+    NodeState,
+    ServiceSpec,
+    SiteSpec,
+)
 from tests.support.etcd_cluster import LocalEtcdCluster, free_port
 
 TOKEN = "bench-operator-token"
@@ -208,7 +216,10 @@ async def heartbeats(
             sent = time.perf_counter()
             try:
                 status = await asyncio.wait_for(
-                    connections[i].post(f"/v1/nodes/n{i}/heartbeat", body, TOKEN), 5
+                    connections[i].post(
+                        f"/v1/nodes/n{i}/heartbeat?contract={NODE_CONTRACT_VERSION}", body, TOKEN
+                    ),
+                    5,
                 )
                 if status != 200:
                     errors += 1

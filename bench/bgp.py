@@ -24,8 +24,9 @@ from typing import Any
 from bgp.bfd import BfdDaemon
 from bgp.drain import drain
 from bgp.exabgp import ExaBgpDriver
-from bgp.policy import NodeCondition, PolicyInputs, advertisements
-from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens, wait_for
+from bgp.policy import PolicyInputs, Serving, advertisements
+from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens
+from tests.support.procs import wait_for
 
 RESULTS = Path("bench-results/bgp.json")
 UPDATE_ROUNDS = 30
@@ -62,10 +63,10 @@ async def start_driver(lab: NetLab, index: int, **overrides: Any) -> ExaBgpDrive
     return driver
 
 
-def healthy(driver: ExaBgpDriver, weight: float = 1.0, drain_flag: bool = False) -> Any:
-    inputs = PolicyInputs(
-        NodeCondition.HEALTHY, driver.config, weight=weight, operator_drain=drain_flag
-    )
+def healthy(driver: ExaBgpDriver, drain_flag: bool = False) -> Any:
+    """The node's announcement at its capacity (leaving: while draining)."""
+    serving = Serving.LEAVING if drain_flag else Serving.FULL
+    inputs = PolicyInputs(serving, driver.config, driver.config.capacity_mbps)
     return advertisements(inputs)[0]
 
 

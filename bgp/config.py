@@ -118,8 +118,12 @@ class BgpConfig(_Strict):
     anycast_range: IPv4Network = IPv4Network("198.51.100.0/24")
     prefixes: list[IPv4Network] = Field(min_length=1, max_length=64)
     neighbors: list[Neighbor] = Field(min_length=1, max_length=16)
-    # What this node can serve; weight x capacity becomes the link-bandwidth community.
+    # The link-bandwidth (Mbit/s) announced while no GSLB share is in force (no control
+    # plane, or none heard from yet); with one, the GSLB's share is announced instead.
     capacity_mbps: float = Field(default=1000.0, gt=0, le=10_000_000)
+    # While the node is degraded it announces this fraction of its bandwidth (decided here,
+    # on the edge, so it holds with the control plane down).
+    degraded_bandwidth_factor: float = Field(default=0.5, gt=0, le=1)
     med: int = Field(default=0, ge=0, le=4294967295)
     drain_prepends: int = Field(default=3, ge=0, le=10)
     communities: list[Community] = Field(default_factory=list, max_length=32)

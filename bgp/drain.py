@@ -55,6 +55,28 @@ class QuietDetector:
         return self.last_rate_per_s < self.quiet_rate_per_s
 
 
+async def wait_quiet(
+    new_connections_total: Callable[[], int],
+    *,
+    quiet_rate_per_s: float,
+    quiet_window_s: float,
+    deadline_s: float,
+    started: float | None = None,
+    poll_interval_s: float = 0.1,
+) -> DrainReport:
+    """Wait until the new-connection rate is quiet, or `deadline_s` after `started`
+    (time.monotonic(); default now)."""
+    started = time.monotonic() if started is None else started
+    detector = QuietDetector(quiet_rate_per_s, quiet_window_s)
+    outcome = DrainOutcome.DEADLINE
+    while time.monotonic() - started < deadline_s:
+        if detector.add(time.monotonic(), new_connections_total()):
+            outcome = DrainOutcome.TRAFFIC_MOVED
+            break
+        await asyncio.sleep(poll_interval_s)
+    return DrainReport(outcome, time.monotonic() - started, detector.last_rate_per_s)
+
+
 async def drain(
     announce_draining: Callable[[], Awaitable[None]],
     new_connections_total: Callable[[], int],
@@ -65,35 +87,20 @@ async def drain(
     deadline_s: float,
     poll_interval_s: float = 0.1,
 ) -> DrainReport:
+    """The whole choreography in one call (benchmarks drive a bare driver with it; the agent
+    runs the same steps from its drain phases)."""
     started = time.monotonic()
     await announce_draining()
-    detector = QuietDetector(quiet_rate_per_s, quiet_window_s)
-    outcome = DrainOutcome.DEADLINE
-    while time.monotonic() - started < deadline_s:
-        if detector.add(time.monotonic(), new_connections_total()):
-            outcome = DrainOutcome.TRAFFIC_MOVED
-            break
-        await asyncio.sleep(poll_interval_s)
+    report = await wait_quiet(
+        new_connections_total,
+        quiet_rate_per_s=quiet_rate_per_s,
+        quiet_window_s=quiet_window_s,
+        deadline_s=deadline_s,
+        started=started,
+        poll_interval_s=poll_interval_s,
+    )
     await withdraw()
-    return DrainReport(outcome, time.monotonic() - started, detector.last_rate_per_s)
+    return DrainReport(report.outcome, time.monotonic() - started, report.last_rate_per_s)
 
 
-async def undrain(
-    is_healthy: Callable[[], bool],
-    announce: Callable[[], Awaitable[None]],
-    *,
-    deadline_s: float,
-    poll_interval_s: float = 0.1,
-) -> bool:
-    """The reverse: announce again, but only once the node is healthy. False (nothing
-    announced) when health did not come within the deadline."""
-    started = time.monotonic()
-    while not is_healthy():
-        if time.monotonic() - started >= deadline_s:
-            return False
-        await asyncio.sleep(poll_interval_s)
-    await announce()
-    return True
-
-
-__all__ = ["DrainOutcome", "DrainReport", "QuietDetector", "drain", "undrain"]
+__all__ = ["DrainOutcome", "DrainReport", "QuietDetector", "drain", "wait_quiet"]

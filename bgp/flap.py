@@ -66,9 +66,6 @@ class FlapDamper:
     def backoff_s(self) -> float:
         return self._backoff_s
 
-    def held_until(self) -> float:
-        return self._hold_until if self._hold_pending else 0.0
-
     def admit(self, kind: ChangeKind, now: float) -> float:
         if kind is ChangeKind.NONE:
             return 0.0

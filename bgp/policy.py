@@ -1,4 +1,4 @@
-"""The announcement policy: (node condition, weight, drain, config) -> advertisements + reason.
+"""The announcement policy: (serving, link bandwidth, config) -> advertisements + reason.
 
 Pure: no I/O, no clock, no asyncio. In the manner of MetalLB's `should_announce`, every
 decision carries a reason code so the agent can say *why* a prefix is or is not announced.
@@ -19,25 +19,35 @@ GRACEFUL_SHUTDOWN = "65535:0"  # RFC 8326
 AS_TRANS = 23456  # stands in for a 4-byte ASN in 2-byte fields (RFC 6793)
 
 
-class NodeCondition(enum.StrEnum):
-    """The edge node's state, by the same names as the edge's state machine."""
+class Serving(enum.StrEnum):
+    """What the node tells the routers: the policy's own input, in its own words.
 
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    DRAINING = "draining"
-    DOWN = "down"
+    The edge maps its node state and drain phase onto it explicitly (`edge.announcer`, with
+    a test pinning the mapping); `bgp` knows nothing of the edge's state machine.
+    """
+
+    # Health has not risen yet: fail closed.
+    NOT_READY = "not-ready"
+    FULL = "full"
+    # Serving with less than it should (backends lost, BFD lost): a reduced bandwidth.
+    REDUCED = "reduced"
+    # A drain is moving traffic away: GRACEFUL_SHUTDOWN and prepends.
+    LEAVING = "leaving"
+    # A drain has moved the traffic: withdrawn.
+    LEFT = "left"
+    # Down for health.
+    STOPPED = "stopped"
 
 
 class Reason(enum.StrEnum):
     ANNOUNCE_HEALTHY = "announce: node healthy"
-    ANNOUNCE_DEGRADED = "announce: node degraded but serving"
+    ANNOUNCE_DEGRADED = "announce: node degraded, at reduced bandwidth"
     ANNOUNCE_DRAINING = "announce: draining, with GRACEFUL_SHUTDOWN and prepends"
     WITHDRAW_STARTING = "withdraw: health has not risen yet"
     WITHDRAW_DOWN = "withdraw: node down"
-    WITHDRAW_ZERO_WEIGHT = "withdraw: desired weight is 0"
-    WITHDRAW_INVALID_WEIGHT = "withdraw: desired weight is not a finite number >= 0"
-    WITHDRAW_DRAINED = "withdraw: drain finished, traffic has moved"
+    WITHDRAW_ZERO_BANDWIDTH = "withdraw: desired link bandwidth is 0"
+    WITHDRAW_INVALID_BANDWIDTH = "withdraw: desired link bandwidth is not a finite number >= 0"
+    WITHDRAW_DRAINED = "withdraw: drained, traffic has moved"
 
     @property
     def announces(self) -> bool:
@@ -65,14 +75,11 @@ class Advertisement:
 
 @dataclass(frozen=True, slots=True)
 class PolicyInputs:
-    condition: NodeCondition
+    serving: Serving
     config: BgpConfig
-    # Desired weight from the GSLB: 0 withdraws, 1.0 is the node's full capacity.
-    weight: float = 1.0
-    # The operator asked to drain this node (admin state, kept apart from health).
-    operator_drain: bool = False
-    # The drain choreography saw traffic leave: the draining announcement can go.
-    drain_complete: bool = False
+    # The link bandwidth to announce at full health, in Mbit/s: the GSLB's share for this
+    # node, or (no control plane, or none heard yet) the node's own capacity.
+    link_bandwidth_mbps: float
 
 
 def transitive_link_bandwidth(local_asn: int, bytes_per_s: float) -> str:
@@ -85,30 +92,35 @@ def transitive_link_bandwidth(local_asn: int, bytes_per_s: float) -> str:
     return "0x" + value.hex().upper()
 
 
-def link_bandwidth_bytes_per_s(weight: float, capacity_mbps: float) -> float:
-    return weight * capacity_mbps * 1_000_000 / 8
+def link_bandwidth_bytes_per_s(mbps: float) -> float:
+    return mbps * 1_000_000 / 8
 
 
 def should_announce(inputs: PolicyInputs) -> tuple[bool, Reason]:
     """Whether this node's prefixes should be announced, and why."""
-    weight_ok = math.isfinite(inputs.weight) and inputs.weight >= 0
-    condition = inputs.condition
-    if condition is NodeCondition.STARTING:
+    bandwidth = inputs.link_bandwidth_mbps
+    serving = inputs.serving
+    if serving is Serving.NOT_READY:
         return False, Reason.WITHDRAW_STARTING
-    if condition is NodeCondition.DOWN:
+    if serving is Serving.STOPPED:
         return False, Reason.WITHDRAW_DOWN
-    if not weight_ok:
-        return False, Reason.WITHDRAW_INVALID_WEIGHT
-    draining = condition is NodeCondition.DRAINING or inputs.operator_drain
-    if draining and inputs.drain_complete:
+    if serving is Serving.LEFT:
         return False, Reason.WITHDRAW_DRAINED
-    if inputs.weight == 0:
-        return False, Reason.WITHDRAW_ZERO_WEIGHT
-    if draining:
+    if not (math.isfinite(bandwidth) and bandwidth >= 0):
+        return False, Reason.WITHDRAW_INVALID_BANDWIDTH
+    if bandwidth == 0:
+        return False, Reason.WITHDRAW_ZERO_BANDWIDTH
+    if serving is Serving.LEAVING:
         return True, Reason.ANNOUNCE_DRAINING
-    if condition is NodeCondition.DEGRADED:
+    if serving is Serving.REDUCED:
         return True, Reason.ANNOUNCE_DEGRADED
     return True, Reason.ANNOUNCE_HEALTHY
+
+
+def announced_mbps(inputs: PolicyInputs) -> float:
+    """The bandwidth on the wire: the desired one, reduced while the node is degraded."""
+    factor = inputs.config.degraded_bandwidth_factor if inputs.serving is Serving.REDUCED else 1.0
+    return inputs.link_bandwidth_mbps * factor
 
 
 def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reason]:
@@ -121,7 +133,7 @@ def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reas
     communities = list(dict.fromkeys(config.communities))
     if draining and GRACEFUL_SHUTDOWN not in communities:
         communities.append(GRACEFUL_SHUTDOWN)
-    bandwidth = link_bandwidth_bytes_per_s(inputs.weight, config.capacity_mbps)
+    bandwidth = link_bandwidth_bytes_per_s(announced_mbps(inputs))
     return (
         frozenset(
             Advertisement(
@@ -142,10 +154,11 @@ def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reas
 __all__ = [
     "GRACEFUL_SHUTDOWN",
     "Advertisement",
-    "NodeCondition",
     "PolicyInputs",
     "Reason",
+    "Serving",
     "advertisements",
+    "announced_mbps",
     "link_bandwidth_bytes_per_s",
     "should_announce",
     "transitive_link_bandwidth",

@@ -4,10 +4,10 @@
 also runnable on its own, for tests, the lab and debugging:
 
     python -m bgp.speaker --config node.yaml --workdir /run/ae [--netns NS]
-                          [--condition healthy] [--weight 1.0] [--watchdog-s 1.0]
+                          [--serving full] [--bandwidth-mbps 1000] [--watchdog-s 1.0]
 
-It then reads commands on stdin, one per line: `condition NAME`, `weight W`,
-`drain on|off`, `stall SECONDS` (blocks the event loop on purpose: proves the watchdog),
+It then reads commands on stdin, one per line: `serving NAME`, `bandwidth MBPS`,
+`stall SECONDS` (blocks the event loop on purpose: proves the watchdog),
 `wait-sent`, `status`, and prints one JSON status line after each. A bad config prints
 one line and exits 2 before anything is started.
 """
@@ -34,10 +34,17 @@ from bgp.config import (
     load_bgp_config,
     local_interface_addresses,
 )
-from bgp.drain import DrainReport, drain
+from bgp.drain import DrainReport, wait_quiet
 from bgp.exabgp import ExaBgpDriver, LoopWatchdog
 from bgp.flap import FlapDamper, classify_change
-from bgp.policy import Advertisement, NodeCondition, PolicyInputs, Reason, advertisements
+from bgp.policy import (
+    Advertisement,
+    PolicyInputs,
+    Reason,
+    Serving,
+    advertisements,
+    announced_mbps,
+)
 
 # Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
 SEND_CONFIRM_S = 5.0
@@ -53,34 +60,24 @@ class DesiredSink(Protocol):
 
 
 class Announcer:
-    """Turns (condition, weight, drain) into the driver's desired set, through the flap
+    """Turns (serving, link bandwidth) into the driver's desired set, through the flap
     budget: changes that take traffic away go at once, the others may be held down."""
 
     def __init__(self, config: BgpConfig, sink: DesiredSink) -> None:
         self.config = config
         self.sink = sink
         self.damper = FlapDamper(config.flap)
-        self.inputs = PolicyInputs(condition=NodeCondition.STARTING, config=config)
+        self.inputs = PolicyInputs(Serving.NOT_READY, config, config.capacity_mbps)
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
         self._retry: asyncio.TimerHandle | None = None
 
     def update(
-        self,
-        *,
-        condition: NodeCondition | None = None,
-        weight: float | None = None,
-        operator_drain: bool | None = None,
-        drain_complete: bool | None = None,
+        self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
     ) -> Reason:
         changes: dict[str, Any] = {
             key: value
-            for key, value in (
-                ("condition", condition),
-                ("weight", weight),
-                ("operator_drain", operator_drain),
-                ("drain_complete", drain_complete),
-            )
+            for key, value in (("serving", serving), ("link_bandwidth_mbps", link_bandwidth_mbps))
             if value is not None
         }
         self.inputs = dataclasses.replace(self.inputs, **changes)
@@ -109,8 +106,8 @@ class Announcer:
 class BgpSpeaker:
     """One node's announcements, sessions and failure detection.
 
-    `update()` takes the node's condition / GSLB weight / operator drain; `drain_traffic()`
-    runs the drain choreography; `status()` is for the agent's /status.
+    `update()` takes what the node serves and the link bandwidth to announce;
+    `wait_traffic_moved()` is the drain's wait; `status()` is for the agent's /status.
     """
 
     def __init__(
@@ -152,19 +149,9 @@ class BgpSpeaker:
         await self.driver.stop()
 
     def update(
-        self,
-        *,
-        condition: NodeCondition | None = None,
-        weight: float | None = None,
-        operator_drain: bool | None = None,
-        drain_complete: bool | None = None,
+        self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
     ) -> Reason:
-        return self.announcer.update(
-            condition=condition,
-            weight=weight,
-            operator_drain=operator_drain,
-            drain_complete=drain_complete,
-        )
+        return self.announcer.update(serving=serving, link_bandwidth_mbps=link_bandwidth_mbps)
 
     async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:
         """True once every established neighbor was sent the current desired set."""
@@ -174,32 +161,21 @@ class BgpSpeaker:
             return False
         return True
 
-    async def drain_traffic(self, new_connections_total: Callable[[], int]) -> DrainReport:
-        """GRACEFUL_SHUTDOWN + prepends out, wait until the node's new-connection rate is
-        quiet (bounded by the config's drain deadline), then withdraw. The caller then
-        finishes its open connections."""
-
-        async def announce_draining() -> None:
-            self.update(operator_drain=True, drain_complete=False)
-            await self.wait_sent()
-
-        async def withdraw() -> None:
-            self.update(drain_complete=True)
-            await self.wait_sent()
-
-        self.last_drain = await drain(
-            announce_draining,
+    async def wait_traffic_moved(self, new_connections_total: Callable[[], int]) -> DrainReport:
+        """With the draining announcement (GRACEFUL_SHUTDOWN + prepends) in force: wait until
+        it was sent, then until the node's new-connection rate is quiet, bounded by the
+        config's drain deadline. The caller then withdraws (by its drain phase) and finishes
+        its open connections."""
+        started = time.monotonic()
+        await self.wait_sent()
+        self.last_drain = await wait_quiet(
             new_connections_total,
-            withdraw,
             quiet_rate_per_s=self.config.drain_quiet_rate_per_s,
             quiet_window_s=self.config.drain_quiet_window_s,
             deadline_s=self.config.drain_deadline_s,
+            started=started,
         )
         return self.last_drain
-
-    def undrain(self) -> Reason:
-        """Clear the drain; announces again only if the node's condition allows it."""
-        return self.update(operator_drain=False, drain_complete=False)
 
     def degraded_reason(self) -> str | None:
         """Why announcing is less safe than it should be, or None (for the node's state)."""
@@ -212,9 +188,9 @@ class BgpSpeaker:
         inputs = self.announcer.inputs
         return {
             "reason": str(self.announcer.reason),
-            "condition": str(inputs.condition),
-            "weight": inputs.weight,
-            "operator_drain": inputs.operator_drain,
+            "serving": str(inputs.serving),
+            "link_bandwidth_mbps": inputs.link_bandwidth_mbps,
+            "announced_mbps": announced_mbps(inputs),
             "held_until_monotonic": self.announcer.held_until or None,
             **self.driver.status(),
             "bfd": None
@@ -248,17 +224,15 @@ async def _stdin_reader() -> asyncio.StreamReader:
 async def run(args: argparse.Namespace, config: BgpConfig) -> int:
     speaker = BgpSpeaker(config, Path(args.workdir), netns=args.netns, watchdog_s=args.watchdog_s)
     await speaker.start()
-    speaker.update(condition=NodeCondition(args.condition), weight=args.weight)
+    speaker.update(serving=Serving(args.serving), link_bandwidth_mbps=args.bandwidth_mbps)
     reader = await _stdin_reader()
     try:
         while line := (await reader.readline()).decode():
             match line.split():
-                case ["condition", name]:
-                    speaker.update(condition=NodeCondition(name))
-                case ["weight", value]:
-                    speaker.update(weight=float(value))
-                case ["drain", flag]:
-                    speaker.update(operator_drain=flag == "on", drain_complete=False)
+                case ["serving", name]:
+                    speaker.update(serving=Serving(name))
+                case ["bandwidth", value]:
+                    speaker.update(link_bandwidth_mbps=float(value))
                 case ["stall", seconds]:
                     time.sleep(float(seconds))  # noqa: ASYNC251 - on purpose: blocks the loop
                 case ["wait-sent"]:
@@ -276,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--netns", default=None)
-    parser.add_argument("--condition", default="starting", choices=[c.value for c in NodeCondition])
-    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--serving", default="not-ready", choices=[s.value for s in Serving])
+    parser.add_argument("--bandwidth-mbps", type=float, default=None, help="default: capacity")
     parser.add_argument("--watchdog-s", type=float, default=None, help="0 disables")
     args = parser.parse_args(argv)
     try:

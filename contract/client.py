@@ -24,6 +24,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from contract.schemas import (
+    NODE_CONTRACT_VERSION,
     ConflictBody,
     Convergence,
     DesiredSpec,
@@ -81,6 +82,10 @@ class Conflict(ApiError):
     def __init__(self, current: DesiredState) -> None:
         super().__init__(412, f"revision mismatch (current revision {current.revision})")
         self.current = current
+
+
+class ContractMismatch(ApiError):
+    """The API publishes node views of another contract version than this client's."""
 
 
 class Unavailable(ApiError):
@@ -254,8 +259,13 @@ class ApiClient:
     # --- nodes ---------------------------------------------------------------------
 
     async def heartbeat(self, node: str, heartbeat: Heartbeat) -> NodeDesired:
-        response = await self._request("POST", f"/v1/nodes/{node}/heartbeat", body=heartbeat)
-        return _parse(response, NodeDesired)
+        response = await self._request(
+            "POST",
+            f"/v1/nodes/{node}/heartbeat",
+            body=heartbeat,
+            params={"contract": NODE_CONTRACT_VERSION},
+        )
+        return _parse_node_view(response)
 
     async def node_desired(
         self,
@@ -266,16 +276,18 @@ class ApiClient:
         timeout_s: float = 25.0,
     ) -> NodeDesired:
         """The node's desired view; with after_revision/fingerprint, a long-poll."""
-        return await self._get(
+        response = await self._request(
+            "GET",
             f"/v1/nodes/{node}/desired",
-            NodeDesired,
             params={
                 "after_revision": after_revision,
                 "fingerprint": fingerprint,
                 "timeout_s": timeout_s,
+                "contract": NODE_CONTRACT_VERSION,
             },
             timeout_s=timeout_s + self._timeout_s,
         )
+        return _parse_node_view(response)
 
     async def observed(self) -> list[NodeObserved]:
         return await self._get("/v1/observed", TypeAdapter(list[NodeObserved]))
@@ -296,6 +308,22 @@ class ApiClient:
             timeout_s=wait_s + self._timeout_s,
         )
         return page.events
+
+
+def _parse_node_view(response: httpx.Response) -> NodeDesired:
+    """A node view, after checking its contract version: an API of another version gets one
+    clear error instead of a field-by-field validation failure."""
+    try:
+        spoken = response.json().get("contract_version", 1)
+    except (ValueError, AttributeError):
+        spoken = None
+    if spoken != NODE_CONTRACT_VERSION:
+        raise ContractMismatch(
+            response.status_code,
+            f"the GSLB API publishes node contract version {spoken}; this client speaks "
+            f"version {NODE_CONTRACT_VERSION}: upgrade the API (README: Upgrading)",
+        )
+    return _parse(response, NodeDesired)
 
 
 def _parse(response: httpx.Response, model: type[T] | TypeAdapter[T]) -> T:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,8 +23,15 @@ CapacityMbps = Annotated[int, Field(ge=0, le=10_000_000)]
 Revision = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Reason = Annotated[str, Field(min_length=1, max_length=500)]
 
-#: The sum of every available node's effective weight: shares are published on this scale.
-EFFECTIVE_WEIGHT_TOTAL = 1000.0
+#: The link-bandwidth (Mbit/s) the fleet's serving nodes announce between them when every one
+#: of them is healthy: the GSLB publishes each node's share on this scale.
+FLEET_LINK_BANDWIDTH_MBPS = 1000.0
+
+#: The version of the node contract (NodeDesired and the heartbeat exchange). Version 1
+#: published one folded `effective_weight`; version 2 publishes the admin state and the share
+#: apart. An agent sends it as the `contract` query parameter; a mismatch on either side is
+#: a clear error (426 from the API, ContractMismatch in the client), never a misread number.
+NODE_CONTRACT_VERSION: Final = 2
 
 
 class Strict(BaseModel):
@@ -32,7 +39,9 @@ class Strict(BaseModel):
 
 
 class NodeState(enum.StrEnum):
-    """What a node reports about itself (the edge agent's state machine)."""
+    """The edge node's state: the states of the agent's state machine (`edge.state` uses this
+    very enum) and what a node reports in its heartbeats. Defined once, here, because the wire
+    is where both sides meet."""
 
     STARTING = "starting"
     HEALTHY = "healthy"
@@ -58,6 +67,18 @@ class Role(enum.StrEnum):
 class DrainKind(enum.StrEnum):
     NODE = "node"
     SITE = "site"
+
+
+class AdminState(enum.StrEnum):
+    """Whether the operator wants a node to serve (kept apart from its health and its share).
+
+    DRAINING: a drain is in force and the node still reports a serving or draining state;
+    DRAINED: a drain is in force and the node reports it is down (its drain finished). The
+    node treats both alike: it runs its drain."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DRAINED = "drained"
 
 
 # --- desired state (operator-owned, revisioned) ------------------------------------------
@@ -160,24 +181,38 @@ class NodeObserved(Strict):
 
 
 class NodeDesired(Strict):
-    """What the control plane publishes to one node: its drains and its effective weight.
+    """What the control plane publishes to one node: whether to serve, and how much.
 
-    `fingerprint` changes whenever anything in this view changes, including effective
-    weights moved by other nodes' health, which does not bump the desired revision.
+    * `admin_state` (with `drain_source` and `drain_reason` while a drain is in force): the
+      operator's decision, apart from health.
+    * `link_bandwidth_mbps`: the link-bandwidth the node announces when it serves at full
+      health, computed as if it were active and healthy: drains and other nodes' health
+      count, its own health does not (the node decides what its own DEGRADED or DOWN does,
+      so that works with no API). During a drain it is the bandwidth the node keeps while
+      its GRACEFUL_SHUTDOWN announcement moves traffic away.
+
+    `fingerprint` changes whenever anything in this view changes, including shares moved by
+    other nodes' health, which does not bump the desired revision.
     """
 
+    contract_version: Literal[2] = NODE_CONTRACT_VERSION
     revision: Revision
     node: str
     site: str
-    drained: bool
+    admin_state: AdminState
+    drain_source: DrainKind | None = None
     drain_reason: str = ""
     operator_weight: Weight
-    effective_weight: float
+    link_bandwidth_mbps: Annotated[float, Field(ge=0)]
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
     fingerprint: str
 
 
 class EffectiveWeights(Strict):
+    """The fleet's shares as the routers see them: per serving node the link-bandwidth
+    (Mbit/s) it is asked to announce (before its own DEGRADED reduction; 0 for a node that
+    does not serve), per site the sum of its nodes'."""
+
     revision: Revision
     nodes: dict[str, float]
     sites: dict[str, float]

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,14 +24,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.state import NodeState
+from edge.flows import FlowTable
+from edge.pool import Pool
+from edge.ports import NodeControl
+from edge.state import DrainSource, NodeState
 
-if TYPE_CHECKING:
-    from edge.agent import Agent
+
+class AdminTarget(NodeControl, Protocol):
+    """What the admin endpoint needs of the agent: its control port and what it shows."""
+
+    pool: Pool
+    flows: FlowTable
+    events: deque[dict[str, Any]]
+    transitions_total: int
+
+    def status(self) -> dict[str, Any]: ...
+
+    def status_section(self, name: str) -> dict[str, Any] | None: ...
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AdminTarget) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
@@ -72,16 +86,20 @@ class AgentCollector(Collector):
         accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
         accepted.add_metric([], agent.flows.accepted_total)
         yield accepted
-        if (control := agent.status_extras.get("control_plane")) is not None:
+        if (control := agent.status_section("control_plane")) is not None:
             stale = GaugeMetricFamily(
                 "anycast_edge_control_plane_stale",
                 "1 while no GSLB API answers and the last known good state is in force",
             )
-            stale.add_metric([], 1.0 if control()["stale"] else 0.0)
+            stale.add_metric([], 1.0 if control["stale"] else 0.0)
             yield stale
 
 
-def create_admin_app(agent: Agent) -> Starlette:
+def _drain_body(agent: AdminTarget) -> dict[str, Any]:
+    return {"state": str(agent.state), "drain": agent.drain.snapshot()}
+
+
+def create_admin_app(agent: AdminTarget) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
 
@@ -93,12 +111,14 @@ def create_admin_app(agent: Agent) -> Starlette:
 
     async def drain(request: Request) -> Response:
         reason = request.query_params.get("reason", "local drain via admin endpoint")
-        agent.start_drain(reason, exit_when_done=False)
-        return JSONResponse({"state": agent.state, "drain": reason}, status_code=202)
+        agent.request_drain(DrainSource.LOCAL, reason)
+        # The state it moved to (draining, or down when it was not serving); 202: the drain's
+        # later phases run on.
+        return JSONResponse(_drain_body(agent), status_code=202)
 
     async def undrain(request: Request) -> Response:
-        await agent.undrain("local undrain via admin endpoint")
-        return JSONResponse({"state": agent.state})
+        await agent.undrain(DrainSource.LOCAL, "local undrain via admin endpoint")
+        return JSONResponse(_drain_body(agent))
 
     async def flows(request: Request) -> Response:
         raw_limit = request.query_params.get("limit", "1000")
@@ -147,7 +167,7 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class AdminServer:
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
+    def __init__(self, agent: AdminTarget, host: str, port: int) -> None:
         config = uvicorn.Config(
             create_admin_app(agent),
             host=host,

@@ -1,9 +1,14 @@
 """The edge node agent: wires config, pool, health, state machine, listeners and admin.
 
-Drain order (what makes a planned drain fail no request): announce that the
-node is leaving and let the routers move new flows away first (`accept_grace`,
-or the BGP choreography through `before_stop_accepting`), then stop accepting,
-then let open connections finish up to the deadline, then close what is left.
+It offers `edge.ports.NodeControl` to its extensions (BGP announcer, control-plane link,
+...), which `run_agent`, the composition root, builds and passes in as a list.
+
+Drain order (what makes a planned drain fail no request), each step a phase of the
+state machine's drain: announce that the node is leaving and let the routers move new
+flows away first (moving traffic: the extensions' `before_stop_accepting`, e.g. the BGP
+choreography, or else `drain.accept_grace`), then stop accepting and let open
+connections finish up to the deadline (closing connections), then close what is left
+(done). A SIGTERM drain ends the process when it is done.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +31,48 @@ from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
 from edge.health import BackendHealth, HealthChange
 from edge.pool import Backend, Pool
+from edge.ports import AgentExtension, NodeReport
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
-from edge.state import NodeState, NodeStateMachine, Observation, Thresholds, Transition
+from edge.state import (
+    Drain,
+    DrainPhase,
+    DrainSource,
+    NodeState,
+    NodeStateMachine,
+    Observation,
+    Thresholds,
+    Transition,
+)
 
 log = logging.getLogger("edge.agent")
 
 # How long an idle keep-alive client connection may stay once draining stopped accepting.
 DRAIN_IDLE_GRACE = 1.0
+#: What a stop needs beyond the drain's own deadlines: the extensions' stop (ExaBGP's
+#: withdraw and exit, bfdd), the admin endpoint, the event loop's close. Generous on purpose.
+STOP_MARGIN_S = 30.0
 
-StateListener = Callable[[Transition], None]
+
+def sigterm_stop_bound_s(config: NodeConfig) -> float:
+    """The longest a SIGTERM drain can take before the process exits: moving traffic (the
+    BGP drain deadline, or `drain.accept_grace` without BGP), then the open connections'
+    `drain.deadline`, then the stop margin. A service manager's stop timeout must exceed it
+    (deploy/systemd/anycast-edge.service; `anycast-edge check-config` prints it)."""
+    moving = config.bgp.drain_deadline_s if config.bgp is not None else config.drain.accept_grace
+    return moving + config.drain.deadline + STOP_MARGIN_S
 
 
 class Agent:
-    def __init__(self, config: NodeConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        config_path: Path | None = None,
+        extensions: Sequence[AgentExtension] = (),
+    ) -> None:
         self.config = config
+        self.extensions = tuple(extensions)
         self.config_path = config_path
         self.pool = Pool.from_config(
             config.backends,
@@ -52,33 +83,53 @@ class Agent:
         )
         self.flows = FlowTable()
         self.sweeper = DeadlineSweeper()
-        self.ctx = ProxyContext(config, self.pool, self.flows, self.sweeper, self._passive_failure)
         self.machine = NodeStateMachine(
             Thresholds(config.state.degraded_below, config.state.down_below)
+        )
+        self.ctx = ProxyContext(
+            config,
+            self.pool,
+            self.flows,
+            self.sweeper,
+            self._passive_failure,
+            is_draining=lambda: self.machine.drain.active,
         )
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.transitions_total = 0
         self.state_since = time.time()
-        self.state_listeners: list[StateListener] = []
-        # Set by the BGP side: returns once the routers have moved traffic away.
-        self.before_stop_accepting: Callable[[str], Awaitable[None]] | None = None
-        # Extra sections of /status, e.g. "bgp" from the BGP bridge.
-        self.status_extras: dict[str, Callable[[], Any]] = {}
-        # Named checks that can hold an otherwise healthy node at degraded (reason or None).
-        self.degradations: dict[str, Callable[[], str | None]] = {}
         self._tick_task: asyncio.Task[None] | None = None
         self._servers: dict[str, tuple[ListenerConfig, asyncio.Server]] = {}
         self._checker = HealthChecker(self._check_result)
         self._admin: AdminServer | None = None
-        self._drain_task: asyncio.Task[None] | None = None
-        self._exit_after_drain = False
+        # Only a handle to cancel the drain's steps: whether and how far the node drains is
+        # the state machine's `drain`, nothing else.
+        self._drain_steps: asyncio.Task[None] | None = None
+        self._started_extensions: list[AgentExtension] = []
         self._stopped = asyncio.Event()
         self._started_at = time.time()
         self._reloaded_at: float | None = None
 
+    # -- NodeControl --------------------------------------------------------------
     @property
     def state(self) -> NodeState:
         return self.machine.state
+
+    @property
+    def drain(self) -> Drain:
+        return self.machine.drain
+
+    def report(self) -> NodeReport:
+        total, healthy, _ = self.pool.counts()
+        return NodeReport(
+            node=self.config.node.name,
+            site=self.config.node.site,
+            state=self.machine.state,
+            drain=self.machine.drain,
+            backends_total=total,
+            backends_healthy=healthy,
+            open_connections=self.ctx.open_connections(),
+            accepted_total=self.flows.accepted_total,
+        )
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -96,6 +147,11 @@ class Agent:
         self._event("agent", "started", listeners=[cfg.name for cfg in self.config.listeners])
         self.evaluate()
         self._tick_task = asyncio.get_running_loop().create_task(self._tick())
+        for extension in self.extensions:
+            await extension.start(self)
+            self._started_extensions.append(extension)
+        # Extensions may hold the node at degraded (e.g. BFD lost): look again with them.
+        self.evaluate()
 
     async def _tick(self) -> None:
         """Re-evaluate once a second: listener self-checks and degradations change unseen."""
@@ -113,13 +169,11 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def _on_sigterm(self) -> None:
-        if self._drain_task is not None and not self._drain_task.done():
-            if self._exit_after_drain:
-                log.warning("second SIGTERM: stopping now")
-                self._stopped.set()
-            self._exit_after_drain = True
+        if self.machine.drain.source is DrainSource.SIGTERM:
+            log.warning("second SIGTERM: stopping now")
+            self._stopped.set()
             return
-        self.start_drain("SIGTERM", exit_when_done=True)
+        self.request_drain(DrainSource.SIGTERM, "SIGTERM")
 
     def _on_sigint(self) -> None:
         log.warning("SIGINT: stopping now, without a drain")
@@ -132,10 +186,13 @@ class Agent:
     async def stop(self) -> None:
         if self._tick_task is not None:
             self._tick_task.cancel()
-        if self._drain_task is not None and not self._drain_task.done():
-            self._drain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain_task
+        await self._cancel_drain_steps()
+        while self._started_extensions:
+            extension = self._started_extensions.pop()
+            try:
+                await extension.stop()
+            except Exception:
+                log.exception("stopping extension %s failed", extension.name)
         await self._close_listeners()
         for conns in self.ctx.connections.values():
             for conn in list(conns):
@@ -215,44 +272,60 @@ class Agent:
     def evaluate(self) -> None:
         total, healthy, settled = self.pool.counts()
         ok, detail = self._listeners_ok()
-        if self._drain_task is not None:
+        if self.machine.drain.active:
             ok, detail = True, ""  # listeners closed on purpose by the drain
-        degraded_by = tuple(r for check in self.degradations.values() if (r := check()))
+        degraded_by = tuple(r for ext in self._started_extensions if (r := ext.degraded_reason()))
         observation = Observation(total, healthy, settled, ok, detail, degraded_by)
         self._transitioned(self.machine.observe(observation))
 
     def _transitioned(self, transition: Transition | None) -> None:
         if transition is None:
             return
-        self.transitions_total += 1
-        self.state_since = time.time()
-        log.info("state %s -> %s: %s", transition.old, transition.new, transition.cause)
-        self._event("state", transition.cause, old=str(transition.old), new=str(transition.new))
-        for listener in list(self.state_listeners):
+        if transition.new is not transition.old:
+            self.transitions_total += 1
+            self.state_since = time.time()
+        log.info(
+            "state %s -> %s (drain %s): %s",
+            transition.old,
+            transition.new,
+            transition.drain.phase,
+            transition.cause,
+        )
+        self._event(
+            "state",
+            transition.cause,
+            old=str(transition.old),
+            new=str(transition.new),
+            drain=str(transition.drain.phase),
+        )
+        for extension in self._started_extensions:
             try:
-                listener(transition)
+                extension.on_transition(transition)
             except Exception:
-                log.exception("state listener failed")
+                log.exception("extension %s failed on a transition", extension.name)
 
     def _event(self, kind: str, cause: str, **details: Any) -> None:
         self.events.append({"time": time.time(), "kind": kind, "cause": cause, **details})
 
     # -- drain -------------------------------------------------------------------
-    def start_drain(self, reason: str, exit_when_done: bool) -> None:
-        self._exit_after_drain = self._exit_after_drain or exit_when_done
-        if self._drain_task is not None and not self._drain_task.done():
-            return
-        self._drain_task = asyncio.get_running_loop().create_task(self._drain(reason))
+    def request_drain(self, source: DrainSource, reason: str) -> None:
+        before = self.machine.drain
+        self._transitioned(self.machine.request_drain(source, reason))
+        drain = self.machine.drain
+        if not before.active and drain.active:
+            self._event("drain", f"drain started ({source}): {reason}")
+            self._drain_steps = asyncio.get_running_loop().create_task(self._run_drain())
+        elif drain.phase is DrainPhase.DONE and drain.source is DrainSource.SIGTERM:
+            self._stopped.set()  # SIGTERM after a finished drain: nothing left to wait for
 
-    async def _drain(self, reason: str) -> None:
+    async def _run_drain(self) -> None:
         loop = asyncio.get_running_loop()
-        self._transitioned(self.machine.request_drain(reason))
-        self.ctx.draining = True
-        self._event("drain", f"drain started: {reason}")
-        if self.before_stop_accepting is not None:
-            await self.before_stop_accepting(reason)
-        elif self.config.drain.accept_grace:
+        moved = False
+        for extension in list(self._started_extensions):
+            moved = await extension.before_stop_accepting() or moved
+        if not moved and self.config.drain.accept_grace:
             await asyncio.sleep(self.config.drain.accept_grace)
+        self._transitioned(self.machine.stop_accepting())
         await self._close_listeners()
         self._event("drain", "stopped accepting new connections")
         deadline = loop.time() + self.config.drain.deadline
@@ -267,20 +340,26 @@ class Agent:
                 conn.abort()
         self._event("drain", f"drain complete, {left} connections closed at the deadline")
         self._transitioned(self.machine.mark_drained())
-        if self._exit_after_drain:
+        if self.machine.drain.source is DrainSource.SIGTERM:
             self._stopped.set()
 
-    async def undrain(self, reason: str) -> None:
-        if self._drain_task is not None:
-            self._drain_task.cancel()
+    async def _cancel_drain_steps(self) -> None:
+        steps, self._drain_steps = self._drain_steps, None
+        if steps is not None and not steps.done():
+            steps.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._drain_task
-            self._drain_task = None
-        self._exit_after_drain = False
-        self.ctx.draining = False
+                await steps
+
+    async def undrain(self, source: DrainSource, reason: str) -> None:
+        if not self.machine.drain.active:
+            return
+        transition = self.machine.cancel_drain(source, reason)
+        if self.machine.drain.active:
+            return  # `source` may not end this drain (the GSLB ends only its own)
+        await self._cancel_drain_steps()
         await self._open_listeners()
-        self._event("drain", f"undrained: {reason}")
-        self._transitioned(self.machine.cancel_drain(reason))
+        self._event("drain", f"undrained ({source}): {reason}")
+        self._transitioned(transition)
         self.evaluate()
 
     # -- reload ------------------------------------------------------------------
@@ -317,7 +396,7 @@ class Agent:
         wanted = {cfg.name: cfg for cfg in new.listeners}
         changed = [name for name, (cfg, _) in self._servers.items() if wanted.get(name) != cfg]
         await self._close_listeners(changed)
-        if self._drain_task is None:
+        if not self.machine.drain.active:
             await self._open_listeners()
         self._reloaded_at = time.time()
         self._event("reload", "configuration reloaded")
@@ -332,11 +411,7 @@ class Agent:
             "site": self.config.node.site,
             "state": str(self.state),
             "state_since": self.state_since,
-            "drain": {
-                "requested": self.machine.drain_requested,
-                "reason": self.machine.drain_reason,
-                "complete": self.machine.drain_complete,
-            },
+            "drain": self.machine.drain.snapshot(),
             "listeners": [
                 {
                     "name": cfg.name,
@@ -356,30 +431,46 @@ class Agent:
             "events": list(self.events)[-20:],
             "uptime_s": round(time.time() - self._started_at, 3),
             "reloaded_at": self._reloaded_at,
-            **{name: extra() for name, extra in self.status_extras.items()},
+            **{ext.name: ext.status() for ext in self.extensions},
         }
+
+    def status_section(self, name: str) -> dict[str, Any] | None:
+        """One extension's /status section (e.g. "control_plane"), None without it."""
+        return next((ext.status() for ext in self.extensions if ext.name == name), None)
+
+
+def build_extensions(config: NodeConfig) -> list[AgentExtension]:
+    """The composition root's choice of extensions for this config, wired to each other."""
+    extensions: list[AgentExtension] = []
+    announcer = None
+    if config.bgp is not None:
+        from edge.announcer import BgpAnnouncer
+
+        announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name)
+        extensions.append(announcer)
+    if config.control_plane is not None:
+        from edge.control import ControlPlaneLink
+
+        extensions.append(
+            ControlPlaneLink(
+                config.control_plane,
+                config.node.name,
+                on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
+                bgp_sessions=announcer.sessions if announcer else None,
+            )
+        )
+    return extensions
 
 
 async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
-    agent = Agent(config, config_path)
+    agent = Agent(config, config_path, build_extensions(config))
+    # Before the extensions start (ExaBGP takes a moment): a SIGTERM then is a drain too.
+    agent.install_signal_handlers()
     try:
         await agent.start()
     except OSError as error:
         log.error("%s", error)
         return 1
-    agent.install_signal_handlers()
-    announcer = None
-    if config.bgp is not None:
-        from edge.announcer import BgpAnnouncer
-
-        announcer = BgpAnnouncer(agent, config.bgp)
-        await announcer.start()
-    link = None
-    if config.control_plane is not None:
-        from edge.control import ControlPlaneLink
-
-        link = ControlPlaneLink(agent, config.control_plane, announcer)
-        await link.start()
     # Everything allocated so far lives as long as the process: keep it out of
     # the collector's full passes, which would otherwise walk it on the hot path.
     gc.freeze()
@@ -392,8 +483,4 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.port,
     )
     await agent.run_until_stopped()
-    if link is not None:
-        await link.stop()
-    if announcer is not None:
-        await announcer.stop()
     return 0

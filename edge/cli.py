@@ -58,7 +58,13 @@ def check_config(config: ConfigOption) -> None:
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
         return
-    typer.echo(f"{config}: valid (node {node.node.name}, site {node.node.site})")
+    from edge.agent import sigterm_stop_bound_s
+
+    typer.echo(
+        f"{config}: valid (node {node.node.name}, site {node.node.site}); a SIGTERM drain "
+        f"takes at most {sigterm_stop_bound_s(node):.0f} s (keep the service manager's stop "
+        "timeout, systemd's TimeoutStopSec, above it)"
+    )
 
 
 @app.command(

@@ -1,14 +1,17 @@
-"""The node state machine: pure, no I/O.
+"""The node state machine: pure, no I/O. It owns the node state and the drain.
 
     starting ──▶ healthy ◀──▶ degraded
         │           │  ▲          │
         ▼           ▼  │          ▼
-       down ◀──── draining ◀──────┘ (operator drain from any serving state)
+       down ◀──── draining ◀──────┘ (drain from any serving state)
 
-Admin state (active or draining) is kept apart from health, as glb-director
-does: a drain is an operator's decision, health is an observation, and the
-node state is derived from both. Every change comes out as a `Transition`
-with its cause, for the event log and for the BGP policy.
+Admin state (the drain) is kept apart from health, as glb-director does: a drain is
+someone's decision, health is an observation, and the node state is derived from both.
+The drain has one owner, this machine: its phase (none, moving traffic, closing
+connections, done), its source (the local admin API, the GSLB, SIGTERM) and its reason.
+Everything else (the BGP policy, the proxy's keep-alive, the heartbeat) reads them here.
+Every change comes out as a `Transition` with its cause, for the event log and the
+extensions.
 """
 
 from __future__ import annotations
@@ -16,17 +19,55 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from contract.schemas import NodeState
 
-class NodeState(enum.StrEnum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    DRAINING = "draining"
-    DOWN = "down"
-
+__all__ = [
+    "SERVING_STATES",
+    "Drain",
+    "DrainPhase",
+    "DrainSource",
+    "NodeState",
+    "NodeStateMachine",
+    "Observation",
+    "Thresholds",
+    "Transition",
+]
 
 # The states in which the node takes new traffic from the routers.
 SERVING_STATES = frozenset({NodeState.HEALTHY, NodeState.DEGRADED})
+
+
+class DrainPhase(enum.StrEnum):
+    NONE = "none"
+    # Still accepting; the routers are being told to move new flows away.
+    MOVING_TRAFFIC = "moving traffic"
+    # Not accepting any more; open connections finish up to the deadline.
+    CLOSING_CONNECTIONS = "closing connections"
+    DONE = "done"
+
+
+class DrainSource(enum.StrEnum):
+    LOCAL = "local API"
+    GSLB = "GSLB"
+    SIGTERM = "SIGTERM"
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    phase: DrainPhase = DrainPhase.NONE
+    source: DrainSource | None = None
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.phase is not DrainPhase.NONE
+
+    def snapshot(self) -> dict[str, str | None]:
+        source = None if self.source is None else str(self.source)
+        return {"phase": str(self.phase), "source": source, "reason": self.reason}
+
+
+NO_DRAIN = Drain()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +90,8 @@ class Transition:
     old: NodeState
     new: NodeState
     cause: str
+    # The drain after the change (a phase change alone is a transition too).
+    drain: Drain = NO_DRAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,62 +102,75 @@ class Thresholds:
 
 @dataclass(slots=True)
 class NodeStateMachine:
-    """Derives the node state from observations and operator drain requests."""
+    """Derives the node state from observations and the drain it owns."""
 
     thresholds: Thresholds = field(default_factory=Thresholds)
     state: NodeState = NodeState.STARTING
-    drain_requested: bool = False
-    drain_reason: str = ""
-    # Set once the drain has finished (traffic gone, connections closed).
-    drain_complete: bool = False
+    drain: Drain = NO_DRAIN
     last_observation: Observation | None = None
 
     def observe(self, observation: Observation) -> Transition | None:
         self.last_observation = observation
         return self._move(*self._derive(observation))
 
-    def request_drain(self, reason: str) -> Transition | None:
-        self.drain_requested = True
-        self.drain_reason = reason
-        self.drain_complete = False
-        return self._reevaluate()
+    def request_drain(self, source: DrainSource, reason: str) -> Transition | None:
+        """Start a drain. A drain already under way keeps its phase; SIGTERM takes it over
+        (the process exits when it is done), other sources leave it as it is."""
+        if self.drain.active:
+            if source is not DrainSource.SIGTERM or self.drain.source is DrainSource.SIGTERM:
+                return None
+            return self._set_drain(Drain(self.drain.phase, source, reason))
+        return self._set_drain(Drain(DrainPhase.MOVING_TRAFFIC, source, reason))
+
+    def stop_accepting(self) -> Transition | None:
+        """Traffic has moved away: listeners close, open connections finish."""
+        if self.drain.phase is not DrainPhase.MOVING_TRAFFIC:
+            return None
+        return self._set_drain(Drain(DrainPhase.CLOSING_CONNECTIONS, *self._who()))
 
     def mark_drained(self) -> Transition | None:
         """The drain finished: traffic left and open connections are closed."""
-        if not self.drain_requested:
+        if self.drain.phase is not DrainPhase.CLOSING_CONNECTIONS:
             return None
-        self.drain_complete = True
-        return self._reevaluate()
+        return self._set_drain(Drain(DrainPhase.DONE, *self._who()))
 
-    def cancel_drain(self, reason: str) -> Transition | None:
-        self.drain_requested = False
-        self.drain_complete = False
-        self.drain_reason = reason
-        return self._reevaluate()
+    def cancel_drain(self, source: DrainSource, reason: str) -> Transition | None:
+        """End the drain. The GSLB ends only a drain it started; the local API ends any."""
+        if not self.drain.active:
+            return None
+        if source is DrainSource.GSLB and self.drain.source is not DrainSource.GSLB:
+            return None
+        return self._set_drain(NO_DRAIN, f"undrained: {reason}")
 
-    def _reevaluate(self) -> Transition | None:
+    def _who(self) -> tuple[DrainSource | None, str]:
+        return self.drain.source, self.drain.reason
+
+    def _set_drain(self, drain: Drain, undrain_cause: str = "") -> Transition | None:
+        old_drain = self.drain
+        self.drain = drain
         if self.last_observation is None:
-            if self.drain_requested:
-                return self._move(
-                    NodeState.DOWN, f"drain requested before start: {self.drain_reason}"
-                )
-            return None
-        return self._move(*self._derive(self.last_observation))
+            # Nothing observed yet: no health to go back to, so down until the first look.
+            cause = (
+                f"drain requested before start: {drain.reason}" if drain.active else undrain_cause
+            )
+            return self._move(NodeState.DOWN, cause, phase_changed=old_drain != drain)
+        state, cause = self._derive(self.last_observation)
+        if undrain_cause:
+            cause = f"{undrain_cause}; {cause}"
+        return self._move(state, cause, phase_changed=old_drain != drain)
 
     def _derive(self, obs: Observation) -> tuple[NodeState, str]:
         health_state, health_cause = self._health(obs)
-        if self.drain_requested:
-            if self.drain_complete:
-                return NodeState.DOWN, f"drained: {self.drain_reason}"
+        drain = self.drain
+        if drain.phase is DrainPhase.DONE:
+            return NodeState.DOWN, f"drained: {drain.reason} ({drain.source})"
+        if drain.active:
             # Draining only makes sense from a state that was taking traffic.
             if self.state in (*SERVING_STATES, NodeState.DRAINING):
-                return NodeState.DRAINING, f"drain requested: {self.drain_reason}"
-            return NodeState.DOWN, f"drain requested while {self.state}: {self.drain_reason}"
+                return NodeState.DRAINING, f"drain requested: {drain.reason} ({drain.source})"
+            return NodeState.DOWN, f"drain requested while {self.state}: {drain.reason}"
         if self.state is NodeState.STARTING and health_state is NodeState.STARTING:
             return NodeState.STARTING, health_cause
-        if self.state is NodeState.DRAINING:
-            # Undrained: health decides again.
-            return health_state, f"undrained: {self.drain_reason}; {health_cause}"
         return health_state, health_cause
 
     def _health(self, obs: Observation) -> tuple[NodeState, str]:
@@ -137,9 +193,9 @@ class NodeStateMachine:
             return NodeState.DEGRADED, f"{counts}; {'; '.join(obs.degraded_by)}"
         return NodeState.HEALTHY, counts
 
-    def _move(self, new: NodeState, cause: str) -> Transition | None:
-        if new is self.state:
+    def _move(self, new: NodeState, cause: str, phase_changed: bool = False) -> Transition | None:
+        if new is self.state and not phase_changed:
             return None
-        transition = Transition(self.state, new, cause)
+        transition = Transition(self.state, new, cause, self.drain)
         self.state = new
         return transition

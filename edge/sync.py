@@ -1,8 +1,8 @@
 """ControlPlaneSync: the edge agent's link to the GSLB API, built for static stability.
 
-It long-polls the node's desired view (drains, effective weight), sends heartbeats with what
-the agent reports, hands every new desired view to the agent through a callback and reports
-the revision it applied. Every request goes to the first API endpoint that answers.
+It long-polls the node's desired view (admin state, link-bandwidth share), sends heartbeats
+with what the agent reports, hands every new desired view to the agent through a callback
+and reports the revision it applied. Every request goes to the first API endpoint that answers.
 
 Losing the control plane never takes traffic down: the last known good desired view stays
 in force, and it is also kept on disk (written atomically), so an agent restarted while no
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -40,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from contract.client import ApiClient, ApiError
-from contract.schemas import Heartbeat, NodeDesired
+from contract.schemas import NODE_CONTRACT_VERSION, Heartbeat, NodeDesired
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,18 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def load_last_known_good(path: Path) -> NodeDesired | None:
     try:
-        return NodeDesired.model_validate_json(path.read_bytes())
+        raw = path.read_bytes()
+        data = json.loads(raw)
+        if isinstance(data, dict) and data.get("contract_version", 1) != NODE_CONTRACT_VERSION:
+            log.warning(
+                "ignoring last-known-good state %s: written for node contract version %s, "
+                "this agent speaks %d (it starts without a view until an API answers)",
+                path,
+                data.get("contract_version", 1),
+                NODE_CONTRACT_VERSION,
+            )
+            return None
+        return NodeDesired.model_validate(data)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

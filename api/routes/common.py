@@ -54,12 +54,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class ConflictError(Exception):
-    def __init__(self, current: DesiredState) -> None:
-        super().__init__("revision mismatch")
-        self.current = current
-
-
 def etag(revision: int) -> str:
     return f'"{revision}"'
 

@@ -12,9 +12,13 @@ from fastapi import APIRouter, Query
 from api.auth import Identity
 from api.routes.common import AnyIdentity, ApiError, Ctx, NamePath
 from api.views import node_view
-from contract.schemas import Heartbeat, NodeDesired
+from contract.schemas import NODE_CONTRACT_VERSION, Heartbeat, NodeDesired
 
 router = APIRouter(prefix="/v1/nodes", tags=["heartbeats"])
+
+
+#: The node contract an agent speaks, sent as `?contract=N` (agents before version 2 send none).
+ContractQuery = Annotated[int | None, Query(ge=0, le=1000)]
 
 
 def _may_act_for(who: Identity, node: str) -> None:
@@ -22,10 +26,24 @@ def _may_act_for(who: Identity, node: str) -> None:
         raise ApiError(403, f"token {who.name!r} may not act for node {node!r}", "node")
 
 
+def _check_contract(contract: int | None) -> None:
+    if contract != NODE_CONTRACT_VERSION:
+        spoken = "1 (no contract parameter)" if contract is None else str(contract)
+        raise ApiError(
+            426,
+            f"this GSLB API publishes node contract version {NODE_CONTRACT_VERSION}; "
+            f"the client speaks version {spoken}: upgrade the agent (README: Upgrading)",
+            "contract",
+        )
+
+
 @router.post("/{node}/heartbeat", response_model=NodeDesired)
-async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat) -> NodeDesired:
+async def heartbeat(
+    ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat, contract: ContractQuery = None
+) -> NodeDesired:
     """Record the node's heartbeat; answers with the node's desired view (up to a second old:
-    the long-poll is authoritative)."""
+    the long-poll is authoritative). A heartbeat of an older contract is still recorded (the
+    node is alive and its state counts for the others' shares), then answered 426."""
     _may_act_for(who, node)
     # A snapshot up to a second old is fine here: the view in the answer is a backstop, the
     # long-poll is what delivers changes promptly. Rebuilding per heartbeat would not scale.
@@ -42,6 +60,7 @@ async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat)
     await ctx.store.record_heartbeat(
         node, body, datetime.now(UTC), ctx.settings.heartbeat_ttl_s, who.name
     )
+    _check_contract(contract)
     return view
 
 
@@ -53,6 +72,7 @@ async def node_desired(
     after_revision: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
     timeout_s: Annotated[float, Query(ge=0, le=300)] = 25.0,
+    contract: ContractQuery = None,
 ) -> NodeDesired:
     """The node's desired view. Long-poll: with `after_revision` and/or `fingerprint`, it
     answers as soon as the revision is above `after_revision` or the view's fingerprint
@@ -60,6 +80,7 @@ async def node_desired(
     with the unchanged view when `timeout_s` (capped by the server) runs out."""
     if not (who.can_read() or who.may_act_for_node(node)):
         _may_act_for(who, node)
+    _check_contract(contract)
     deadline = time.monotonic() + min(timeout_s, ctx.settings.long_poll_max_s)
     while True:
         generation = ctx.store.changes.generation

@@ -180,14 +180,19 @@ class ProxyContext:
     on_passive_failure: PassiveFailure
     # Open client connections per listener, so a drain can close them at its deadline.
     connections: dict[str, set[ClientConnection]] = field(default_factory=dict)
-    # While draining, responses say `Connection: close` so keep-alive clients leave.
-    draining: bool = False
+    # Reads the node's drain (its state machine owns it): while draining, responses say
+    # `Connection: close` so keep-alive clients leave.
+    is_draining: Callable[[], bool] = lambda: False
     # The Via header line added both ways, naming node and site (CRLF first).
     via_line: bytes = b""
     idle_upstreams: IdlePool = field(default_factory=IdlePool)
 
     def __post_init__(self) -> None:
         self.update_config(self.config)
+
+    @property
+    def draining(self) -> bool:
+        return self.is_draining()
 
     def update_config(self, config: NodeConfig) -> None:
         self.config = config

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from deploy import lab
+from tests.support.requires import unavailable
 
 
 def _can_run() -> str:
@@ -30,7 +31,7 @@ def _can_run() -> str:
 def lab_up() -> Iterator[dict[str, float]]:
     reason = _can_run()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     started_engine = False
     timings: dict[str, float] = {}
     try:

@@ -16,6 +16,7 @@ from api.app import create_app
 from api.settings import Settings, parse_settings
 from api.store import open_store
 from tests.support.etcd_cluster import LocalEtcdCluster
+from tests.support.requires import require
 from tests.support.server import ThreadedServer
 from tests.support.site import Site
 
@@ -33,6 +34,7 @@ TOKENS = [
 
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcdCluster]:
+    require("etcd")
     cluster = LocalEtcdCluster(tmp_path_factory.mktemp("etcd"))
     try:
         cluster.start()

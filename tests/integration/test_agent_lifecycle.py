@@ -123,7 +123,12 @@ def test_drain_via_admin_lets_inflight_requests_finish(tmp_path: Path) -> None:
         thread.start()
         wait_for(lambda: site.agent.status()["flows"]["open"] >= 1)
         r = httpx.post(site.agent.admin + "/drain?reason=maintenance")
+        # The answer is the state the drain moved to, not the one it left.
         assert r.status_code == 202
+        assert r.json() == {
+            "state": "draining",
+            "drain": {"phase": "moving traffic", "source": "local API", "reason": "maintenance"},
+        }
         assert site.agent.status()["state"] == "draining"
         # During accept_grace the node still serves new requests (routers are moving them).
         assert httpx.get(site.http + "/", timeout=5).status_code == 200

@@ -11,6 +11,7 @@ import pytest
 
 from contract.client import ApiClient, Conflict, Forbidden, InvalidRequest
 from contract.schemas import (
+    AdminState,
     DesiredSpec,
     DrainKind,
     Heartbeat,
@@ -219,7 +220,7 @@ async def test_watch_long_poll_delivers_a_change_and_effective_weights(api: ApiU
         # The published view is rebuilt from heartbeats shortly after: wait until it shows
         # a1 alive, so the view the long-poll starts from is the settled one.
         async def heartbeat_reflected() -> bool:
-            return (await a1.node_desired("a1")).effective_weight > 0
+            return (await operator.effective_weights()).nodes["a1"] > 0
 
         await poll_until(heartbeat_reflected, timeout_s=10)
         first = await a1.node_desired("a1")
@@ -233,8 +234,11 @@ async def test_watch_long_poll_delivers_a_change_and_effective_weights(api: ApiU
         state = await operator.drain(DrainKind.SITE, "a", "maintenance", revision=revision)
         changed = await asyncio.wait_for(waiter, 15)
         assert changed.revision == state.revision
-        assert changed.drained and "maintenance" in changed.drain_reason
-        assert changed.effective_weight == 0
+        # Whether to serve changed; how much did not: a1 keeps its share (as if it served)
+        # for the GRACEFUL_SHUTDOWN phase of its drain.
+        assert changed.admin_state is AdminState.DRAINING  # a1 still reports healthy
+        assert changed.drain_source is DrainKind.SITE and "maintenance" in changed.drain_reason
+        assert changed.link_bandwidth_mbps == first.link_bandwidth_mbps > 0
 
         watched = await operator.watch_state(after_revision=state.revision - 1, timeout_s=5)
         assert watched.revision == state.revision
@@ -288,3 +292,22 @@ async def test_apply_whole_state_in_one_revision(api: ApiUnderTest) -> None:
                 DesiredSpec(nodes={"x": NodeSpec(site="nowhere")}), revision=applied.revision
             )
         assert invalid.value.field == "nodes.x.site"
+
+
+async def test_an_agent_of_the_previous_node_contract_gets_a_clear_426(api: ApiUnderTest) -> None:
+    """Agents before node contract 2 send no `contract` parameter: their heartbeat is still
+    recorded (they are alive and count for the others' shares), and the answer says why
+    they get no view. They keep serving on their last known good."""
+    await seed(api)
+    headers = {"Authorization": f"Bearer {NODE_A1}"}
+    async with httpx.AsyncClient(base_url=api.url, headers=headers) as old_agent:
+        r = await old_agent.post("/v1/nodes/a1/heartbeat", json={"state": "healthy"})
+        assert r.status_code == 426
+        assert "node contract version 2" in r.json()["detail"]
+        assert "upgrade the agent" in r.json()["detail"]
+        r = await old_agent.get("/v1/nodes/a1/desired")
+        assert r.status_code == 426
+    async with ApiClient([api.url], VIEWER) as viewer:
+        observed = {o.node: o for o in await viewer.observed()}
+        assert observed["a1"].heartbeat is not None
+        assert observed["a1"].heartbeat.state is NodeState.HEALTHY

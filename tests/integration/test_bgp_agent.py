@@ -4,7 +4,6 @@ GRACEFUL_SHUTDOWN before the withdraw; SIGKILL takes the route with it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -18,18 +17,16 @@ import yaml
 from tests.support.netlab import (
     VIP,
     NetLab,
+    admin_status,
     edge_bgp_config,
     netns_command,
     pids_running,
-    run,
-    wait_for,
 )
-from tests.support.procs import ROOT
+from tests.support.procs import ROOT, wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.needs("root", "frr"),
     pytest.mark.timeout(120),
 ]
 
@@ -96,10 +93,7 @@ def withdrawn(lab: NetLab) -> bool:
 
 
 def agent_status(lab: NetLab) -> dict[str, Any]:
-    """The agent's /status, read from inside its namespace (admin is on its loopback)."""
-    url = "http://127.0.0.1:9901/status"
-    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
-    return dict(json.loads(run(*netns_command(lab.edges[0].netns, sys.executable, "-c", code))))
+    return admin_status(lab.edges[0].netns)
 
 
 def test_agent_health_drives_announcement_and_kill_takes_route(lab: NetLab) -> None:
@@ -171,6 +165,22 @@ def test_bfd_lost_under_bgp_makes_the_node_degraded_until_repaired() -> None:
         wait_for(degraded, 60, interval=0.1, what="node degraded: BFD down while BGP up")
         assert any("BFD down while BGP up" in e["cause"] for e in seen[0]["events"])
         assert announced(built)  # degraded still serves
+        # ...at a reduced bandwidth, decided on the edge (no control plane here at all):
+        # bgp.degraded_bandwidth_factor (0.5) of its capacity, as the router decodes it.
+        assert built.router is not None
+        edge = str(built.edges[0].address)
+        capacity = seen[0]["bgp"]["link_bandwidth_mbps"]
+        wait_for(
+            lambda: built.router.link_bandwidth_mbps(edge) == capacity / 2,  # type: ignore[union-attr]
+            30,
+            what="the router seeing half the link bandwidth",
+        )
+        assert seen[0]["bgp"]["reason"] == "announce: node degraded, at reduced bandwidth"
         wait_for(lambda: agent_status(built)["state"] == "healthy", 60, what="bfdd repaired")
+        wait_for(
+            lambda: built.router.link_bandwidth_mbps(edge) == capacity,  # type: ignore[union-attr]
+            30,
+            what="the full link bandwidth once repaired",
+        )
     finally:
         built.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,17 +24,14 @@ from bgp.bfd import BfdDaemon
 from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
-from bgp.policy import NodeCondition, PolicyInputs, advertisements
-from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
+from bgp.policy import PolicyInputs, Serving, advertisements
+from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab
 from tests.support.netlab import edge_bgp_config as edge_config
+from tests.support.procs import wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        not Path("/usr/lib/frr/bgpd").exists() or not shutil.which("vtysh"),
-        reason="needs FRR (Debian package frr)",
-    ),
+    pytest.mark.needs("root", "frr"),
     pytest.mark.timeout(120),
 ]
 
@@ -51,11 +47,10 @@ class Speaker:
     driver: ExaBgpDriver
     bfd: BfdDaemon | None = None
 
-    async def announce(
-        self, condition: NodeCondition, weight: float = 1.0, operator_drain: bool = False
-    ) -> None:
+    async def announce(self, serving: Serving, weight: float = 1.0) -> None:
+        """Announce at `weight` times the configured capacity."""
         desired, _ = advertisements(
-            PolicyInputs(condition, self.config, weight=weight, operator_drain=operator_drain)
+            PolicyInputs(serving, self.config, weight * self.config.capacity_mbps)
         )
         self.driver.set_desired(desired)
         await asyncio.wait_for(self.driver.wait_sent(), 15)
@@ -145,19 +140,19 @@ async def test_announces_only_when_healthy_and_withdraws_when_not(
     speaker = await start_speaker(lab, edge, speakers)
     nexthop = str(edge.address)
 
-    await speaker.announce(NodeCondition.STARTING)  # fail closed: nothing yet
+    await speaker.announce(Serving.NOT_READY)  # fail closed: nothing yet
     await asyncio.sleep(0.5)
     assert fib(lab) == {} and paths(lab) == []
 
-    await speaker.announce(NodeCondition.HEALTHY)
+    await speaker.announce(Serving.FULL)
     await until(lambda: nexthop in fib(lab), "route in the router's FIB")
 
-    await speaker.announce(NodeCondition.DOWN)
+    await speaker.announce(Serving.STOPPED)
     await until(lambda: fib(lab) == {} and paths(lab) == [], "route gone from RIB and FIB")
 
-    await speaker.announce(NodeCondition.DEGRADED)
+    await speaker.announce(Serving.REDUCED)
     await until(lambda: nexthop in fib(lab), "route back while degraded")
-    await speaker.announce(NodeCondition.HEALTHY, weight=0.0)
+    await speaker.announce(Serving.FULL, weight=0.0)
     await until(lambda: fib(lab) == {}, "weight 0 withdraws")
 
 
@@ -168,8 +163,8 @@ async def test_med_prepends_and_graceful_shutdown_then_drain_withdraws(
     first, second = lab.edges
     steady = await start_speaker(lab, first, speakers, med=50)
     draining = await start_speaker(lab, second, speakers, med=50, communities=["65102:7"])
-    await steady.announce(NodeCondition.HEALTHY)
-    await draining.announce(NodeCondition.HEALTHY)
+    await steady.announce(Serving.FULL)
+    await draining.announce(Serving.FULL)
     await until(lambda: len(fib(lab)) == 2, "both edges in the FIB (ECMP)")
     path = path_from(lab, second)
     assert path is not None
@@ -177,7 +172,7 @@ async def test_med_prepends_and_graceful_shutdown_then_drain_withdraws(
     assert path["aspath"]["string"] == "65102"
     assert path["community"]["string"] == "65102:7"
 
-    await draining.announce(NodeCondition.HEALTHY, operator_drain=True)
+    await draining.announce(Serving.LEAVING)
 
     def drained_path_seen() -> bool:
         drained = path_from(lab, second)
@@ -195,9 +190,9 @@ async def test_med_prepends_and_graceful_shutdown_then_drain_withdraws(
 
     # The choreography: GSHUT already out, no new connections arrive -> withdraw.
     report = await drain(
-        lambda: draining.announce(NodeCondition.DRAINING),
+        lambda: draining.announce(Serving.LEAVING),
         lambda: 0,
-        lambda: draining.announce(NodeCondition.DOWN),
+        lambda: draining.announce(Serving.STOPPED),
         quiet_rate_per_s=1.0,
         quiet_window_s=0.3,
         deadline_s=10,
@@ -218,9 +213,9 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
     s1 = await start_speaker(lab, e1, speakers, capacity_mbps=300)
     s2 = await start_speaker(lab, e2, speakers, capacity_mbps=100)
     s3 = await start_speaker(lab, e3, speakers, capacity_mbps=200)
-    await s1.announce(NodeCondition.HEALTHY)
-    await s2.announce(NodeCondition.HEALTHY)
-    await s3.announce(NodeCondition.HEALTHY, weight=0.5)  # 100 Mbit/s effective
+    await s1.announce(Serving.FULL)
+    await s2.announce(Serving.FULL)
+    await s3.announce(Serving.FULL, weight=0.5)  # 100 Mbit/s effective
     await until(lambda: len(fib(lab)) == 3, "three weighted next-hops")
     weights = fib(lab)
     share = {hop: w / sum(weights.values()) for hop, w in weights.items()}
@@ -229,7 +224,7 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
     assert share[str(e3.address)] == pytest.approx(0.2, abs=0.02)
 
     # A GSLB weight change reaches the kernel: 300 : 100 : 200 -> shares 1/2, 1/6, 1/3.
-    await s3.announce(NodeCondition.HEALTHY, weight=1.0)
+    await s3.announce(Serving.FULL, weight=1.0)
 
     def reweighted() -> bool:
         hops = fib(lab)
@@ -288,7 +283,7 @@ async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab
             "--config", str(config_path),
             "--workdir", str(lab.workdir / "agent"),
             "--netns", edge.netns,
-            "--condition", "healthy",
+            "--serving", "full",
         ],
         stdin_pipe=True,
     )  # fmt: skip
@@ -310,7 +305,7 @@ async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
             "--config", str(config_path),
             "--workdir", str(lab.workdir / "agent"),
             "--netns", edge.netns,
-            "--condition", "healthy",
+            "--serving", "full",
             "--watchdog-s", "0.5",
         ],
         stdin_pipe=True,
@@ -331,7 +326,7 @@ async def test_exabgp_crash_is_restarted_and_desired_set_reannounced(
     lab = make_lab(labs, 1)
     (edge,) = lab.edges
     speaker = await start_speaker(lab, edge, speakers)
-    await speaker.announce(NodeCondition.HEALTHY, weight=0.5)
+    await speaker.announce(Serving.FULL, weight=0.5)
     await until(lambda: str(edge.address) in fib(lab), "route in FIB")
     old_pid = speaker.driver.pid
     speaker.driver.kill_now()
@@ -353,8 +348,8 @@ async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
     bfd = {"enabled": True, "transmit_interval_ms": 100, "receive_interval_ms": 100}
     s1 = await start_speaker(lab, first, speakers, bfd=bfd)
     s2 = await start_speaker(lab, second, speakers, bfd=bfd)
-    await s1.announce(NodeCondition.HEALTHY)
-    await s2.announce(NodeCondition.HEALTHY)
+    await s1.announce(Serving.FULL)
+    await s2.announce(Serving.FULL)
     assert lab.router
 
     def bfd_up(count: int) -> bool:
@@ -410,7 +405,7 @@ async def test_wrong_md5_password_never_establishes(
     driver = ExaBgpDriver(config, lab.workdir / "bad", netns=bad.netns)
     speakers.append(Speaker(bad, config, driver))
     await driver.start()
-    driver.set_desired(advertisements(PolicyInputs(NodeCondition.HEALTHY, config))[0])
+    driver.set_desired(advertisements(PolicyInputs(Serving.FULL, config, config.capacity_mbps))[0])
     assert lab.router
     # Several connect attempts (FRR retries every second); never established.
     for _ in range(12):
@@ -429,7 +424,7 @@ async def test_router_import_filter_refuses_prefix_outside_anycast_range(
     speaker = await start_speaker(lab, edge, speakers)
     # Our config refuses such a prefix; go around it to prove the router refuses it too.
     assert await speaker.driver.send_raw(f"announce route 203.0.113.1/32 next-hop {edge.address}")
-    await speaker.announce(NodeCondition.HEALTHY)  # sent after the bad one
+    await speaker.announce(Serving.FULL)  # sent after the bad one
     await until(lambda: str(edge.address) in fib(lab), "the in-range route")
     assert lab.router
     assert "203.0.113.1/32" not in lab.router.bgp_routes()

@@ -80,7 +80,8 @@ def test_gslb_drives_the_agent_and_losing_the_api_takes_no_traffic_down(
                 return "" if heartbeat is None else str(heartbeat.state)
 
         wait_for(lambda: asyncio.run(observed_state()) == "healthy")
-        assert control(site)["desired"]["effective_weight"] > 0
+        desired = control(site)["desired"]
+        assert desired["admin_state"] == "active" and desired["link_bandwidth_mbps"] == 1000
 
         # A GSLB drain reaches the node: draining, then down, and it stops serving.
         async def drain() -> int:
@@ -94,7 +95,13 @@ def test_gslb_drives_the_agent_and_losing_the_api_takes_no_traffic_down(
         drained_at = asyncio.run(drain())
         status = site.agent.wait_state("down", timeout=30)
         assert any("GSLB: kernel upgrade" in e["cause"] for e in status["events"])
+        # One owner: the state machine's drain says where it is and who asked.
+        assert status["drain"] == {
+            "phase": "done", "source": "GSLB", "reason": "GSLB: kernel upgrade",
+        }  # fmt: skip
         wait_for(lambda: control(site)["applied_revision"] >= drained_at)
+        # The GSLB sees the drain finish: its published admin state becomes drained.
+        wait_for(lambda: control(site)["desired"]["admin_state"] == "drained")
 
         async def undrain() -> int:
             async with ApiClient([api.url], OPERATOR) as operator:

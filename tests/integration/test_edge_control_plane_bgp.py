@@ -6,7 +6,6 @@ routes and weights stay (static stability); a change made once it is back reache
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -21,13 +20,12 @@ from pyroute2.netns import popns, pushns
 
 from contract.client import ApiClient
 from contract.schemas import DrainKind, NodeSpec, SiteSpec, WeightsUpdate
-from tests.support.netlab import VIP, NetLab, edge_bgp_config, netns_command, wait_for
-from tests.support.procs import ROOT
+from tests.support.netlab import VIP, NetLab, admin_status, edge_bgp_config, netns_command
+from tests.support.procs import ROOT, wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(not Path("/usr/lib/frr/bgpd").exists(), reason="needs FRR"),
+    pytest.mark.needs("root", "frr"),
     pytest.mark.timeout(180),
 ]
 
@@ -135,6 +133,10 @@ def start_agent(lab: NetLab, index: int, api_url: str) -> Any:
     return lab.spawn(netns_command(edge.netns, agent_bin, "run", "--config", str(path)), stdout=log)
 
 
+def agent_status(lab: NetLab, index: int) -> dict[str, Any]:
+    return admin_status(lab.edges[index - 1].netns)
+
+
 def ratio(lab: NetLab) -> float:
     """Kernel next-hop weight of edge1 over edge2 at the router (0 when not both present)."""
     assert lab.router is not None
@@ -204,14 +206,21 @@ def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
     in_netns(router_ns, drain_edge1)
     wait_for(gshut_then_gone, 60, interval=0.02, what="edge1: GSHUT seen, then withdrawn")
     assert set(lab.router.fib_nexthops(VIP)) == {str(lab.edges[1].address)}
+    # Once done, the node says it is drained (not "node down"), and by whom.
+    status = wait_for(
+        lambda: (s := agent_status(lab, 1))["drain"]["phase"] == "done" and s, 30, what="done"
+    )
+    assert status["state"] == "down" and status["drain"]["source"] == "GSLB"
+    assert status["bgp"]["reason"] == "withdraw: drained, traffic has moved"
 
 
 def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight(
     lab: NetLab,
 ) -> None:
-    """edge1 goes down while the API is up: the GSLB gives it 0 and the routers only use
-    edge2. The API dies, edge1 recovers: it must not stay out for as long as the control
-    plane is gone, so it announces its last positive weight (750 of 1000) again."""
+    """edge1 goes down while the API is up: the routers only use edge2, which the GSLB now
+    gives the whole fleet's 1000 Mbit/s. The API dies, edge1 recovers: it must not stay out
+    for as long as the control plane is gone. It never lost its share (the GSLB computes it
+    as if edge1 served: 750), so it announces that again; nothing is remembered or undone."""
     assert lab.router is not None
     router = lab.router
     api_url, api = start_api(lab)
@@ -234,10 +243,31 @@ def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight
     edge1, edge2 = (str(e.address) for e in lab.edges)
     (lab.workdir / "b1.fail").touch()  # edge1's only backend fails: edge1 down
     wait_for(lambda: set(router.fib_nexthops(VIP)) == {edge2}, 30, what="only edge2 in the FIB")
-    time.sleep(2)  # several heartbeats: the GSLB has published weight 0 for edge1
+
+    # The GSLB has seen edge1 down: edge1 out of the fleet's shares, its own kept at 750,
+    # edge2's at 1000; and edge2 has applied its new share (its speaker announces it).
+    async def published() -> bool:
+        async with ApiClient([api_url], OPERATOR) as operator:
+            fleet = await operator.effective_weights()
+            edge1_view = await operator.node_desired("edge1")
+            edge2_view = await operator.node_desired("edge2")
+        return (
+            fleet.nodes["edge1"] == 0
+            and edge1_view.link_bandwidth_mbps == 750
+            and edge2_view.link_bandwidth_mbps == 1000
+        )
+
+    wait_for(
+        lambda: in_netns(router.netns, published), 30, what="the GSLB publishing edge2 at 1000"
+    )
+    wait_for(
+        lambda: router.link_bandwidth_mbps(edge2) == 1000,
+        30,
+        what="edge2's share of 1000 Mbit/s at the router",
+    )
     api.send_signal(signal.SIGKILL)
     api.wait(10)
     (lab.workdir / "b1.fail").unlink()  # edge1 recovers while no API answers
-    # Its last positive weight against edge2's 1000 (the view edge2 holds): 0.75.
-    wait_for(lambda: abs(ratio(lab) - 0.75) < 0.05, 60, what="edge1 back at its last weight")
+    # Its share against edge2's 1000 (the view edge2 holds): 0.75.
+    wait_for(lambda: abs(ratio(lab) - 0.75) < 0.05, 60, what="edge1 back at its share")
     assert set(router.fib_nexthops(VIP)) == {edge1, edge2}

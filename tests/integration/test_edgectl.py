@@ -19,6 +19,7 @@ import pytest
 
 from contract.client import ApiClient
 from contract.schemas import (
+    AdminState,
     BgpSession,
     DrainKind,
     Heartbeat,
@@ -135,7 +136,11 @@ class Nodes:
                     return
                 for node, client in clients.items():
                     view = views.get(node)
-                    drained = self.apply and view is not None and view.drained
+                    drained = (
+                        self.apply
+                        and view is not None
+                        and view.admin_state is not AdminState.ACTIVE
+                    )
                     beat = Heartbeat(
                         state=NodeState.DRAINING if drained else NodeState.HEALTHY,
                         applied_revision=view.revision if (self.apply and view) else 0,

@@ -48,7 +48,7 @@ async def test_two_api_instances_share_state_and_push(
             # Start the long-poll from the settled view: the heartbeat reflected in it.
             for _ in range(200):  # bounded: 10 s
                 first = await node_via_b.node_desired("a1")
-                if first.effective_weight > 0:
+                if (await via_a.effective_weights()).nodes["a1"] > 0:
                     break
                 await asyncio.sleep(0.05)
             waiter = asyncio.create_task(

@@ -4,7 +4,6 @@ configured, tokens from the environment, and no secret in its output."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from contract.client import ApiClient, Forbidden, Unauthorized
 from contract.schemas import Heartbeat, NodeSpec, NodeState, SiteSpec
 from tests.support.etcd_cluster import free_port
+from tests.support.requires import require
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,8 +28,7 @@ NODE_SECRET = "node-secret-in-file-5d2e"
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require("openssl")
     cert, key = directory / "api.crt", directory / "api.key"
     subprocess.run(
         [

@@ -15,7 +15,15 @@ import pytest
 from api.app import create_app
 from api.store import open_store
 from contract.client import ApiClient
-from contract.schemas import DrainKind, Heartbeat, NodeDesired, NodeSpec, NodeState, SiteSpec
+from contract.schemas import (
+    AdminState,
+    DrainKind,
+    Heartbeat,
+    NodeDesired,
+    NodeSpec,
+    NodeState,
+    SiteSpec,
+)
 from edge.sync import ControlPlaneSync
 from tests.integration.conftest import NODE_A1, OPERATOR, VIEWER, make_settings
 from tests.support.etcd_cluster import LocalEtcdCluster
@@ -69,8 +77,8 @@ async def test_sync_keeps_last_known_good_without_api_and_resumes(
             state = await operator.put_site("a", SiteSpec(), revision=0)
             state = await operator.put_node("a1", NodeSpec(site="a"), revision=state.revision)
         sync.start()
-        # Healthy heartbeats give a1 the whole effective weight, pushed to it.
-        await wait_for(lambda: bool(applied) and applied[-1].effective_weight == 1000)
+        # a1 is the fleet: its share is the whole link bandwidth, pushed to it.
+        await wait_for(lambda: bool(applied) and applied[-1].link_bandwidth_mbps == 1000)
         assert not sync.stale
         in_force = applied[-1]
 
@@ -96,7 +104,9 @@ async def test_sync_keeps_last_known_good_without_api_and_resumes(
                 DrainKind.NODE, "a1", "kernel upgrade", revision=state.revision
             )
         await wait_for(lambda: applied[-1].revision == state.revision)
-        assert applied[-1].drained and applied[-1].effective_weight == 0
+        assert applied[-1].admin_state is not AdminState.ACTIVE
+        assert "kernel upgrade" in applied[-1].drain_reason
+        assert applied[-1].link_bandwidth_mbps == 1000  # kept for the drain's GSHUT phase
         await wait_for(lambda: not sync.stale)
 
         # ...and the node reports the revision it applied.

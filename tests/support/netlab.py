@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bgp.config import BgpConfig
+from tests.support.procs import run, wait_for
 
 FRR_DIR = Path("/usr/lib/frr")
 ROUTER_ASN = 65000
@@ -65,28 +67,15 @@ print(json.dumps(counts))
 """
 
 
-def run(*cmd: str, check: bool = True, timeout: float = 10.0) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
-) -> None:
-    """Poll until `predicate()` holds; bounded. Raises TimeoutError naming what we waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
 def netns_command(netns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", netns, *cmd]
+
+
+def admin_status(netns: str, port: int = 9901) -> dict[str, Any]:
+    """An agent's /status, read from inside its namespace (admin is on its loopback)."""
+    url = f"http://127.0.0.1:{port}/status"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    return dict(json.loads(run(*netns_command(netns, sys.executable, "-c", code))))
 
 
 @dataclass
@@ -203,6 +192,17 @@ class FrrRouter:
     def bgp_route_detail(self, prefix: str) -> dict[str, Any]:
         detail: dict[str, Any] = json.loads(self.vtysh(f"show bgp ipv4 unicast {prefix} json"))
         return detail
+
+    def link_bandwidth_mbps(self, nexthop: str, prefix: str = VIP) -> float | None:
+        """The link-bandwidth (Mbit/s) on the path via `nexthop`, as FRR decoded it, or None."""
+        for path in self.bgp_route_detail(f"{prefix}/32").get("paths", []):
+            if path.get("nexthops", [{}])[0].get("ip") != nexthop:
+                continue
+            text = path.get("extendedCommunity", {}).get("string", "")
+            # "LB:<AS>:<bytes/s> (<rounded human unit>)": the bytes/s are exact.
+            if match := re.search(r"LB:\d+:(\d+)", text):
+                return int(match[1]) * 8 / 1e6
+        return None
 
     def neighbor_states(self) -> dict[str, str]:
         data = json.loads(self.vtysh("show bgp neighbors json") or "{}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -26,17 +25,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until `predicate` returns something truthy; bounded, never a timing assertion."""
+def run(*cmd: str, check: bool = True, timeout: float = 10.0) -> str:
+    """Run a command to completion (bounded); its stdout. Raises with stderr when it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll until `predicate` returns something truthy and return it; bounded, never a timing
+    assertion. A predicate that raises counts as not yet (a server still starting); the
+    TimeoutError names what was awaited and the last value or error seen."""
     deadline = time.monotonic() + timeout
     last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+    while True:
+        try:
             last = predicate()
             if last:
                 return last
+        except Exception as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"gave up after {timeout:.0f} s waiting for {what or predicate} (last: {last!r})"
+            )
         time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 class BackendProcess:

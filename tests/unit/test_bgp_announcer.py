@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Set
 
 from bgp.config import BgpConfig
-from bgp.policy import GRACEFUL_SHUTDOWN, Advertisement, NodeCondition, Reason
+from bgp.policy import GRACEFUL_SHUTDOWN, Advertisement, Reason, Serving
 from bgp.speaker import Announcer
 
 CONFIG = BgpConfig.model_validate(
@@ -34,14 +34,16 @@ class FakeDriver:
 async def test_fail_closed_then_announce_and_drain() -> None:
     driver = FakeDriver()
     announcer = Announcer(CONFIG, driver)
-    assert announcer.update(weight=1.0) is Reason.WITHDRAW_STARTING
+    assert announcer.update(link_bandwidth_mbps=250.0) is Reason.WITHDRAW_STARTING
     assert driver.desired == frozenset()
-    assert announcer.update(condition=NodeCondition.HEALTHY) is Reason.ANNOUNCE_HEALTHY
-    assert len(driver.desired) == 1
-    assert announcer.update(operator_drain=True) is Reason.ANNOUNCE_DRAINING
+    assert announcer.update(serving=Serving.FULL) is Reason.ANNOUNCE_HEALTHY
+    (adv,) = driver.desired
+    assert adv.link_bandwidth_bytes_per_s == 250e6 / 8
+    assert announcer.update(serving=Serving.LEAVING) is Reason.ANNOUNCE_DRAINING
     (adv,) = driver.desired
     assert GRACEFUL_SHUTDOWN in adv.communities
-    assert announcer.update(drain_complete=True) is Reason.WITHDRAW_DRAINED
+    assert adv.link_bandwidth_bytes_per_s == 250e6 / 8  # the drain keeps the bandwidth
+    assert announcer.update(serving=Serving.LEFT) is Reason.WITHDRAW_DRAINED
     assert driver.desired == frozenset()
     announcer.close()
 
@@ -51,14 +53,14 @@ async def test_flapping_is_held_down_but_withdraws_are_not() -> None:
     driver = FakeDriver()
     announcer = Announcer(CONFIG, driver)
     for _ in range(2):
-        announcer.update(condition=NodeCondition.HEALTHY)
+        announcer.update(serving=Serving.FULL)
         assert driver.desired
-        announcer.update(condition=NodeCondition.DOWN)
+        announcer.update(serving=Serving.STOPPED)
         assert driver.desired == frozenset()  # withdraw: at once, always
-    announcer.update(condition=NodeCondition.HEALTHY)  # 5th change in a minute: over budget
+    announcer.update(serving=Serving.FULL)  # 5th change in a minute: over budget
     assert driver.desired == frozenset() and announcer.held_until > 0
-    announcer.update(condition=NodeCondition.DOWN)
-    announcer.update(condition=NodeCondition.HEALTHY)
+    announcer.update(serving=Serving.STOPPED)
+    announcer.update(serving=Serving.FULL)
     assert driver.desired == frozenset()  # still held
     await asyncio.sleep(0.35)  # the hold-down expires: the latest wish goes out
     assert driver.desired and announcer.held_until == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from ipaddress import IPv4Address
 
 from hypothesis import given
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from bgp.bfd import degraded_peers, parse_bfd_peers, render_bfdd_config
 from bgp.config import BgpConfig
-from bgp.drain import DrainOutcome, QuietDetector, drain, undrain
+from bgp.drain import DrainOutcome, QuietDetector, drain, wait_quiet
 
 CONFIG = BgpConfig.model_validate(
     {
@@ -102,16 +103,13 @@ async def test_drain_deadline_bounds_a_busy_node() -> None:
     assert report.outcome is DrainOutcome.DEADLINE
 
 
-async def test_undrain_is_gated_on_health() -> None:
-    announced: list[bool] = []
-
-    async def announce() -> None:
-        announced.append(True)
-
-    assert not await undrain(lambda: False, announce, deadline_s=0.05, poll_interval_s=0.01)
-    assert announced == []
-    assert await undrain(lambda: True, announce, deadline_s=0.05)
-    assert announced == [True]
+async def test_wait_quiet_counts_its_deadline_from_the_given_start() -> None:
+    """The agent's drain starts the clock before the draining announcement was sent."""
+    started = time.monotonic() - 10  # the deadline is already gone
+    report = await wait_quiet(
+        lambda: 0, quiet_rate_per_s=1.0, quiet_window_s=5, deadline_s=1, started=started
+    )
+    assert report.outcome is DrainOutcome.DEADLINE and report.waited_s >= 10
 
 
 def test_bfdd_config() -> None:

@@ -17,7 +17,7 @@ from bgp.exabgp import (
     parse_message,
     render_config,
 )
-from bgp.policy import NodeCondition, PolicyInputs, advertisements
+from bgp.policy import PolicyInputs, Serving, advertisements
 
 CONFIG = BgpConfig.model_validate(
     {
@@ -35,8 +35,8 @@ CONFIG = BgpConfig.model_validate(
 )
 
 
-def ads(condition: NodeCondition, weight: float = 1.0) -> frozenset:  # type: ignore[type-arg]
-    return advertisements(PolicyInputs(condition=condition, config=CONFIG, weight=weight))[0]
+def ads(serving: Serving, fraction: float = 1.0) -> frozenset:  # type: ignore[type-arg]
+    return advertisements(PolicyInputs(serving, CONFIG, fraction * CONFIG.capacity_mbps))[0]
 
 
 def test_render_config() -> None:
@@ -51,33 +51,33 @@ def test_render_config() -> None:
 
 
 def test_announce_command_healthy_and_draining() -> None:
-    healthy = announce_command(min(ads(NodeCondition.HEALTHY), key=lambda a: a.prefix))
+    healthy = announce_command(min(ads(Serving.FULL), key=lambda a: a.prefix))
     assert healthy.startswith("announce route 198.51.100.10/32 next-hop 198.18.0.6")
     assert "med 7" in healthy and "as-path [ 65101 ]" in healthy
     assert "extended-community [ 0x0004FE4D4CEE6B28 ]" in healthy  # 125e6 bytes/s
     assert "community [" not in healthy.replace("extended-community", "")
-    draining = announce_command(min(ads(NodeCondition.DRAINING), key=lambda a: a.prefix))
+    draining = announce_command(min(ads(Serving.LEAVING), key=lambda a: a.prefix))
     assert "as-path [ 65101 65101 65101 ]" in draining
     assert "community [ 65535:0 ]" in draining
 
 
 def test_diff_withdraws_first_and_only_changes() -> None:
-    up, down = ads(NodeCondition.HEALTHY), ads(NodeCondition.DOWN)
+    up, down = ads(Serving.FULL), ads(Serving.STOPPED)
     assert diff_commands(up, up) == []
     assert diff_commands(up, down) == [
         "withdraw route 198.51.100.10/32",
         "withdraw route 198.51.100.20/32",
     ]
     assert all(c.startswith("announce") for c in diff_commands(down, up))
-    half = ads(NodeCondition.HEALTHY, 0.5)
+    half = ads(Serving.FULL, 0.5)
     assert len(diff_commands(up, half)) == 2  # attribute change: re-announce, no withdraw
     mixed = {a for a in up if str(a.prefix).endswith(".10/32")}
     commands = diff_commands(up, mixed | {a for a in half if str(a.prefix).endswith(".20/32")})
     assert commands == [c for c in commands if "198.51.100.20" in c]
 
 
-@given(st.sampled_from(list(NodeCondition)), st.sampled_from(list(NodeCondition)))
-def test_diff_applied_reaches_desired(a: NodeCondition, b: NodeCondition) -> None:
+@given(st.sampled_from(list(Serving)), st.sampled_from(list(Serving)))
+def test_diff_applied_reaches_desired(a: Serving, b: Serving) -> None:
     current, desired = ads(a), ads(b)
     rib = {adv.prefix: adv for adv in current}
     by_command = {announce_command(adv): adv for adv in desired}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bgp.config import BgpConfig, FlapBudget
 from bgp.flap import WINDOW_S, ChangeKind, FlapDamper, classify_change
-from bgp.policy import NodeCondition, PolicyInputs, advertisements
+from bgp.policy import PolicyInputs, Serving, advertisements
 
 CONFIG = BgpConfig.model_validate(
     {
@@ -23,18 +23,18 @@ CONFIG = BgpConfig.model_validate(
 )
 
 
-def ads(condition: NodeCondition, **kw: Any) -> Any:
-    return advertisements(PolicyInputs(condition=condition, config=CONFIG, **kw))[0]
+def ads(serving: Serving, fraction: float = 1.0) -> Any:
+    return advertisements(PolicyInputs(serving, CONFIG, fraction * CONFIG.capacity_mbps))[0]
 
 
 def test_classify() -> None:
-    up, down = ads(NodeCondition.HEALTHY), ads(NodeCondition.DOWN)
+    up, down = ads(Serving.FULL), ads(Serving.STOPPED)
     assert classify_change(up, up) is ChangeKind.NONE
     assert classify_change(down, up) is ChangeKind.ADVANCE
     assert classify_change(up, down) is ChangeKind.RETREAT
-    assert classify_change(up, ads(NodeCondition.DRAINING)) is ChangeKind.RETREAT
-    assert classify_change(ads(NodeCondition.DRAINING), up) is ChangeKind.ADVANCE
-    assert classify_change(up, ads(NodeCondition.HEALTHY, weight=0.5)) is ChangeKind.ADVANCE
+    assert classify_change(up, ads(Serving.LEAVING)) is ChangeKind.RETREAT
+    assert classify_change(ads(Serving.LEAVING), up) is ChangeKind.ADVANCE
+    assert classify_change(up, ads(Serving.FULL, 0.5)) is ChangeKind.ADVANCE
 
 
 def test_budget_then_exponential_hold() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import struct
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from bgp.config import BgpConfig
 from bgp.policy import (
     GRACEFUL_SHUTDOWN,
-    NodeCondition,
     PolicyInputs,
     Reason,
+    Serving,
     advertisements,
+    announced_mbps,
     should_announce,
     transitive_link_bandwidth,
 )
@@ -31,64 +32,49 @@ CONFIG = BgpConfig.model_validate(
         "med": 50,
         "drain_prepends": 2,
         "communities": ["65101:100"],
+        "degraded_bandwidth_factor": 0.25,
     }
 )
 
 
-def inputs(condition: NodeCondition, **kw: Any) -> PolicyInputs:
-    return PolicyInputs(condition=condition, config=CONFIG, **kw)
-
-
-def test_names_match_the_edge_state_machine() -> None:
-    assert [c.value for c in NodeCondition] == [
-        "starting",
-        "healthy",
-        "degraded",
-        "draining",
-        "down",
-    ]
-    assert str(NodeCondition.HEALTHY) == "healthy"
+def inputs(serving: Serving, mbps: float = 300.0) -> PolicyInputs:
+    return PolicyInputs(serving, CONFIG, mbps)
 
 
 @pytest.mark.parametrize(
-    ("condition", "drain", "complete", "weight", "expected"),
+    ("serving", "mbps", "expected"),
     [
-        (NodeCondition.STARTING, False, False, 1.0, Reason.WITHDRAW_STARTING),
-        (NodeCondition.STARTING, True, False, 1.0, Reason.WITHDRAW_STARTING),
-        (NodeCondition.DOWN, False, False, 1.0, Reason.WITHDRAW_DOWN),
-        (NodeCondition.DOWN, True, False, 5.0, Reason.WITHDRAW_DOWN),
-        (NodeCondition.HEALTHY, False, False, 1.0, Reason.ANNOUNCE_HEALTHY),
-        (NodeCondition.HEALTHY, False, False, 0.0, Reason.WITHDRAW_ZERO_WEIGHT),
-        (NodeCondition.HEALTHY, False, False, -1.0, Reason.WITHDRAW_INVALID_WEIGHT),
-        (NodeCondition.HEALTHY, False, False, float("nan"), Reason.WITHDRAW_INVALID_WEIGHT),
-        (NodeCondition.HEALTHY, False, False, float("inf"), Reason.WITHDRAW_INVALID_WEIGHT),
-        (NodeCondition.HEALTHY, False, True, 1.0, Reason.ANNOUNCE_HEALTHY),
-        (NodeCondition.HEALTHY, True, False, 1.0, Reason.ANNOUNCE_DRAINING),
-        (NodeCondition.HEALTHY, True, True, 1.0, Reason.WITHDRAW_DRAINED),
-        (NodeCondition.DEGRADED, False, False, 1.0, Reason.ANNOUNCE_DEGRADED),
-        (NodeCondition.DEGRADED, True, False, 1.0, Reason.ANNOUNCE_DRAINING),
-        (NodeCondition.DRAINING, False, False, 1.0, Reason.ANNOUNCE_DRAINING),
-        (NodeCondition.DRAINING, False, True, 1.0, Reason.WITHDRAW_DRAINED),
-        (NodeCondition.DRAINING, False, False, 0.0, Reason.WITHDRAW_ZERO_WEIGHT),
+        (Serving.NOT_READY, 300.0, Reason.WITHDRAW_STARTING),
+        (Serving.STOPPED, 300.0, Reason.WITHDRAW_DOWN),
+        (Serving.LEFT, 300.0, Reason.WITHDRAW_DRAINED),
+        (Serving.LEFT, 0.0, Reason.WITHDRAW_DRAINED),
+        (Serving.FULL, 300.0, Reason.ANNOUNCE_HEALTHY),
+        (Serving.FULL, 0.0, Reason.WITHDRAW_ZERO_BANDWIDTH),
+        (Serving.FULL, -1.0, Reason.WITHDRAW_INVALID_BANDWIDTH),
+        (Serving.FULL, float("nan"), Reason.WITHDRAW_INVALID_BANDWIDTH),
+        (Serving.FULL, float("inf"), Reason.WITHDRAW_INVALID_BANDWIDTH),
+        (Serving.REDUCED, 300.0, Reason.ANNOUNCE_DEGRADED),
+        (Serving.LEAVING, 300.0, Reason.ANNOUNCE_DRAINING),
+        (Serving.LEAVING, 0.0, Reason.WITHDRAW_ZERO_BANDWIDTH),
     ],
 )
-def test_decision_table(
-    condition: NodeCondition, drain: bool, complete: bool, weight: float, expected: Reason
-) -> None:
-    announce, reason = should_announce(
-        inputs(condition, operator_drain=drain, drain_complete=complete, weight=weight)
-    )
+def test_decision_table(serving: Serving, mbps: float, expected: Reason) -> None:
+    announce, reason = should_announce(inputs(serving, mbps))
     assert reason is expected
     assert announce is expected.announces
-    ads, reason2 = advertisements(
-        inputs(condition, operator_drain=drain, drain_complete=complete, weight=weight)
-    )
+    ads, reason2 = advertisements(inputs(serving, mbps))
     assert reason2 is expected
     assert bool(ads) is announce
 
 
+def test_every_serving_value_is_in_the_table() -> None:
+    assert {s.value for s in Serving} == {
+        "not-ready", "full", "reduced", "leaving", "left", "stopped",
+    }  # fmt: skip
+
+
 def test_healthy_attributes() -> None:
-    ads, _ = advertisements(inputs(NodeCondition.HEALTHY, weight=1.0))
+    ads, _ = advertisements(inputs(Serving.FULL))
     assert {str(a.prefix) for a in ads} == {"198.51.100.10/32", "198.51.100.11/32"}
     for ad in ads:
         assert str(ad.next_hop) == "198.18.0.2"
@@ -98,15 +84,23 @@ def test_healthy_attributes() -> None:
         assert ad.link_bandwidth_bytes_per_s == 300e6 / 8
 
 
-def test_draining_carries_gshut_and_prepends() -> None:
-    ads, _ = advertisements(inputs(NodeCondition.DRAINING))
+def test_draining_carries_gshut_and_prepends_at_the_full_bandwidth() -> None:
+    ads, _ = advertisements(inputs(Serving.LEAVING, 120.0))
     for ad in ads:
         assert GRACEFUL_SHUTDOWN in ad.communities and "65101:100" in ad.communities
         assert ad.as_path_prepends == 2
+        assert ad.link_bandwidth_bytes_per_s == 120e6 / 8
 
 
-def test_weight_scales_bandwidth() -> None:
-    (ad, *_) = advertisements(inputs(NodeCondition.HEALTHY, weight=0.5))[0]
+def test_degraded_announces_the_configured_fraction() -> None:
+    """DEGRADED acts on the edge: the policy reduces the bandwidth, no API involved."""
+    (ad, *_) = advertisements(inputs(Serving.REDUCED, 200.0))[0]
+    assert ad.link_bandwidth_bytes_per_s == 50e6 / 8  # 0.25 x 200 Mbit/s
+    assert announced_mbps(inputs(Serving.FULL, 200.0)) == 200.0
+
+
+def test_link_bandwidth_is_the_desired_mbps() -> None:
+    (ad, *_) = advertisements(inputs(Serving.FULL, 150.0))[0]
     assert ad.link_bandwidth_bytes_per_s == 150e6 / 8
 
 
@@ -120,40 +114,33 @@ def test_transitive_link_bandwidth_encoding() -> None:
     assert bytes.fromhex(transitive_link_bandwidth(4200000000, 1.0)[2:])[2:4] == b"\x5b\xa0"
 
 
-conditions = st.sampled_from(list(NodeCondition))
-weights = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=100)
+servings = st.sampled_from(list(Serving))
+bandwidths = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=1e6)
 )
 
 
-@given(conditions, weights, st.booleans(), st.booleans())
-def test_never_announce_unless_risen_and_wanted(
-    condition: NodeCondition, weight: float, drain: bool, complete: bool
-) -> None:
-    ads, reason = advertisements(
-        inputs(condition, weight=weight, operator_drain=drain, drain_complete=complete)
-    )
-    if condition in (NodeCondition.STARTING, NodeCondition.DOWN):
+@given(servings, bandwidths)
+def test_never_announce_unless_risen_and_wanted(serving: Serving, mbps: float) -> None:
+    ads, reason = advertisements(inputs(serving, mbps))
+    if serving in (Serving.NOT_READY, Serving.STOPPED, Serving.LEFT):
         assert not ads
-    if not (weight > 0 and weight != float("inf")):
+    if not (mbps > 0 and math.isfinite(mbps)):
         assert not ads
     assert bool(ads) is reason.announces
 
 
-@given(conditions, st.floats(min_value=0.001, max_value=100), st.booleans())
-def test_draining_always_carries_gshut(
-    condition: NodeCondition, weight: float, operator_drain: bool
-) -> None:
-    ads, _ = advertisements(inputs(condition, weight=weight, operator_drain=operator_drain))
-    draining = condition is NodeCondition.DRAINING or operator_drain
+@given(servings, st.floats(min_value=0.001, max_value=1e6))
+def test_only_leaving_carries_gshut(serving: Serving, mbps: float) -> None:
+    ads, _ = advertisements(inputs(serving, mbps))
     for ad in ads:
-        assert (GRACEFUL_SHUTDOWN in ad.communities) is draining
-        assert (ad.as_path_prepends > 0) is draining
-        assert ad.link_bandwidth_bytes_per_s > 0
+        assert (GRACEFUL_SHUTDOWN in ad.communities) is (serving is Serving.LEAVING)
+        assert (ad.as_path_prepends > 0) is (serving is Serving.LEAVING)
+        assert 0 < ad.link_bandwidth_bytes_per_s <= mbps * 1e6 / 8 * (1 + 1e-9)
 
 
-@given(st.floats(min_value=0.001, max_value=100), st.floats(min_value=0.001, max_value=100))
-def test_bandwidth_is_proportional_to_weight(w1: float, w2: float) -> None:
-    (a,) = list(advertisements(inputs(NodeCondition.HEALTHY, weight=w1))[0])[:1]
-    (b,) = list(advertisements(inputs(NodeCondition.HEALTHY, weight=w2))[0])[:1]
-    assert a.link_bandwidth_bytes_per_s * w2 == pytest.approx(b.link_bandwidth_bytes_per_s * w1)
+@given(st.floats(min_value=0.001, max_value=1e6), st.floats(min_value=0.001, max_value=1e6))
+def test_bandwidth_is_proportional_to_the_desired_mbps(m1: float, m2: float) -> None:
+    (a,) = list(advertisements(inputs(Serving.FULL, m1))[0])[:1]
+    (b,) = list(advertisements(inputs(Serving.FULL, m2))[0])[:1]
+    assert a.link_bandwidth_bytes_per_s * m2 == pytest.approx(b.link_bandwidth_bytes_per_s * m1)

@@ -1,4 +1,4 @@
-"""Property tests of the effective-weight math (api.gslb)."""
+"""Property tests of the share math (api.gslb): one unit (link-bandwidth Mbit/s), as if serving."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.gslb import NodeHealth, drained_nodes, effective_weights
+from api.gslb import SERVING_STATES, NodeHealth, drained_nodes, serving_nodes, shares
 from contract.schemas import (
-    EFFECTIVE_WEIGHT_TOTAL,
+    FLEET_LINK_BANDWIDTH_MBPS,
     DesiredState,
     Drain,
     DrainKind,
@@ -61,44 +61,81 @@ def fleets(draw: st.DrawFn) -> tuple[DesiredState, dict[str, NodeHealth]]:
     return DesiredState(sites=sites, nodes=nodes, drains=drains), health
 
 
-@given(fleets())
-def test_weights_are_never_negative_and_finite(
-    fleet: tuple[DesiredState, dict[str, NodeHealth]],
-) -> None:
-    result = effective_weights(*fleet)
-    assert set(result.nodes) == set(fleet[0].nodes)
-    for weight in [*result.nodes.values(), *result.sites.values()]:
-        assert weight >= 0
-        assert math.isfinite(weight)
+Fleet = tuple[DesiredState, dict[str, NodeHealth]]
+UP = NodeHealth(Liveness.ALIVE, NodeState.HEALTHY)
 
 
 @given(fleets())
-def test_drained_node_gets_zero(fleet: tuple[DesiredState, dict[str, NodeHealth]]) -> None:
+def test_shares_are_never_negative_and_finite(fleet: Fleet) -> None:
     desired, health = fleet
-    result = effective_weights(desired, health)
-    for name in drained_nodes(desired):
-        assert result.nodes[name] == 0
+    result = shares(desired, health)
+    assert set(result.link_bandwidth_mbps) == set(desired.nodes)
+    for mbps in [*result.link_bandwidth_mbps.values(), *result.sites(desired).values()]:
+        assert mbps >= 0
+        assert math.isfinite(mbps)
+
+
+@given(fleets(), st.data())
+def test_a_nodes_own_health_and_drain_never_change_its_share(
+    fleet: Fleet, data: st.DataObject
+) -> None:
+    """The node acts on its own health (and drain); the number it holds stays put."""
+    desired, health = fleet
+    if not desired.nodes:
+        return
+    name = data.draw(st.sampled_from(sorted(desired.nodes)))
+    other = data.draw(healths)
+    undrained = desired.model_copy(
+        update={"drains": [d for d in desired.drains if (d.kind, d.name) != (DrainKind.NODE, name)]}
+    )
+    before = shares(desired, health).link_bandwidth_mbps[name]
+    assert math.isclose(
+        shares(undrained, {**health, name: other}).link_bandwidth_mbps[name], before, abs_tol=1e-9
+    )
 
 
 @given(fleets())
-def test_sum_of_shares_is_constant_when_any_node_can_take_traffic(
-    fleet: tuple[DesiredState, dict[str, NodeHealth]],
-) -> None:
-    result = effective_weights(*fleet)
+def test_each_share_is_the_fleet_computed_with_that_node_serving(fleet: Fleet) -> None:
+    """The closed form equals the brute force: make the node serve, recompute, read its part."""
+    desired, health = fleet
+    site_drains = {d.name for d in desired.drains if d.kind is DrainKind.SITE}
+    result = shares(desired, health)
+    for name, spec in desired.nodes.items():
+        if spec.site in site_drains:
+            continue
+        serving = desired.model_copy(
+            update={
+                "drains": [d for d in desired.drains if (d.kind, d.name) != (DrainKind.NODE, name)]
+            }
+        )
+        brute = shares(serving, {**health, name: UP}).nodes[name]
+        assert math.isclose(result.link_bandwidth_mbps[name], brute, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@given(fleets())
+def test_serving_nodes_announce_the_fleet_total_between_them(fleet: Fleet) -> None:
+    result = shares(*fleet)
     total = sum(result.nodes.values())
-    if any(w > 0 for w in result.nodes.values()):
-        assert math.isclose(total, EFFECTIVE_WEIGHT_TOTAL, rel_tol=1e-9)
+    if result.serving:
+        assert math.isclose(total, FLEET_LINK_BANDWIDTH_MBPS, rel_tol=1e-9)
     else:
         assert total == 0
 
 
 @given(fleets())
-def test_dead_or_unknown_nodes_get_zero(fleet: tuple[DesiredState, dict[str, NodeHealth]]) -> None:
+def test_only_live_undrained_serving_nodes_take_traffic_now(fleet: Fleet) -> None:
     desired, health = fleet
-    result = effective_weights(desired, health)
+    result = shares(desired, health)
+    drained = drained_nodes(desired)
+    assert result.serving == serving_nodes(desired, health, drained)
     for name in desired.nodes:
         observed = health.get(name)
-        if observed is None or observed.liveness is not Liveness.ALIVE:
+        if (
+            name in drained
+            or observed is None
+            or observed.liveness is not Liveness.ALIVE
+            or observed.state not in SERVING_STATES
+        ):
             assert result.nodes[name] == 0
 
 
@@ -114,20 +151,20 @@ def test_site_that_loses_half_its_nodes_gets_half_its_share(
     sites = {"a": SiteSpec(weight=weight_a), "b": SiteSpec(weight=weight_b)}
     nodes = {f"{s}{i}": NodeSpec(site=s) for s in sites for i in range(nodes_per_site)}
     desired = DesiredState(sites=sites, nodes=nodes)
-    all_up = {n: NodeHealth(Liveness.ALIVE, NodeState.HEALTHY) for n in nodes}
+    all_up = dict.fromkeys(nodes, UP)
     half_a_dead = dict(all_up)
     for i in range(nodes_per_site // 2):
         half_a_dead[f"a{i}"] = NodeHealth(Liveness.DEAD, NodeState.HEALTHY)
 
-    before = effective_weights(desired, all_up).sites
-    after = effective_weights(desired, half_a_dead).sites
+    before = shares(desired, all_up).sites(desired)
+    after = shares(desired, half_a_dead).sites(desired)
     # Relative to the untouched site, a's share halves (the total stays constant, so the
     # absolute numbers are renormalised).
     assert math.isclose(after["a"] / after["b"], 0.5 * before["a"] / before["b"], rel_tol=1e-9)
     # Each surviving node of a keeps the same load relative to a node of b: the half that is
     # left is not asked to carry the whole site's traffic.
-    nodes_before = effective_weights(desired, all_up).nodes
-    nodes_after = effective_weights(desired, half_a_dead).nodes
+    nodes_before = shares(desired, all_up).nodes
+    nodes_after = shares(desired, half_a_dead).nodes
     last = f"a{nodes_per_site - 1}"
     assert math.isclose(
         nodes_after[last] / nodes_after["b0"], nodes_before[last] / nodes_before["b0"], rel_tol=1e-9
@@ -139,18 +176,27 @@ def test_operator_weights_split_sites_proportionally() -> None:
         sites={"a": SiteSpec(weight=3), "b": SiteSpec(weight=1)},
         nodes={"a1": NodeSpec(site="a"), "b1": NodeSpec(site="b"), "b2": NodeSpec(site="b")},
     )
-    health = {n: NodeHealth(Liveness.ALIVE, NodeState.HEALTHY) for n in desired.nodes}
-    result = effective_weights(desired, health)
+    health = dict.fromkeys(desired.nodes, UP)
+    result = shares(desired, health)
     assert result.nodes == {"a1": 750.0, "b1": 125.0, "b2": 125.0}
 
 
-def test_degraded_node_counts_half_within_its_site() -> None:
+def test_a_down_node_keeps_its_share_and_the_others_take_its_traffic() -> None:
+    """edge1 300 : edge2 100. edge1 down: edge2 carries everything (1000), edge1 holds 750
+    (what it announces the moment it is back, API or not)."""
+    desired = DesiredState(
+        sites={"lab": SiteSpec()},
+        nodes={"e1": NodeSpec(site="lab", weight=300), "e2": NodeSpec(site="lab", weight=100)},
+    )
+    result = shares(desired, {"e1": NodeHealth(Liveness.ALIVE, NodeState.DOWN), "e2": UP})
+    assert result.link_bandwidth_mbps == {"e1": 750.0, "e2": 1000.0}
+    assert result.nodes == {"e1": 0.0, "e2": 1000.0}
+
+
+def test_degraded_counts_as_serving_in_full_the_edge_reduces_it() -> None:
     desired = DesiredState(
         sites={"a": SiteSpec()}, nodes={"a1": NodeSpec(site="a"), "a2": NodeSpec(site="a")}
     )
-    health = {
-        "a1": NodeHealth(Liveness.ALIVE, NodeState.HEALTHY),
-        "a2": NodeHealth(Liveness.ALIVE, NodeState.DEGRADED),
-    }
-    result = effective_weights(desired, health)
-    assert math.isclose(result.nodes["a1"], 2 * result.nodes["a2"])
+    health = {"a1": UP, "a2": NodeHealth(Liveness.ALIVE, NodeState.DEGRADED)}
+    result = shares(desired, health)
+    assert result.nodes == {"a1": 500.0, "a2": 500.0}

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from api.views import build_snapshot, convergence_view, node_view, observed_view
 from contract.schemas import (
+    AdminState,
     DesiredState,
     Drain,
     DrainKind,
@@ -41,7 +42,7 @@ def test_fingerprint_moves_with_other_nodes_health_without_a_revision() -> None:
     after = node_view(build_snapshot(DESIRED, b1_dead, 1, 0.0), "a1")
     assert before is not None and after is not None
     assert before.revision == after.revision
-    assert after.effective_weight > before.effective_weight
+    assert after.link_bandwidth_mbps > before.link_bandwidth_mbps
     assert after.fingerprint != before.fingerprint
     same = node_view(build_snapshot(DESIRED, all_up, 2, 0.0), "a1")
     assert same == before
@@ -56,9 +57,25 @@ def test_drained_site_shows_in_each_node_view() -> None:
             ]
         }
     )
-    view = node_view(build_snapshot(drained, {n: seen(n, 9) for n in DESIRED.nodes}, 0, 0.0), "a2")
-    assert view is not None and view.drained and view.effective_weight == 0
-    assert "power" in view.drain_reason
+    observed = {n: seen(n, 9) for n in DESIRED.nodes}
+    view = node_view(build_snapshot(drained, observed, 0, 0.0), "a2")
+    # Whether to serve and how much, apart: drained, and still the share it would have.
+    assert view is not None and view.admin_state is AdminState.DRAINING
+    assert view.drain_source is DrainKind.SITE and "power" in view.drain_reason
+    # As if a2 served: the one serving node of a (a1 is drained with the site): a's raw
+    # share 1/2 against b's 1, so a third of the fleet's 1000.
+    assert view.link_bandwidth_mbps == 333.333
+    # Once the node reports it is down (its drain finished), the view says drained.
+    down = NodeObserved(
+        node="a2", liveness=Liveness.ALIVE, last_seen=NOW,
+        heartbeat=Heartbeat(state=NodeState.DOWN, applied_revision=9),
+    )  # fmt: skip
+    view = node_view(build_snapshot(drained, {**observed, "a2": down}, 0, 0.0), "a2")
+    assert view is not None and view.admin_state is AdminState.DRAINED
+    assert view.link_bandwidth_mbps == 333.333
+    undrained = node_view(build_snapshot(DESIRED, observed, 0, 0.0), "a2")
+    assert undrained is not None and undrained.admin_state is AdminState.ACTIVE
+    assert undrained.drain_source is None and undrained.drain_reason == ""
 
 
 def test_convergence_only_live_nodes_block() -> None:

@@ -1,0 +1,2 @@
+"""The GSLB wire contract: pydantic schemas (`contract.schemas`) and the typed httpx client
+(`contract.client`), shared by the API, the edge agent and edgectl."""
