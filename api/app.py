@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import ui
 from api.auth import TokenTable
 from api.routes import (
     convergence,
@@ -196,6 +197,7 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     _install_error_handlers(app)
     for module in (state, sites, nodes, services, weights, drains, heartbeats, events, convergence):
         app.include_router(module.router)
+    app.include_router(ui.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

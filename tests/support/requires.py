@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+#: Debian's Chromium, which the browser tests drive through Playwright (no browser download).
+CHROMIUM = "/usr/bin/chromium"
+
 #: part -> (is it here?, what is missing when it is not)
 PARTS: dict[str, tuple[Callable[[], bool], str]] = {
     "root": (lambda: os.geteuid() == 0, "needs root (network namespaces, nftables)"),
@@ -24,6 +27,10 @@ PARTS: dict[str, tuple[Callable[[], bool], str]] = {
     "etcd": (lambda: shutil.which("etcd") is not None, "needs etcd (Debian package etcd-server)"),
     "openssl": (lambda: shutil.which("openssl") is not None, "needs openssl"),
     "haproxy": (lambda: shutil.which("haproxy") is not None, "needs haproxy"),
+    "chromium": (
+        lambda: Path(CHROMIUM).exists(),
+        f"needs Chromium at {CHROMIUM} (Debian package chromium)",
+    ),
 }
 
 
