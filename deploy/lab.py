@@ -34,6 +34,7 @@ import httpx
 
 from contract.client import ApiClient, ApiError
 from contract.schemas import DesiredSpec, DrainKind, NodeSpec, SiteSpec, WeightsUpdate
+from edgectl import contexts
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -107,17 +108,27 @@ def compose_command() -> list[str]:
     return [*base, "-p", PROJECT, "-f", str(COMPOSE_FILE)]
 
 
+PROGRESS_EVERY_S = 10.0
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
 ) -> None:
-    """Poll until `predicate()` holds; bounded. LabError naming what we waited for."""
-    deadline = time.monotonic() + timeout
+    """Poll until `predicate()` holds; bounded. LabError naming what we waited for. A wait
+    longer than PROGRESS_EVERY_S says what it is still waiting for, with the seconds so far."""
+    started = time.monotonic()
+    deadline = started + timeout
+    next_note = started + PROGRESS_EVERY_S
     while True:
         with contextlib.suppress(LabError, subprocess.TimeoutExpired, httpx.HTTPError, ApiError):
             if predicate():
                 return
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise LabError(f"gave up after {timeout:.0f} s waiting for {what}")
+        if now >= next_note:
+            say(f"still waiting for {what} ({now - started:.0f} s)")
+            next_note = now + PROGRESS_EVERY_S
         time.sleep(interval)
 
 
@@ -594,6 +605,21 @@ def up(build: bool = True, burst_count: int = 200) -> None:
     say(f"lab up in {time.monotonic() - started:.1f} s")
     print_status(status())
     print_burst(burst(burst_count))
+    path = write_context()
+    say(f"edgectl context 'lab' is current ({path}); try:")
+    first = next(iter(API_URLS.values()))
+    for line in (
+        "edgectl status",
+        "edgectl drain edge-a1 --reason 'trying the lab' --wait",
+        f"the status page: {first}/ui (sign in with the token in {path})",
+    ):
+        print(f"    {line}")
+
+
+def write_context(path: Path | None = None) -> Path:
+    """An edgectl context for the lab's APIs (both sites, for failover), made current."""
+    context = contexts.Context(api=list(API_URLS.values()), token=OPERATOR_TOKEN)
+    return contexts.put("lab", context, make_current=True, path=path)
 
 
 def down(stop_engine: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +17,28 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="anycast-edge: the edge node agent of a BGP anycast fleet.",
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"anycast-edge {package_version('anycast-edge')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
+) -> None:
+    """anycast-edge: the edge node agent of a BGP anycast fleet."""
+
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="node.yaml", dir_okay=False, show_default=False)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -34,7 +35,7 @@ from contract.client import (
     Unavailable,
 )
 from contract.schemas import DesiredState, DrainKind, WeightsUpdate
-from edgectl import render
+from edgectl import contexts, render
 from edgectl.core import (
     EXIT_CODES_HELP,
     Change,
@@ -57,8 +58,8 @@ T = TypeVar("T")
 HELP = (
     "Operate the anycast edge fleet through the GSLB API. Endpoints: --api URL (repeatable, "
     "tried in order) or EDGECTL_API (comma-separated), else http://127.0.0.1:8080; token: "
-    "--token or EDGECTL_TOKEN. "
-    "Read commands take --json for scripts."
+    "--token or EDGECTL_TOKEN; else the current context (edgectl context list; `make lab` "
+    "writes one). Read commands take --json for scripts."
 )
 
 app = typer.Typer(
@@ -77,6 +78,13 @@ weights_app = typer.Typer(
     epilog=EXIT_CODES_HELP,
 )
 app.add_typer(weights_app, name="weights")
+context_app = typer.Typer(
+    help="Named API contexts (URLs, token, CA): list them, or pick the current one.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    epilog=EXIT_CODES_HELP,
+)
+app.add_typer(context_app, name="context")
 
 ApiOpt = Annotated[
     list[str] | None,
@@ -110,9 +118,25 @@ class Connection:
     ca_file: str | None
 
 
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"edgectl {package_version('anycast-edge')}")
+        raise typer.Exit(0)
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_version),
+]
+
+
 @app.callback()
 def root(
-    ctx: typer.Context, api: ApiOpt = None, token: TokenOpt = None, ca_file: CaOpt = None
+    ctx: typer.Context,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    ca_file: CaOpt = None,
+    version: VersionOpt = False,
 ) -> None:
     ctx.obj = Connection(api or [], token, ca_file)
 
@@ -142,7 +166,11 @@ def reporting(label: str) -> Iterator[None]:
     except Unavailable as e:
         _fail(label, Exit.FAILURE, f"API unavailable: {e.detail}")
     except Unauthorized as e:
-        _fail(label, Exit.FORBIDDEN, f"unauthorized: {e.detail} (see --token, EDGECTL_TOKEN)")
+        _fail(
+            label,
+            Exit.FORBIDDEN,
+            f"unauthorized: {e.detail} (see --token, EDGECTL_TOKEN, edgectl context list)",
+        )
     except Forbidden as e:
         _fail(label, Exit.FORBIDDEN, f"forbidden: {e.detail}")
     except NotFound as e:
@@ -155,17 +183,28 @@ def reporting(label: str) -> Iterator[None]:
 
 
 def _connection(ctx: typer.Context, api: list[str] | None, token: str | None) -> Connection:
+    """Flags first, then EDGECTL_* variables, then the current context, then the default."""
     base: Connection = ctx.obj if isinstance(ctx.obj, Connection) else Connection([], None, None)
     values = api or base.api
     if not values:
         values = [os.environ.get("EDGECTL_API", "")] if os.environ.get("EDGECTL_API") else []
+    try:
+        chosen = contexts.current()
+    except contexts.ContextError as error:
+        raise CliError(Exit.USAGE, str(error)) from None
+    context = chosen[1] if chosen else None
+    if not values and context is not None:
+        values = context.api
     endpoints = parse_endpoints(values) or [DEFAULT_API]
     ca_file = base.ca_file or os.environ.get("EDGECTL_CA_FILE") or None
+    if ca_file is None and context is not None:
+        ca_file = context.ca_file
     if ca_file is not None and not Path(ca_file).is_file():
         raise CliError(Exit.USAGE, f"CA file {ca_file!r} does not exist")
-    return Connection(
-        endpoints, token or base.token or os.environ.get("EDGECTL_TOKEN") or None, ca_file
-    )
+    token = token or base.token or os.environ.get("EDGECTL_TOKEN") or None
+    if token is None and context is not None:
+        token = context.token
+    return Connection(endpoints, token, ca_file)
 
 
 def _run(
@@ -695,6 +734,43 @@ def _report(
             f"{kind} {name} {verb} at revision {revision}{done} (nodes: {', '.join(nodes) or '-'})"
         )
     )
+
+
+# --- contexts -------------------------------------------------------------------------
+
+
+@context_app.command("list")
+def context_list(json: JsonOpt = False) -> None:
+    """The contexts in the config file; * marks the current one (tokens are never shown)."""
+    with reporting("context list"):
+        try:
+            config = contexts.load()
+        except contexts.ContextError as error:
+            raise CliError(Exit.USAGE, str(error)) from None
+        rows: list[dict[str, object]] = [
+            {"name": name, "current": name == config.current, "api": c.api}
+            for name, c in sorted(config.contexts.items())
+        ]
+        if json:
+            render.print_json({"file": str(contexts.config_path()), "contexts": rows})
+            return
+        if not rows:
+            typer.echo(f"no contexts in {contexts.config_path()}")
+            return
+        for name, c in sorted(config.contexts.items()):
+            mark = "*" if name == config.current else " "
+            typer.echo(f"{mark} {name:<16} {', '.join(c.api)}")
+
+
+@context_app.command("use")
+def context_use(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Make NAME the current context."""
+    with reporting("context use"):
+        try:
+            path = contexts.use(name)
+        except contexts.ContextError as error:
+            raise CliError(Exit.USAGE, str(error)) from None
+        typer.echo(f"current context: {name} ({path})")
 
 
 # --- the lab --------------------------------------------------------------------------

@@ -254,3 +254,22 @@ def test_an_etcd_leader_kill_loses_no_acknowledged_write() -> None:
                 await c.delete_service(name, revision=current.revision)
 
     asyncio.run(clean())
+
+
+def test_edgectl_finds_the_lab_by_itself(tmp_path: lab.Path) -> None:
+    """What `make lab` leaves behind: a current `lab` context, so `edgectl status` needs no flag."""
+    import os
+    import subprocess
+    import sys
+
+    config = lab.write_context(tmp_path / "edgectl.yaml")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGECTL_")}
+    environ["EDGECTL_CONFIG"] = str(config)
+    edgectl = str(lab.Path(sys.executable).parent / "edgectl")
+    result = subprocess.run(
+        [edgectl, "status"], capture_output=True, text=True, env=environ, timeout=60, check=False
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    for node in lab.NODES:
+        assert node in result.stdout
