@@ -31,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.timeline import draw
 from contract.schemas import DrainKind
 from deploy import lab
+
+PICTURES = Path("bench-results/lab")
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -72,15 +75,24 @@ def _reset_gslb() -> bool:
 def bench_drain(kind: DrainKind, name: str, router: str, address: str) -> dict[str, Any]:
     with lab.load(duration=10, workers=4) as running:
         time.sleep(3)
+        issued = time.time()
         lab.drain(kind, name, "bench: planned drain")
         lab.wait_for(lambda: _fib_lacks(router, address), 30, f"{name} drained")
+        gone = time.time()
         records = running.result()
     _restore()
     failed = [r for r in records if not r["ok"]]
+    picture = draw(
+        records,
+        [(issued, "drain issued (GSHUT)"), (gone, f"gone from {router}'s FIB")],
+        PICTURES / f"{kind}-drain.png",
+        f"planned {kind} drain of {name}: requests per node",
+    )
     return {
         "sent": len(records),
         "failed": len(failed),
         "errors": sorted({str(r.get("error")) for r in failed}),
+        "timeline_png": str(picture),
     }
 
 
@@ -110,7 +122,8 @@ def bench_outage(
     fib_s: list[float] = []
     gaps: list[float] = []
     failed = 0
-    for _ in range(reps):
+    picture = ""
+    for rep in range(reps):
         if not bfd:
             _vtysh_bgp(router, asn, f"no neighbor {address} bfd")
         try:
@@ -126,7 +139,22 @@ def bench_outage(
             _restore()
         gaps.append(new_request_gap(records, event))
         failed += sum(1 for r in records if not r["ok"])
-    return {"fib_removed_s": _percentiles(fib_s), "gap_s": _percentiles(gaps), "failed": failed}
+        if rep == 0:
+            what = f"{action.__name__.removeprefix('chaos_')} {node}{'' if bfd else ', no BFD'}"
+            picture = str(
+                draw(
+                    records,
+                    [(event, what), (event + fib_s[-1], f"gone from {router}'s FIB")],
+                    PICTURES / f"{what.replace(' ', '-').replace(',', '')}.png",
+                    f"{what}: requests per node",
+                )
+            )
+    return {
+        "fib_removed_s": _percentiles(fib_s),
+        "gap_s": _percentiles(gaps),
+        "failed": failed,
+        "timeline_png": picture,
+    }
 
 
 def _vtysh_bgp(router: str, asn: int, command: str) -> None:
@@ -243,6 +271,10 @@ def print_table(r: dict[str, Any]) -> None:
         f"{s['measured']:.1%} (target {s['target']:.0%} +- 5%)"
     )
     print(f"{'lab up (images built)':42} {r['lab_up_s']:.1f} s")
+    print()
+    print("timelines (PNG):")
+    for key in ("node_drain", "site_drain", "node_kill", "node_freeze_bfd", "node_freeze_no_bfd"):
+        print(f"  {key:20} {r[key]['timeline_png']}")
 
 
 if __name__ == "__main__":
