@@ -18,7 +18,8 @@ The rules, in the order `step` applies them:
    preemption on, the active yields (PREEMPTED) once a higher-ranked eligible peer has been
    live and eligible for `preempt_delay_s`, and the higher one claims after it heard the
    yield. Two claimants (a healed partition): the lower one releases (PEER_OUTRANKS), the
-   higher one re-announces (LOWER_PEER_CLAIMING) so clients follow it.
+   higher one re-announces (LOWER_PEER_CLAIMING) so clients follow it; so does an owner
+   that hears a peer come back (PEER_RETURNED: a healed link, a failback).
 5. Fencing on: a node claims only while it holds the ownership key with more than
    `lease_margin_s` left on its lease (from its own conservative estimate: time the renewal
    was *sent* + TTL), and releases when less is left (LEASE_EXPIRING), before the store can
@@ -58,6 +59,7 @@ class Reason(enum.StrEnum):
     ELECTED = "elected"
     ACTIVE = "active"
     LOWER_PEER_CLAIMING = "lower_peer_claiming"
+    PEER_RETURNED = "peer_returned"
     UNHEALTHY = "unhealthy"
     LISTENING = "listening"
     WOKE = "woke_after_pause"
@@ -155,6 +157,9 @@ class Election:
     listen_until: float = 0.0
     eligible: bool = False
     last_decision: Decision | None = None
+    # A peer came back (first heard, or heard again after it was dead): if we own the VIP,
+    # its clients may sit on its MAC (a healed link cut, a failback): announce again.
+    peer_returned: bool = False
 
     def __post_init__(self) -> None:
         if self.config.fenced and self.fence is None:
@@ -166,6 +171,7 @@ class Election:
             return  # our own packet (multicast loop) or a duplicate id: never a peer
         previous = self.peers.get(report.node_id)
         was_live = previous is not None and self._live(previous, now)
+        self.peer_returned = self.peer_returned or not was_live
         if not report.eligible:
             since = None
         elif was_live and previous is not None and previous.eligible_since is not None:
@@ -187,6 +193,8 @@ class Election:
 
     def step(self, now: float, healthy: bool) -> Decision:
         decision = self._decide(now, healthy)
+        if not decision.owning:
+            self.peer_returned = False
         if decision.action is Action.CLAIM:
             self.term += 1
         self.owning = decision.owning
@@ -233,6 +241,9 @@ class Election:
                 return self._without(Reason.LEASE_EXPIRING)
             if claimants:
                 return Decision(Action.REANNOUNCE, Reason.LOWER_PEER_CLAIMING, True, lifetime)
+            if self.peer_returned:
+                self.peer_returned = False
+                return Decision(Action.REANNOUNCE, Reason.PEER_RETURNED, True, lifetime)
             return Decision(Action.KEEP, Reason.ACTIVE, True, lifetime)
 
         if claimants:

@@ -32,6 +32,7 @@ import hmac
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from edge.state import NodeState
@@ -223,23 +224,27 @@ def _parse_sessions(raw: bytes) -> Sessions:
 
 @dataclass(slots=True)
 class Receiver:
-    """Refuses what is not for this group, not from a member, replayed or stale."""
+    """Refuses what is not for this group, not from a member (at its own address), replayed
+    or stale."""
 
     key: bytes
     group: str
-    members: frozenset[str]
+    members: Mapping[str, str]  # node id -> the address its heartbeats come from
     self_id: str
     window_s: float = 2.0
     last_counter: dict[str, int] = field(default_factory=dict)
     refused: dict[Refusal, int] = field(default_factory=dict)
 
-    def accept(self, packet: bytes, now_ns: int) -> Heartbeat:
+    def accept(self, packet: bytes, now_ns: int, source: str | None = None) -> Heartbeat:
         try:
             hb = decode(packet, self.key)
             if hb.group != self.group:
                 raise HeartbeatRefused(Refusal.WRONG_GROUP, hb.group)
-            if hb.node_id not in self.members or hb.node_id == self.self_id:
+            expected = self.members.get(hb.node_id)
+            if expected is None or hb.node_id == self.self_id:
                 raise HeartbeatRefused(Refusal.UNKNOWN_SENDER, hb.node_id)
+            if source is not None and source != expected:
+                raise HeartbeatRefused(Refusal.UNKNOWN_SENDER, f"{hb.node_id} from {source}")
             if hb.counter <= self.last_counter.get(hb.node_id, -1):
                 raise HeartbeatRefused(Refusal.REPLAY, hb.node_id)
             if abs(hb.counter - now_ns) > self.window_s * 1e9:

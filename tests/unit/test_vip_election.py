@@ -148,6 +148,19 @@ def test_two_claimants_the_lower_releases_and_the_higher_reannounces() -> None:
     assert (d.action, d.reason) == (Action.REANNOUNCE, Reason.LOWER_PEER_CLAIMING)
 
 
+def test_owner_announces_again_when_a_peer_comes_back() -> None:
+    e = election("b", 200)
+    now = run_until(e, 0.0, 0.5)
+    e.heard(peer("a", 100), now)
+    d = e.step(now, True)
+    assert (d.action, d.reason) == (Action.REANNOUNCE, Reason.PEER_RETURNED)
+    e.heard(peer("a", 100), now + 0.1)
+    assert e.step(now + 0.1, True).action is Action.KEEP  # still live: nothing new
+    now = run_until(e, now + 0.2, now + 1.0)  # a is dead by now
+    e.heard(peer("a", 100), now)
+    assert e.step(now, True).reason is Reason.PEER_RETURNED
+
+
 def test_a_pause_longer_than_the_dead_interval_releases_and_listens_again() -> None:
     e = election()
     now = run_until(e, 0.0, 0.5)

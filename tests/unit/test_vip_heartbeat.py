@@ -114,7 +114,7 @@ def test_signed_but_nonsense_fields_are_refused() -> None:
 
 
 def receiver() -> Receiver:
-    return Receiver(KEY, "g1", frozenset({"n1", "n2"}), self_id="n1")
+    return Receiver(KEY, "g1", {"n1": "198.18.2.1", "n2": "198.18.2.2"}, self_id="n1")
 
 
 def test_replayed_packet_is_refused_and_the_next_one_accepted() -> None:
@@ -150,6 +150,14 @@ def test_strangers_ourselves_and_other_groups_are_refused(beat: Heartbeat, reaso
     with pytest.raises(HeartbeatRefused) as refused:
         receiver().accept(encode(beat, KEY), NOW)
     assert refused.value.reason is reason
+
+
+def test_a_member_id_from_another_address_is_refused() -> None:
+    r = receiver()
+    with pytest.raises(HeartbeatRefused) as refused:
+        r.accept(encode(hb(), KEY), NOW, source="198.18.2.9")
+    assert refused.value.reason is Refusal.UNKNOWN_SENDER
+    assert r.accept(encode(hb(), KEY), NOW, source="198.18.2.2").node_id == "n2"
 
 
 def test_counter_increases_even_when_the_clock_steps_back() -> None:
