@@ -37,6 +37,7 @@ from edge.vip.election import (
 )
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
 from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
+from edge.vip.sessions import SessionTable
 
 log = logging.getLogger("edge.vip")
 # httpx logs every request at INFO: the fence makes several a second.
@@ -65,9 +66,16 @@ class VipExtension:
     name = "vip_group"
 
     def __init__(
-        self, config: VipGroupConfig, node_name: str, health: Callable[[], NodeState]
+        self,
+        config: VipGroupConfig,
+        node_name: str,
+        health: Callable[[], NodeState],
+        sessions: SessionTable | None = None,
     ) -> None:
         self.config = config
+        # Sticky mappings: the active sends its table in the heartbeats, a standby applies
+        # the active's (the data path records and looks up through the same object).
+        self.sessions = sessions
         self.node_id = config.node_id or node_name
         self.health = health
         self.members = {m.id: m.address for m in config.members}
@@ -263,6 +271,9 @@ class VipExtension:
             term=self.election.term,
             token=fence.token if fence is not None and fence.holds else 0,
             counter=self.counter.next(time.time_ns()),
+            sessions=self.sessions.next_delta()
+            if self.sessions is not None and self.election.owning
+            else (),
         )
         packet = encode(beat, self.key)
         for address in self.peer_addresses:
@@ -285,6 +296,8 @@ class VipExtension:
             now,
         )
         self._peer_health[beat.node_id] = (beat.health, time.time())
+        if self.sessions is not None and beat.active and not self.election.owning:
+            self.sessions.apply(beat.sessions)
         was_active = previous is not None and previous.report.active
         if (beat.active and self.election.owning) or (was_active and not beat.active):
             self._wake.set()  # two claimants, or the active let go: decide now
@@ -348,6 +361,7 @@ class VipExtension:
             "heartbeats_accepted": self.heartbeats_accepted,
             "heartbeats_refused": {str(k): v for k, v in self.receiver.refused.items()},
             "crash_leftover_removed": self.crash_leftover_removed,
+            "sessions": None if self.sessions is None else len(self.sessions.entries),
         }
 
     def degraded_reason(self) -> str | None:

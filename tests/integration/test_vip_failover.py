@@ -408,3 +408,83 @@ def test_the_observer_sees_two_owners_when_there_are_two(bare_segment: ApLab) ->
             run("ip", "-n", node.netns, "addr", "add", f"{VIP}/24", "dev", node.veth)
         time.sleep(0.2)
     assert observer.dual_owner_samples() > 5
+
+
+def test_sticky_clients_keep_their_backend_across_a_failover(
+    request: pytest.FixtureRequest,
+) -> None:
+    """maglev on a header: both nodes compute the same table from the same backends."""
+    _require()
+    cluster = request.getfixturevalue("etcd_cluster")
+    lab = ApLab.create_segment(2, cluster.client_urls, backends=3, sticky_header="X-Key")
+    try:
+        n1, n2 = start_pair(lab)
+        keys = [f"client-{i}" for i in range(60)]
+        before = {key: lab.client_get_backend(key) for key in keys}
+        assert len(set(before.values())) == 3
+        lab.signal_node(n1, signal.SIGKILL)
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+        after = {key: lab.client_get_backend(key) for key in keys}
+        assert lab.client_get() == "n2"
+        assert after == before
+    finally:
+        lab.close()
+
+
+_SESSION_PEER = """
+import asyncio, json, sys
+from edge.config import VipGroupConfig
+from edge.state import NodeState
+from edge.vip.extension import VipExtension
+from edge.vip.sessions import SessionTable
+
+config = VipGroupConfig.model_validate(json.loads(sys.argv[1]))
+async def main():
+    table = SessionTable()
+    for i in range(int(sys.argv[2])):
+        table.record(f"198.18.2.50:{10000 + i}", f"backend-{i % 3}")
+    vip = VipExtension(config, config.node_id, lambda: NodeState.HEALTHY, sessions=table)
+    await vip.start()
+    try:
+        for _ in range(150):
+            await asyncio.sleep(0.1)
+            status = vip.status()
+            print(json.dumps({"role": status["role"], "sessions": status["sessions"]}), flush=True)
+    finally:
+        await vip.stop()
+asyncio.run(main())
+"""
+
+
+def test_the_session_table_reaches_the_standby_through_real_heartbeats(
+    bare_segment: ApLab,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    lab = bare_segment
+    procs = []
+    for node, priority, count in ((lab.nodes[0], 200, 1000), (lab.nodes[1], 100, 0)):
+        group = lab.node_config(node, priority)["vip_group"]
+        command = ["ip", "netns", "exec", node.netns, sys.executable, "-c", _SESSION_PEER]
+        procs.append(lab.spawn([*command, json.dumps(group), str(count)], stdout=subprocess.PIPE))
+    standby = procs[1]
+
+    def reports() -> Iterator[dict[str, object]]:
+        assert standby.stdout is not None
+        for line in standby.stdout:  # log lines (stderr) are interleaved: skip them
+            if line.startswith(b"{"):
+                yield json.loads(line)
+
+    seen: dict[str, object] = {}
+    for seen in reports():
+        if seen["sessions"] == 1000:
+            break
+    assert seen == {"role": "standby", "sessions": 1000}
+    procs[0].kill()  # the active dies: the standby owns the VIP and the table
+    for seen in reports():
+        if seen["role"] == "active":
+            break
+    assert seen == {"role": "active", "sessions": 1000}

@@ -151,12 +151,23 @@ class ApLab(NetLab):
         self.relay: StoreRelay | None = None
         self.key = secrets.token_hex(24)
         self.etcd_urls: list[str] = []
+        self.backend_count = 1
+        self.sticky_header: str | None = None
 
     @classmethod
-    def create_segment(cls, node_count: int = 2, etcd_urls: list[str] | None = None) -> ApLab:
-        """`etcd_urls`: loopback client URLs of the root namespace's etcd members."""
+    def create_segment(
+        cls,
+        node_count: int = 2,
+        etcd_urls: list[str] | None = None,
+        *,
+        backends: int = 1,
+        sticky_header: str | None = None,
+    ) -> ApLab:
+        """`etcd_urls`: loopback client URLs of the root namespace's etcd members;
+        `sticky_header`: the nodes balance by maglev on that request header."""
         lab = cls()
         lab.etcd_urls = list(etcd_urls or [])
+        lab.backend_count, lab.sticky_header = backends, sticky_header
         ports = [int(url.rsplit(":", 1)[1]) for url in lab.etcd_urls]
         try:
             lab._build_segment(node_count, ports)
@@ -191,23 +202,16 @@ class ApLab(NetLab):
             self.relay = StoreRelay(etcd_ports)
             for node in self.nodes:
                 self.relay.add(node)
-        self.spawn(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.backend_netns,
-                sys.executable,
-                "-m",
-                "deploy.backend.named_backend",
-                "--host",
-                BACKEND,
-                "--port",
-                str(BACKEND_PORT),
-                "--name",
-                "backend-1",
-            ]
-        )
+        for index in range(1, self.backend_count + 1):
+            # fmt: off
+            self.spawn(
+                [
+                    "ip", "netns", "exec", self.backend_netns, sys.executable, "-m",
+                    "deploy.backend.named_backend", "--host", BACKEND,
+                    "--port", str(BACKEND_PORT + index - 1), "--name", f"backend-{index}",
+                ]
+            )
+            # fmt: on
 
     # -- nodes --------------------------------------------------------------------------
     def node_config(
@@ -236,7 +240,15 @@ class ApLab(NetLab):
             "listeners": [
                 {"name": "web", "kind": "http", "address": "0.0.0.0", "port": SERVICE_PORT}
             ],
-            "backends": [{"name": "backend-1", "address": BACKEND, "port": BACKEND_PORT}],
+            "backends": [
+                {"name": f"backend-{i}", "address": BACKEND, "port": BACKEND_PORT + i - 1}
+                for i in range(1, self.backend_count + 1)
+            ],
+            **(
+                {"pool": {"algorithm": "maglev", "hash_key": {"kind": "header", "name": h}}}
+                if (h := self.sticky_header)
+                else {}
+            ),
             "health": {"active": {"kind": "tcp", "interval": 0.2, "timeout": 0.2, "rise": 1}},
             "admin": {"port": ADMIN_PORT},
             "log_level": "info",
@@ -315,22 +327,30 @@ class ApLab(NetLab):
     def client_mac_for_vip(self) -> str:
         return self.client_neighbour().split(" ")[0]
 
-    def client_get(self, timeout: float = 2.0) -> str:
-        """One HTTP request from the client to the VIP: the node in its Via header."""
-
+    def _client_request(self, timeout: float, headers: dict[str, str]) -> http.client.HTTPResponse:
         def connect() -> socket.socket:
             return socket.create_connection((VIP, SERVICE_PORT), timeout=timeout)
 
         conn = http.client.HTTPConnection(VIP, SERVICE_PORT, timeout=timeout)
         conn.sock = in_netns(self.client_netns, connect)
         try:
-            conn.request("GET", "/", headers={"Host": "ap"})
+            conn.request("GET", "/", headers={"Host": "ap", **headers})
             response = conn.getresponse()
             response.read()
-            via = response.getheader("Via") or ""
-            return via.split(" ")[-1].split(".")[0]
+            return response
         finally:
             conn.close()
+
+    def client_get(self, timeout: float = 2.0) -> str:
+        """One HTTP request from the client to the VIP: the node in its Via header."""
+        via = self._client_request(timeout, {}).getheader("Via") or ""
+        return via.split(" ")[-1].split(".")[0]
+
+    def client_get_backend(self, key: str, timeout: float = 2.0) -> str:
+        """The backend that answered a request carrying `key` in the sticky header."""
+        assert self.sticky_header is not None
+        response = self._client_request(timeout, {self.sticky_header: key})
+        return response.getheader("X-Backend") or ""
 
     def cut_link(self, node: Node) -> None:
         """Blackhole the node's link to the segment, both ways (no carrier loss)."""
