@@ -360,7 +360,7 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
     start_pair(lab)
     done: list[str] = []
     began = time.monotonic()
-    with Observer(lab) as observer:
+    with Observer(lab, arp=True) as observer:
         for _ in range(injections):
             if time.monotonic() - began > budget_s:
                 break
@@ -395,19 +395,23 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
     print(f"{len(done)} fault injections in {time.monotonic() - began:.0f} s:", ", ".join(done))
     assert len(done) >= min(injections, 5), done
     assert observer.dual_owner_samples() == 0, done
+    assert observer.dual_arp_answers() == 0, done
     assert len(observer.samples) > 100 * (time.monotonic() - began) * 0.3  # it did sample
+    assert sum(1 for macs in observer.arp_answers if macs) > len(observer.arp_answers) / 2
 
 
 def test_the_observer_sees_two_owners_when_there_are_two(bare_segment: ApLab) -> None:
-    """The observer can fail: two addresses put there by hand are counted."""
+    """The observer can fail: two addresses put there by hand are counted, in the kernels
+    and in the ARP answers the client gets."""
     lab = bare_segment
     from tests.support.netlab import run
 
-    with Observer(lab) as observer:
+    with Observer(lab, arp=True) as observer:
         for node in lab.nodes:
             run("ip", "-n", node.netns, "addr", "add", f"{VIP}/24", "dev", node.veth)
-        time.sleep(0.2)
+        time.sleep(0.3)
     assert observer.dual_owner_samples() > 5
+    assert observer.dual_arp_answers() > 5
 
 
 def test_sticky_clients_keep_their_backend_across_a_failover(
@@ -488,3 +492,37 @@ def test_the_session_table_reaches_the_standby_through_real_heartbeats(
         if seen["role"] == "active":
             break
     assert seen == {"role": "active", "sessions": 1000}
+
+
+def test_sigterm_hands_the_vip_over_before_listeners_close(lab: ApLab) -> None:
+    """A drain: the active lets go, the standby takes key and VIP, then the old active stops
+    accepting and exits; a client sending requests all along sees none fail."""
+    n1, n2 = start_pair(lab)
+    served: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set() and len(served) + len(failures) < 400:
+            try:
+                served.append(lab.client_get(timeout=5.0))
+            except OSError as error:
+                failures.append(repr(error))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=client)
+    with Observer(lab) as observer:
+        thread.start()
+        try:
+            time.sleep(0.3)
+            assert n1.process is not None
+            n1.process.send_signal(signal.SIGTERM)
+            assert n1.process.wait(timeout=30) == 0
+            lab.wait_role(n2, "active")
+            wait_for(lambda: served[-3:] == ["n2"] * 3, 10, what="requests served by n2")
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert failures == []
+    assert observer.dual_owner_samples() == 0
+    assert not lab.holds_vip(n1)

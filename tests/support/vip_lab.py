@@ -408,17 +408,53 @@ class ApLab(NetLab):
 
 
 class Observer:
-    """Samples every `interval_s` which nodes hold the VIP in their kernel (netlink)."""
+    """Samples every `interval_s` which nodes hold the VIP in their kernel (netlink) and,
+    with `arp=True`, which MACs answer an ARP request for it broadcast from the client."""
 
-    def __init__(self, lab: ApLab, interval_s: float = 0.01) -> None:
+    def __init__(self, lab: ApLab, interval_s: float = 0.01, *, arp: bool = False) -> None:
         from pyroute2 import NetNS
 
         self.lab = lab
         self.interval_s = interval_s
         self._handles = [(node.name, NetNS(node.netns)) for node in lab.nodes]
         self.samples: list[tuple[float, frozenset[str]]] = []
+        self.arp_answers: list[frozenset[str]] = []  # per sample: MACs that answered
+        self._arp: socket.socket | None = None
+        if arp:
+            self._arp, self._arp_request = self._arp_socket()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _arp_socket(self) -> tuple[socket.socket, bytes]:
+        from scapy.layers.l2 import ARP, Ether
+
+        veth = f"ae{self.lab.suffix}c"
+        mac = json.loads(run("ip", "-n", self.lab.client_netns, "-j", "link", "show", veth))[0][
+            "address"
+        ]
+        request = bytes(
+            Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / ARP(op=1, hwsrc=mac, psrc=CLIENT, pdst=VIP)
+        )
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+            s.bind((veth, 0))
+            s.setblocking(False)
+            return s
+
+        return in_netns(self.lab.client_netns, make), request
+
+    def _arp_repliers(self) -> frozenset[str]:
+        """MACs of the ARP replies for the VIP that arrived since the last request."""
+        assert self._arp is not None
+        macs = set()
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frame = self._arp.recv(128)
+                arp = frame[14:]
+                if arp[6:8] == b"\x00\x02" and socket.inet_ntoa(arp[14:18]) == VIP:
+                    macs.add(arp[8:14].hex(":"))
+        return frozenset(macs)
 
     def _holders(self) -> frozenset[str]:
         held = set()
@@ -429,6 +465,9 @@ class Observer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._arp is not None:
+                self.arp_answers.append(self._arp_repliers())
+                self._arp.send(self._arp_request)
             self.samples.append((time.monotonic(), self._holders()))
             time.sleep(self.interval_s)
 
@@ -441,9 +480,15 @@ class Observer:
         self._thread.join(timeout=5)
         for _, ns in self._handles:
             ns.close()
+        if self._arp is not None:
+            self._arp.close()
 
     def dual_owner_samples(self) -> int:
         return sum(1 for _, held in self.samples if len(held) > 1)
+
+    def dual_arp_answers(self) -> int:
+        """Samples in which two different MACs answered ARP for the VIP."""
+        return sum(1 for macs in self.arp_answers if len(macs) > 1)
 
     def holders_now(self) -> frozenset[str]:
         return self.samples[-1][1] if self.samples else frozenset()

@@ -177,3 +177,19 @@ def test_sessions_that_fit_stays_within_the_budget() -> None:
     with pytest.raises(ValueError, match="too large"):
         encode(hb(sessions=pairs), KEY)
     assert len(sessions_that_fit(pairs, budget=MAX_SESSION_BYTES)) == len(fitted)
+
+
+def test_announcement_frames_are_a_gratuitous_request_and_an_overriding_na() -> None:
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr
+    from scapy.layers.l2 import ARP, Ether
+
+    from edge.vip.address import announcement_frame
+
+    mac = "02:00:00:00:00:01"
+    arp = Ether(announcement_frame("198.18.2.100/24", mac))
+    assert arp.dst == "ff:ff:ff:ff:ff:ff" and arp[ARP].op == 1  # a request, not a reply
+    assert arp[ARP].psrc == arp[ARP].pdst == "198.18.2.100" and arp[ARP].hwsrc == mac
+    na = Ether(announcement_frame("2001:db8::100/64", mac))
+    assert na[ICMPv6ND_NA].O == 1 and na[ICMPv6ND_NA].S == 0
+    assert na[ICMPv6ND_NA].tgt == "2001:db8::100" and na[ICMPv6NDOptDstLLAddr].lladdr == mac
+    assert na.hlim == 255 and na.dst == "33:33:00:00:00:01"
