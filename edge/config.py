@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 from bgp.config import BgpConfig, check_addresses_are_local, describe_validation_error
+from edge.vip.election import MIN_LEASE_MARGIN_S
+from edge.vip.heartbeat import MIN_KEY_BYTES
 
 
 class ConfigError(Exception):
@@ -252,7 +254,7 @@ class VipFencingConfig(_Model):
     lease_ttl: Annotated[int, Field(ge=2, le=60)] = 2
     # Release the VIP when less than this is left on the lease (>= 1.35 s: the address
     # keeps a kernel lifetime of >= 1 s that still ends before the lease can).
-    lease_margin: Annotated[float, Field(ge=1.35, le=59)] = 1.4
+    lease_margin: Annotated[float, Field(ge=MIN_LEASE_MARGIN_S, le=59)] = 1.4
     request_timeout: Annotated[float, Field(gt=0, le=5)] = 0.3
 
     @model_validator(mode="after")
@@ -274,6 +276,8 @@ class VipGroupConfig(_Model):
     port: Port = 5405
     advert_interval: Annotated[float, Field(ge=0.02, le=10)] = 0.1
     dead_after: Annotated[int, Field(ge=2, le=100)] = 3
+    # Read by the active, which yields to a higher-ranked peer (live and eligible for
+    # preempt_delay seconds): give every member the same values.
     preempt: bool = True
     preempt_delay: Annotated[float, Field(ge=0, le=3600)] = 0.0
     garp_count: Annotated[int, Field(ge=1, le=100)] = 3
@@ -315,8 +319,8 @@ class VipGroupConfig(_Model):
             raise ValueError("vip must not be a member's own address")
         if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
             raise ValueError("give exactly one of key, key_env and key_file")
-        if len(self.shared_key()) < 32:
-            raise ValueError("the shared key must be at least 32 bytes")
+        if len(self.shared_key()) < MIN_KEY_BYTES:
+            raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
         return self
 
     def shared_key(self) -> bytes:

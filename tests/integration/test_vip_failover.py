@@ -525,3 +525,24 @@ def test_sigterm_hands_the_vip_over_before_listeners_close(lab: ApLab) -> None:
     assert len(client.failures) <= 1, client.failures
     assert observer.dual_owner_samples() == 0
     assert not lab.holds_vip(n1)
+
+
+def test_a_vip_left_on_the_interface_is_removed_at_start(lab: ApLab) -> None:
+    """After a crash (or by hand) the address is there, forever: the next start removes it
+    before it owns anything, and a standby never keeps one it finds."""
+    from tests.support.netlab import run
+
+    n1, n2 = lab.nodes
+    # preemption is decided by the active (it yields): no failback within the test
+    lab.start_node(n2, lab.node_config(n2, 100, etcd=lab.etcd_urls, preempt_delay=30))
+    lab.wait_role(n2, "active", 20)
+    run("ip", "-n", n1.netns, "addr", "add", f"{VIP}/24", "dev", n1.veth)  # permanent
+    with Observer(lab) as observer:
+        lab.start_node(n1, lab.node_config(n1, 200, etcd=lab.etcd_urls, preempt_delay=30))
+        lab.wait_vip(n1, "reason", "peer_active", 20)
+        assert lab.vip_status(n1)["crash_leftover_removed"] is True
+        run("ip", "-n", n1.netns, "addr", "add", f"{VIP}/24", "dev", n1.veth)  # again
+        wait_for(lambda: not lab.holds_vip(n1), 2, what="the standby to drop a stray VIP")
+    first_seen = observer.samples[0][0]
+    assert observer.last_time_held_by("n1", before=first_seen + 60) is not None  # it was there
+    assert lab.vip_status(n2)["role"] == "active" and not lab.holds_vip(n1)
