@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # Debian packages the tests and benchmarks need (installed when missing).
-DEB_TEST := chromium frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux
+DEB_TEST := chromium frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux keepalived
 PYTEST_ARGS ?=
 
 .PHONY: all venv deps lint test test-unit test-integration test-e2e lab lab-down lab-status demo bench-proxy clean
@@ -79,3 +79,9 @@ bench-lab: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-results .lab
+
+# Active-passive failover gap (kill, freeze, link cut) against keepalived 2.2 in network
+# namespaces, with a real 3-member etcd (root; a few minutes, bounded).
+.PHONY: bench-ap
+bench-ap: deps venv
+	$(PY) -m bench.ap

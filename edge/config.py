@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 from bgp.config import BgpConfig, check_addresses_are_local, describe_validation_error
+from edge.vip.election import MIN_LEASE_MARGIN_S
+from edge.vip.heartbeat import MIN_KEY_BYTES
 
 
 class ConfigError(Exception):
@@ -232,6 +234,107 @@ class ControlPlaneConfig(_Model):
         return os.environ[self.token_env]
 
 
+# -- active-passive mode (edge/vip): one VIP on one L2 segment, one owner at a time --------
+_VipName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class VipMember(_Model):
+    id: _VipName
+    # Where this member's heartbeats come from and go to (unicast UDP).
+    address: str
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+class VipFencingConfig(_Model):
+    """An etcd cluster (the GSLB's, or its own) holding the group's ownership key."""
+
+    endpoints: Annotated[list[ApiUrl], Field(min_length=1)]
+    prefix: Annotated[str, Field(pattern=r"^/[^\s]*/$")] = "/anycast-edge/vip/"
+    lease_ttl: Annotated[int, Field(ge=2, le=60)] = 2
+    # Release the VIP when less than this is left on the lease (>= 1.35 s: the address
+    # keeps a kernel lifetime of >= 1 s that still ends before the lease can).
+    lease_margin: Annotated[float, Field(ge=MIN_LEASE_MARGIN_S, le=59)] = 1.4
+    request_timeout: Annotated[float, Field(gt=0, le=5)] = 0.3
+
+    @model_validator(mode="after")
+    def _room_to_renew(self) -> VipFencingConfig:
+        if self.lease_ttl - self.lease_margin < 0.4:
+            raise ValueError("lease_margin must leave at least 0.4 s of lease_ttl to renew in")
+        return self
+
+
+class VipGroupConfig(_Model):
+    name: _VipName
+    interface: Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")]
+    # address/prefix, in a subnet the interface is on (checked against the kernel at start)
+    vip: str
+    node_id: _VipName | None = None  # defaults to node.name
+    priority: Annotated[int, Field(ge=1, le=254)]
+    # Every node of the group, this one included (the same list on every node).
+    members: Annotated[list[VipMember], Field(min_length=1, max_length=16)]
+    port: Port = 5405
+    advert_interval: Annotated[float, Field(ge=0.02, le=10)] = 0.1
+    dead_after: Annotated[int, Field(ge=2, le=100)] = 3
+    # Read by the active, which yields to a higher-ranked peer (live and eligible for
+    # preempt_delay seconds): give every member the same values.
+    preempt: bool = True
+    preempt_delay: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    garp_count: Annotated[int, Field(ge=1, le=100)] = 3
+    garp_interval: Annotated[float, Field(ge=0.001, le=10)] = 0.05
+    reannounce_min_interval: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    replay_window: Annotated[float, Field(ge=0.1, le=60)] = 2.0
+    # The shared HMAC key (>= 32 bytes): exactly one of key, key_env, key_file.
+    key: SecretStr | None = None
+    key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    key_file: Path | None = None
+    fencing: VipFencingConfig | None = None
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, value: str) -> str:
+        if "/" not in value:
+            raise ValueError("must be address/prefix, e.g. 198.18.2.100/24")
+        ipaddress.ip_interface(value)
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, members: list[VipMember]) -> list[VipMember]:
+        seen: set[str] = set()
+        for member in members:
+            if member.id in seen:
+                raise ValueError(f"duplicate node id {member.id!r}")
+            seen.add(member.id)
+        addresses = [ipaddress.ip_address(m.address) for m in members]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("two members have the same address")
+        return members
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VipGroupConfig:
+        if ipaddress.ip_interface(self.vip).ip in {
+            ipaddress.ip_address(m.address) for m in self.members
+        }:
+            raise ValueError("vip must not be a member's own address")
+        if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
+            raise ValueError("give exactly one of key, key_env and key_file")
+        if len(self.shared_key()) < MIN_KEY_BYTES:
+            raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
+        return self
+
+    def shared_key(self) -> bytes:
+        if self.key is not None:
+            return self.key.get_secret_value().encode()
+        if self.key_env is not None:
+            return os.environ.get(self.key_env, "").encode()
+        assert self.key_file is not None
+        try:
+            return self.key_file.read_bytes().strip()
+        except OSError as error:
+            raise ValueError(f"key_file: cannot read: {error.strerror}") from None
+
+
 class NodeConfig(_Model):
     node: NodeIdentity
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
@@ -247,6 +350,7 @@ class NodeConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bgp: BgpConfig | None = None
     control_plane: ControlPlaneConfig | None = None
+    vip_group: VipGroupConfig | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
@@ -255,6 +359,10 @@ class NodeConfig(_Model):
         binds = [(listener.address, listener.port) for listener in self.listeners]
         if len(set(binds)) != len(binds):
             raise ValueError("listeners: two listeners bind the same address and port")
+        if self.vip_group is not None:
+            me = self.vip_group.node_id or self.node.name
+            if me not in {m.id for m in self.vip_group.members}:
+                raise ValueError(f"vip_group.members: this node ({me!r}) is not a member")
         return self
 
 
@@ -276,7 +384,8 @@ def format_validation_error(error: ValidationError) -> str:
     got = first.get("input")
     if not location:  # a whole-model rule: its message names the fields
         return message
-    secret = first["loc"][:1] == ("control_plane",)  # may hold a token: never echoed
+    # may hold a token or a key: never echoed
+    secret = first["loc"][:1] == ("control_plane",) or first["loc"][:2] == ("vip_group", "key")
     if secret or first["type"] in ("missing",) or isinstance(got, dict | list):
         return f"{location}: {message}"
     more = len(error.errors()) - 1

@@ -1,0 +1,160 @@
+"""The VIP on the interface (pyroute2) and the announcements that move clients to it.
+
+Drivers only: what to do and when is decided in `edge.vip.election`.
+
+- The address is added with a *kernel lifetime* (`valid_lft`), refreshed while this node
+  owns it: a node that is killed, frozen or starved loses the address by itself, without
+  any process of its own running (keepalived leaves it forever after a `kill -9`).
+- Gratuitous ARP *requests* (sender = target = VIP, broadcast): a request updates an
+  existing entry in a client's neighbour table even within its locktime; a reply does not.
+  On IPv6, an unsolicited neighbour advertisement with the override flag to all-nodes.
+  scapy builds the frames (narrow imports: `scapy.all` costs ~1 s at start); a send-only
+  packet socket sends them (scapy's own L2 socket would also receive every frame on the
+  interface).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceInfo:
+    index: int
+    mac: str
+    networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+
+
+async def interface_info(ipr: Any, name: str) -> InterfaceInfo | None:
+    indexes = await ipr.link_lookup(ifname=name)
+    if not indexes:
+        return None
+    index = indexes[0]
+    links = [link async for link in await ipr.get_links(index)]
+    networks = []
+    async for addr in await ipr.get_addr(index=index):
+        address, prefixlen = addr.get("address"), addr["prefixlen"]
+        if address is not None:
+            networks.append(ipaddress.ip_interface(f"{address}/{prefixlen}"))
+    return InterfaceInfo(index, str(links[0].get("address", "")), tuple(networks))
+
+
+async def check_vip_interface(interface: str, vip: str) -> str | None:
+    """None when `vip` (address/prefix) can live on `interface`: the interface exists and
+    already has an address of its own in the VIP's subnet. Otherwise one line saying why."""
+    wanted = ipaddress.ip_interface(vip)
+    async with AsyncIPRoute() as ipr:
+        info = await interface_info(ipr, interface)
+    if info is None:
+        return f"vip_group.interface: no interface named {interface!r}"
+    own = [n for n in info.networks if n.ip != wanted.ip]
+    if not any(n.network == wanted.network for n in own):
+        subnets = ", ".join(str(n.network) for n in own) or "none"
+        return (
+            f"vip_group.vip: {wanted} is outside the subnets of {interface} ({subnets}):"
+            " the VIP must be in a subnet the interface is on"
+        )
+    return None
+
+
+class VipAddress:
+    """Add, refresh, remove the VIP on one interface of this network namespace."""
+
+    def __init__(self, ipr: Any, interface: str, vip: str, info: InterfaceInfo) -> None:
+        self._ipr = ipr
+        self.interface = interface
+        self.vip = ipaddress.ip_interface(vip)
+        self.index, self.mac = info.index, info.mac
+
+    @classmethod
+    async def open(cls, interface: str, vip: str) -> VipAddress:
+        ipr = AsyncIPRoute()
+        await ipr.setup_endpoint()
+        info = await interface_info(ipr, interface)
+        if info is None:
+            ipr.close()
+            raise OSError(f"no interface named {interface!r}")
+        return cls(ipr, interface, vip, info)
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    async def present(self) -> bool:
+        info = await interface_info(self._ipr, self.interface)
+        return info is not None and any(n.ip == self.vip.ip for n in info.networks)
+
+    async def put(self, lifetime_s: int) -> None:
+        """Add the address, or refresh its lifetime when it is there already."""
+        await self._ipr.addr(
+            "replace",
+            index=self.index,
+            address=str(self.vip.ip),
+            prefixlen=self.vip.network.prefixlen,
+            valid_lft=lifetime_s,
+            preferred_lft=lifetime_s,
+        )
+
+    async def remove(self) -> bool:
+        """True when the address was there (and is now gone)."""
+        try:
+            await self._ipr.addr(
+                "del",
+                index=self.index,
+                address=str(self.vip.ip),
+                prefixlen=self.vip.network.prefixlen,
+            )
+        except NetlinkError as error:
+            if error.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                return False
+            raise
+        return True
+
+
+def announcement_frame(vip: str, mac: str) -> bytes:
+    """One gratuitous ARP request (IPv4) or unsolicited NA with override (IPv6)."""
+    address = ipaddress.ip_interface(vip).ip
+    if address.version == 4:
+        from scapy.layers.l2 import ARP, Ether
+
+        frame = Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / ARP(
+            op=1, hwsrc=mac, psrc=str(address), hwdst="00:00:00:00:00:00", pdst=str(address)
+        )
+    else:
+        from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+        from scapy.layers.l2 import Ether
+
+        frame = (
+            Ether(dst="33:33:00:00:00:01", src=mac)
+            / IPv6(src=str(address), dst="ff02::1", hlim=255)
+            / ICMPv6ND_NA(R=0, S=0, O=1, tgt=str(address))
+            / ICMPv6NDOptDstLLAddr(lladdr=mac)
+        )
+    return bytes(frame)
+
+
+class Announcer:
+    """Sends the announcement frame on the interface; counts what it sent."""
+
+    def __init__(self, interface: str, vip: str, mac: str) -> None:
+        self.frame = announcement_frame(vip, mac)
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # sends, never reads
+        self._sock.bind((interface, 0))  # protocol 0: nothing is ever queued to read
+        self._sock.setblocking(False)
+        self.sent_total = 0
+
+    def send(self) -> None:
+        try:
+            self._sock.send(self.frame)
+            self.sent_total += 1
+        except BlockingIOError:
+            pass  # a full queue: the next one of the burst goes out
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,0 +1,370 @@
+"""The active-passive group as an agent extension: heartbeats, election, VIP, fencing.
+
+The shape the agent's extensions share: `async start()`, `async stop()`, `status()` (a
+section of /status), `degraded_reason()`, and `before_stop_accepting(reason)` (the step of
+a drain before listeners close: hand the VIP over first). It reads the node's health
+through the callable it is given and owns nothing of the agent.
+
+Every decision is the election's (`edge.vip.election`); this module only feeds it time,
+health, heartbeats and the fence, and applies what it returns:
+
+- one loop steps the election every `advert_interval` (and at once when a heartbeat or
+  the fence changes the picture), applies the decision to the address, and sends a
+  heartbeat to every other member;
+- with fencing, a second loop renews or acquires the ownership key (what the election
+  wants) and feeds the resulting view back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from edge.config import VipGroupConfig
+from edge.state import SERVING_STATES, NodeState
+from edge.vip.address import Announcer, VipAddress, check_vip_interface
+from edge.vip.election import (
+    Action,
+    Decision,
+    Election,
+    ElectionConfig,
+    PeerReport,
+)
+from edge.vip.fence import EtcdFence, EtcdLeaseClient
+from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
+from edge.vip.sessions import SessionTable
+
+log = logging.getLogger("edge.vip")
+# httpx logs every request at INFO: the fence makes several a second.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+HANDOVER_TIMEOUT_S = 3.0
+STOP_RELEASE_BUDGET_S = 1.0
+
+
+class VipSetupError(Exception):
+    """The group cannot run on this host as configured (one line for the operator)."""
+
+
+class _HeartbeatProtocol(asyncio.DatagramProtocol):
+    def __init__(self, on_packet: Callable[[bytes, str], None]) -> None:
+        self.on_packet = on_packet
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.on_packet(data, str(addr[0]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("heartbeat socket: %s", exc)
+
+
+class VipExtension:
+    name = "vip_group"
+
+    def __init__(
+        self,
+        config: VipGroupConfig,
+        node_name: str,
+        health: Callable[[], NodeState],
+        sessions: SessionTable | None = None,
+    ) -> None:
+        self.config = config
+        # Sticky mappings: the active sends its table in the heartbeats, a standby applies
+        # the active's (the data path records and looks up through the same object).
+        self.sessions = sessions
+        self.node_id = config.node_id or node_name
+        self.health = health
+        self.members = {m.id: m.address for m in config.members}
+        self.address = self.members[self.node_id]
+        self.peer_addresses = [a for i, a in self.members.items() if i != self.node_id]
+        fencing = config.fencing
+        self.election = Election(
+            ElectionConfig(
+                node_id=self.node_id,
+                priority=config.priority,
+                advert_interval_s=config.advert_interval,
+                dead_after=config.dead_after,
+                preempt=config.preempt,
+                preempt_delay_s=config.preempt_delay,
+                fenced=fencing is not None,
+                **({"lease_margin_s": fencing.lease_margin} if fencing else {}),
+            )
+        )
+        self.key = config.shared_key()
+        self.receiver = Receiver(
+            self.key, config.name, self.members, self.node_id, config.replay_window
+        )
+        self.counter = Counter()
+        self.fence: EtcdFence | None = None
+        self.vip: VipAddress | None = None
+        self.announcer: Announcer | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._fence_wake = asyncio.Event()
+        self._handing_over = False
+        self._last_burst = float("-inf")
+        self._peer_health: dict[str, tuple[NodeState, float]] = {}
+        self.transitions: deque[dict[str, Any]] = deque(maxlen=20)
+        self.claims_total = 0
+        self.heartbeats_sent = 0
+        self.heartbeats_accepted = 0
+        self.crash_leftover_removed = False
+
+    # -- life cycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        problem = await check_vip_interface(self.config.interface, self.config.vip)
+        if problem:
+            raise VipSetupError(problem)
+        self.vip = await VipAddress.open(self.config.interface, self.config.vip)
+        # Whatever is on the interface now is not ours: we own nothing before we are elected
+        # (a previous run that crashed, or an operator's leftover).
+        if await self.vip.remove():
+            self.crash_leftover_removed = True
+            log.warning("removed %s found on %s at start", self.config.vip, self.vip.interface)
+        self.announcer = Announcer(self.config.interface, self.config.vip, self.vip.mac)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
+        )
+        self._transport = transport
+        if self.config.fencing is not None:
+            f = self.config.fencing
+            client = EtcdLeaseClient(f.endpoints, f.request_timeout)
+            key = f"{f.prefix}{self.config.name}/owner"
+            self.fence = EtcdFence(client, key, self.node_id, f.lease_ttl)
+            self._tasks.append(loop.create_task(self._fence_loop()))
+        self._tasks.append(loop.create_task(self._tick_loop()))
+        log.info(
+            "vip group %s: %s on %s as %s (priority %d)%s",
+            self.config.name,
+            self.config.vip,
+            self.config.interface,
+            self.node_id,
+            self.config.priority,
+            ", fenced by etcd" if self.fence else ", unfenced",
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        was_owning = self.election.owning
+        if self.vip is not None:
+            with contextlib.suppress(Exception):
+                await self.vip.remove()
+        self.election.owning = False
+        self.election.eligible = False
+        if was_owning:
+            self._record(False, Action.RELEASE, "stopping")
+        for _ in range(2):  # tell the peers at once rather than after their dead interval
+            self._send_heartbeat(NodeState.DOWN)
+        if self.fence is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.fence.release(), STOP_RELEASE_BUDGET_S)
+            await self.fence.client.close()
+        if self._transport is not None:
+            self._transport.close()
+        if self.announcer is not None:
+            self.announcer.close()
+        if self.vip is not None:
+            self.vip.close()
+
+    async def before_stop_accepting(self, reason: str) -> None:
+        """A drain: give the VIP to a peer before listeners close (bounded)."""
+        self._handing_over = True
+        self._wake.set()
+        deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if not self.election.owning and any(
+                p.report.active for p in self.election.live_peers(now)
+            ):
+                return
+            await asyncio.sleep(self.config.advert_interval / 2)
+        log.warning("drain (%s): no peer took the VIP within %.0f s", reason, HANDOVER_TIMEOUT_S)
+
+    # -- the loops ---------------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except Exception:
+                log.exception("vip group step failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.advert_interval)
+            self._wake.clear()
+
+    async def _fence_loop(self) -> None:
+        assert self.fence is not None and self.config.fencing is not None
+        renew_every = min(0.25, self.config.fencing.lease_ttl / 8)
+        while True:
+            decision = self.election.last_decision
+            want = decision is not None and decision.want_key
+            before = self.fence.view
+            view = await self.fence.update(want)
+            self.election.fence_changed(view)
+            if (view.holds, view.reachable) != (before.holds, before.reachable):
+                self._wake.set()
+            pause = renew_every if view.holds else (0.1 if want else 0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fence_wake.wait(), pause)
+            self._fence_wake.clear()
+
+    async def _step(self) -> None:
+        state = self.health()
+        healthy = state in SERVING_STATES and not self._handing_over
+        before = self.election.last_decision
+        decision = self.election.step(time.monotonic(), healthy)
+        await self._apply(decision)
+        if before is None or before.want_key != decision.want_key:
+            self._fence_wake.set()
+        if before is None or (before.owning, before.reason) != (decision.owning, decision.reason):
+            self._record(decision.owning, decision.action, decision.reason)
+        self._send_heartbeat(state)
+
+    async def _apply(self, decision: Decision) -> None:
+        assert self.vip is not None
+        if decision.owning:
+            assert decision.lifetime_s is not None
+            await self.vip.put(decision.lifetime_s)
+            if decision.action is Action.CLAIM:
+                self.claims_total += 1
+                self._burst()
+            elif decision.action is Action.REANNOUNCE and (
+                time.monotonic() - self._last_burst >= self.config.reannounce_min_interval
+            ):
+                self._burst()
+        elif decision.action is Action.RELEASE or await self.vip.present():
+            await self.vip.remove()
+
+    def _burst(self) -> None:
+        """`garp_count` announcements, the first now, each only while we still own it."""
+        self._last_burst = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for i in range(self.config.garp_count):
+            loop.call_later(i * self.config.garp_interval, self._announce_if_owning)
+
+    def _announce_if_owning(self) -> None:
+        if self.election.owning and self.announcer is not None:
+            self.announcer.send()
+
+    # -- heartbeats --------------------------------------------------------------------
+    def _send_heartbeat(self, state: NodeState) -> None:
+        if self._transport is None:
+            return
+        fence = self.election.fence
+        beat = Heartbeat(
+            node_id=self.node_id,
+            group=self.config.name,
+            priority=self.config.priority,
+            health=state,
+            active=self.election.owning,
+            eligible=self.election.eligible,
+            term=self.election.term,
+            token=fence.token if fence is not None and fence.holds else 0,
+            counter=self.counter.next(time.time_ns()),
+            sessions=self.sessions.next_delta()
+            if self.sessions is not None and self.election.owning
+            else (),
+        )
+        packet = encode(beat, self.key)
+        for address in self.peer_addresses:
+            self._transport.sendto(packet, (address, self.config.port))
+        self.heartbeats_sent += 1
+
+    def _received(self, packet: bytes, source: str) -> None:
+        try:
+            beat = self.receiver.accept(packet, time.time_ns(), source)
+        except HeartbeatRefused as refused:
+            log.debug("heartbeat from %s refused: %s", source, refused)
+            return
+        self.heartbeats_accepted += 1
+        now = time.monotonic()
+        previous = self.election.peers.get(beat.node_id)
+        self.election.heard(
+            PeerReport(
+                beat.node_id, beat.priority, beat.eligible, beat.active, beat.term, beat.token
+            ),
+            now,
+        )
+        self._peer_health[beat.node_id] = (beat.health, time.time())
+        if self.sessions is not None and beat.active and not self.election.owning:
+            self.sessions.apply(beat.sessions)
+        was_active = previous is not None and previous.report.active
+        if (beat.active and self.election.owning) or (was_active and not beat.active):
+            self._wake.set()  # two claimants, or the active let go: decide now
+
+    # -- views -------------------------------------------------------------------------
+    def _record(self, owning: bool, action: Action, reason: str) -> None:
+        entry = {
+            "at": time.time(),
+            "role": "active" if owning else "standby",
+            "action": str(action),
+            "reason": str(reason),
+            "term": self.election.term,
+        }
+        self.transitions.append(entry)
+        level = logging.WARNING if action in (Action.CLAIM, Action.RELEASE) else logging.INFO
+        log.log(level, "vip group %s: %s (%s)", self.config.name, action, reason)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        decision = self.election.last_decision
+        fence = self.election.fence
+        return {
+            "group": self.config.name,
+            "node_id": self.node_id,
+            "vip": self.config.vip,
+            "interface": self.config.interface,
+            "role": "active" if self.election.owning else "standby",
+            "reason": str(decision.reason) if decision else None,
+            "eligible": self.election.eligible,
+            "priority": self.config.priority,
+            "term": self.election.term,
+            "fencing": None
+            if fence is None or self.fence is None
+            else {
+                "reachable": fence.reachable,
+                "holds_key": fence.holds,
+                "token": fence.token,
+                "lease_left_s": round(fence.lease_deadline - now, 3) if fence.holds else None,
+                "owner": self.fence.owner,
+                "last_error": self.fence.last_error,
+            },
+            "peers": [
+                {
+                    "node_id": peer_id,
+                    "priority": peer.report.priority,
+                    "active": peer.report.active,
+                    "eligible": peer.report.eligible,
+                    "live": now - peer.last_heard <= self.election.config.dead_interval_s,
+                    "term": peer.report.term,
+                    "token": peer.report.token,
+                    "health": str(self._peer_health.get(peer_id, (None,))[0]),
+                    "last_heard_s": round(now - peer.last_heard, 3),
+                }
+                for peer_id, peer in sorted(self.election.peers.items())
+            ],
+            "last_transition": self.transitions[-1] if self.transitions else None,
+            "transitions": list(self.transitions),
+            "claims_total": self.claims_total,
+            "announcements_sent": self.announcer.sent_total if self.announcer else 0,
+            "heartbeats_sent": self.heartbeats_sent,
+            "heartbeats_accepted": self.heartbeats_accepted,
+            "heartbeats_refused": {str(k): v for k, v in self.receiver.refused.items()},
+            "crash_leftover_removed": self.crash_leftover_removed,
+            "sessions": None if self.sessions is None else len(self.sessions.entries),
+        }
+
+    def degraded_reason(self) -> str | None:
+        if self.fence is not None and self.fence.last_error is not None:
+            return f"vip group {self.config.name}: fencing store unreachable"
+        return None

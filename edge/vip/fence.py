@@ -1,0 +1,179 @@
+"""Fencing for an active-passive group: a lease-backed ownership key in etcd.
+
+The key's mod revision when this node wrote it is the fencing token. The node keeps a
+*conservative* lease deadline: the monotonic time at which it *sent* the last successful
+grant or keep-alive, plus the TTL etcd answered. etcd counts the TTL from when it handled
+the request (later), and a new etcd leader extends every lease, so the lease is alive in
+the store at least until that deadline. The election releases the VIP a margin before it.
+
+Why its own small client rather than the API's `EtcdGateway`: a fencing call must give up
+inside one renewal period (a fraction of the lease), one attempt per endpoint, whereas the
+API's gateway retries for seconds by design; and `edge` may not import `api` (import-linter
+layers). The wire is the same: etcd's v3 JSON gateway over httpx (docs/design/etcd-client.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from edge.vip.election import FenceView
+
+
+class FenceUnavailable(Exception):
+    """No endpoint answered within the budget."""
+
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class EtcdLeaseClient:
+    """One attempt per endpoint, sticky on the last one that answered."""
+
+    def __init__(self, endpoints: Sequence[str], request_timeout_s: float) -> None:
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._current = 0
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        errors = []
+        for attempt in range(len(self.endpoints)):
+            index = (self._current + attempt) % len(self.endpoints)
+            endpoint = self.endpoints[index]
+            try:
+                response = await self._http.post(endpoint + path, json=body)
+            except httpx.HTTPError as error:
+                errors.append(f"{endpoint}: {type(error).__name__}")
+                continue
+            if response.status_code == 200:
+                self._current = index
+                reply: dict[str, Any] = response.json()
+                return reply
+            errors.append(f"{endpoint}: HTTP {response.status_code}")
+        raise FenceUnavailable("; ".join(errors))
+
+
+class EtcdFence:
+    """Holds, renews and gives back the group's ownership key."""
+
+    def __init__(self, client: EtcdLeaseClient, key: str, node_id: str, lease_ttl_s: int) -> None:
+        self.client = client
+        self.key = key
+        self.node_id = node_id
+        self.lease_ttl_s = lease_ttl_s
+        self.lease_id = 0
+        self.view = FenceView(reachable=False)
+        self.owner: str | None = None  # who holds the key, as last read
+        self.last_error: str | None = None
+
+    async def update(self, want_key: bool) -> FenceView:
+        """One round: renew or acquire when wanted, give back when not."""
+        try:
+            if self.view.holds and not want_key:
+                await self.release()
+            elif self.view.holds:
+                await self._renew()
+            elif want_key:
+                await self._acquire()
+            else:
+                await self._read_owner()
+                self.view = FenceView(reachable=True)
+            self.last_error = None
+        except (FenceUnavailable, KeyError, ValueError) as error:
+            self.last_error = str(error) or type(error).__name__
+            v = self.view
+            self.view = FenceView(False, v.holds, v.token, v.lease_deadline)
+        return self.view
+
+    async def _keepalive_or_grant(self) -> float:
+        """A live lease; returns its conservative deadline."""
+        sent = time.monotonic()
+        if self.lease_id:
+            reply = await self.client.call("/v3/lease/keepalive", {"ID": str(self.lease_id)})
+            ttl = int(reply.get("result", {}).get("TTL", 0))
+            if ttl > 0:
+                return sent + ttl
+        sent = time.monotonic()
+        reply = await self.client.call("/v3/lease/grant", {"TTL": str(self.lease_ttl_s)})
+        self.lease_id = int(reply["ID"])
+        return sent + int(reply["TTL"])
+
+    async def _renew(self) -> None:
+        deadline = await self._keepalive_or_grant()
+        token = self.view.token
+        reply = await self.client.call("/v3/kv/range", {"key": _b64(self.key)})
+        kvs = reply.get("kvs", [])
+        mine = (
+            bool(kvs)
+            and int(kvs[0].get("mod_revision", 0)) == token
+            and int(kvs[0].get("lease", 0)) == self.lease_id
+        )
+        self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        if mine:
+            self.view = FenceView(True, True, token, deadline)
+        else:  # the lease expired (a pause) or someone deleted the key: not ours any more
+            self.view = FenceView(True)
+
+    async def _acquire(self) -> None:
+        deadline = await self._keepalive_or_grant()
+        key = _b64(self.key)
+        reply = await self.client.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                ],
+                "success": [
+                    {
+                        "request_put": {
+                            "key": key,
+                            "value": _b64(self.node_id),
+                            "lease": str(self.lease_id),
+                        }
+                    }
+                ],
+                "failure": [{"request_range": {"key": key}}],
+            },
+        )
+        if reply.get("succeeded"):
+            self.owner = self.node_id
+            token = int(reply["header"]["revision"])
+            self.view = FenceView(True, True, token, deadline)
+            return
+        kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
+        self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        self.view = FenceView(True)
+
+    async def _read_owner(self) -> None:
+        reply = await self.client.call("/v3/kv/range", {"key": _b64(self.key)})
+        kvs = reply.get("kvs", [])
+        self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+
+    async def release(self) -> None:
+        """Delete the key only if it is still the one we wrote (its token), then revoke."""
+        token = self.view.token
+        self.view = FenceView(self.view.reachable)
+        key = _b64(self.key)
+        if token:
+            await self.client.call(
+                "/v3/kv/txn",
+                {
+                    "compare": [
+                        {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(token)}
+                    ],
+                    "success": [{"request_delete_range": {"key": key}}],
+                    "failure": [],
+                },
+            )
+        if self.lease_id:
+            lease, self.lease_id = self.lease_id, 0
+            await self.client.call("/v3/lease/revoke", {"ID": str(lease)})
+        self.view = FenceView(True)

@@ -1,0 +1,111 @@
+"""The vip_group section: every bad input is one line naming the field, and no key is echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.config import ConfigError, parse_config
+
+KEY = "k" * 32
+
+
+def node(**group: Any) -> dict[str, Any]:
+    vip_group: dict[str, Any] = {
+        "name": "g1",
+        "interface": "eth1",
+        "vip": "198.18.2.100/24",
+        "priority": 100,
+        "key": KEY,
+        "members": [{"id": "n1", "address": "198.18.2.1"}, {"id": "n2", "address": "198.18.2.2"}],
+    }
+    vip_group.update(group)
+    return {
+        "node": {"name": "n1", "site": "s"},
+        "listeners": [{"name": "web", "kind": "http", "address": "0.0.0.0", "port": 8080}],
+        "backends": [{"name": "b1", "address": "198.18.2.20", "port": 8081}],
+        "vip_group": {k: v for k, v in vip_group.items() if v is not None},
+    }
+
+
+def test_a_valid_group_and_its_defaults() -> None:
+    group = parse_config(node()).vip_group
+    assert group is not None
+    assert (group.advert_interval, group.dead_after, group.preempt, group.fencing) == (
+        0.1,
+        3,
+        True,
+        None,
+    )
+    assert group.shared_key() == KEY.encode()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"priority": 0}, "vip_group.priority: Input should be greater than or equal to 1"),
+        ({"priority": 255}, "vip_group.priority: Input should be less than or equal to 254"),
+        ({"key": "short-key"}, "vip_group: the shared key must be at least 32 bytes"),
+        ({"key": None}, "vip_group: give exactly one of key, key_env and key_file"),
+        ({"key_env": "X_VIP_KEY"}, "vip_group: give exactly one of key, key_env and key_file"),
+        (
+            {
+                "members": [
+                    {"id": "n1", "address": "198.18.2.1"},
+                    {"id": "n1", "address": "198.18.2.2"},
+                ]
+            },
+            "vip_group.members: duplicate node id 'n1'",
+        ),
+        (
+            {
+                "members": [
+                    {"id": "n1", "address": "198.18.2.1"},
+                    {"id": "n2", "address": "198.18.2.1"},
+                ]
+            },
+            "vip_group.members: two members have the same address",
+        ),
+        (
+            {"members": [{"id": "n2", "address": "198.18.2.2"}]},
+            "vip_group.members: this node ('n1') is not a member",
+        ),
+        ({"vip": "198.18.2.1/24"}, "vip_group: vip must not be a member's own address"),
+        ({"vip": "198.18.2.100"}, "vip_group.vip: must be address/prefix"),
+        (
+            {"fencing": {"endpoints": ["http://127.0.0.1:2379"], "lease_margin": 1.0}},
+            "vip_group.fencing.lease_margin: Input should be greater than or equal to 1.35",
+        ),
+        (
+            {
+                "fencing": {
+                    "endpoints": ["http://127.0.0.1:2379"],
+                    "lease_ttl": 2,
+                    "lease_margin": 1.8,
+                }
+            },
+            "lease_margin must leave at least 0.4 s",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(change: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(node(**change))
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+
+
+def test_a_short_key_is_never_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(node(key="secret-but-short"))
+    assert "secret-but-short" not in str(error.value)
+    monkeypatch.setenv("X_VIP_KEY", "e" * 40)
+    assert parse_config(node(key=None, key_env="X_VIP_KEY")).vip_group is not None
+    key_file = tmp_path / "vip.key"
+    key_file.write_text("f" * 48 + "\n")
+    group = parse_config(node(key=None, key_file=str(key_file))).vip_group
+    assert group is not None and group.shared_key() == b"f" * 48
+    with pytest.raises(ConfigError, match="key_file: cannot read"):
+        parse_config(node(key=None, key_file=str(tmp_path / "missing")))
