@@ -3,7 +3,7 @@
 The same L2 segment of namespaces as the tests (tests/support/vip_lab.py): a client, two
 nodes, a backend, and for the fenced runs the real 3-member etcd. On every node the same
 agent serves the client through the backend; what differs is who moves the VIP:
-- `anycast-edge`: `python -m edge.vip` (the agent with its vip_group), fenced by etcd;
+- `anycast-edge`: `anycast-edge run` (the agent with its vip_group extension), fenced by etcd;
 - `anycast-edge-unfenced`: the same without a store (VRRP-like);
 - `keepalived`: the plain agent plus keepalived 2.2 with unicast VRRP and its default 1 s
   adverts (the reference, in the same run).
@@ -37,7 +37,8 @@ from typing import Any
 import yaml
 
 from tests.support.etcd_cluster import LocalEtcdCluster
-from tests.support.netlab import pids_running, run, wait_for
+from tests.support.netlab import pids_running
+from tests.support.procs import run, wait_for
 from tests.support.vip_lab import VIP, VIP_CIDR, ApLab, Node, Observer
 
 RESULTS = Path("bench-results/ap.json")

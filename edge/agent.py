@@ -31,7 +31,7 @@ from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
 from edge.health import BackendHealth, HealthChange
 from edge.pool import Backend, Pool
-from edge.ports import AgentExtension, NodeReport
+from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
@@ -459,6 +459,10 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 bgp_sessions=announcer.sessions if announcer else None,
             )
         )
+    if config.vip_group is not None:
+        from edge.vip.extension import VipExtension
+
+        extensions.append(VipExtension(config.vip_group, config.node.name))
     return extensions
 
 
@@ -468,8 +472,13 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
     agent.install_signal_handlers()
     try:
         await agent.start()
+    except ExtensionSetupError as error:
+        log.error("config error: %s", error)
+        await agent.stop()
+        return 2
     except OSError as error:
         log.error("%s", error)
+        await agent.stop()
         return 1
     # Everything allocated so far lives as long as the process: keep it out of
     # the collector's full passes, which would otherwise walk it on the hot path.

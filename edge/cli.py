@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from edge.config import ConfigError, load_config
+from edge.config import ConfigError, NodeConfig, load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -50,14 +50,36 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
-def run(config: ConfigOption) -> None:
-    """Run the edge node agent."""
+def _host_problem(node: NodeConfig) -> str | None:
+    """What the config asks of this host that it cannot give (checked before anything starts:
+    a config refused here has claimed and announced nothing)."""
+    if node.vip_group is not None:
+        import asyncio
+
+        from edge.vip.address import check_vip_interface
+
+        group = node.vip_group
+        problem = asyncio.run(check_vip_interface(group.interface, group.vip))
+        if problem:
+            return f"vip_group.vip: {problem}"
+    return None
+
+
+def _load(config: Path) -> NodeConfig:
     try:
         node = load_config(config)
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
-        return
+        raise  # unreachable: _fail exits
+    if problem := _host_problem(node):
+        _fail(f"config error: {problem}", 2)
+    return node
+
+
+@app.command()
+def run(config: ConfigOption) -> None:
+    """Run the edge node agent."""
+    node = _load(config)
     logging.basicConfig(
         level=node.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -73,12 +95,9 @@ def run(config: ConfigOption) -> None:
 
 @app.command("check-config")
 def check_config(config: ConfigOption) -> None:
-    """Validate node.yaml and exit: 0 when valid, 2 with the problem otherwise."""
-    try:
-        node = load_config(config)
-    except ConfigError as error:
-        _fail(f"config error: {error}", 2)
-        return
+    """Validate node.yaml (and what it asks of this host) and exit: 0 when valid, 2 with
+    the problem otherwise."""
+    node = _load(config)
     from edge.agent import sigterm_stop_bound_s
 
     typer.echo(

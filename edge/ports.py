@@ -16,6 +16,11 @@ from typing import Any, Protocol
 from edge.state import Drain, DrainSource, NodeState, Transition
 
 
+class ExtensionSetupError(Exception):
+    """An extension cannot run on this host as configured: its message is the one line for
+    the operator (the agent then exits 2, having claimed and announced nothing)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     """What the node reports about itself at one moment (for heartbeats and drains)."""

@@ -15,14 +15,19 @@ Drivers only: what to do and when is decided in `edge.vip.election`.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from pyroute2 import AsyncIPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +37,42 @@ class InterfaceInfo:
     networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
 
 
-async def interface_info(ipr: Any, name: str) -> InterfaceInfo | None:
-    indexes = await ipr.link_lookup(ifname=name)
+class Netlink:
+    """pyroute2's synchronous IPRoute on a thread of its own. Its asyncio flavour cannot
+    open a netlink socket on uvloop (the agent's loop) and its sync flavour cannot run
+    inside a running loop: one worker thread owns the socket, the loop awaits its calls."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vip-netlink")
+        self._ipr: Any = None
+
+    async def call(self, work: Callable[[Any], T]) -> T:
+        def run() -> T:
+            if self._ipr is None:
+                self._ipr = IPRoute()
+            return work(self._ipr)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+
+        self._executor.submit(shut).result(timeout=5)
+        self._executor.shutdown(wait=False)
+
+
+def interface_info(ipr: Any, name: str) -> InterfaceInfo | None:
+    """Runs on the netlink thread (`Netlink.call`)."""
+    indexes = ipr.link_lookup(ifname=name)
     if not indexes:
         return None
     index = indexes[0]
-    links = [link async for link in await ipr.get_links(index)]
+    links = list(ipr.get_links(index))
     networks = []
-    async for addr in await ipr.get_addr(index=index):
+    for addr in ipr.get_addr(index=index):
         address, prefixlen = addr.get("address"), addr["prefixlen"]
         if address is not None:
             networks.append(ipaddress.ip_interface(f"{address}/{prefixlen}"))
@@ -50,8 +83,11 @@ async def check_vip_interface(interface: str, vip: str) -> str | None:
     """None when `vip` (address/prefix) can live on `interface`: the interface exists and
     already has an address of its own in the VIP's subnet. Otherwise one line saying why."""
     wanted = ipaddress.ip_interface(vip)
-    async with AsyncIPRoute() as ipr:
-        info = await interface_info(ipr, interface)
+    netlink = Netlink()
+    try:
+        info = await netlink.call(lambda ipr: interface_info(ipr, interface))
+    finally:
+        netlink.close()
     if info is None:
         return f"vip_group.interface: no interface named {interface!r}"
     own = [n for n in info.networks if n.ip != wanted.ip]
@@ -67,54 +103,59 @@ async def check_vip_interface(interface: str, vip: str) -> str | None:
 class VipAddress:
     """Add, refresh, remove the VIP on one interface of this network namespace."""
 
-    def __init__(self, ipr: Any, interface: str, vip: str, info: InterfaceInfo) -> None:
-        self._ipr = ipr
+    def __init__(self, netlink: Netlink, interface: str, vip: str, info: InterfaceInfo) -> None:
+        self._netlink = netlink
         self.interface = interface
         self.vip = ipaddress.ip_interface(vip)
         self.index, self.mac = info.index, info.mac
 
     @classmethod
     async def open(cls, interface: str, vip: str) -> VipAddress:
-        ipr = AsyncIPRoute()
-        await ipr.setup_endpoint()
-        info = await interface_info(ipr, interface)
+        netlink = Netlink()
+        info = await netlink.call(lambda ipr: interface_info(ipr, interface))
         if info is None:
-            ipr.close()
+            netlink.close()
             raise OSError(f"no interface named {interface!r}")
-        return cls(ipr, interface, vip, info)
+        return cls(netlink, interface, vip, info)
 
     def close(self) -> None:
-        self._ipr.close()
+        self._netlink.close()
 
     async def present(self) -> bool:
-        info = await interface_info(self._ipr, self.interface)
+        info = await self._netlink.call(lambda ipr: interface_info(ipr, self.interface))
         return info is not None and any(n.ip == self.vip.ip for n in info.networks)
 
     async def put(self, lifetime_s: int) -> None:
         """Add the address, or refresh its lifetime when it is there already."""
-        await self._ipr.addr(
-            "replace",
-            index=self.index,
-            address=str(self.vip.ip),
-            prefixlen=self.vip.network.prefixlen,
-            valid_lft=lifetime_s,
-            preferred_lft=lifetime_s,
+        await self._netlink.call(
+            lambda ipr: ipr.addr(
+                "replace",
+                index=self.index,
+                address=str(self.vip.ip),
+                prefixlen=self.vip.network.prefixlen,
+                valid_lft=lifetime_s,
+                preferred_lft=lifetime_s,
+            )
         )
 
     async def remove(self) -> bool:
         """True when the address was there (and is now gone)."""
-        try:
-            await self._ipr.addr(
-                "del",
-                index=self.index,
-                address=str(self.vip.ip),
-                prefixlen=self.vip.network.prefixlen,
-            )
-        except NetlinkError as error:
-            if error.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
-                return False
-            raise
-        return True
+
+        def delete(ipr: Any) -> bool:
+            try:
+                ipr.addr(
+                    "del",
+                    index=self.index,
+                    address=str(self.vip.ip),
+                    prefixlen=self.vip.network.prefixlen,
+                )
+            except NetlinkError as error:
+                if error.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                    return False
+                raise
+            return True
+
+        return await self._netlink.call(delete)
 
 
 def announcement_frame(vip: str, mac: str) -> bytes:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edge.config import VipGroupConfig
-from edge.state import SERVING_STATES, NodeState
+from edge.ports import ExtensionSetupError, NodeControl
+from edge.state import SERVING_STATES, NodeState, Transition
 from edge.vip.address import Announcer, VipAddress, check_vip_interface
 from edge.vip.election import (
     Action,
@@ -47,7 +48,7 @@ HANDOVER_TIMEOUT_S = 3.0
 STOP_RELEASE_BUDGET_S = 1.0
 
 
-class VipSetupError(Exception):
+class VipSetupError(ExtensionSetupError):
     """The group cannot run on this host as configured (one line for the operator)."""
 
 
@@ -69,15 +70,17 @@ class VipExtension:
         self,
         config: VipGroupConfig,
         node_name: str,
-        health: Callable[[], NodeState],
+        health: Callable[[], NodeState] | None = None,
         sessions: SessionTable | None = None,
     ) -> None:
+        """`health`: the node's state, for a group run without an agent; under an agent the
+        extension reads it from the agent's NodeControl once started."""
         self.config = config
         # Sticky mappings: the active sends its table in the heartbeats, a standby applies
         # the active's (the data path records and looks up through the same object).
         self.sessions = sessions
         self.node_id = config.node_id or node_name
-        self.health = health
+        self.health: Callable[[], NodeState] = health or (lambda: NodeState.STARTING)
         self.members = {m.id: m.address for m in config.members}
         self.address = self.members[self.node_id]
         self.peer_addresses = [a for i, a in self.members.items() if i != self.node_id]
@@ -116,7 +119,9 @@ class VipExtension:
         self.crash_leftover_removed = False
 
     # -- life cycle --------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, node: NodeControl | None = None) -> None:
+        if node is not None:
+            self.health = lambda: node.state
         problem = await check_vip_interface(self.config.interface, self.config.vip)
         if problem:
             raise VipSetupError(problem)
@@ -177,8 +182,13 @@ class VipExtension:
         if self.vip is not None:
             self.vip.close()
 
-    async def before_stop_accepting(self, reason: str) -> None:
-        """A drain: give the VIP to a peer before listeners close (bounded)."""
+    def on_transition(self, transition: Transition) -> None:
+        """The node's health changed: decide at once rather than at the next tick."""
+        self._wake.set()
+
+    async def before_stop_accepting(self) -> bool:
+        """A drain: give the VIP to a peer before listeners close (bounded). True once a
+        peer holds it (traffic has moved: the agent's fixed accept grace is not needed)."""
         self._handing_over = True
         self._wake.set()
         deadline = time.monotonic() + HANDOVER_TIMEOUT_S
@@ -187,9 +197,10 @@ class VipExtension:
             if not self.election.owning and any(
                 p.report.active for p in self.election.live_peers(now)
             ):
-                return
+                return True
             await asyncio.sleep(self.config.advert_interval / 2)
-        log.warning("drain (%s): no peer took the VIP within %.0f s", reason, HANDOVER_TIMEOUT_S)
+        log.warning("drain: no peer took the VIP within %.0f s", HANDOVER_TIMEOUT_S)
+        return False
 
     # -- the loops ---------------------------------------------------------------------
     async def _tick_loop(self) -> None:
@@ -198,8 +209,11 @@ class VipExtension:
                 await self._step()
             except Exception:
                 log.exception("vip group step failed")
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that
+            # arrives as the event is set, and this loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.advert_interval)
+                async with asyncio.timeout(self.config.advert_interval):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _fence_loop(self) -> None:
@@ -215,7 +229,8 @@ class VipExtension:
                 self._wake.set()
             pause = renew_every if view.holds else (0.1 if want else 0.5)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._fence_wake.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._fence_wake.wait()
             self._fence_wake.clear()
 
     async def _step(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -22,32 +21,14 @@ import pytest
 
 from edge.state import NodeState
 from edge.vip.heartbeat import Heartbeat, encode
-from tests.support.netlab import wait_for
+from tests.support.procs import wait_for
 from tests.support.vip_lab import VIP, ApLab, Node, Observer, in_netns
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
-
-
-def _missing() -> str:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
-    for tool in ("ip", "tc", "etcd"):
-        if shutil.which(tool) is None:
-            return f"needs {tool} (make deps)"
-    return ""
-
-
-def _require() -> None:
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300), pytest.mark.needs("root", "etcd")]
 
 
 @pytest.fixture
 def lab(request: pytest.FixtureRequest) -> Iterator[ApLab]:
-    _require()
     cluster = request.getfixturevalue("etcd_cluster")
     segment = ApLab.create_segment(2, cluster.client_urls)
     try:
@@ -58,7 +39,6 @@ def lab(request: pytest.FixtureRequest) -> Iterator[ApLab]:
 
 @pytest.fixture
 def bare_segment() -> Iterator[ApLab]:
-    _require()
     segment = ApLab.create_segment(2)
     try:
         yield segment
@@ -418,7 +398,7 @@ def test_the_observer_sees_two_owners_when_there_are_two(bare_segment: ApLab) ->
     """The observer can fail: two addresses put there by hand are counted, in the kernels
     and in the ARP answers the client gets."""
     lab = bare_segment
-    from tests.support.netlab import run
+    from tests.support.procs import run
 
     with Observer(lab, arp=True) as observer:
         for node in lab.nodes:
@@ -432,7 +412,6 @@ def test_sticky_clients_keep_their_backend_across_a_failover(
     request: pytest.FixtureRequest,
 ) -> None:
     """maglev on a header: both nodes compute the same table from the same backends."""
-    _require()
     cluster = request.getfixturevalue("etcd_cluster")
     lab = ApLab.create_segment(2, cluster.client_urls, backends=3, sticky_header="X-Key")
     try:
@@ -530,7 +509,7 @@ def test_sigterm_hands_the_vip_over_before_listeners_close(lab: ApLab) -> None:
 def test_a_vip_left_on_the_interface_is_removed_at_start(lab: ApLab) -> None:
     """After a crash (or by hand) the address is there, forever: the next start removes it
     before it owns anything, and a standby never keeps one it finds."""
-    from tests.support.netlab import run
+    from tests.support.procs import run
 
     n1, n2 = lab.nodes
     # preemption is decided by the active (it yields): no failback within the test

@@ -34,8 +34,11 @@ from typing import Any
 
 import yaml
 
-from tests.support.netlab import NetLab, run, wait_for
+from tests.support.netlab import NetLab
+from tests.support.procs import run, wait_for
 
+#: The agent as operators run it (`anycast-edge run`), with its vip_group extension.
+AGENT = str(Path(sys.executable).parent / "anycast-edge")
 SUBNET = "198.18.2"
 VIP = f"{SUBNET}.100"
 VIP_CIDR = f"{VIP}/24"
@@ -259,7 +262,7 @@ class ApLab(NetLab):
         path = self.workdir / f"{node.name}.yaml"
         path.write_text(yaml.safe_dump(config))
         node.log = self.workdir / f"{node.name}.log"
-        command = ["ip", "netns", "exec", node.netns, sys.executable, "-m", "edge.vip"]
+        command = ["ip", "netns", "exec", node.netns, AGENT, "run"]
         node.process = self.spawn([*command, "-c", str(path)], stdout=node.log.open("ab"))
         return node.process
 
@@ -267,7 +270,7 @@ class ApLab(NetLab):
         """Run a node to its exit (for configs that must be refused)."""
         path = self.workdir / f"{node.name}-once.yaml"
         path.write_text(yaml.safe_dump(config))
-        command = ["ip", "netns", "exec", node.netns, sys.executable, "-m", "edge.vip"]
+        command = ["ip", "netns", "exec", node.netns, AGENT, "run"]
         return subprocess.run(
             [*command, "-c", str(path)], capture_output=True, text=True, timeout=30, check=False
         )
