@@ -125,18 +125,27 @@ class VipAddress:
         info = await self._netlink.call(lambda ipr: interface_info(ipr, self.interface))
         return info is not None and any(n.ip == self.vip.ip for n in info.networks)
 
-    async def put(self, lifetime_s: int) -> None:
-        """Add the address, or refresh its lifetime when it is there already."""
-        await self._netlink.call(
-            lambda ipr: ipr.addr(
+    async def put(self, lifetime_s: Callable[[], int]) -> bool:
+        """Add the address, or refresh its lifetime when it is there already. The lifetime is
+        asked for on the netlink thread, just before the kernel starts counting it, so time
+        spent queued (a loaded host) cannot stretch it past the fencing lease. False when no
+        lifetime was left by then (nothing put)."""
+
+        def replace(ipr: Any) -> bool:
+            lifetime = lifetime_s()
+            if lifetime < 1:
+                return False
+            ipr.addr(
                 "replace",
                 index=self.index,
                 address=str(self.vip.ip),
                 prefixlen=self.vip.network.prefixlen,
-                valid_lft=lifetime_s,
-                preferred_lft=lifetime_s,
+                valid_lft=lifetime,
+                preferred_lft=lifetime,
             )
-        )
+            return True
+
+        return await self._netlink.call(replace)
 
     async def remove(self) -> bool:
         """True when the address was there (and is now gone)."""

@@ -35,6 +35,7 @@ from edge.vip.election import (
     Election,
     ElectionConfig,
     PeerReport,
+    address_lifetime,
 )
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
 from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
@@ -249,7 +250,11 @@ class VipExtension:
         assert self.vip is not None
         if decision.owning:
             assert decision.lifetime_s is not None
-            await self.vip.put(decision.lifetime_s)
+            decided, fence = decision.lifetime_s, self.election.fence
+            if not await self.vip.put(
+                lambda: min(decided, address_lifetime(fence, time.monotonic()))
+            ):
+                log.warning("vip group %s: no lease time left to refresh the VIP", self.config.name)
             if decision.action is Action.CLAIM:
                 self.claims_total += 1
                 self._burst()
