@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from edge.proxy.metrics import proxy_metrics
 from edge.state import NodeState
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class AgentCollector(Collector):
         accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
         accepted.add_metric([], agent.flows.accepted_total)
         yield accepted
+        yield from proxy_metrics(agent.ctx)
         if (control := agent.status_extras.get("control_plane")) is not None:
             stale = GaugeMetricFamily(
                 "anycast_edge_control_plane_stale",

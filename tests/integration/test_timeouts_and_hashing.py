@@ -12,7 +12,7 @@ from tests.support.site import Site
 
 
 def test_slow_backend_gets_504_and_is_ejected_and_slow_client_gets_408(tmp_path: Path) -> None:
-    site = Site(tmp_path, timeouts={"upstream_response": 0.5, "client_header": 0.5})
+    site = Site(tmp_path, timeouts={"upstream_first_byte": 0.5, "client_header": 0.5})
     try:
         site.start()
         r = httpx.get(site.http + "/slow/3000", timeout=10)
