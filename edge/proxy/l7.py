@@ -604,7 +604,13 @@ class L7ClientProtocol(asyncio.Protocol):
         if ex.upstream is not None:
             ex.upstream.abandon()
             ex.upstream = None
-        close = status in _CLOSING or ex.request is RequestState.RECEIVING
+        close = (
+            status in _CLOSING
+            or ex.request is RequestState.RECEIVING
+            or ex.plan is None
+            or not ex.plan.keep_alive
+            or not self.keep_alive_allowed()
+        )
         head = (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d%b%b\r\n\r\n") % (
             status,
             REASONS.get(status, b"Error"),

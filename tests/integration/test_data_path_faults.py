@@ -234,6 +234,11 @@ def test_backends_that_close_or_reset_fail_only_that_request(l7: L7Rig) -> None:
         assert got.startswith(b"HTTP/1.1 200") and len(got.split(b"\r\n\r\n", 1)[1]) < 100
     assert_untouched(l7)
     assert request(l7.port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").endswith(b"/ok")
+    # Our own 502 honours the client's Connection: close (no half-close from us here).
+    with connect(l7.port) as s:
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = read_all(s)  # ends because the proxy closes; the socket timeout bounds it
+    assert got.startswith(b"HTTP/1.1 502") and b"\r\nConnection: close\r\n" in got
 
 
 def test_a_slow_upload_is_not_held_against_the_backend(l7: L7Rig) -> None:
