@@ -27,7 +27,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -220,7 +220,7 @@ L7_PATTERNS = [
 
 
 async def drive(
-    port: int, patterns: list[Callable[[int], Awaitable[None]]], flows: int, limit: float
+    port: int, patterns: Sequence[Callable[[int], Awaitable[None]]], flows: int, limit: float
 ) -> tuple[int, int, float]:
     """Run `flows` flows, the patterns in turn, CONCURRENCY at once; (done, errors, seconds)."""
     started = time.monotonic()

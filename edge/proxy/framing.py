@@ -230,12 +230,16 @@ def plan_request(
         _chunked(codings, 400, 501)
         body, length = Body.CHUNKED, 0
     elif lengths:
+        # Content-Length: 0 is forwarded as it is (some backends want a length on POST).
         length = _content_length(lengths, 400)
-        body = Body.LENGTH if length else Body.NONE
+        body = Body.LENGTH
     else:
         body, length = Body.NONE, 0
     tokens = _connection_tokens(connection)
     upgrade = b"upgrade" in tokens and bool(upgrade_values)
+    if upgrade and (body is Body.CHUNKED or length):
+        # After the head the bytes are the new protocol's: a body would be ambiguous.
+        raise Rejected(Reason.BAD_HEAD, 400, "protocol upgrade with a body")
     keep_alive = not http_10 and b"close" not in tokens and not upgrade
     named = tokens - _OPTIONS - PROTECTED
     # HTTP/1.1 upstream needs a Host: empty when an HTTP/1.0 client sent none.

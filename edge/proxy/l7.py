@@ -340,8 +340,6 @@ class L7ClientProtocol(asyncio.Protocol):
             )
             if plan.upgrade != parser.should_upgrade():
                 raise Rejected(Reason.BAD_HEAD, 400, "ambiguous protocol upgrade")
-            if plan.upgrade and plan.body is not Body.NONE:
-                raise Rejected(Reason.BAD_HEAD, 400, "protocol upgrade with a body")
         except Rejected as rejected:
             self._rejected = rejected  # reported when llhttp stops on the raised error
             raise
