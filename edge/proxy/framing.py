@@ -36,6 +36,7 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -114,6 +115,10 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9
 
 def _content_length(values: Sequence[bytes], status: int) -> int:
     """One length from every Content-Length value; identical repeats collapse."""
+    if len(values) == 1:
+        item = values[0].strip(b" \t")
+        if item.isdigit() and len(item) <= _MAX_LENGTH_DIGITS:
+            return int(item)
     length = -1
     for value in values:
         for part in value.split(b","):
@@ -153,8 +158,7 @@ def _framing_header(body: Body, length: int) -> bytes:
 # -- requests -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestPlan:
+class RequestPlan(NamedTuple):  # a tuple: cheapest to build on the hot path
     head: bytes  # the head sent upstream, ending in CRLF CRLF
     body: Body  # NONE, LENGTH or CHUNKED: how the client delimits it, and how we forward it
     length: int  # with LENGTH
@@ -274,43 +278,41 @@ def _absolute_form(target: bytes) -> tuple[bytes, bytes]:
     return path, authority
 
 
-# Lowercased header-line starts that the fast path leaves to `plan_request`.
-_NOT_SIMPLE = (
-    b"\r\ncontent-length",
-    b"\r\ntransfer-encoding",
-    b"\r\nconnection",
-    b"\r\nkeep-alive",
-    b"\r\nproxy-",
-    b"\r\nte",
-    b"\r\ntrailer",
-    b"\r\nupgrade",
-    b"\r\nx-forwarded-for",
+# In a lowercased head: the header lines the fast path leaves to `plan_request`
+# (framing, hop-by-hop, forwarding), and Host, which it must see exactly once.
+_NOT_SIMPLE = re.compile(
+    rb"\r\n(?:content-length|transfer-encoding|connection|keep-alive|proxy-|te|trailer|"
+    rb"upgrade|x-forwarded-for|(host))"
 )
 
 
 def simple_request(
     head: bytes, client_address: bytes, via: bytes, limits: Limits = Limits()
 ) -> RequestPlan | None:
-    """The fast path: a raw HTTP/1.1 head (already validated by llhttp, without the
-    final CRLF CRLF) with one Host, an origin-form target and no framing, hop-by-hop
-    or forwarding header. None when it is anything else (then `plan_request` decides)."""
+    """The fast path: a raw HTTP/1.1 head without the final CRLF CRLF, with one Host,
+    an origin-form target and no framing, hop-by-hop or forwarding header. None when
+    it is anything else (then `plan_request` decides).
+
+    The head must have been accepted by llhttp first: llhttp refuses exactly the
+    header bytes `plan_request` refuses (a unit test proves it), which this function
+    then need not look at again.
+    """
     line_end = head.find(b"\r\n")
-    if line_end < 0 or line_end + 10 > limits.request_line or len(head) > limits.header_bytes:
-        return None
-    if head.count(b"\r\n") > limits.headers or head[line_end - 9 : line_end] != b" HTTP/1.1":
-        return None
-    if head[head.find(b" ") + 1 : head.find(b" ") + 2] != b"/" or _BAD_RAW.search(head):
-        return None
-    lowered = head.lower()
-    for start in _NOT_SIMPLE:
-        if start in lowered:
-            return None
-    host_at = lowered.find(b"\r\nhost")
     if (
-        host_at < 0
-        or lowered[host_at + 6 : host_at + 7] != b":"
-        or lowered.find(b"\r\nhost", host_at + 6) >= 0
+        line_end < 0
+        or line_end + 10 > limits.request_line
+        or len(head) > limits.header_bytes
+        or head.count(b"\r\n") > limits.headers
+        or head[line_end - 9 : line_end] != b" HTTP/1.1"
+        or head[head.find(b" ") + 1 : head.find(b" ") + 2] != b"/"
     ):
+        return None
+    host_at = -1
+    for match in _NOT_SIMPLE.finditer(head.lower()):
+        if match.group(1) is None or host_at >= 0:
+            return None
+        host_at = match.start()
+    if host_at < 0 or head[host_at + 6 : host_at + 7] != b":":
         return None
     host_end = head.find(b"\r\n", host_at + 7)
     if host_end < 0:
@@ -334,10 +336,6 @@ def simple_request(
     return RequestPlan(data, Body.NONE, 0, True, False, False)
 
 
-# What no header value may hold, in a raw head whose lines end in CRLF.
-_BAD_RAW = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
-
-
 # -- responses ------------------------------------------------------------------------
 
 _FIELD_LINE = rb"\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t \x21-\x7e\x80-\xff]*"
@@ -351,8 +349,7 @@ _NOTABLE_LINE = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ResponsePlan:
+class ResponsePlan(NamedTuple):
     status: int
     head: bytes  # the head for the client, ending in CRLF CRLF
     body: Body  # how the backend delimits the body
@@ -399,66 +396,69 @@ def plan_response(
         )
     lengths: list[bytes] = []
     codings: list[bytes] = []
-    connection: list[bytes] = []
-    spans: list[tuple[int, int]] = []
+    tokens: set[bytes] = _NO_TOKENS
+    line_end = head.find(b"\r\n")
+    if line_end < 0:
+        line_end = len(head)
+    parts = [b"HTTP/1.1", head[8:line_end]]
+    last = line_end
     for match in _NOTABLE_LINE.finditer(head.lower()):
-        name = match.group(1)
+        name, value = match.groups()
         if name == b"content-length":
-            lengths.append(match.group(2))
+            lengths.append(value)
         elif name == b"transfer-encoding":
-            codings.append(match.group(2))
+            codings.append(value)
         elif name == b"connection":
-            connection.append(match.group(2))
-        spans.append(match.span())
-    tokens = _connection_tokens(connection)
+            if b"," in value or tokens:
+                tokens = tokens | _connection_tokens((value,))
+            else:
+                tokens = {value.strip(b" \t")}  # lowercased already
+        start, end = match.span()
+        parts.append(head[last:start])
+        last = end
+    parts.append(head[last:])
     reusable = b"close" not in tokens and (not http_10 or b"keep-alive" in tokens)
     length = 0
-    kept_length = -1  # a HEAD or 304 answer may say how long the body would be
     if status < 200 or head_request or status in (204, 304):
-        body = to_client = Body.NONE
+        body = to_client = _NONE
         if lengths and not codings and status >= 200 and status != 204:
-            kept_length = _content_length(lengths, 502)
+            # A HEAD or 304 answer may say how long the body would be.
+            parts.append(b"\r\nContent-Length: %d" % _content_length(lengths, 502))
     else:
         if codings:
             if http_10:
                 raise Rejected(Reason.TRANSFER_ENCODING_ON_HTTP10, 502)
             _chunked(codings, 502, 502)
-            body = Body.CHUNKED
+            body = _CHUNKED
             # RFC 9112 §6.3 (3): chunked wins and Content-Length is dropped; what
             # else this backend connection carries is suspect, so it is not reused.
             reusable = reusable and not lengths
         elif lengths:
             length = _content_length(lengths, 502)
-            body = Body.LENGTH
+            body = _LENGTH
         else:
-            body = Body.UNTIL_CLOSE
+            body = _UNTIL_CLOSE
             reusable = False
-        if body is Body.LENGTH:
-            to_client = Body.LENGTH
+        if body is _LENGTH:
+            to_client = _LENGTH
+            parts.append(b"\r\nContent-Length: %d" % length)
         elif client_http10:
-            to_client = Body.UNTIL_CLOSE
+            to_client = _UNTIL_CLOSE
         else:
-            to_client = Body.CHUNKED
-    client_keep = keep_alive and not client_http10 and to_client is not Body.UNTIL_CLOSE
-    named = tokens - _OPTIONS - PROTECTED
-    line_end = head.find(b"\r\n")
-    parts = [b"HTTP/1.1", head[8:line_end] if line_end >= 0 else head[8:]]
-    last = line_end if line_end >= 0 else len(head)
-    for start, end in spans:
-        parts.append(head[last:start])
-        last = end
-    parts.append(head[last:])
-    if status >= 200:
-        if kept_length >= 0:
-            parts.append(b"\r\nContent-Length: %d" % kept_length)
-        parts.append(_framing_header(to_client, length))
-        if not client_keep:
-            parts.append(b"\r\nConnection: close")
+            to_client = _CHUNKED
+            parts.append(b"\r\nTransfer-Encoding: chunked")
+    client_keep = keep_alive and not client_http10 and to_client is not _UNTIL_CLOSE
+    if status >= 200 and not client_keep:
+        parts.append(b"\r\nConnection: close")
     parts.append(via)
     data = b"".join(parts)
-    if named:
+    if tokens and not tokens <= _OPTIONS and (named := tokens - _OPTIONS - PROTECTED):
         data = _drop_named(data, named)
     return ResponsePlan(status, data + b"\r\n\r\n", body, length, to_client, client_keep, reusable)
+
+
+_NO_TOKENS: set[bytes] = set()
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = Body.NONE, Body.LENGTH, Body.CHUNKED, Body.UNTIL_CLOSE
 
 
 _LINE = re.compile(rb"\r\n[^\r]*")

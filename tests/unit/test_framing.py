@@ -558,3 +558,20 @@ def test_the_fast_path_takes_the_common_request() -> None:
         b"GET / HTTP/1.1\r\nHost: a b",
     ):
         assert simple_request(other, CLIENT, VIA) is None, other
+
+
+def test_llhttp_refuses_exactly_the_header_bytes_the_core_refuses() -> None:
+    """What lets the fast path skip checking header bytes: whatever byte a value holds,
+    llhttp (which sees the head first) and `plan_request` agree."""
+    for byte in range(256):
+        if byte in (0x0D, 0x0A):
+            continue  # line ends: llhttp refuses bare ones (the vectors test that)
+        value = b"a" + bytes([byte]) + b"b"
+        raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + value + b"\r\n\r\n"
+        accepted_by_llhttp = llhttp_first_request(raw) is not None
+        try:
+            plan_request(b"GET", b"/", "1.1", [(b"Host", b"x"), (b"X-A", value)], CLIENT, VIA)
+            accepted_by_core = True
+        except Rejected:
+            accepted_by_core = False
+        assert accepted_by_llhttp == accepted_by_core, hex(byte)
