@@ -532,13 +532,19 @@ class L7ClientProtocol(asyncio.Protocol):
         if len(queue) <= 1:
             self._gate.resume(flow_control.PIPELINE)
 
-    def upstream_failed(self, ex: Exchange, failure: UpstreamFailure, detail: str) -> None:
-        """The attempt failed before any response byte reached the client."""
+    def _attempt_failed(
+        self, ex: Exchange, failure: UpstreamFailure, detail: str
+    ) -> Backend | None:
         backend = ex.backend
         ex.upstream = None
         self._release(ex)
         if backend is not None:
             self._report(ex, backend, failure, detail)
+        return backend
+
+    def upstream_failed(self, ex: Exchange, failure: UpstreamFailure, detail: str) -> None:
+        """The attempt failed before any response byte reached the client."""
+        backend = self._attempt_failed(ex, failure, detail)
         if self._lost or ex not in self._queue:
             return
         if may_retry(
@@ -559,11 +565,7 @@ class L7ClientProtocol(asyncio.Protocol):
         self.flush()
 
     def response_broken(self, ex: Exchange, failure: UpstreamFailure, detail: str) -> None:
-        backend = ex.backend
-        ex.upstream = None
-        self._release(ex)
-        if backend is not None:
-            self._report(ex, backend, failure, detail)
+        self._attempt_failed(ex, failure, detail)
         # Part of the response is out: the client can only learn by the connection breaking.
         self.flush()
         self.abort()

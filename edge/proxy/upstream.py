@@ -69,7 +69,6 @@ class L7UpstreamProtocol(asyncio.Protocol):
         self._plan: ResponsePlan | None = None
         # Body bytes still expected for a Content-Length response.
         self._remaining = 0
-        self._uses = 0
         self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,7 +83,6 @@ class L7UpstreamProtocol(asyncio.Protocol):
         """Send one request (head and the body held so far) on this connection."""
         assert ex.plan is not None and self.transport is not None
         self._owner, self._ex = owner, ex
-        self._uses += 1
         self._head_done = False
         self._plan = None
         ex.upstream = self

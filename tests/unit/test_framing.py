@@ -323,11 +323,8 @@ def encode_body(plan_body: Body, body: bytes) -> bytes:
     return body
 
 
-def h11_one_request(data: bytes) -> tuple[h11.Request, bytes]:
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(data)
-    event = conn.next_event()
-    assert isinstance(event, h11.Request), event
+def h11_body(conn: h11.Connection) -> bytes:
+    """The body of the message h11 is on, up to its end (which must come)."""
     body = b""
     while True:
         event = conn.next_event()
@@ -335,9 +332,17 @@ def h11_one_request(data: bytes) -> tuple[h11.Request, bytes]:
             body += event.data
             continue
         assert isinstance(event, h11.EndOfMessage), event
-        break
+        return body
+
+
+def h11_one_request(data: bytes) -> tuple[h11.Request, bytes]:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    request = conn.next_event()
+    assert isinstance(request, h11.Request), request
+    body = h11_body(conn)
     assert conn.trailing_data == (b"", False)  # nothing after the one request
-    return _request_of(data), body
+    return request, body
 
 
 def _request_of(data: bytes) -> h11.Request:
@@ -470,15 +475,7 @@ def test_every_accepted_response_reaches_the_client_as_exactly_one_response(
         conn.receive_data(b"")
     response = conn.next_event()
     assert isinstance(response, h11.Response) and response.status_code == status
-    got = b""
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Data):
-            got += event.data
-            continue
-        assert isinstance(event, h11.EndOfMessage), event
-        break
-    assert got == decoded
+    assert h11_body(conn) == decoded
     assert conn.trailing_data[0] == b""  # nothing after the one response
     for name, value in response.headers:
         if name == b"transfer-encoding":
