@@ -62,6 +62,11 @@ bench-proxy: deps venv
 	$(PY) -m bench.proxy
 
 # BGP numbers with real FRR + ExaBGP in network namespaces (root; ~1 min, bounded).
+# 100,000 L4 and 100,000 L7 flows with every close pattern: fds, flows and RSS before/after.
+.PHONY: bench-soak
+bench-soak: deps venv
+	$(PY) -m bench.soak
+
 .PHONY: bench-bgp
 bench-bgp: deps venv
 	$(PY) -m bench.bgp

@@ -27,6 +27,8 @@ from starlette.routing import Route
 from edge.flows import FlowTable
 from edge.pool import Pool
 from edge.ports import NodeControl
+from edge.proxy.common import ProxyContext
+from edge.proxy.metrics import proxy_metrics
 from edge.state import DrainSource, NodeState
 
 
@@ -35,6 +37,7 @@ class AdminTarget(NodeControl, Protocol):
 
     pool: Pool
     flows: FlowTable
+    ctx: ProxyContext
     events: deque[dict[str, Any]]
     transitions_total: int
 
@@ -86,6 +89,7 @@ class AgentCollector(Collector):
         accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
         accepted.add_metric([], agent.flows.accepted_total)
         yield accepted
+        yield from proxy_metrics(agent.ctx)
         if (control := agent.status_section("control_plane")) is not None:
             stale = GaugeMetricFamily(
                 "anycast_edge_control_plane_stale",

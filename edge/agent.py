@@ -158,6 +158,8 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)
             try:
+                for change in self.pool.expire_ejections(time.monotonic()):
+                    self._health_changed(self.pool.backends[change.backend], change)
                 self.evaluate()
             except Exception:
                 log.exception("state evaluation failed")
@@ -216,7 +218,9 @@ class Agent:
                     f"listeners.{cfg.name}: cannot listen on {cfg.address}:{cfg.port}: "
                     f"{error.strerror}"
                 ) from None
-            server = await loop.create_server(self._protocol_factory(cfg), sock=sock)
+            server = await loop.create_server(
+                self._protocol_factory(cfg), sock=sock, backlog=cfg.backlog
+            )
             self._servers[cfg.name] = (cfg, server)
 
     def _protocol_factory(self, cfg: ListenerConfig) -> Callable[[], asyncio.BaseProtocol]:
@@ -254,17 +258,22 @@ class Agent:
             self.evaluate()
 
     def _passive_failure(self, backend: Backend, detail: str) -> None:
-        if not self.config.health.passive.enabled or backend.retired:
+        """A failed request that is evidence against `backend`: the pool's outlier rule
+        ejects it only on sustained evidence, and never the last healthy ones."""
+        if not self.config.health.passive.enabled:
             return
-        self._health_changed(backend, backend.rise_fall.passive_failure(detail))
+        policy = self.ctx.outlier_policy
+        self._health_changed(
+            backend, self.pool.passive_failure(backend, detail, time.monotonic(), policy)
+        )
 
     def _health_changed(self, backend: Backend, change: HealthChange | None) -> None:
         if change is None:
             return
         self.pool.refresh()
-        if change.new is BackendHealth.DOWN:
+        if change.new is not BackendHealth.UP:
             self.ctx.idle_upstreams.close_backend(backend)
-        level = logging.WARNING if change.new is BackendHealth.DOWN else logging.INFO
+        level = logging.WARNING if change.new is not BackendHealth.UP else logging.INFO
         log.log(level, "%s", change.cause)
         self._event("backend", change.cause, backend=change.backend, health=change.new)
         self.evaluate()

@@ -132,9 +132,25 @@ class ActiveCheckConfig(_Model):
 
 
 class PassiveCheckConfig(_Model):
+    """Outlier ejection from live traffic (as Envoy's outlier detection): sustained
+    evidence only, never the last healthy backends, ejection time backing off."""
+
     enabled: bool = True
-    # Upstream 5xx responses count as failures (connect errors and resets always do).
-    eject_on_5xx: bool = True
+    # 502/503/504 answers count as evidence (failed connects and first-byte timeouts always do).
+    eject_on_gateway_errors: bool = True
+    # Consecutive failed requests (one per request, retries not counted) before an ejection.
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    # At most this share of the backends is ejected at once: the rest keep serving.
+    max_ejected_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # First ejection time; each further ejection doubles it, up to max_ejection_time.
+    ejection_time: Seconds = 10.0
+    max_ejection_time: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PassiveCheckConfig:
+        if self.max_ejection_time < self.ejection_time:
+            raise ValueError("max_ejection_time must not be below ejection_time")
+        return self
 
 
 class HealthConfig(_Model):
@@ -164,19 +180,34 @@ class DrainConfig(_Model):
 
 
 class TimeoutConfig(_Model):
-    connect: Seconds = 2.0
-    # Client must send a complete request head within this time.
+    """One meaning each (README: Timeouts). None of the client timers counts against a
+    backend, and a slow client never makes a backend look slow."""
+
+    # A client's request head must be complete within this (from its first byte).
     client_header: Seconds = 10.0
-    # Idle keep-alive client connections are closed after this.
-    client_idle: Seconds = 60.0
-    # Upstream must answer (first byte) within this time.
-    upstream_response: Seconds = 30.0
-    # Idle pooled upstream connections are closed after this.
+    # A request body must make progress at least this often (each read resets it).
+    client_body_idle: Seconds = 30.0
+    # An idle keep-alive client connection is closed after this.
+    keep_alive_idle: Seconds = 60.0
+    # A new backend connection must be established within this.
+    upstream_connect: Seconds = 2.0
+    # The backend's first response byte must arrive within this of the request having
+    # been sent in full (a slow upload does not eat into it).
+    upstream_first_byte: Seconds = 30.0
+    # After the first byte, the backend must send something at least this often (not
+    # counted while the client is the one not reading).
+    upstream_read_idle: Seconds = 60.0
+    # An idle pooled backend connection is closed after this.
     upstream_idle: Seconds = 30.0
+    # An L4 flow with no byte either way for this long is closed.
+    l4_idle: Seconds = 300.0
 
 
 class LimitsConfig(_Model):
+    # Request and response heads: total bytes, header lines, request line length.
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
+    max_headers: Annotated[int, Field(ge=1, le=10000)] = 100
+    max_request_line: Annotated[int, Field(ge=256, le=1 << 20)] = 8192
     # Idle keep-alive connections kept per backend.
     upstream_pool_size: Annotated[int, Field(ge=0, le=10000)] = 64
     # Bytes buffered toward a slow peer before reading from the other side pauses.

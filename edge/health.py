@@ -2,10 +2,16 @@
 
 Active checks move a backend up after `rise` consecutive successes and down
 after `fall` consecutive failures, so one lost probe does not flap it.
-Passive evidence (a refused connect, a reset, a 5xx from real traffic) ejects
-a backend at once: real requests are worth more than probes, and waiting for
-`fall` probes would fail requests meanwhile. Only active checks bring an
-ejected backend back.
+
+Passive evidence from live traffic is outlier ejection, as Envoy does it, and
+no single request can trigger it: a backend is ejected after
+`consecutive_failures` failed requests in a row (a failed connect, no first
+byte in time, a malformed answer, a 502/503/504; one per request, whatever
+its retries did), never when that would eject more than `max_ejected_share`
+of the backends (so the last healthy ones always stay), for an ejection time
+that doubles with each ejection up to a cap. Any good answer resets the count.
+A backend that closes or resets a connection it had accepted fails that
+request only: that is not evidence it is down.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class BackendHealth(enum.StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
     DOWN = "down"
+    EJECTED = "ejected"  # up by its active checks, out of rotation by live-traffic evidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +68,56 @@ class RiseFall:
             return self._set(BackendHealth.DOWN, f"failed {self.failures} checks: {detail}")
         return None
 
-    def passive_failure(self, detail: str) -> HealthChange | None:
-        self.successes = 0
-        self.last_detail = detail
-        if self.health is BackendHealth.UP:
-            return self._set(BackendHealth.DOWN, f"ejected by live traffic: {detail}")
-        return None
-
     def _set(self, new: BackendHealth, cause: str) -> HealthChange:
         change = HealthChange(self.backend, self.health, new, f"backend {self.backend} {cause}")
         self.health = new
         return change
+
+
+class PassiveVerdict(enum.StrEnum):
+    COUNTED = "counted"  # evidence noted, not (yet) enough
+    EJECTED = "ejected"
+    CAPPED = "capped"  # enough evidence, but the ejected share is at its maximum
+    IGNORED = "ignored"  # not in rotation anyway
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_failures: int = 5
+    max_ejected_share: float = 0.5
+    ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
+
+
+@dataclass(slots=True)
+class Outlier:
+    """Live-traffic evidence against one backend."""
+
+    consecutive: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0  # monotonic seconds; 0 when not ejected
+
+    def failed(
+        self, policy: OutlierPolicy, now: float, *, in_rotation: int, ejected: int
+    ) -> PassiveVerdict:
+        """One failed request. `in_rotation`: backends up by their active checks
+        (ejected ones included); `ejected`: how many of them are ejected now."""
+        if self.ejected_until:
+            return PassiveVerdict.IGNORED
+        self.consecutive += 1
+        if self.consecutive < policy.consecutive_failures:
+            return PassiveVerdict.COUNTED
+        if ejected + 1 > int(in_rotation * policy.max_ejected_share):
+            return PassiveVerdict.CAPPED
+        duration = min(policy.ejection_time * 2**self.ejections, policy.max_ejection_time)
+        self.ejections += 1
+        self.consecutive = 0
+        self.ejected_until = now + duration
+        return PassiveVerdict.EJECTED
+
+    def expired(self, now: float) -> bool:
+        """The ejection time is over: back in rotation (if its checks still pass)."""
+        if self.ejected_until and now >= self.ejected_until:
+            self.ejected_until = 0.0
+            return True
+        return False

@@ -15,7 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from edge.config import Algorithm, BackendConfig
-from edge.health import BackendHealth, HealthChange, RiseFall
+from edge.health import (
+    BackendHealth,
+    HealthChange,
+    Outlier,
+    OutlierPolicy,
+    PassiveVerdict,
+    RiseFall,
+)
 from edge.maglev import MaglevTable, stable_hash
 
 
@@ -36,10 +43,14 @@ class Backend:
     current_weight: int = 0
     # Backends removed by a reload finish their connections, then go.
     retired: bool = False
+    outlier: Outlier = field(default_factory=Outlier)
 
     @property
     def health(self) -> BackendHealth:
-        return self.rise_fall.health
+        health = self.rise_fall.health
+        if health is BackendHealth.UP and self.outlier.ejected_until:
+            return BackendHealth.EJECTED
+        return health
 
     @property
     def eligible(self) -> bool:
@@ -56,6 +67,8 @@ class Backend:
             "connections_total": self.connections_total,
             "requests_total": self.requests_total,
             "failures_total": self.failures_total,
+            "consecutive_failures": self.outlier.consecutive,
+            "ejections": self.outlier.ejections,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
@@ -177,6 +190,51 @@ class Pool:
             return best
         self._rr_index += 1
         return candidates[self._rr_index % len(candidates)]
+
+    # -- passive evidence (outlier ejection; the rule is `Outlier.failed`) ------------
+    def passive_failure(
+        self, backend: Backend, detail: str, now: float, policy: OutlierPolicy
+    ) -> HealthChange | None:
+        """One failed request on `backend`; a change when it got ejected."""
+        if backend.retired:
+            return None
+        in_rotation = [b for b in self.active_backends if b.rise_fall.health is BackendHealth.UP]
+        ejected = sum(1 for b in in_rotation if b.outlier.ejected_until)
+        verdict = backend.outlier.failed(policy, now, in_rotation=len(in_rotation), ejected=ejected)
+        if (
+            verdict is not PassiveVerdict.EJECTED
+            or backend.rise_fall.health is not BackendHealth.UP
+        ):
+            return None
+        self.refresh()
+        seconds = backend.outlier.ejected_until - now
+        return HealthChange(
+            backend.name,
+            BackendHealth.UP,
+            BackendHealth.EJECTED,
+            f"backend {backend.name} ejected by live traffic for {seconds:.0f} s after "
+            f"{policy.consecutive_failures} failed requests in a row: {detail}",
+        )
+
+    @staticmethod
+    def passive_success(backend: Backend) -> None:
+        backend.outlier.consecutive = 0
+
+    def expire_ejections(self, now: float) -> list[HealthChange]:
+        """Backends whose ejection time is over go back into rotation."""
+        changes = [
+            HealthChange(
+                b.name,
+                BackendHealth.EJECTED,
+                b.health,
+                f"backend {b.name} back from its ejection",
+            )
+            for b in self.backends.values()
+            if b.outlier.expired(now)
+        ]
+        if changes:
+            self.refresh()
+        return changes
 
     def counts(self) -> tuple[int, int, bool]:
         """(total, healthy, settled) over the backends that are not retired."""

@@ -12,7 +12,9 @@ from typing import Any, Protocol, TypeVar
 
 from edge.config import NodeConfig
 from edge.flows import Flow, FlowTable
+from edge.health import OutlierPolicy
 from edge.pool import Backend, Pool
+from edge.proxy.framing import Limits
 
 # Linux: bind an address that is not (yet) on an interface, e.g. the anycast /32
 # before it is put on lo; the listener then serves as soon as it appears.
@@ -165,7 +167,8 @@ class ClientConnection(Protocol):
     def abort(self) -> None: ...
 
 
-# Called with (backend, detail) when live traffic shows a backend is broken.
+# Called with (backend, detail) for a failed request that is evidence against its
+# backend (at most once per request); the outlier rule decides what it leads to.
 PassiveFailure = Callable[[Backend, str], None]
 
 
@@ -186,6 +189,10 @@ class ProxyContext:
     # The Via header line added both ways, naming node and site (CRLF first).
     via_line: bytes = b""
     idle_upstreams: IdlePool = field(default_factory=IdlePool)
+    limits: Limits = field(default_factory=Limits)
+    outlier_policy: OutlierPolicy = field(default_factory=OutlierPolicy)
+    # Messages the framing core refused, by (side, reason): side is "client" or "backend".
+    rejections: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.update_config(self.config)
@@ -197,6 +204,19 @@ class ProxyContext:
     def update_config(self, config: NodeConfig) -> None:
         self.config = config
         self.via_line = b"\r\nVia: 1.1 %b" % self.node_label.encode()
+        limits = config.limits
+        self.limits = Limits(limits.max_header_bytes, limits.max_headers, limits.max_request_line)
+        passive = config.health.passive
+        self.outlier_policy = OutlierPolicy(
+            passive.consecutive_failures,
+            passive.max_ejected_share,
+            passive.ejection_time,
+            passive.max_ejection_time,
+        )
+
+    def rejected(self, side: str, reason: str) -> None:
+        key = (side, reason)
+        self.rejections[key] = self.rejections.get(key, 0) + 1
 
     def accepted(self, conn: ClientConnection, listener: str, transport: asyncio.Transport) -> Flow:
         """Register a new client connection and open its flow (backend not chosen yet)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.health import BackendHealth, RiseFall
+from edge.health import BackendHealth, Outlier, OutlierPolicy, PassiveVerdict, RiseFall
 
 
 def test_rise_needs_consecutive_successes() -> None:
@@ -37,16 +37,53 @@ def test_a_success_resets_the_failure_count() -> None:
     assert rf.health is BackendHealth.UP
 
 
-def test_passive_failure_ejects_at_once_and_only_active_checks_restore() -> None:
-    rf = RiseFall("b2", rise=2, fall=3)
-    rf.check_passed()
-    rf.check_passed()
-    change = rf.passive_failure("connection reset")
-    assert change is not None and change.new is BackendHealth.DOWN
-    assert "ejected by live traffic: connection reset" in change.cause
-    assert rf.passive_failure("again") is None
-    assert rf.check_passed() is None
-    assert rf.check_passed() is not None
+def test_one_failure_never_ejects_and_sustained_evidence_does_with_backoff() -> None:
+    policy = OutlierPolicy(consecutive_failures=3, max_ejected_share=0.5, ejection_time=10)
+    outlier = Outlier()
+    verdicts = [outlier.failed(policy, 0.0, in_rotation=2, ejected=0) for _ in range(3)]
+    assert verdicts == [PassiveVerdict.COUNTED, PassiveVerdict.COUNTED, PassiveVerdict.EJECTED]
+    assert outlier.ejected_until == 10.0
+    assert outlier.failed(policy, 1.0, in_rotation=2, ejected=1) is PassiveVerdict.IGNORED
+    assert not outlier.expired(9.9) and outlier.expired(10.0)
+    for _ in range(3):
+        verdict = outlier.failed(policy, 20.0, in_rotation=2, ejected=0)
+    assert verdict is PassiveVerdict.EJECTED and outlier.ejected_until == 40.0  # doubled
+
+
+def test_the_last_healthy_backends_are_never_ejected_on_passive_evidence() -> None:
+    policy = OutlierPolicy(consecutive_failures=1, max_ejected_share=0.5)
+    assert Outlier().failed(policy, 0, in_rotation=1, ejected=0) is PassiveVerdict.CAPPED
+    assert Outlier().failed(policy, 0, in_rotation=2, ejected=1) is PassiveVerdict.CAPPED
+    assert Outlier().failed(policy, 0, in_rotation=4, ejected=1) is PassiveVerdict.EJECTED
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=200),
+    st.integers(1, 6),
+    st.integers(1, 10),
+    st.floats(0.1, 1.0),
+)
+def test_ejection_needs_a_streak_and_never_exceeds_the_share(
+    events: list[tuple[int, bool]], n: int, threshold: int, share: float
+) -> None:
+    """Whatever the mix of failures and successes over n backends, a backend is only
+    ejected after `threshold` failures in a row, and never more than the share at once."""
+    policy = OutlierPolicy(threshold, share, 10.0, 300.0)
+    outliers = [Outlier() for _ in range(n)]
+    streaks = [0] * n
+    for index, failed in events:
+        i = index % n
+        if not failed:
+            outliers[i].consecutive = 0  # what Pool.passive_success does
+            streaks[i] = 0
+            continue
+        streaks[i] += 1
+        ejected = sum(1 for o in outliers if o.ejected_until)
+        verdict = outliers[i].failed(policy, 0.0, in_rotation=n, ejected=ejected)
+        if verdict is PassiveVerdict.EJECTED:
+            assert streaks[i] >= threshold
+            streaks[i] = 0
+        assert sum(1 for o in outliers if o.ejected_until) <= int(n * share)
 
 
 @given(st.lists(st.booleans(), max_size=60), st.integers(1, 5), st.integers(1, 5))

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.config import Algorithm, BackendConfig
+from edge.health import BackendHealth, OutlierPolicy
 from edge.pool import Pool
 
 
@@ -65,8 +66,10 @@ def test_maglev_same_key_same_backend_and_failover_moves_only_that_backends_keys
     keys = [f"198.18.{i // 250}.{i % 250}".encode() for i in range(2000)]
     before = {k: pool.pick(k).name for k in keys}  # type: ignore[union-attr]
     assert all(pool.pick(k).name == before[k] for k in keys[:50])  # type: ignore[union-attr]
-    pool.backends["b2"].rise_fall.passive_failure("reset")
-    pool.refresh()
+    policy = OutlierPolicy(consecutive_failures=2, max_ejected_share=0.5)
+    assert pool.passive_failure(pool.backends["b2"], "refused", 0.0, policy) is None
+    change = pool.passive_failure(pool.backends["b2"], "refused", 0.0, policy)
+    assert change is not None and change.new is BackendHealth.EJECTED
     after = {k: pool.pick(k).name for k in keys}  # type: ignore[union-attr]
     moved = [k for k in keys if before[k] != after[k]]
     assert (
