@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # Debian packages the tests and benchmarks need (installed when missing).
-DEB_TEST := frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux
+DEB_TEST := frr bird2 haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux
 PYTEST_ARGS ?=
 
 .PHONY: all venv deps lint test test-unit test-integration test-e2e lab lab-down lab-status demo bench-proxy clean
@@ -61,7 +61,7 @@ demo: venv
 bench-proxy: deps venv
 	$(PY) -m bench.proxy
 
-# BGP numbers with real FRR + ExaBGP in network namespaces (root; ~1 min, bounded).
+# BGP numbers with real FRR, BIRD 2 + ExaBGP in network namespaces (root; ~2 min, bounded).
 .PHONY: bench-bgp
 bench-bgp: deps venv
 	$(PY) -m bench.bgp

@@ -70,6 +70,21 @@ class BfdSettings(_Strict):
     detect_multiplier: int = Field(default=3, ge=2, le=255)
 
 
+class DeadmanSettings(_Strict):
+    """The dead-man switch outside the agent: the API relay (ExaBGP's helper process)
+    withdraws every route when the agent's event loop has not beaten for `timeout_ms`."""
+
+    enabled: bool = True
+    beat_interval_ms: int = Field(default=150, ge=100, le=200)
+    timeout_ms: int = Field(default=500, ge=300, le=10_000)
+
+    @model_validator(mode="after")
+    def _timeout_covers_beats(self) -> Self:
+        if self.timeout_ms < 2 * self.beat_interval_ms:
+            raise ValueError("timeout_ms must be at least twice beat_interval_ms")
+        return self
+
+
 class FlapBudget(_Strict):
     """At most `max_changes_per_minute` re-announces; beyond that, exponential hold-down."""
 
@@ -129,6 +144,7 @@ class BgpConfig(_Strict):
     # A drain waits until fewer than this many new connections/s arrive over the window.
     drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
     drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
+    deadman: DeadmanSettings = DeadmanSettings()
     # A thread kills ExaBGP (its routes go) when the agent's event loop stalls this long;
     # 0 disables the watchdog.
     loop_stall_deadline_s: float = Field(default=2.0, ge=0, le=600)
@@ -262,6 +278,7 @@ __all__ = [
     "BfdSettings",
     "BgpConfig",
     "ConfigError",
+    "DeadmanSettings",
     "FlapBudget",
     "Neighbor",
     "check_addresses_are_local",

@@ -13,6 +13,9 @@ Dead-man switches, so a dead or hung agent takes its routes with it:
 - ExaBGP gets PR_SET_PDEATHSIG(SIGKILL): it dies with the thread that started it.
 - ExaBGP runs with `api.terminate=true`: when the relay's socket closes (agent gone), the
   relay exits and ExaBGP exits; the kernel closes its TCP sessions and routers withdraw.
+- Liveness beats to the relay: the event loop writes `#beat` every `beat_interval_ms`;
+  when they stop for `timeout_ms` the relay (outside this process) withdraws every route
+  and says so (`#deadman fired`); the driver then re-announces its desired set.
 - `LoopWatchdog`: a thread that kills ExaBGP when the event loop stalls past a deadline.
 """
 
@@ -140,7 +143,16 @@ class Ack:
     ok: bool
 
 
-Message = NeighborState | SentUpdate | Ack | None
+@dataclass(frozen=True, slots=True)
+class DeadmanFired:
+    """The relay withdrew every route: no liveness beat came for `silent_ms`; `at` is
+    the relay's time.monotonic() when it fired (one clock for the whole host)."""
+
+    silent_ms: int
+    at: float = 0.0
+
+
+Message = NeighborState | SentUpdate | Ack | DeadmanFired | None
 
 
 def parse_message(line: str) -> Message:
@@ -149,6 +161,12 @@ def parse_message(line: str) -> Message:
     line = line.strip()
     if line in ("done", "error"):
         return Ack(ok=line == "done")
+    if line.startswith(api_relay.FIRED.decode()):
+        words = line.removeprefix(api_relay.FIRED.decode()).split()
+        try:
+            return DeadmanFired(int(words[0]), float(words[1]) if len(words) > 1 else 0.0)
+        except (IndexError, ValueError):
+            return DeadmanFired(0)
     if not line.startswith("{"):
         return None
     try:
@@ -238,6 +256,14 @@ class ExaBgpDriver:
         self.restart_backoff_s = restart_backoff_s
         self.on_neighbor_change = on_neighbor_change
         self.restarts = 0
+        self.deadman_firings = 0
+        self.last_deadman_firing: DeadmanFired | None = None
+        # Bumped whenever ExaBGP's RIB is no longer what we wrote (the relay withdrew
+        # everything): a batch of commands in flight then must not count as written.
+        self._rib_generation = 0
+        # After a firing, announces wait until the loop has beaten for one more dead-man
+        # period: what the agent learnt while frozen (health, stdin, API) is handled first.
+        self._resync_at = 0.0
         self._desired: frozenset[Advertisement] = frozenset()
         self._written: frozenset[Advertisement] = frozenset()
         self._peers: dict[IPv4Address, _PeerView] = {
@@ -310,6 +336,8 @@ class ExaBgpDriver:
             self.socket_path.unlink()
         self._server = await asyncio.start_unix_server(self._on_relay, path=str(self.socket_path))
         relay = f"{sys.executable} {RELAY_SCRIPT} {self.socket_path}"
+        if self.config.deadman.enabled:
+            relay += f" --deadman-ms {self.config.deadman.timeout_ms}"
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(render_config(self.config, relay))
@@ -454,9 +482,11 @@ class ExaBgpDriver:
         self._changed.set()
         reading = asyncio.create_task(self._read_loop(reader))
         writing = asyncio.create_task(self._write_loop())
+        beating = asyncio.create_task(self._beat_loop(writer))
         try:
             await asyncio.wait({exited, reading}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            beating.cancel()
             writing.cancel()
             reading.cancel()
             exited.cancel()
@@ -493,6 +523,19 @@ class ExaBgpDriver:
                     self._acks.pop(0).set_result(message.ok)
             elif isinstance(message, NeighborState):
                 self._set_peer_state(message)
+            elif isinstance(message, DeadmanFired):
+                # We were frozen or stalled; ExaBGP's RIB is empty now. Re-sync: the
+                # desired set is what our state says *now*.
+                log.warning("dead-man switch fired: no beat for %d ms", message.silent_ms)
+                self.deadman_firings += 1
+                self.last_deadman_firing = message
+                self._rib_generation += 1
+                self._written = frozenset()
+                hold_s = self.config.deadman.timeout_ms / 1000
+                self._resync_at = time.monotonic() + hold_s
+                asyncio.get_running_loop().call_later(hold_s, self._changed.set)
+                self._changed.set()
+                self._notify()
             elif isinstance(message, SentUpdate):
                 view = self._peers.get(message.peer)
                 if view is not None:
@@ -536,6 +579,9 @@ class ExaBgpDriver:
             await self._changed.wait()
             self._changed.clear()
             desired, written = self._desired, self._written
+            if time.monotonic() < self._resync_at:
+                # Re-sync after a dead-man firing: withdraws only, until the hold ends.
+                desired = frozenset(adv for adv in desired if adv in written)
             commands = diff_commands(written, desired)
             if not commands:
                 self._notify()
@@ -546,7 +592,10 @@ class ExaBgpDriver:
                 for adv in desired.symmetric_difference(written)
             }
             self._written_at = time.monotonic()
+            generation = self._rib_generation
             results = await asyncio.gather(*(self._command(c) for c in commands))
+            if generation != self._rib_generation:
+                continue  # the RIB was cleared under this batch: _changed is set again
             if all(results):
                 self._written = desired
             else:
@@ -554,6 +603,16 @@ class ExaBgpDriver:
                 # Forget what we believed: the next pass re-sends the whole desired set.
                 self._written = frozenset()
             self._notify()
+
+    async def _beat_loop(self, writer: asyncio.StreamWriter) -> None:
+        """Liveness beats for the relay's dead-man switch, from this event loop."""
+        if not self.config.deadman.enabled:
+            return
+        interval_s = self.config.deadman.beat_interval_ms / 1000
+        beat = api_relay.BEAT + b"\n"
+        while True:
+            writer.write(beat)
+            await asyncio.sleep(interval_s)
 
 
 class LoopWatchdog:
@@ -564,6 +623,7 @@ class LoopWatchdog:
         self.deadline_s = deadline_s
         self.on_stall = on_stall
         self.stalls = 0
+        self.process_freezes = 0
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
@@ -581,8 +641,18 @@ class LoopWatchdog:
 
     def _watch(self) -> None:
         fired = False
-        while not self._stop.wait(self.deadline_s / 8):
-            stalled = time.monotonic() - self._last_beat > self.deadline_s
+        tick = self.deadline_s / 8
+        last_tick = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now - last_tick > self.deadline_s:
+                # This thread was frozen too: the whole process was stopped (SIGSTOP, a
+                # suspended VM). The freeze is over; the dead-man switch outside (the
+                # relay) covered it, and killing ExaBGP now would only reset sessions.
+                self.process_freezes += 1
+                self._last_beat = now
+            last_tick = now
+            stalled = now - self._last_beat > self.deadline_s
             if stalled and not fired:
                 self.stalls += 1
                 self.on_stall()
@@ -596,6 +666,7 @@ class LoopWatchdog:
 
 __all__ = [
     "Ack",
+    "DeadmanFired",
     "ExaBgpDriver",
     "LoopWatchdog",
     "NeighborState",

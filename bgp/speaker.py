@@ -38,6 +38,7 @@ from bgp.drain import DrainReport, drain
 from bgp.exabgp import ExaBgpDriver, LoopWatchdog
 from bgp.flap import FlapDamper, classify_change
 from bgp.policy import Advertisement, NodeCondition, PolicyInputs, Reason, advertisements
+from bgp.sdnotify import SystemdNotifier
 
 # Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
 SEND_CONFIRM_S = 5.0
@@ -131,6 +132,8 @@ class BgpSpeaker:
         deadline_s = config.loop_stall_deadline_s if watchdog_s is None else watchdog_s
         self.watchdog = LoopWatchdog(deadline_s, self.driver.kill_now) if deadline_s else None
         self.last_drain: DrainReport | None = None
+        # READY=1 and WATCHDOG=1 beats when run under systemd (Type=notify, WatchdogSec).
+        self.notifier = SystemdNotifier()
 
     def established(self) -> set[IPv4Address]:
         return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
@@ -141,10 +144,12 @@ class BgpSpeaker:
             await self.bfd.start()
         if self.watchdog:
             self.watchdog.start()
+        self.notifier.start()
 
     async def stop(self) -> None:
         """Withdraw (bounded), stop ExaBGP and bfdd."""
         self.announcer.close()
+        self.notifier.stop()
         if self.watchdog:
             self.watchdog.stop()
         if self.bfd:
@@ -226,6 +231,14 @@ class BgpSpeaker:
                 "degraded": [str(p) for p in self.bfd.status.degraded],
             },
             "watchdog_stalls": self.watchdog.stalls if self.watchdog else 0,
+            "deadman": {
+                "enabled": self.config.deadman.enabled,
+                "timeout_ms": self.config.deadman.timeout_ms,
+                "firings": self.driver.deadman_firings,
+                "last": None
+                if (fired := self.driver.last_deadman_firing) is None
+                else {"silent_ms": fired.silent_ms, "at_monotonic": fired.at},
+            },
             "last_drain": None
             if self.last_drain is None
             else {

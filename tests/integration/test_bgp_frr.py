@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,18 +25,17 @@ from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import NodeCondition, PolicyInputs, advertisements
-from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab, wait_for
+from tests.support.bgp_checks import (
+    freeze_agent_alone,
+    freeze_whole_group,
+    frr_view,
+    kill_agent,
+    require_router,
+)
+from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab, SpeakerProcess, wait_for
 from tests.support.netlab import edge_bgp_config as edge_config
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        not Path("/usr/lib/frr/bgpd").exists() or not shutil.which("vtysh"),
-        reason="needs FRR (Debian package frr)",
-    ),
-    pytest.mark.timeout(120),
-]
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
 VIP_PREFIX = f"{VIP}/32"
 
@@ -71,6 +69,7 @@ async def until(predicate: Callable[[], bool], what: str, bound_s: float = 20) -
 
 @pytest.fixture
 def labs() -> Iterator[list[NetLab]]:
+    require_router("frr")
     made: list[NetLab] = []
     yield made
     for lab in made:
@@ -254,75 +253,46 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
 # -- failure: agent, ExaBGP, frozen edge --------------------------------------------------
 
 
-def write_speaker_config(lab: NetLab, edge: Edge, **overrides: Any) -> Path:
-    config = edge_config(edge, **overrides)
-    data = json.loads(config.model_dump_json())
-    data["neighbors"][0]["md5_password"] = edge.md5_password
-    path = lab.workdir / f"node{edge.index}.yaml"
-    path.write_text(yaml.safe_dump({"bgp": data}))
-    return path
+def frr_lab(labs: list[NetLab], edge_count: int = 1) -> NetLab:
+    return make_lab(labs, edge_count)
 
 
-def exabgp_pids_in(netns: str) -> list[int]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
-    ).stdout
-    pids = []
-    for pid in out.split():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"exabgp" in cmdline and b"api_relay" not in cmdline:
-            pids.append(int(pid))
-    return pids
+async def test_sigstop_of_the_agent_alone_withdraws_and_sigcont_reannounces(
+    labs: list[NetLab],
+) -> None:
+    lab = frr_lab(labs)
+    assert lab.router
+    await asyncio.to_thread(freeze_agent_alone, lab, frr_view(lab.router))
+
+
+async def test_sigstop_of_the_whole_process_group_ends_with_the_hold_timer(
+    labs: list[NetLab],
+) -> None:
+    lab = frr_lab(labs)
+    assert lab.router
+    await asyncio.to_thread(freeze_whole_group, lab, frr_view(lab.router))
 
 
 async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab]) -> None:
-    lab = make_lab(labs, 1)
-    (edge,) = lab.edges
-    config_path = write_speaker_config(lab, edge)
-    agent = lab.spawn(
-        [
-            sys.executable, "-m", "bgp.speaker",
-            "--config", str(config_path),
-            "--workdir", str(lab.workdir / "agent"),
-            "--netns", edge.netns,
-            "--condition", "healthy",
-        ],
-        stdin_pipe=True,
-    )  # fmt: skip
-    await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
-    assert exabgp_pids_in(edge.netns)
-
-    os.kill(agent.pid, signal.SIGKILL)  # no clean-up code runs
-    await until(lambda: fib(lab) == {} and paths(lab) == [], "route gone with the agent")
-    await until(lambda: not exabgp_pids_in(edge.netns), "ExaBGP gone with the agent")
+    await asyncio.to_thread(kill_agent, frr_lab(labs))
 
 
 async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
-    lab = make_lab(labs, 1)
+    """The loop blocks (the process runs): the relay's dead-man withdraws; the in-process
+    watchdog thread kills ExaBGP after its own deadline; both recover on their own."""
+    lab = frr_lab(labs)
     (edge,) = lab.edges
-    config_path = write_speaker_config(lab, edge)
-    agent = lab.spawn(
-        [
-            sys.executable, "-m", "bgp.speaker",
-            "--config", str(config_path),
-            "--workdir", str(lab.workdir / "agent"),
-            "--netns", edge.netns,
-            "--condition", "healthy",
-            "--watchdog-s", "0.5",
-        ],
-        stdin_pipe=True,
-    )  # fmt: skip
+    agent = SpeakerProcess(lab, edge, "--condition", "healthy", "--watchdog-s", "0.5")
     await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
-    assert agent.stdin is not None
-    agent.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
-    agent.stdin.flush()
+    assert agent.process.stdin is not None
+    agent.process.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
+    agent.process.stdin.flush()
     await until(lambda: fib(lab) == {}, "route gone while the agent's loop is stalled", bound_s=7)
-    assert agent.poll() is None
+    assert agent.process.poll() is None
     # When the loop recovers, the supervisor restarts ExaBGP and re-announces.
     await until(lambda: str(edge.address) in fib(lab), "route back after the stall", bound_s=30)
+    status = await asyncio.to_thread(agent.status)
+    assert status["watchdog_stalls"] == 1 and status["deadman"]["firings"] == 1
 
 
 async def test_exabgp_crash_is_restarted_and_desired_set_reannounced(

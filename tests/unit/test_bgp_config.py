@@ -163,3 +163,12 @@ def test_example_bgp_section_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "bgp.yaml"
     config = load_bgp_config(example, check_local=False)
     assert config.bfd.enabled and config.neighbors[0].hold_time_s == 3
+
+
+def test_deadman_defaults_and_bounds() -> None:
+    config = BgpConfig.model_validate(valid())
+    assert config.deadman.enabled and config.deadman.timeout_ms <= 1000
+    assert 100 <= config.deadman.beat_interval_ms <= 200
+    assert error_line(deadman={"beat_interval_ms": 50}).startswith("bgp.deadman.beat_interval_ms:")
+    line = error_line(deadman={"beat_interval_ms": 200, "timeout_ms": 300})
+    assert line.startswith("bgp.deadman:") and "twice" in line
