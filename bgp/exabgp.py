@@ -40,6 +40,9 @@ from typing import Any
 
 from bgp import api_relay
 from bgp.config import BgpConfig
+from bgp.exabgp_main import shutdown_text
+from bgp.neighbors import NeighborRoute, routes_for
+from bgp.observed import carriage, describe_carriage, no_session_reason, notification_reason
 from bgp.policy import Advertisement
 
 log = logging.getLogger(__name__)
@@ -74,16 +77,38 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
         ]
         if neighbor.md5_password is not None:
             lines.append(f"    md5-password {neighbor.md5_password.get_secret_value()};")
+        if neighbor.passive:
+            lines += ["    passive true;", f"    listen {neighbor.port};"]
+        else:
+            lines.append(f"    connect {neighbor.port};")
+        if neighbor.multihop and neighbor.ttl is not None:
+            lines.append(f"    outgoing-ttl {neighbor.ttl};")
         lines += [
+            "    capability {",
+            f"        route-refresh {'enable' if neighbor.route_refresh else 'disable'};",
+        ]
+        if neighbor.graceful_restart_s is not None:
+            lines.append(f"        graceful-restart {neighbor.graceful_restart_s};")
+        lines += [
+            "    }",
             "    family {",
             "        ipv4 unicast;",
             "    }",
             "    api {",
             f"        processes [ {PROCESS_NAME} ];",
             "        neighbor-changes;",
+            "        negotiated;",
             "        send {",
             "            parsed;",
             "            update;",
+            "            open;",
+            "            notification;",
+            "        }",
+            "        receive {",
+            "            parsed;",
+            "            open;",
+            "            notification;",
+            "            refresh;",
             "        }",
             "    }",
             "}",
@@ -92,32 +117,46 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
     return "\n".join(lines)
 
 
-def announce_command(adv: Advertisement) -> str:
-    # ExaBGP sends the AS path we give verbatim: our own ASN once, plus the prepends.
-    as_path = " ".join([str(adv.local_asn)] * (1 + adv.as_path_prepends))
+def announce_command(peer: IPv4Address, route: NeighborRoute) -> str:
+    # ExaBGP sends the AS path we give verbatim (our ASN, prepends; empty for iBGP).
     parts = [
-        f"announce route {adv.prefix} next-hop {adv.next_hop}",
+        f"neighbor {peer} announce route {route.prefix} next-hop {route.next_hop}",
         "origin igp",
-        f"med {adv.med}",
-        f"as-path [ {as_path} ]",
+        f"med {route.med}",
+        f"as-path [ {' '.join(str(asn) for asn in route.as_path)} ]",
     ]
-    if adv.communities:
-        parts.append(f"community [ {' '.join(adv.communities)} ]")
-    parts.append(f"extended-community [ {' '.join(adv.extended_communities)} ]")
+    if route.local_pref is not None:
+        parts.append(f"local-preference {route.local_pref}")
+    if route.communities:
+        parts.append(f"community [ {' '.join(route.communities)} ]")
+    if route.large_communities:
+        parts.append(f"large-community [ {' '.join(route.large_communities)} ]")
+    if route.extended_communities:
+        parts.append(f"extended-community [ {' '.join(route.extended_communities)} ]")
     return " ".join(parts)
 
 
-def withdraw_command(prefix: IPv4Network) -> str:
-    return f"withdraw route {prefix}"
+def withdraw_command(peer: IPv4Address, prefix: IPv4Network) -> str:
+    return f"neighbor {peer} withdraw route {prefix}"
 
 
-def diff_commands(current: Set[Advertisement], desired: Set[Advertisement]) -> list[str]:
-    """Commands that take ExaBGP's RIB from `current` to `desired`. Withdraws go first:
-    taking traffic away must never wait behind attracting it."""
-    desired_prefixes = {adv.prefix for adv in desired}
-    withdraws = sorted({adv.prefix for adv in current} - desired_prefixes)
-    announces = sorted(desired - current, key=lambda adv: adv.prefix)
-    return [withdraw_command(p) for p in withdraws] + [announce_command(a) for a in announces]
+def diff_commands(
+    current: Set[Advertisement], desired: Set[Advertisement], config: BgpConfig
+) -> list[str]:
+    """Commands that take ExaBGP's RIB from `current` to `desired`, each neighbor's routes
+    shaped by `bgp.neighbors`. Withdraws go first: taking traffic away must never wait
+    behind attracting it."""
+    withdraws: list[str] = []
+    announces: list[str] = []
+    for neighbor in config.neighbors:
+        peer = neighbor.peer_address
+        now = routes_for(current, neighbor, config)
+        wanted = routes_for(desired, neighbor, config)
+        gone = sorted({r.prefix for r in now} - {r.prefix for r in wanted})
+        withdraws += [withdraw_command(peer, prefix) for prefix in gone]
+        changed = sorted(wanted - now, key=lambda route: route.prefix)
+        announces += [announce_command(peer, route) for route in changed]
+    return withdraws + announces
 
 
 # -- pure: parsing ------------------------------------------------------------------------
@@ -152,7 +191,59 @@ class DeadmanFired:
     at: float = 0.0
 
 
-Message = NeighborState | SentUpdate | Ack | DeadmanFired | None
+@dataclass(frozen=True, slots=True)
+class OpenSeen:
+    """An OPEN we sent ("send") or received ("receive"), with its capability names."""
+
+    peer: IPv4Address
+    direction: str
+    asn: int
+    hold_time_s: int
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    peer: IPv4Address
+    hold_time_s: int
+    route_refresh: str  # "absent", "normal", "enhanced"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationSeen:
+    peer: IPv4Address
+    direction: str  # "send" or "receive"
+    code: int
+    subcode: int
+    message: str  # the data as text (RFC 8203 shutdown communication, when any)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshSeen:
+    """A ROUTE-REFRESH the peer sent us (its filters changed; ExaBGP re-sends)."""
+
+    peer: IPv4Address
+
+
+Message = (
+    NeighborState
+    | SentUpdate
+    | Ack
+    | DeadmanFired
+    | OpenSeen
+    | Negotiated
+    | NotificationSeen
+    | RefreshSeen
+    | None
+)
+
+
+def _capability_names(capabilities: Any) -> frozenset[str]:
+    names: set[str] = set()
+    for key, value in (capabilities or {}).items():
+        name = value.get("name") if isinstance(value, dict) else None
+        names.add(str(name or key).replace(" ", "-"))
+    return frozenset(names)
 
 
 def parse_message(line: str) -> Message:
@@ -181,6 +272,31 @@ def parse_message(line: str) -> Message:
     kind = data.get("type")
     if kind == "state":
         return NeighborState(peer, str(neighbor.get("state", "")), str(neighbor.get("reason", "")))
+    try:
+        return _parse_session_message(kind, peer, neighbor)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _parse_session_message(kind: Any, peer: IPv4Address, neighbor: dict[str, Any]) -> Message:
+    direction = str(neighbor.get("direction", ""))
+    if kind == "open":
+        message = neighbor["open"]
+        capabilities = _capability_names(message.get("capabilities"))
+        return OpenSeen(
+            peer, direction, int(message["asn"]), int(message["hold_time"]), capabilities
+        )
+    if kind == "negotiated":
+        message = neighbor["negotiated"]
+        return Negotiated(peer, int(message["hold_time"]), str(message.get("refresh", "")))
+    if kind == "notification":
+        message = neighbor["notification"]
+        text = str(message.get("message", ""))
+        return NotificationSeen(
+            peer, direction, int(message["code"]), int(message["subcode"]), text
+        )
+    if kind == "refresh" and direction == "receive":
+        return RefreshSeen(peer)
     if kind == "update" and neighbor.get("direction") == "send":
         message = neighbor.get("message", {})
         if "eor" in message:
@@ -228,6 +344,92 @@ class _PeerView:
     # When ExaBGP last finished sending its whole RIB to this peer (End-of-RIB): that
     # covers every change written before it, withdraws included.
     end_of_rib_at: float = 0.0
+    # What the last OPENs said (ours, theirs) and what was negotiated.
+    offered: frozenset[str] = frozenset()
+    received: frozenset[str] = frozenset()
+    hold_time_s: int | None = None
+    route_refresh: str = ""
+    # direction ("send"/"receive") -> the last NOTIFICATION and when (monotonic).
+    notifications: dict[str, tuple[NotificationSeen, float]] = field(default_factory=dict)
+    # Counters since the agent started (Prometheus counters).
+    established_total: int = 0
+    updates_sent: dict[str, int] = field(
+        default_factory=lambda: {"announce": 0, "withdraw": 0, "end-of-rib": 0}
+    )
+    notifications_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    refreshes_received: int = 0
+
+    def record(self, message: Message, now: float) -> None:
+        """Fold one of ExaBGP's reports about this peer into the view."""
+        if isinstance(message, OpenSeen):
+            if message.direction == "send":
+                self.offered = message.capabilities
+            else:
+                self.received = message.capabilities
+        elif isinstance(message, Negotiated):
+            self.hold_time_s, self.route_refresh = message.hold_time_s, message.route_refresh
+        elif isinstance(message, NotificationSeen):
+            self.notifications[message.direction] = (message, now)
+            key = (message.direction, notification_reason(message.code, message.subcode))
+            self.notifications_total[key] = self.notifications_total.get(key, 0) + 1
+        elif isinstance(message, RefreshSeen):
+            self.refreshes_received += 1
+        elif isinstance(message, SentUpdate):
+            if message.end_of_rib:
+                self.end_of_rib_at = now
+                self.updates_sent["end-of-rib"] += 1
+            for prefix in message.announced:
+                self.last_sent[prefix] = (True, now)
+            for prefix in message.withdrawn:
+                self.last_sent[prefix] = (False, now)
+            self.updates_sent["announce"] += bool(message.announced)
+            self.updates_sent["withdraw"] += bool(message.withdrawn)
+
+    def announced(self) -> set[IPv4Network]:
+        """Prefixes this peer was last sent as announced (its Adj-RIB-In from us)."""
+        return {prefix for prefix, (up, _) in self.last_sent.items() if up}
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        def notification(direction: str) -> dict[str, Any] | None:
+            if direction not in self.notifications:
+                return None
+            seen, at = self.notifications[direction]
+            return {
+                "code": seen.code,
+                "subcode": seen.subcode,
+                "reason": notification_reason(seen.code, seen.subcode),
+                "message": seen.message,
+                "age_s": round(now - at, 3),
+            }
+
+        up = self.state == "up"
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "uptime_s": round(now - self.since, 3) if up else None,
+            "hold_time_s": self.hold_time_s if up else None,
+            "route_refresh": self.route_refresh if up else None,
+            "capabilities": {
+                "offered": sorted(self.offered),
+                "received": sorted(self.received),
+                "negotiated": sorted(self.offered & self.received) if up else [],
+            },
+            "sent": {
+                str(prefix): {"announced": announced, "age_s": round(now - at, 3)}
+                for prefix, (announced, at) in sorted(self.last_sent.items())
+            },
+            "last_notification_sent": notification("send"),
+            "last_notification_received": notification("receive"),
+            "counters": {
+                "established": self.established_total,
+                "updates_sent": dict(self.updates_sent),
+                "notifications": [
+                    {"direction": direction, "reason": reason, "count": count}
+                    for (direction, reason), count in sorted(self.notifications_total.items())
+                ],
+                "route_refreshes_received": self.refreshes_received,
+            },
+        }
 
 
 class ExaBgpDriver:
@@ -313,17 +515,50 @@ class ExaBgpDriver:
         """What the running ExaBGP was told (its RIB, sent to every established peer)."""
         return self._written
 
+    def sent_to(self) -> dict[IPv4Network, set[IPv4Address]]:
+        """Per desired prefix, the established peers last sent it as announced."""
+        return {
+            adv.prefix: {
+                peer
+                for peer, view in self._peers.items()
+                if view.state == "up" and adv.prefix in view.announced()
+            }
+            for adv in self._desired
+        }
+
+    def no_session_reason(self) -> str | None:
+        """It wants to announce and no session carries it (see bgp.observed)."""
+        established = sum(view.state == "up" for view in self._peers.values())
+        return no_session_reason(
+            {adv.prefix for adv in self._desired}, self.sent_to(), established, len(self._peers)
+        )
+
     def status(self) -> dict[str, Any]:
-        """For the agent's /status: sessions and what is announced."""
+        """For the agent's /status: what we want, what ExaBGP holds, what each peer was
+        sent (the peers' view), per session its state, capabilities and NOTIFICATIONs."""
+        now = time.monotonic()
+        sent_to = self.sent_to()
+        established = {peer for peer, view in self._peers.items() if view.state == "up"}
+        desired = {adv.prefix for adv in self._desired}
+        prefixes = {}
+        for prefix in sorted(desired | {adv.prefix for adv in self._written}):
+            peers = sent_to.get(prefix, set())
+            state = carriage(prefix in desired, established, peers)
+            prefixes[str(prefix)] = {
+                "desired": prefix in desired,
+                "written": any(adv.prefix == prefix for adv in self._written),
+                "sent_to": sorted(str(peer) for peer in peers),
+                "carriage": describe_carriage(state, len(peers), len(self._peers)),
+            }
         return {
             "exabgp_pid": self.pid,
             "restarts": self.restarts,
-            "sessions": {
-                str(peer): {"state": view.state, "reason": view.reason}
-                for peer, view in self._peers.items()
-            },
-            "announced": sorted(str(adv.prefix) for adv in self._written),
-            "desired": sorted(str(adv.prefix) for adv in self._desired),
+            "sessions": {str(peer): view.snapshot(now) for peer, view in self._peers.items()},
+            "prefixes": prefixes,
+            # Announced = some established peer holds it from us, not merely intended.
+            "announced": sorted(str(prefix) for prefix, peers in sent_to.items() if peers),
+            "desired": sorted(str(prefix) for prefix in desired),
+            "written": sorted(str(adv.prefix) for adv in self._written),
         }
 
     def set_desired(self, advertisements: Iterable[Advertisement]) -> None:
@@ -343,12 +578,22 @@ class ExaBgpDriver:
             handle.write(render_config(self.config, relay))
         self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
 
-    async def stop(self, withdraw_first: bool = True, withdraw_wait_s: float = 2.0) -> None:
-        """Withdraw (best effort, bounded), then stop ExaBGP; nothing is left running."""
+    async def stop(
+        self,
+        withdraw_first: bool = True,
+        withdraw_wait_s: float = 2.0,
+        reason: str = "anycast-edge agent stopping",
+    ) -> None:
+        """Withdraw (best effort, bounded), end each session with a Cease NOTIFICATION
+        (Administrative Shutdown) whose RFC 8203 message is `reason`, then stop ExaBGP;
+        nothing is left running."""
         if withdraw_first and self._writer is not None and self._written:
             self.set_desired(())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_sent(), withdraw_wait_s)
+        if withdraw_first:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shut_down_sessions(reason), withdraw_wait_s)
         self._stopping = True
         self._changed.set()
         if self._supervisor:
@@ -360,6 +605,24 @@ class ExaBgpDriver:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    async def shut_down_sessions(self, reason: str) -> None:
+        """Cease 6/2 with `reason` (RFC 8203) to every established peer; returns once
+        ExaBGP reported each NOTIFICATION sent."""
+        peers = [peer for peer, view in self._peers.items() if view.state == "up"]
+        if not peers or self._writer is None:
+            return
+        started = time.monotonic()
+        await self._command(f"shutdown-message {shutdown_text(reason)}")
+        for peer in peers:
+            await self._command(f"neighbor {peer} teardown 2")
+
+        def notified(peer: IPv4Address) -> bool:
+            sent = self._peers[peer].notifications.get("send")
+            return sent is not None and sent[1] >= started
+
+        while not all(notified(peer) for peer in peers):
+            await self._wait_state_change()
 
     async def wait_written(self) -> None:
         """Until ExaBGP acknowledged commands that bring its RIB to the desired set."""
@@ -416,7 +679,9 @@ class ExaBgpDriver:
         await self._connected.put((reader, writer))
 
     def _exabgp_command(self) -> list[str]:
-        command = [self.exabgp_binary, str(self.config_path)]
+        # ExaBGP's own script, run by bgp.exabgp_main for its one extra API command.
+        wrapper = [sys.executable, "-m", "bgp.exabgp_main"]
+        command = [*wrapper, self.exabgp_binary, str(self.config_path)]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
         return command
@@ -536,16 +801,8 @@ class ExaBgpDriver:
                 asyncio.get_running_loop().call_later(hold_s, self._changed.set)
                 self._changed.set()
                 self._notify()
-            elif isinstance(message, SentUpdate):
-                view = self._peers.get(message.peer)
-                if view is not None:
-                    now = time.monotonic()
-                    if message.end_of_rib:
-                        view.end_of_rib_at = now
-                    for prefix in message.announced:
-                        view.last_sent[prefix] = (True, now)
-                    for prefix in message.withdrawn:
-                        view.last_sent[prefix] = (False, now)
+            elif message is not None and (view := self._peers.get(message.peer)) is not None:
+                view.record(message, time.monotonic())
                 self._notify()
 
     def _set_peer_state(self, message: NeighborState) -> None:
@@ -555,6 +812,7 @@ class ExaBgpDriver:
         if message.state != view.state:
             view.state, view.reason, view.since = message.state, message.reason, time.monotonic()
             if message.state == "up":
+                view.established_total += 1
                 # ExaBGP re-sends its whole RIB (= our desired set, once written) to a
                 # returning peer; a pass of the write loop catches up anything pending.
                 view.last_sent.clear()
@@ -582,7 +840,7 @@ class ExaBgpDriver:
             if time.monotonic() < self._resync_at:
                 # Re-sync after a dead-man firing: withdraws only, until the hold ends.
                 desired = frozenset(adv for adv in desired if adv in written)
-            commands = diff_commands(written, desired)
+            commands = diff_commands(written, desired, self.config)
             if not commands:
                 self._notify()
                 continue

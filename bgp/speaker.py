@@ -37,6 +37,7 @@ from bgp.config import (
 from bgp.drain import DrainReport, drain
 from bgp.exabgp import ExaBgpDriver, LoopWatchdog
 from bgp.flap import FlapDamper, classify_change
+from bgp.observed import degraded_for_want_of_session
 from bgp.policy import Advertisement, NodeCondition, PolicyInputs, Reason, advertisements
 from bgp.sdnotify import SystemdNotifier
 
@@ -64,6 +65,7 @@ class Announcer:
         self.inputs = PolicyInputs(condition=NodeCondition.STARTING, config=config)
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
+        self.holddowns = 0  # changes the flap budget held back (a Prometheus counter)
         self._retry: asyncio.TimerHandle | None = None
 
     def update(
@@ -96,6 +98,8 @@ class Announcer:
             self._retry.cancel()
             self._retry = None
         if wait > 0:
+            if not self.held_until:
+                self.holddowns += 1
             self.held_until = now + wait
             self._retry = asyncio.get_running_loop().call_later(wait, self._apply)
             return
@@ -134,6 +138,8 @@ class BgpSpeaker:
         self.last_drain: DrainReport | None = None
         # READY=1 and WATCHDOG=1 beats when run under systemd (Type=notify, WatchdogSec).
         self.notifier = SystemdNotifier()
+        # Since when the node has wanted to announce with no session carrying it.
+        self._no_session_since: float | None = None
 
     def established(self) -> set[IPv4Address]:
         return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
@@ -146,15 +152,16 @@ class BgpSpeaker:
             self.watchdog.start()
         self.notifier.start()
 
-    async def stop(self) -> None:
-        """Withdraw (bounded), stop ExaBGP and bfdd."""
+    async def stop(self, reason: str = "anycast-edge agent stopping") -> None:
+        """Withdraw (bounded), end the sessions with a Cease NOTIFICATION carrying
+        `reason` (RFC 8203), stop ExaBGP and bfdd."""
         self.announcer.close()
         self.notifier.stop()
         if self.watchdog:
             self.watchdog.stop()
         if self.bfd:
             await self.bfd.stop()
-        await self.driver.stop()
+        await self.driver.stop(reason=reason)
 
     def update(
         self,
@@ -207,7 +214,17 @@ class BgpSpeaker:
         return self.update(operator_drain=False, drain_complete=False)
 
     def degraded_reason(self) -> str | None:
-        """Why announcing is less safe than it should be, or None (for the node's state)."""
+        """Why announcing is less safe than it should be, or None (for the node's state):
+        it wants to announce and no session carries it (past a grace period), or BFD is
+        down under an established session."""
+        no_session = self.driver.no_session_reason()
+        now = time.monotonic()
+        if no_session is None:
+            self._no_session_since = None
+        elif self._no_session_since is None:
+            self._no_session_since = now
+        if degraded_for_want_of_session(no_session, self._no_session_since, now):
+            return no_session
         if self.bfd is not None and self.bfd.reported_degraded:
             peers = ", ".join(str(p) for p in self.bfd.status.degraded)
             return f"BFD down while BGP up with {peers}: fast failover lost"
@@ -215,13 +232,19 @@ class BgpSpeaker:
 
     def status(self) -> dict[str, Any]:
         inputs = self.announcer.inputs
+        driver = self.driver.status()
+        bfd_peers = {} if self.bfd is None else self.bfd.status.peers
+        for peer, session in driver["sessions"].items():
+            session["bfd"] = None if self.bfd is None else bfd_peers.get(IPv4Address(peer), "down")
         return {
             "reason": str(self.announcer.reason),
             "condition": str(inputs.condition),
             "weight": inputs.weight,
             "operator_drain": inputs.operator_drain,
             "held_until_monotonic": self.announcer.held_until or None,
-            **self.driver.status(),
+            "flap_holddowns": self.announcer.holddowns,
+            "degraded_reason": self.degraded_reason(),
+            **driver,
             "bfd": None
             if self.bfd is None
             else {

@@ -121,6 +121,7 @@ def edge_bgp_config(
                 "peer_asn": ROUTER_ASN,
                 "md5_password": edge.md5_password,
             }
+            | (neighbor_overrides or {})
         ],
         "drain_prepends": 2,
     }
