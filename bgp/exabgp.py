@@ -587,7 +587,8 @@ class ExaBgpDriver:
         """Withdraw (best effort, bounded), end each session with a Cease NOTIFICATION
         (Administrative Shutdown) whose RFC 8203 message is `reason`, then stop ExaBGP;
         nothing is left running."""
-        if withdraw_first and self._writer is not None and self._written:
+        # `_desired` too: a batch still in flight counts (written once it is acked).
+        if withdraw_first and self._writer is not None and (self._written or self._desired):
             self.set_desired(())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_sent(), withdraw_wait_s)
@@ -607,19 +608,22 @@ class ExaBgpDriver:
             self.socket_path.unlink()
 
     async def shut_down_sessions(self, reason: str) -> None:
-        """Cease 6/2 with `reason` (RFC 8203) to every established peer; returns once
-        ExaBGP reported each NOTIFICATION sent."""
-        peers = [peer for peer, view in self._peers.items() if view.state == "up"]
-        if not peers or self._writer is None:
+        """Cease 6/2 with `reason` (RFC 8203) to every established peer, no reconnect;
+        returns once ExaBGP reported each NOTIFICATION sent and the session closed (it
+        reports the NOTIFICATION before its bytes are on the wire: killing it at once
+        could lose them)."""
+        if self._writer is None:
             return
         started = time.monotonic()
-        await self._command(f"shutdown-message {shutdown_text(reason)}")
-        for peer in peers:
-            await self._command(f"neighbor {peer} teardown 2")
+        await self._command(f"shutdown-sessions {shutdown_text(reason)}")
+        # ExaBGP answers in order: once the ack is read, so is every session change it
+        # reported before, and the sessions it tears down are the ones up now.
+        peers = [peer for peer, view in self._peers.items() if view.state == "up"]
 
         def notified(peer: IPv4Address) -> bool:
-            sent = self._peers[peer].notifications.get("send")
-            return sent is not None and sent[1] >= started
+            view = self._peers[peer]
+            sent = view.notifications.get("send")
+            return sent is not None and sent[1] >= started and view.state != "up"
 
         while not all(notified(peer) for peer in peers):
             await self._wait_state_change()

@@ -1,12 +1,13 @@
-"""Runs ExaBGP with one more API command: `shutdown-message TEXT`.
+"""Runs ExaBGP with one more API command: `shutdown-sessions TEXT`.
 
     python -m bgp.exabgp_main /path/to/bin/exabgp exabgp.conf
 
-ExaBGP 5.0.15 sends a Cease NOTIFICATION on `neighbor X teardown 2` (Administrative
-Shutdown), but always with its own fixed text. RFC 8203 lets the data carry a short UTF-8
-message naming the reason, which routers log and show (`show bgp neighbors`, `birdc show
-protocols all`). `shutdown-message TEXT` sets the text that every later Cease 6/2 or 6/4
-carries; the driver sends it before the teardown when the agent stops.
+ExaBGP 5.0.15's `shutdown` closes its sessions with no NOTIFICATION at all, and
+`neighbor X teardown 2` sends a Cease with its own fixed text and then reconnects. RFC
+8203 lets a Cease Administrative Shutdown carry a short message naming the reason, which
+routers log and show (`show bgp neighbors`, `birdc show protocols all`).
+`shutdown-sessions TEXT` ends every established session with Cease 6/2 carrying TEXT and
+does not reconnect; the driver sends it when the agent stops, then stops ExaBGP.
 
 The rest is ExaBGP's own entry point, run unchanged from its script.
 """
@@ -40,9 +41,11 @@ def install() -> None:
 
     peer.Notify = NotifyWithMessage
 
-    @Command.register("shutdown-message", False)  # type: ignore[untyped-decorator]
-    def shutdown_message(self: Any, reactor: Any, service: str, line: str, use_json: bool) -> bool:
+    @Command.register("shutdown-sessions", False)  # type: ignore[untyped-decorator]
+    def shutdown_sessions(self: Any, reactor: Any, service: str, line: str, use_json: bool) -> bool:
         _message[0] = shutdown_text(line.partition(" ")[2].strip())
+        for key in reactor.established_peers():
+            reactor._peers[key].teardown(2, restart=False)
         reactor.processes.answer_done(service)
         return True
 

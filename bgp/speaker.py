@@ -152,9 +152,14 @@ class BgpSpeaker:
             self.watchdog.start()
         self.notifier.start()
 
-    async def stop(self, reason: str = "anycast-edge agent stopping") -> None:
+    async def stop(self, reason: str | None = None) -> None:
         """Withdraw (bounded), end the sessions with a Cease NOTIFICATION carrying
-        `reason` (RFC 8203), stop ExaBGP and bfdd."""
+        `reason` (RFC 8203; by default whether a drain finished first), stop ExaBGP and
+        bfdd."""
+        if reason is None:
+            reason = "anycast-edge agent stopping"
+            if self.last_drain is not None:
+                reason += f" after a drain ({self.last_drain.outcome})"
         self.announcer.close()
         self.notifier.stop()
         if self.watchdog:

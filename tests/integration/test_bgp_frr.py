@@ -31,8 +31,21 @@ from tests.support.bgp_checks import (
     frr_view,
     kill_agent,
     require_router,
+    stop_sends_cease_with_reason,
+    wrong_md5_is_no_session,
 )
-from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab, SpeakerProcess, wait_for
+from tests.support.netlab import (
+    MULTIHOP_TTL,
+    ROUTER_ASN,
+    ROUTER_LOOPBACK,
+    VIP,
+    Edge,
+    NetLab,
+    SpeakerProcess,
+    netns_command,
+    run,
+    wait_for,
+)
 from tests.support.netlab import edge_bgp_config as edge_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -361,34 +374,119 @@ async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
 # -- refusals -----------------------------------------------------------------------------
 
 
-async def test_wrong_md5_password_never_establishes(
+async def test_wrong_md5_is_no_session_not_announced(labs: list[NetLab]) -> None:
+    lab = frr_lab(labs)
+    assert lab.router
+    await asyncio.to_thread(wrong_md5_is_no_session, lab, frr_view(lab.router))
+
+
+async def test_stop_sends_cease_with_an_rfc8203_message(labs: list[NetLab]) -> None:
+    lab = frr_lab(labs)
+    assert lab.router
+    await asyncio.to_thread(stop_sends_cease_with_reason, lab, frr_view(lab.router))
+
+
+# -- session features -----------------------------------------------------------------------
+
+
+async def test_per_neighbor_attributes_and_route_refresh_without_reset(
     labs: list[NetLab], speakers: list[Speaker]
 ) -> None:
-    lab = make_lab(labs, 2)
-    good, bad = lab.edges
-    await start_speaker(lab, good, speakers)  # control: the right password establishes
-    config = edge_config(
-        bad,
-        neighbors=[
-            {
-                "peer_address": str(bad.router_address),
-                "peer_asn": ROUTER_ASN,
-                "md5_password": "not-the-password",
-            }
-        ],
-    )
-    driver = ExaBgpDriver(config, lab.workdir / "bad", netns=bad.netns)
-    speakers.append(Speaker(bad, config, driver))
-    await driver.start()
-    driver.set_desired(advertisements(PolicyInputs(NodeCondition.HEALTHY, config))[0])
+    """The neighbor's own MED and large community reach FRR; FRR asking for a route
+    refresh (`clear bgp ... soft in`, what a filter change does) re-sends our routes on
+    the same session."""
+    lab = frr_lab(labs)
+    (edge,) = lab.edges
+    neighbor = {"med": 55, "large_communities": ["65101:3:4"], "link_bandwidth": "non-transitive"}
+    speaker = await start_speaker(lab, edge, speakers, med=5, neighbor_overrides=neighbor)
+    await speaker.announce(NodeCondition.HEALTHY)
+    await until(lambda: path_from(lab, edge) is not None, "the route at FRR")
+    path = path_from(lab, edge)
+    assert path is not None
+    assert path["metric"] == 55
+    assert path["largeCommunity"]["string"] == "65101:3:4"
+    assert "LB:65101:" in path.get("extendedCommunity", {}).get("string", "")
+    session = speaker.driver.status()["sessions"][str(edge.router_address)]
+    assert "route-refresh" in session["capabilities"]["negotiated"]
+    assert session["hold_time_s"] == 3 and session["uptime_s"] is not None
     assert lab.router
-    # Several connect attempts (FRR retries every second); never established.
-    for _ in range(12):
-        await asyncio.sleep(0.5)
-        assert lab.router.neighbor_states()[str(bad.address)] != "Established"
-        assert driver.neighbors()[bad.router_address].state != "up"
-    assert lab.router.neighbor_states()[str(good.address)] == "Established"
-    assert path_from(lab, bad) is None
+    lab.router.vtysh(f"clear bgp ipv4 unicast {edge.address} soft in")
+
+    def refreshed() -> bool:
+        counters = speaker.driver.status()["sessions"][str(edge.router_address)]["counters"]
+        return bool(counters["route_refreshes_received"] >= 1)
+
+    await until(refreshed, "FRR's ROUTE-REFRESH seen by the edge")
+    counters = speaker.driver.status()["sessions"][str(edge.router_address)]["counters"]
+    assert counters["established"] == 1, "no session reset"
+    assert path_from(lab, edge) is not None
+
+
+async def test_ibgp_has_no_own_as_and_drains_by_local_pref(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 1, ibgp=True)
+    (edge,) = lab.edges
+    assert edge.asn == ROUTER_ASN
+    speaker = await start_speaker(lab, edge, speakers, neighbor_overrides={"local_pref": 150})
+    await speaker.announce(NodeCondition.HEALTHY)
+    await until(lambda: str(edge.address) in fib(lab), "the iBGP route in FRR's FIB")
+    path = path_from(lab, edge)
+    assert path is not None
+    assert path["aspath"]["length"] == 0 and path["locPrf"] == 150
+    assert path["peer"]["type"] == "internal"
+    await speaker.announce(NodeCondition.HEALTHY, operator_drain=True)
+
+    def drained() -> bool:
+        found = path_from(lab, edge)
+        return found is not None and found.get("locPrf") == 0
+
+    await until(drained, "the draining iBGP route at local-pref 0")
+    found = path_from(lab, edge)
+    assert found is not None and found["aspath"]["length"] == 0
+    assert "graceful-shutdown" in found["community"]["string"]
+
+
+def nft_ttl_counter(netns: str, source: str, ttl: int) -> None:
+    """Count, in the router's namespace, packets from `source` to the router's loopback
+    that arrive with IP TTL `ttl` (the table goes with the namespace)."""
+    rule = f"ip saddr {source} ip daddr {ROUTER_LOOPBACK} ip ttl {ttl} counter"
+    for command in (
+        "add table inet ae_ttl",
+        "add chain inet ae_ttl input { type filter hook input priority 0 ; }",
+        f"add rule inet ae_ttl input {rule}",
+    ):
+        run(*netns_command(netns, "nft", command))
+
+
+def nft_ttl_packets(netns: str) -> int:
+    data = json.loads(run(*netns_command(netns, "nft", "-j", "list table inet ae_ttl")))
+    return sum(
+        expr["counter"]["packets"]
+        for item in data["nftables"]
+        if "rule" in item
+        for expr in item["rule"]["expr"]
+        if "counter" in expr
+    )
+
+
+async def test_ebgp_multihop_sends_its_ttl(labs: list[NetLab], speakers: list[Speaker]) -> None:
+    """The edge peers with the router's loopback (not a connected subnet) with eBGP
+    multihop: the session comes up and the router counts our packets at TTL 4."""
+    lab = make_lab(labs, 1, multihop=True)
+    (edge,) = lab.edges
+    assert lab.router
+    netns = lab.router.netns
+    nft_ttl_counter(netns, str(edge.address), MULTIHOP_TTL)
+    neighbor = {
+        "peer_address": str(ROUTER_LOOPBACK),
+        "multihop": True,
+        "ttl": MULTIHOP_TTL,
+    }
+    speaker = await start_speaker(lab, edge, speakers, neighbor_overrides=neighbor)
+    await speaker.announce(NodeCondition.HEALTHY)
+    await until(lambda: str(edge.address) in fib(lab), "the multihop route in FRR's FIB")
+    assert nft_ttl_packets(netns) > 0
 
 
 async def test_router_import_filter_refuses_prefix_outside_anycast_range(

@@ -24,6 +24,7 @@ from tests.support.netlab import (
     NetLab,
     RouteMonitor,
     SpeakerProcess,
+    bird_protocol_name,
     pids_running,
     wait_for,
 )
@@ -56,6 +57,8 @@ class RouterView:
     session_up: Callable[[Edge], bool]
     # The router's own words for why the session with this edge went down (or "").
     last_error: Callable[[Edge], str]
+    # What the router reports of the last Cease it received: reason and RFC 8203 text.
+    last_cease: Callable[[Edge], str]
 
 
 def frr_view(router: FrrRouter) -> RouterView:
@@ -67,7 +70,13 @@ def frr_view(router: FrrRouter) -> RouterView:
         info = data.get(str(edge.address), {})
         return f"{info.get('lastResetDueTo', '')} / {info.get('lastNotificationReason', '')}"
 
-    return RouterView(session_up, last_error)
+    def last_cease(edge: Edge) -> str:
+        data = json.loads(router.vtysh(f"show bgp neighbors {edge.address} json") or "{}")
+        info = data.get(str(edge.address), {})
+        reason = info.get("lastNotificationReason", "")
+        return f"{reason}: {info.get('lastShutdownDescription', '')}"
+
+    return RouterView(session_up, last_error, last_cease)
 
 
 def bird_view(router: BirdRouter) -> RouterView:
@@ -75,7 +84,13 @@ def bird_view(router: BirdRouter) -> RouterView:
         detail = router.protocol_detail(edge)
         return " ".join(line.strip() for line in detail.splitlines() if "error" in line.lower())
 
-    return RouterView(router.established, last_error)
+    def last_cease(edge: Edge) -> str:
+        # BIRD logs `edge1: Received: Administrative shutdown: "message"`.
+        mark = f"{bird_protocol_name(edge)}: Received:"
+        lines = [line for line in router.log().splitlines() if mark in line]
+        return lines[-1] if lines else ""
+
+    return RouterView(router.established, last_error, last_cease)
 
 
 def announced_by(lab: NetLab, edge: Edge) -> bool:
@@ -155,6 +170,48 @@ def freeze_whole_group(lab: NetLab, view: RouterView) -> None:
     wait_for(lambda: announced_by(lab, edge), 40, what="session and route back after SIGCONT")
 
 
+def stop_sends_cease_with_reason(lab: NetLab, view: RouterView) -> None:
+    """A clean stop (here: the speaker's stdin closes) withdraws, then ends the session
+    with Cease/Administrative Shutdown carrying an RFC 8203 message that names why."""
+    edge = lab.edges[0]
+    speaker = SpeakerProcess(lab, edge, "--condition", "healthy")
+    wait_for(lambda: announced_by(lab, edge), 40, what="the speaker's route")
+    assert speaker.process.stdin is not None
+    speaker.process.stdin.close()
+    assert speaker.process.wait(20) == 0
+    assert lab.fib_nexthops() == {}
+    wait_for(
+        lambda: "anycast-edge agent stopping" in view.last_cease(edge),
+        10,
+        what="the router's record of our Cease and its message",
+    )
+    assert "administrative shutdown" in view.last_cease(edge).lower(), view.last_cease(edge)
+
+
+def wrong_md5_is_no_session(lab: NetLab, view: RouterView) -> None:
+    """A wrong TCP-MD5 password at the router: never established; /status says "no
+    session" and announces nothing, and after the grace period the speaker reports why
+    the node is degraded (it wants to announce and nothing carries it)."""
+    edge = lab.edges[0]
+    speaker = SpeakerProcess(
+        lab, edge, "--condition", "healthy", neighbor_overrides={"md5_password": "wrong-pw"}
+    )
+    deadline = time.monotonic() + 6.5  # past NO_SESSION_GRACE_S (5 s)
+    while time.monotonic() < deadline:
+        status = speaker.status()
+        prefix = status["prefixes"][f"{VIP}/32"]
+        assert prefix["desired"] and prefix["carriage"] == "no session", prefix
+        assert status["announced"] == [] and prefix["sent_to"] == []
+        assert not view.session_up(edge)
+        time.sleep(0.5)
+    assert lab.fib_nexthops() == {}
+    status = speaker.status()
+    assert status["reason"] == "announce: node healthy"  # the intent, told apart
+    assert status["degraded_reason"] == (
+        f"no BGP session carries {VIP}/32 (0 of 1 sessions established)"
+    )
+
+
 def kill_agent(lab: NetLab) -> None:
     """kill -9 of the agent: ExaBGP dies with it (parent-death signal and the relay's
     socket), the session closes, the route goes."""
@@ -176,4 +233,6 @@ __all__ = [
     "frr_view",
     "kill_agent",
     "require_router",
+    "stop_sends_cease_with_reason",
+    "wrong_md5_is_no_session",
 ]

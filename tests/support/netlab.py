@@ -42,6 +42,12 @@ ROUTER_ASN = 65000
 EDGE_ASN_BASE = 65100
 ANYCAST_RANGE = "198.51.100.0/24"
 VIP = "198.51.100.10"
+# On the router's lo, in every lab: the far end of multihop sessions.
+ROUTER_LOOPBACK = IPv4Address("198.18.255.1")
+MULTIHOP_TTL = 4
+# BIRD's loopback sessions connect to the edge on this port (BIRD allows one session per
+# neighbor address and port): the edge's neighbor for them is passive on it.
+LOOPBACK_SESSION_PORT = 1179
 
 
 _NAME_SERVER = """
@@ -320,16 +326,24 @@ def bird_config(
     *,
     gshut_local_pref: int = 0,
     extra_import: str = "",
+    loopback_sessions: bool = False,
 ) -> str:
     """BIRD 2 as the edges' router: a kernel protocol (so the FIB shows what BIRD chose,
     ECMP merged), an import filter that takes only the anycast range and honours
     GRACEFUL_SHUTDOWN with `gshut_local_pref`; `extra_import` is more filter code (a
-    router config change, for route-refresh tests)."""
+    router config change, for route-refresh tests). iBGP edges (ASN = ours) are
+    `direct` (BIRD takes iBGP as multihop otherwise). `loopback_sessions`: a second, multihop session per edge from the
+    router's loopback to the edge's LOOPBACK_SESSION_PORT (one edge, two peers, for
+    per-neighbor attributes; the edge is passive on that port)."""
     lines = [
+        # Events (session changes, NOTIFICATIONs with their messages) go to bird.out.
+        "log stderr { info, remote, warning, error, auth, fatal, bug };",
         f"router id {router_id};",
         "protocol device { scan time 10; }",
+        # Connected subnets, to resolve the next hops of multihop sessions' routes.
+        "protocol direct { ipv4; }",
         "protocol kernel {",
-        "  ipv4 { import none; export all; };",
+        "  ipv4 { import none; export where source = RTS_BGP; };",
         "  merge paths on;",
         "}",
         "filter from_edge {",
@@ -340,16 +354,24 @@ def bird_config(
         "}",
     ]
     for edge in edges:
-        lines += [
-            f"protocol bgp {bird_protocol_name(edge)} {{",
-            f"  local {edge.router_address} as {ROUTER_ASN};",
-            f"  neighbor {edge.address} as {edge.asn};",
-            f'  password "{edge.md5_password}";',
-            "  connect retry time 1;",
-            "  error wait time 1, 5;",
-            "  ipv4 { import filter from_edge; export none; };",
-            "}",
-        ]
+        sessions = [(bird_protocol_name(edge), edge.router_address, "", "")]
+        if loopback_sessions:
+            multihop = f"  multihop {MULTIHOP_TTL};"
+            port = f" port {LOOPBACK_SESSION_PORT}"
+            sessions.append((f"{bird_protocol_name(edge)}lo", ROUTER_LOOPBACK, multihop, port))
+        for name, local, extra, port in sessions:
+            lines += [
+                f"protocol bgp {name} {{",
+                f"  local {local} as {ROUTER_ASN};",
+                f"  neighbor {edge.address}{port} as {edge.asn};",
+                f'  password "{edge.md5_password}";',
+                "  connect retry time 1;",
+                "  error wait time 1, 5;",
+                *([extra] if extra else []),
+                *(["  direct;"] if edge.asn == ROUTER_ASN else []),
+                "  ipv4 { import filter from_edge; export none; };",
+                "}",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -370,8 +392,10 @@ class BirdRouter:
     def config_path(self) -> Path:
         return self.workdir / "bird.conf"
 
-    def birdc(self, *command: str, timeout: float = 10.0) -> str:
-        return run("birdc", "-s", str(self.control_socket), *command, timeout=timeout)
+    def birdc(self, *command: str, timeout: float = 10.0, check: bool = True) -> str:
+        """birdc exits 1 on an empty answer ("Network not found"): `check=False` then."""
+        socket = str(self.control_socket)
+        return run("birdc", "-s", socket, *command, timeout=timeout, check=check)
 
     def reconfigure(self, config: str) -> str:
         """Write a new config and `birdc configure` it (what an operator does)."""
@@ -392,6 +416,10 @@ class BirdRouter:
     def established(self, edge: Edge) -> bool:
         return "Established" in self.protocols().get(bird_protocol_name(edge), {}).get("info", "")
 
+    def log(self) -> str:
+        """What BIRD logged so far (session events, NOTIFICATIONs and their messages)."""
+        return (self.workdir / "bird.out").read_text(errors="replace")
+
     def protocol_detail(self, edge: Edge) -> str:
         return self.birdc("show protocols all", bird_protocol_name(edge))
 
@@ -399,7 +427,7 @@ class BirdRouter:
         """`show route PREFIX all`: one dict per route: `protocol`, `best` ("*" or ""),
         and every attribute line as given (`BGP.med`, `BGP.community`, ...)."""
         found: list[dict[str, str]] = []
-        for line in self.birdc("show route", prefix, "all").splitlines():
+        for line in self.birdc("show route", prefix, "all", check=False).splitlines():
             stripped = line.strip()
             if "[" in line and ("unicast" in line or line.startswith(prefix)):
                 head = line[line.index("[") + 1 :]
@@ -420,7 +448,11 @@ class BirdRouter:
 
 
 def _router_configs(
-    router_id: IPv4Address, edges: Sequence[Edge], bfd: bool, timers: tuple[int, int, int]
+    router_id: IPv4Address,
+    edges: Sequence[Edge],
+    bfd: bool,
+    timers: tuple[int, int, int],
+    multihop: bool = False,
 ) -> tuple[str, str, str]:
     tx, rx, mult = timers
     # work-queue 0: zebra hands routes to the kernel at once (its default batches ~10 ms).
@@ -452,6 +484,11 @@ def _router_configs(
             f" neighbor {edge.address} timers connect 1",
             f" neighbor {edge.address} password {edge.md5_password}",
         ]
+        if multihop:
+            lines += [
+                f" neighbor {edge.address} update-source {ROUTER_LOOPBACK}",
+                f" neighbor {edge.address} ebgp-multihop {MULTIHOP_TTL}",
+            ]
         if bfd:
             lines.append(f" neighbor {edge.address} bfd profile fast")
     lines += [" address-family ipv4 unicast", "  maximum-paths 8"]
@@ -486,6 +523,9 @@ class NetLab:
         self.router: FrrRouter | None = None
         self.bird: BirdRouter | None = None
         self.client_netns = ""
+        self.ibgp = False
+        self.multihop = False
+        self.loopback_sessions = False
         self.client_address = IPv4Address("198.19.0.2")
 
     # -- construction -------------------------------------------------------------------
@@ -500,10 +540,16 @@ class NetLab:
         client: bool = False,
         router_passwords: Sequence[str] | None = None,
         router: str = "frr",
+        ibgp: bool = False,
+        multihop: bool = False,
+        loopback_sessions: bool = False,
     ) -> NetLab:
         """`router` is "frr" (zebra + bgpd [+ bfdd]; `lab.router`) or "bird" (BIRD 2;
-        `lab.bird`, no BFD)."""
+        `lab.bird`, no BFD). `ibgp`: the edges use the router's ASN. `multihop` (FRR):
+        the router peers from its loopback, eBGP multihop. `loopback_sessions` (BIRD):
+        a second, multihop session per edge from the router's loopback."""
         lab = cls()
+        lab.ibgp, lab.multihop, lab.loopback_sessions = ibgp, multihop, loopback_sessions
         try:
             lab._build(edge_count, bfd, bfd_timers, client, router_passwords, router)
         except BaseException:
@@ -572,7 +618,7 @@ class NetLab:
                     address=edge_addr,
                     router_address=router_addr,
                     veth=edge_if,
-                    asn=EDGE_ASN_BASE + index,
+                    asn=ROUTER_ASN if self.ibgp else EDGE_ASN_BASE + index,
                     md5_password=password,
                 )
             )
@@ -594,6 +640,7 @@ class NetLab:
             )
             run("ip", "-n", self.client_netns, "link", "set", client_if, "up")
             run("ip", "-n", self.client_netns, "route", "add", "default", "via", "198.19.0.1")
+        run("ip", "-n", router_ns, "addr", "add", f"{ROUTER_LOOPBACK}/32", "dev", "lo")
         if router == "bird":
             self._start_bird(router_ns)
         else:
@@ -603,7 +650,8 @@ class NetLab:
         workdir = self.workdir / "bird"
         workdir.mkdir()
         bird = BirdRouter(netns, workdir, IPv4Address("198.18.0.1"), list(self.edges))
-        bird.config_path.write_text(bird_config(bird.router_id, self.edges))
+        config = bird_config(bird.router_id, self.edges, loopback_sessions=self.loopback_sessions)
+        bird.config_path.write_text(config)
         log = (workdir / "bird.out").open("wb")
         args = [BIRD, "-f", "-c", str(bird.config_path), "-s", str(bird.control_socket)]
         self.spawn(netns_command(netns, *args), stdout=log)
@@ -625,7 +673,9 @@ class NetLab:
         self.workdir.chmod(0o755)
         shutil.chown(workdir, "frr", "frr")
         router_id = IPv4Address("198.18.0.1")
-        zebra_conf, bgpd_conf, bfdd_conf = _router_configs(router_id, self.edges, bfd, bfd_timers)
+        zebra_conf, bgpd_conf, bfdd_conf = _router_configs(
+            router_id, self.edges, bfd, bfd_timers, self.multihop
+        )
         zserv = workdir / "zserv.api"
         router = FrrRouter(netns=netns, workdir=workdir, router_id=router_id)
         daemons: list[tuple[str, str, list[str]]] = [
