@@ -10,7 +10,9 @@ timing (those are in `make bench-bgp`).
 from __future__ import annotations
 
 import struct
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +250,12 @@ def test_two_peers_get_their_own_attributes_one_of_them_multihop(
     assert "BGP.ext_community" not in far_route
     prefix = speaker.status()["prefixes"]["198.51.100.10/32"]
     assert prefix["carriage"] == "sent to 2 of 2 peers"
+
+
+def test_the_shipped_bird_example_parses() -> None:
+    require_router("bird")
+    path = Path(__file__).resolve().parents[2] / "deploy" / "bird" / "bird.conf"
+    result = subprocess.run(
+        ["bird", "-p", "-c", str(path)], capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 0, result.stderr

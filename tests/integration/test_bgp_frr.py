@@ -531,3 +531,15 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path: Path) -> 
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and field in result.stderr
         assert not (tmp_path / "w" / "exabgp.conf").exists()
+
+
+def test_the_shipped_frr_example_parses() -> None:
+    require_router("frr")
+    path = Path(__file__).resolve().parents[2] / "deploy" / "frr" / "edge-peering.conf"
+    result = subprocess.run(
+        ["/usr/lib/frr/bgpd", "-C", "-f", str(path)], capture_output=True, text=True, timeout=20
+    )
+    # bgpd -C exits 0 either way: the refused lines are in its output.
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Config Failed" not in output, output
+    assert "No such command" not in output and "Unknown command" not in output, output
