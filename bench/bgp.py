@@ -318,6 +318,7 @@ def bench_freeze(router: str, rounds: int, whole_group: bool = False) -> dict[st
         monitor.close()
         lab.close()
     result: dict[str, Any] = dict(summary_ms(gone))
+    result["timeout_ms"] = speaker.config.deadman.timeout_ms
     if deadman_share:
         result["deadman_share"] = summary_ms(deadman_share)
     return result
@@ -349,7 +350,8 @@ def print_table(results: dict[str, Any]) -> None:
         ("freeze_to_withdraw_bird", "agent SIGSTOP -> route gone, BIRD"),
     ):
         if key in results:
-            add(label, results[key], f"n={results[key]['n']}, dead-man timeout 500 ms")
+            timeout = results[key].get("timeout_ms", "?")
+            add(label, results[key], f"n={results[key]['n']}, dead-man timeout {timeout} ms")
             share = results[key]["deadman_share"]
             add("  of which freeze -> relay fired", share, "the dead-man's own share")
     if "group_freeze_to_withdraw_frr" in results:

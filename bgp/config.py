@@ -101,7 +101,9 @@ class DeadmanSettings(_Strict):
 
     enabled: bool = True
     beat_interval_ms: int = Field(default=150, ge=100, le=200)
-    timeout_ms: int = Field(default=500, ge=300, le=10_000)
+    # 800 ms: a loop on a loaded host (2 cores, many processes) stalls a few hundred ms
+    # now and then; a host-wide stall must not take every node's route at once.
+    timeout_ms: int = Field(default=800, ge=300, le=10_000)
 
     @model_validator(mode="after")
     def _timeout_covers_beats(self) -> Self:

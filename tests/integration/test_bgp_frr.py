@@ -26,6 +26,7 @@ from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import NodeCondition, PolicyInputs, advertisements
 from tests.support.bgp_checks import (
+    RouterView,
     freeze_agent_alone,
     freeze_whole_group,
     frr_view,
@@ -266,34 +267,33 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
 # -- failure: agent, ExaBGP, frozen edge --------------------------------------------------
 
 
-def frr_lab(labs: list[NetLab], edge_count: int = 1) -> NetLab:
-    return make_lab(labs, edge_count)
+async def on_frr(labs: list[NetLab], scenario: Callable[[NetLab, RouterView], None]) -> None:
+    """A shared scenario (tests/support/bgp_checks.py) against a one-edge FRR lab."""
+    lab = make_lab(labs, 1)
+    assert lab.router
+    await asyncio.to_thread(scenario, lab, frr_view(lab.router))
 
 
 async def test_sigstop_of_the_agent_alone_withdraws_and_sigcont_reannounces(
     labs: list[NetLab],
 ) -> None:
-    lab = frr_lab(labs)
-    assert lab.router
-    await asyncio.to_thread(freeze_agent_alone, lab, frr_view(lab.router))
+    await on_frr(labs, freeze_agent_alone)
 
 
 async def test_sigstop_of_the_whole_process_group_ends_with_the_hold_timer(
     labs: list[NetLab],
 ) -> None:
-    lab = frr_lab(labs)
-    assert lab.router
-    await asyncio.to_thread(freeze_whole_group, lab, frr_view(lab.router))
+    await on_frr(labs, freeze_whole_group)
 
 
 async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab]) -> None:
-    await asyncio.to_thread(kill_agent, frr_lab(labs))
+    await asyncio.to_thread(kill_agent, make_lab(labs, 1))
 
 
 async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
     """The loop blocks (the process runs): the relay's dead-man withdraws; the in-process
     watchdog thread kills ExaBGP after its own deadline; both recover on their own."""
-    lab = frr_lab(labs)
+    lab = make_lab(labs, 1)
     (edge,) = lab.edges
     agent = SpeakerProcess(lab, edge, "--condition", "healthy", "--watchdog-s", "0.5")
     await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
@@ -375,15 +375,11 @@ async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
 
 
 async def test_wrong_md5_is_no_session_not_announced(labs: list[NetLab]) -> None:
-    lab = frr_lab(labs)
-    assert lab.router
-    await asyncio.to_thread(wrong_md5_is_no_session, lab, frr_view(lab.router))
+    await on_frr(labs, wrong_md5_is_no_session)
 
 
 async def test_stop_sends_cease_with_an_rfc8203_message(labs: list[NetLab]) -> None:
-    lab = frr_lab(labs)
-    assert lab.router
-    await asyncio.to_thread(stop_sends_cease_with_reason, lab, frr_view(lab.router))
+    await on_frr(labs, stop_sends_cease_with_reason)
 
 
 # -- session features -----------------------------------------------------------------------
@@ -395,7 +391,7 @@ async def test_per_neighbor_attributes_and_route_refresh_without_reset(
     """The neighbor's own MED and large community reach FRR; FRR asking for a route
     refresh (`clear bgp ... soft in`, what a filter change does) re-sends our routes on
     the same session."""
-    lab = frr_lab(labs)
+    lab = make_lab(labs, 1)
     (edge,) = lab.edges
     neighbor = {"med": 55, "large_communities": ["65101:3:4"], "link_bandwidth": "non-transitive"}
     speaker = await start_speaker(lab, edge, speakers, med=5, neighbor_overrides=neighbor)

@@ -30,7 +30,7 @@ from tests.support.netlab import (
 )
 
 FREEZE_S = 5.0
-# Long enough that only the dead-man switch (0.5 s) can explain a withdraw while frozen.
+# Long enough that only the dead-man switch (0.8 s) can explain a withdraw while frozen.
 LONG_HOLD_S = 30
 
 
@@ -196,6 +196,7 @@ def wrong_md5_is_no_session(lab: NetLab, view: RouterView) -> None:
     speaker = SpeakerProcess(
         lab, edge, "--condition", "healthy", neighbor_overrides={"md5_password": "wrong-pw"}
     )
+    speaker.status()  # the speaker runs (the grace period starts at its first status)
     deadline = time.monotonic() + 6.5  # past NO_SESSION_GRACE_S (5 s)
     while time.monotonic() < deadline:
         status = speaker.status()
