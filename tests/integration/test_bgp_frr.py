@@ -291,11 +291,12 @@ async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab
 
 
 async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
-    """The loop blocks (the process runs): the relay's dead-man withdraws; the in-process
-    watchdog thread kills ExaBGP after its own deadline; both recover on their own."""
+    """The loop blocks (the process runs): the relay's dead-man withdraws first (0.8 s),
+    the in-process watchdog thread kills ExaBGP after its own deadline (2 s); both
+    recover on their own."""
     lab = make_lab(labs, 1)
     (edge,) = lab.edges
-    agent = SpeakerProcess(lab, edge, "--condition", "healthy", "--watchdog-s", "0.5")
+    agent = SpeakerProcess(lab, edge, "--condition", "healthy", "--watchdog-s", "2")
     await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
     assert agent.process.stdin is not None
     agent.process.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
