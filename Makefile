@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # Debian packages the tests and benchmarks need (installed when missing).
-DEB_TEST := chromium frr haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux keepalived
+DEB_TEST := chromium frr bird2 haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux keepalived
 PYTEST_ARGS ?=
 
 .PHONY: all venv deps lint test test-unit test-integration test-e2e lab lab-down lab-status demo bench-proxy clean
@@ -61,12 +61,12 @@ demo: venv
 bench-proxy: deps venv
 	$(PY) -m bench.proxy
 
-# BGP numbers with real FRR + ExaBGP in network namespaces (root; ~1 min, bounded).
 # 100,000 L4 and 100,000 L7 flows with every close pattern: fds, flows and RSS before/after.
 .PHONY: bench-soak
 bench-soak: deps venv
 	$(PY) -m bench.soak
 
+# BGP numbers with real FRR, BIRD 2 + ExaBGP in network namespaces (root; ~2 min, bounded).
 .PHONY: bench-bgp
 bench-bgp: deps venv
 	$(PY) -m bench.bgp

@@ -5,7 +5,10 @@ Prints a table and writes bench-results/bgp.json:
   the router's kernel FIB (FRR 8.4's own processing is the floor);
 - hard edge failure (blackholed, no TCP close) -> next-hop gone, with BFD and without;
 - a planned drain of one of two edges under a steady load of short connections;
-- share of new connections per edge vs the weights.
+- share of new connections per edge vs the weights;
+- agent frozen (SIGSTOP of the agent process alone) -> route gone at the peer, FRR and
+  BIRD, and the dead-man switch's own share (freeze -> the relay fired); SIGSTOP of the
+  whole process group -> route gone (the router's hold timer, 3 s).
 
 Every run is bounded (counts and deadlines); traffic stays inside the lab's namespaces.
 """
@@ -15,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import random
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +31,14 @@ from bgp.bfd import BfdDaemon
 from bgp.drain import drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import PolicyInputs, Serving, advertisements
-from tests.support.netlab import VIP, NetLab, RouteMonitor, edge_bgp_config, passive_opens
+from tests.support.netlab import (
+    VIP,
+    NetLab,
+    RouteMonitor,
+    SpeakerProcess,
+    edge_bgp_config,
+    passive_opens,
+)
 from tests.support.procs import wait_for
 
 RESULTS = Path("bench-results/bgp.json")
@@ -34,6 +47,8 @@ BFD_ROUNDS = 5
 HOLD_ROUNDS = 3
 SHARE_CONNECTIONS = 2000
 DRAIN_LOAD_S = 8.0
+FREEZE_ROUNDS = 7
+GROUP_FREEZE_ROUNDS = 3
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -269,18 +284,59 @@ async def bench_share() -> dict[str, Any]:
     return {"connections": total, "failed": counts.get("failed", 0), "edges": rows}
 
 
+def _withdrawn_line(line: str) -> bool:
+    return VIP in line and line.startswith("Deleted")
+
+
+def bench_freeze(router: str, rounds: int, whole_group: bool = False) -> dict[str, Any]:
+    """SIGSTOP of the agent (or its whole process group) at a random phase of its beats
+    -> the route leaves the router's kernel FIB. Long hold time for the agent-alone case,
+    so nothing but the dead-man switch can explain the withdraw."""
+    lab = NetLab.create(1, router=router)
+    edge = lab.edges[0]
+    hold = {"hold_time_s": 3 if whole_group else 30}
+    monitor = RouteMonitor(lab.router_netns)
+    gone: list[float] = []
+    deadman_share: list[float] = []
+    try:
+        speaker = SpeakerProcess(lab, edge, "--serving", "full", neighbor_overrides=hold)
+        for _ in range(rounds):
+            wait_for(lambda: str(edge.address) in lab.fib_nexthops(), 60, what="route")
+            time.sleep(0.5 + random.random() * 0.3)  # a random phase of the 150 ms beats
+            monitor.drain_pending()
+            stopped = time.monotonic()
+            stop = os.killpg if whole_group else os.kill
+            stop(speaker.pid, signal.SIGSTOP)
+            try:
+                gone.append(monitor.wait_line(_withdrawn_line, 30) - stopped)
+            finally:
+                stop(speaker.pid, signal.SIGCONT)
+            if not whole_group:
+                fired = speaker.status()["deadman"]["last"]
+                deadman_share.append(fired["at_monotonic"] - stopped)
+    finally:
+        monitor.close()
+        lab.close()
+    result: dict[str, Any] = dict(summary_ms(gone))
+    result["timeout_ms"] = speaker.config.deadman.timeout_ms
+    if deadman_share:
+        result["deadman_share"] = summary_ms(deadman_share)
+    return result
+
+
 def print_table(results: dict[str, Any]) -> None:
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
 
     def add(name: str, stats: dict[str, Any], note: str = "") -> None:
-        rows.append((name, f"{stats['p50_ms']:.1f}", f"{stats['p99_ms']:.1f}", note))
+        p50, p99, top = (f"{stats[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms"))
+        rows.append((name, p50, p99, top, note))
 
-    u = results["updates"]
-    n = u["verdict_to_update_sent_withdraw"]["n"]
-    add("verdict -> UPDATE sent (withdraw)", u["verdict_to_update_sent_withdraw"], f"n={n}")
-    add("verdict -> UPDATE sent (announce)", u["verdict_to_update_sent_announce"], f"n={n}")
-    add("verdict -> route gone from FIB", u["verdict_to_fib_route_gone"], "incl. FRR+zebra")
-    add("verdict -> route in FIB", u["verdict_to_fib_route_installed"], "incl. FRR+zebra")
+    if (u := results.get("updates")) is not None:
+        n = u["verdict_to_update_sent_withdraw"]["n"]
+        add("verdict -> UPDATE sent (withdraw)", u["verdict_to_update_sent_withdraw"], f"n={n}")
+        add("verdict -> UPDATE sent (announce)", u["verdict_to_update_sent_announce"], f"n={n}")
+        add("verdict -> route gone from FIB", u["verdict_to_fib_route_gone"], "incl. FRR+zebra")
+        add("verdict -> route in FIB", u["verdict_to_fib_route_installed"], "incl. FRR+zebra")
     for key, label in (
         ("blackhole_bfd_50ms", "blackhole -> nexthop gone, BFD 50ms x3"),
         ("blackhole_bfd_100ms", "blackhole -> nexthop gone, BFD 100ms x3"),
@@ -289,18 +345,32 @@ def print_table(results: dict[str, Any]) -> None:
         if key in results:
             note = "hold time 3 s" if key.endswith("no_bfd") else "router+edge bfdd"
             add(label, results[key], f"n={results[key]['n']}, {note}")
+    for key, label in (
+        ("freeze_to_withdraw_frr", "agent SIGSTOP -> route gone, FRR"),
+        ("freeze_to_withdraw_bird", "agent SIGSTOP -> route gone, BIRD"),
+    ):
+        if key in results:
+            timeout = results[key].get("timeout_ms", "?")
+            add(label, results[key], f"n={results[key]['n']}, dead-man timeout {timeout} ms")
+            share = results[key]["deadman_share"]
+            add("  of which freeze -> relay fired", share, "the dead-man's own share")
+    if "group_freeze_to_withdraw_frr" in results:
+        group = results["group_freeze_to_withdraw_frr"]
+        add("process group SIGSTOP -> gone, FRR", group, f"n={group['n']}, hold time 3 s")
     width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'p50 ms':>9}  {'p99 ms':>9}  note")
-    for name, p50, p99, note in rows:
-        print(f"{name:<{width}}  {p50:>9}  {p99:>9}  {note}")
-    d = results["planned_drain"]
+    print(f"{'measure':<{width}}  {'p50 ms':>9}  {'p99 ms':>9}  {'max ms':>9}  note")
+    for name, p50, p99, top, note in rows:
+        print(f"{name:<{width}}  {p50:>9}  {p99:>9}  {top:>9}  {note}")
+    if (d := results.get("planned_drain")) is None:
+        return
     print(
         f"\nplanned drain of 1 of 2 edges under load: {d['requests']} requests, "
         f"{d['failed']} failed {d['failures'] or ''}, drain {d['drain_outcome']} in "
         f"{d['drain_s']} s, {d['served_by_drained_edge_after_drain']} of "
         f"{d['requests_after_drain']} later requests reached the drained edge"
     )
-    s = results["share"]
+    if (s := results.get("share")) is None:
+        return
     print(f"\nshare of {s['connections']} new connections ({s['failed']} failed):")
     for name, row in s["edges"].items():
         print(
@@ -310,21 +380,41 @@ def print_table(results: dict[str, Any]) -> None:
         )
 
 
-def write_results(results: dict[str, Any]) -> None:
+def write_results(results: dict[str, Any]) -> dict[str, Any]:
+    """Writes the keys measured now over those of an earlier run (others are kept)."""
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    previous: dict[str, Any] = {}
+    if RESULTS.exists():
+        previous = json.loads(RESULTS.read_text())
+    merged = previous | results
+    RESULTS.write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+async def freeze_results() -> dict[str, Any]:
+    return {
+        "freeze_to_withdraw_frr": await asyncio.to_thread(bench_freeze, "frr", FREEZE_ROUNDS),
+        "freeze_to_withdraw_bird": await asyncio.to_thread(bench_freeze, "bird", FREEZE_ROUNDS),
+        "group_freeze_to_withdraw_frr": await asyncio.to_thread(
+            bench_freeze, "frr", GROUP_FREEZE_ROUNDS, True
+        ),
+    }
 
 
 async def main() -> None:
-    results: dict[str, Any] = {"machine_note": "2 shared cores; FRR 8.4.4, ExaBGP 5.0.15"}
-    results["updates"] = await bench_verdict_to_update_and_fib()
-    results["blackhole_bfd_50ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=50)
-    results["blackhole_bfd_100ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=100)
-    results["blackhole_no_bfd"] = await bench_hard_failure(False, HOLD_ROUNDS)
-    results["planned_drain"] = await bench_planned_drain()
-    results["share"] = await bench_share()
-    write_results(results)
-    print_table(results)
+    """`--freeze-only`: the freeze rows alone (the other keys of bgp.json are kept)."""
+    results: dict[str, Any] = {
+        "machine_note": "2 shared cores; FRR 8.4.4, BIRD 2.0.12, ExaBGP 5.0.15"
+    }
+    if "--freeze-only" not in sys.argv[1:]:
+        results["updates"] = await bench_verdict_to_update_and_fib()
+        results["blackhole_bfd_50ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=50)
+        results["blackhole_bfd_100ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=100)
+        results["blackhole_no_bfd"] = await bench_hard_failure(False, HOLD_ROUNDS)
+        results["planned_drain"] = await bench_planned_drain()
+        results["share"] = await bench_share()
+    results |= await freeze_results()
+    print_table(write_results(results))
     print(f"\nwritten to {RESULTS}")
 
 

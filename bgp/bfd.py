@@ -1,6 +1,7 @@
 """bfdd beside ExaBGP: config, supervision, session state.
 
-FRR's bfdd runs alone (no zebra) on the edge: single-hop `peer ROUTER local-address SELF`.
+FRR's bfdd runs alone (no zebra) on the edge: single-hop `peer ROUTER local-address SELF`
+(`multihop` for a multihop neighbor).
 The router's `neighbor X bfd profile P` then drops a dead edge's BGP session in a few
 hundred ms instead of the hold time. The trap: when the edge's bfdd dies, the router
 brings BGP back *without* BFD and fast failover is silently gone. So a BFD session that
@@ -33,8 +34,9 @@ def render_bfdd_config(config: BgpConfig) -> str:
     bfd = config.bfd
     lines = ["log stdout warnings", "bfd"]
     for neighbor in config.neighbors:
+        multihop = " multihop" if neighbor.multihop else ""
         lines += [
-            f" peer {neighbor.peer_address} local-address {config.local_address}",
+            f" peer {neighbor.peer_address}{multihop} local-address {config.local_address}",
             f"  detect-multiplier {bfd.detect_multiplier}",
             f"  receive-interval {bfd.receive_interval_ms}",
             f"  transmit-interval {bfd.transmit_interval_ms}",

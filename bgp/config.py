@@ -8,6 +8,7 @@ tests of the models never touch the network.
 
 from __future__ import annotations
 
+import enum
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # 0 is reserved, 23456 is AS_TRANS, 65535 and 4294967295 are reserved (RFC 7300).
 RESERVED_ASNS = frozenset({0, 23456, 65535, 4294967295})
@@ -35,6 +37,7 @@ MD5_PASSWORD_MAX_BYTES = 80
 # both take such a token verbatim, so what we render is what the kernel gets.
 _MD5_PASSWORD_RE = re.compile(r"^[!#-&(-:<-~]+$")
 _COMMUNITY_RE = re.compile(r"^(\d{1,5}):(\d{1,5})$")
+_LARGE_COMMUNITY_RE = re.compile(r"^(\d{1,10}):(\d{1,10}):(\d{1,10})$")
 
 
 def _check_asn(value: int) -> int:
@@ -53,8 +56,30 @@ def _check_community(value: str) -> str:
     return value
 
 
+def _check_large_community(value: str) -> str:
+    match = _LARGE_COMMUNITY_RE.match(value)
+    if not match or any(int(part) > 4294967295 for part in match.groups()):
+        raise ValueError(
+            f"{value!r} is not a large community (expected 'ASN:VALUE:VALUE', each "
+            "0..4294967295, RFC 8092)"
+        )
+    return value
+
+
 Asn = Annotated[int, AfterValidator(_check_asn)]
 Community = Annotated[str, AfterValidator(_check_community)]
+LargeCommunity = Annotated[str, AfterValidator(_check_large_community)]
+
+
+class LinkBandwidth(enum.StrEnum):
+    """How the link-bandwidth extended community goes to a neighbor. Some routers re-mark
+    or drop one of the two types, so it is chosen per neighbor."""
+
+    # Type 0x00 subtype 0x04: FRR passes it on over eBGP (the default).
+    TRANSITIVE = "transitive"
+    # Type 0x40 subtype 0x04, as the draft first defined it (ExaBGP's `bandwidth:`).
+    NON_TRANSITIVE = "non-transitive"
+    OFF = "off"
 
 
 class _Strict(BaseModel):
@@ -68,6 +93,23 @@ class BfdSettings(_Strict):
     transmit_interval_ms: int = Field(default=100, ge=10, le=60000)
     receive_interval_ms: int = Field(default=100, ge=10, le=60000)
     detect_multiplier: int = Field(default=3, ge=2, le=255)
+
+
+class DeadmanSettings(_Strict):
+    """The dead-man switch outside the agent: the API relay (ExaBGP's helper process)
+    withdraws every route when the agent's event loop has not beaten for `timeout_ms`."""
+
+    enabled: bool = True
+    beat_interval_ms: int = Field(default=150, ge=100, le=200)
+    # 800 ms: a loop on a loaded host (2 cores, many processes) stalls a few hundred ms
+    # now and then; a host-wide stall must not take every node's route at once.
+    timeout_ms: int = Field(default=800, ge=300, le=10_000)
+
+    @model_validator(mode="after")
+    def _timeout_covers_beats(self) -> Self:
+        if self.timeout_ms < 2 * self.beat_interval_ms:
+            raise ValueError("timeout_ms must be at least twice beat_interval_ms")
+        return self
 
 
 class FlapBudget(_Strict):
@@ -91,6 +133,27 @@ class Neighbor(_Strict):
     # ExaBGP's default is 180 s; 3 s bounds a dead edge's route lifetime without BFD.
     hold_time_s: int = Field(default=3, ge=3, le=65535)
     description: str = Field(default="", max_length=80, pattern=r"^[\w .:/-]*$")
+    # eBGP multihop: the peer is not on a connected subnet; `ttl` is the IP TTL we send.
+    multihop: bool = False
+    ttl: int | None = Field(default=None, ge=1, le=255)
+    # Wait for the router to connect (never connect out).
+    passive: bool = False
+    port: int = Field(default=179, ge=1, le=65535)
+    # Per-neighbor attributes: MED replaces the node's; communities and large communities
+    # are added to the node's; prepends are added always (a backup path, say).
+    med: int | None = Field(default=None, ge=0, le=4294967295)
+    communities: list[Community] = Field(default_factory=list, max_length=32)
+    large_communities: list[LargeCommunity] = Field(default_factory=list, max_length=32)
+    prepends: int = Field(default=0, ge=0, le=10)
+    link_bandwidth: LinkBandwidth = LinkBandwidth.TRANSITIVE
+    # iBGP only (peer_asn == local_asn): LOCAL_PREF, and the one a drain announces with.
+    local_pref: int = Field(default=100, ge=0, le=4294967295)
+    drain_local_pref: int = Field(default=0, ge=0, le=4294967295)
+    # Capabilities offered. Route refresh lets the router re-filter without a session
+    # reset. Graceful restart is off unless asked for: a helper router keeps a dead
+    # agent's routes as stale for this long (and ExaBGP then closes without a Cease).
+    route_refresh: bool = True
+    graceful_restart_s: int | None = Field(default=None, ge=1, le=4095)
 
     @field_validator("md5_password")
     @classmethod
@@ -108,6 +171,24 @@ class Neighbor(_Strict):
                 "the TCP-MD5 password must be printable ASCII without spaces, quotes or ';'"
             )
         return value
+
+    @model_validator(mode="after")
+    def _multihop_needs_ttl(self) -> Self:
+        if self.multihop and self.ttl is None:
+            raise _field_error(("ttl",), "a multihop neighbor needs a TTL (2..255)")
+        if self.multihop and self.ttl == 1:
+            raise _field_error(("ttl",), "a multihop neighbor needs a TTL of at least 2")
+        if not self.multihop and self.ttl not in (None, 1):
+            raise _field_error(("ttl",), "a TTL above 1 needs multihop: true")
+        return self
+
+
+def _field_error(location: tuple[str | int, ...], message: str) -> ValidationError:
+    """A validation error that names `location` (a model-wide rule about one field)."""
+    error = PydanticCustomError("value_error", message)
+    return ValidationError.from_exception_data(
+        "BgpConfig", [InitErrorDetails(type=error, loc=location, input=None)]
+    )
 
 
 class BgpConfig(_Strict):
@@ -127,12 +208,14 @@ class BgpConfig(_Strict):
     med: int = Field(default=0, ge=0, le=4294967295)
     drain_prepends: int = Field(default=3, ge=0, le=10)
     communities: list[Community] = Field(default_factory=list, max_length=32)
+    large_communities: list[LargeCommunity] = Field(default_factory=list, max_length=32)
     bfd: BfdSettings = BfdSettings()
     flap: FlapBudget = FlapBudget()
     drain_deadline_s: float = Field(default=30.0, gt=0, le=3600)
     # A drain waits until fewer than this many new connections/s arrive over the window.
     drain_quiet_rate_per_s: float = Field(default=1.0, ge=0)
     drain_quiet_window_s: float = Field(default=2.0, gt=0, le=600)
+    deadman: DeadmanSettings = DeadmanSettings()
     # A thread kills ExaBGP (its routes go) when the agent's event loop stalls this long;
     # 0 disables the watchdog.
     loop_stall_deadline_s: float = Field(default=2.0, ge=0, le=600)
@@ -174,6 +257,28 @@ class BgpConfig(_Strict):
             raise ValueError("a neighbor peer_address is our own local_address")
         return value
 
+    @model_validator(mode="after")
+    def _ibgp_done_right(self) -> Self:
+        """iBGP (peer_asn == local_asn) has no AS path of ours to prepend: a drain
+        signals with GRACEFUL_SHUTDOWN and a lower LOCAL_PREF instead."""
+        for index, neighbor in enumerate(self.neighbors):
+            if neighbor.peer_asn != self.local_asn:
+                continue
+            where = ("neighbors", index)
+            if neighbor.prepends:
+                raise _field_error(
+                    (*where, "prepends"),
+                    "an iBGP neighbor takes no AS-path prepends (the peer would see its "
+                    "own AS as a loop); drains lower drain_local_pref instead",
+                )
+            if neighbor.drain_local_pref >= neighbor.local_pref:
+                raise _field_error(
+                    (*where, "drain_local_pref"),
+                    "an iBGP neighbor's drain_local_pref must be below its local_pref, "
+                    "or a drain would not move traffic",
+                )
+        return self
+
 
 def describe_validation_error(exc: ValidationError, prefix: str = "bgp") -> str:
     """One line naming the first bad field and what was expected (never the input value,
@@ -204,13 +309,15 @@ def check_addresses_are_local(
     config: BgpConfig, interfaces: Iterable[IPv4Interface] | None = None
 ) -> list[str]:
     """Errors (one line each) for addresses that do not fit this host's interfaces:
-    local_address must be assigned here, every neighbor must be on a connected subnet
-    (single-hop eBGP and BFD). Empty when all is well."""
+    local_address must be assigned here, every single-hop neighbor must be on a connected
+    subnet (single-hop eBGP and BFD). Empty when all is well."""
     local = list(interfaces) if interfaces is not None else local_interface_addresses()
     errors: list[str] = []
     if all(iface.ip != config.local_address for iface in local):
         errors.append(f"bgp.local_address: {config.local_address} is not on a local interface")
     for index, neighbor in enumerate(config.neighbors):
+        if neighbor.multihop or neighbor.peer_asn == config.local_asn:
+            continue  # reached through routing, not a connected subnet
         if not any(
             neighbor.peer_address in iface.network and iface.network.prefixlen < 32
             for iface in local
@@ -266,7 +373,9 @@ __all__ = [
     "BfdSettings",
     "BgpConfig",
     "ConfigError",
+    "DeadmanSettings",
     "FlapBudget",
+    "LinkBandwidth",
     "Neighbor",
     "check_addresses_are_local",
     "describe_validation_error",

@@ -13,6 +13,9 @@ Dead-man switches, so a dead or hung agent takes its routes with it:
 - ExaBGP gets PR_SET_PDEATHSIG(SIGKILL): it dies with the thread that started it.
 - ExaBGP runs with `api.terminate=true`: when the relay's socket closes (agent gone), the
   relay exits and ExaBGP exits; the kernel closes its TCP sessions and routers withdraw.
+- Liveness beats to the relay: the event loop writes `#beat` every `beat_interval_ms`;
+  when they stop for `timeout_ms` the relay (outside this process) withdraws every route
+  and says so (`#deadman fired`); the driver then re-announces its desired set.
 - `LoopWatchdog`: a thread that kills ExaBGP when the event loop stalls past a deadline.
 """
 
@@ -37,6 +40,9 @@ from typing import Any
 
 from bgp import api_relay
 from bgp.config import BgpConfig
+from bgp.exabgp_main import shutdown_text
+from bgp.neighbors import NeighborRoute, routes_for
+from bgp.observed import carriage, describe_carriage, no_session_reason, notification_reason
 from bgp.policy import Advertisement
 
 log = logging.getLogger(__name__)
@@ -71,16 +77,38 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
         ]
         if neighbor.md5_password is not None:
             lines.append(f"    md5-password {neighbor.md5_password.get_secret_value()};")
+        if neighbor.passive:
+            lines += ["    passive true;", f"    listen {neighbor.port};"]
+        else:
+            lines.append(f"    connect {neighbor.port};")
+        if neighbor.multihop and neighbor.ttl is not None:
+            lines.append(f"    outgoing-ttl {neighbor.ttl};")
         lines += [
+            "    capability {",
+            f"        route-refresh {'enable' if neighbor.route_refresh else 'disable'};",
+        ]
+        if neighbor.graceful_restart_s is not None:
+            lines.append(f"        graceful-restart {neighbor.graceful_restart_s};")
+        lines += [
+            "    }",
             "    family {",
             "        ipv4 unicast;",
             "    }",
             "    api {",
             f"        processes [ {PROCESS_NAME} ];",
             "        neighbor-changes;",
+            "        negotiated;",
             "        send {",
             "            parsed;",
             "            update;",
+            "            open;",
+            "            notification;",
+            "        }",
+            "        receive {",
+            "            parsed;",
+            "            open;",
+            "            notification;",
+            "            refresh;",
             "        }",
             "    }",
             "}",
@@ -89,32 +117,46 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
     return "\n".join(lines)
 
 
-def announce_command(adv: Advertisement) -> str:
-    # ExaBGP sends the AS path we give verbatim: our own ASN once, plus the prepends.
-    as_path = " ".join([str(adv.local_asn)] * (1 + adv.as_path_prepends))
+def announce_command(peer: IPv4Address, route: NeighborRoute) -> str:
+    # ExaBGP sends the AS path we give verbatim (our ASN, prepends; empty for iBGP).
     parts = [
-        f"announce route {adv.prefix} next-hop {adv.next_hop}",
+        f"neighbor {peer} announce route {route.prefix} next-hop {route.next_hop}",
         "origin igp",
-        f"med {adv.med}",
-        f"as-path [ {as_path} ]",
+        f"med {route.med}",
+        f"as-path [ {' '.join(str(asn) for asn in route.as_path)} ]",
     ]
-    if adv.communities:
-        parts.append(f"community [ {' '.join(adv.communities)} ]")
-    parts.append(f"extended-community [ {' '.join(adv.extended_communities)} ]")
+    if route.local_pref is not None:
+        parts.append(f"local-preference {route.local_pref}")
+    if route.communities:
+        parts.append(f"community [ {' '.join(route.communities)} ]")
+    if route.large_communities:
+        parts.append(f"large-community [ {' '.join(route.large_communities)} ]")
+    if route.extended_communities:
+        parts.append(f"extended-community [ {' '.join(route.extended_communities)} ]")
     return " ".join(parts)
 
 
-def withdraw_command(prefix: IPv4Network) -> str:
-    return f"withdraw route {prefix}"
+def withdraw_command(peer: IPv4Address, prefix: IPv4Network) -> str:
+    return f"neighbor {peer} withdraw route {prefix}"
 
 
-def diff_commands(current: Set[Advertisement], desired: Set[Advertisement]) -> list[str]:
-    """Commands that take ExaBGP's RIB from `current` to `desired`. Withdraws go first:
-    taking traffic away must never wait behind attracting it."""
-    desired_prefixes = {adv.prefix for adv in desired}
-    withdraws = sorted({adv.prefix for adv in current} - desired_prefixes)
-    announces = sorted(desired - current, key=lambda adv: adv.prefix)
-    return [withdraw_command(p) for p in withdraws] + [announce_command(a) for a in announces]
+def diff_commands(
+    current: Set[Advertisement], desired: Set[Advertisement], config: BgpConfig
+) -> list[str]:
+    """Commands that take ExaBGP's RIB from `current` to `desired`, each neighbor's routes
+    shaped by `bgp.neighbors`. Withdraws go first: taking traffic away must never wait
+    behind attracting it."""
+    withdraws: list[str] = []
+    announces: list[str] = []
+    for neighbor in config.neighbors:
+        peer = neighbor.peer_address
+        now = routes_for(current, neighbor, config)
+        wanted = routes_for(desired, neighbor, config)
+        gone = sorted({r.prefix for r in now} - {r.prefix for r in wanted})
+        withdraws += [withdraw_command(peer, prefix) for prefix in gone]
+        changed = sorted(wanted - now, key=lambda route: route.prefix)
+        announces += [announce_command(peer, route) for route in changed]
+    return withdraws + announces
 
 
 # -- pure: parsing ------------------------------------------------------------------------
@@ -140,7 +182,68 @@ class Ack:
     ok: bool
 
 
-Message = NeighborState | SentUpdate | Ack | None
+@dataclass(frozen=True, slots=True)
+class DeadmanFired:
+    """The relay withdrew every route: no liveness beat came for `silent_ms`; `at` is
+    the relay's time.monotonic() when it fired (one clock for the whole host)."""
+
+    silent_ms: int
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSeen:
+    """An OPEN we sent ("send") or received ("receive"), with its capability names."""
+
+    peer: IPv4Address
+    direction: str
+    asn: int
+    hold_time_s: int
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    peer: IPv4Address
+    hold_time_s: int
+    route_refresh: str  # "absent", "normal", "enhanced"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationSeen:
+    peer: IPv4Address
+    direction: str  # "send" or "receive"
+    code: int
+    subcode: int
+    message: str  # the data as text (RFC 8203 shutdown communication, when any)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshSeen:
+    """A ROUTE-REFRESH the peer sent us (its filters changed; ExaBGP re-sends)."""
+
+    peer: IPv4Address
+
+
+Message = (
+    NeighborState
+    | SentUpdate
+    | Ack
+    | DeadmanFired
+    | OpenSeen
+    | Negotiated
+    | NotificationSeen
+    | RefreshSeen
+    | None
+)
+
+
+def _capability_names(capabilities: Any) -> frozenset[str]:
+    names: set[str] = set()
+    for key, value in (capabilities or {}).items():
+        name = value.get("name") if isinstance(value, dict) else None
+        names.add(str(name or key).replace(" ", "-"))
+    return frozenset(names)
 
 
 def parse_message(line: str) -> Message:
@@ -149,6 +252,12 @@ def parse_message(line: str) -> Message:
     line = line.strip()
     if line in ("done", "error"):
         return Ack(ok=line == "done")
+    if line.startswith(api_relay.FIRED.decode()):
+        words = line.removeprefix(api_relay.FIRED.decode()).split()
+        try:
+            return DeadmanFired(int(words[0]), float(words[1]) if len(words) > 1 else 0.0)
+        except (IndexError, ValueError):
+            return DeadmanFired(0)
     if not line.startswith("{"):
         return None
     try:
@@ -163,6 +272,31 @@ def parse_message(line: str) -> Message:
     kind = data.get("type")
     if kind == "state":
         return NeighborState(peer, str(neighbor.get("state", "")), str(neighbor.get("reason", "")))
+    try:
+        return _parse_session_message(kind, peer, neighbor)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _parse_session_message(kind: Any, peer: IPv4Address, neighbor: dict[str, Any]) -> Message:
+    direction = str(neighbor.get("direction", ""))
+    if kind == "open":
+        message = neighbor["open"]
+        capabilities = _capability_names(message.get("capabilities"))
+        return OpenSeen(
+            peer, direction, int(message["asn"]), int(message["hold_time"]), capabilities
+        )
+    if kind == "negotiated":
+        message = neighbor["negotiated"]
+        return Negotiated(peer, int(message["hold_time"]), str(message.get("refresh", "")))
+    if kind == "notification":
+        message = neighbor["notification"]
+        text = str(message.get("message", ""))
+        return NotificationSeen(
+            peer, direction, int(message["code"]), int(message["subcode"]), text
+        )
+    if kind == "refresh" and direction == "receive":
+        return RefreshSeen(peer)
     if kind == "update" and neighbor.get("direction") == "send":
         message = neighbor.get("message", {})
         if "eor" in message:
@@ -210,6 +344,92 @@ class _PeerView:
     # When ExaBGP last finished sending its whole RIB to this peer (End-of-RIB): that
     # covers every change written before it, withdraws included.
     end_of_rib_at: float = 0.0
+    # What the last OPENs said (ours, theirs) and what was negotiated.
+    offered: frozenset[str] = frozenset()
+    received: frozenset[str] = frozenset()
+    hold_time_s: int | None = None
+    route_refresh: str = ""
+    # direction ("send"/"receive") -> the last NOTIFICATION and when (monotonic).
+    notifications: dict[str, tuple[NotificationSeen, float]] = field(default_factory=dict)
+    # Counters since the agent started (Prometheus counters).
+    established_total: int = 0
+    updates_sent: dict[str, int] = field(
+        default_factory=lambda: {"announce": 0, "withdraw": 0, "end-of-rib": 0}
+    )
+    notifications_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    refreshes_received: int = 0
+
+    def record(self, message: Message, now: float) -> None:
+        """Fold one of ExaBGP's reports about this peer into the view."""
+        if isinstance(message, OpenSeen):
+            if message.direction == "send":
+                self.offered = message.capabilities
+            else:
+                self.received = message.capabilities
+        elif isinstance(message, Negotiated):
+            self.hold_time_s, self.route_refresh = message.hold_time_s, message.route_refresh
+        elif isinstance(message, NotificationSeen):
+            self.notifications[message.direction] = (message, now)
+            key = (message.direction, notification_reason(message.code, message.subcode))
+            self.notifications_total[key] = self.notifications_total.get(key, 0) + 1
+        elif isinstance(message, RefreshSeen):
+            self.refreshes_received += 1
+        elif isinstance(message, SentUpdate):
+            if message.end_of_rib:
+                self.end_of_rib_at = now
+                self.updates_sent["end-of-rib"] += 1
+            for prefix in message.announced:
+                self.last_sent[prefix] = (True, now)
+            for prefix in message.withdrawn:
+                self.last_sent[prefix] = (False, now)
+            self.updates_sent["announce"] += bool(message.announced)
+            self.updates_sent["withdraw"] += bool(message.withdrawn)
+
+    def announced(self) -> set[IPv4Network]:
+        """Prefixes this peer was last sent as announced (its Adj-RIB-In from us)."""
+        return {prefix for prefix, (up, _) in self.last_sent.items() if up}
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        def notification(direction: str) -> dict[str, Any] | None:
+            if direction not in self.notifications:
+                return None
+            seen, at = self.notifications[direction]
+            return {
+                "code": seen.code,
+                "subcode": seen.subcode,
+                "reason": notification_reason(seen.code, seen.subcode),
+                "message": seen.message,
+                "age_s": round(now - at, 3),
+            }
+
+        up = self.state == "up"
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "uptime_s": round(now - self.since, 3) if up else None,
+            "hold_time_s": self.hold_time_s if up else None,
+            "route_refresh": self.route_refresh if up else None,
+            "capabilities": {
+                "offered": sorted(self.offered),
+                "received": sorted(self.received),
+                "negotiated": sorted(self.offered & self.received) if up else [],
+            },
+            "sent": {
+                str(prefix): {"announced": announced, "age_s": round(now - at, 3)}
+                for prefix, (announced, at) in sorted(self.last_sent.items())
+            },
+            "last_notification_sent": notification("send"),
+            "last_notification_received": notification("receive"),
+            "counters": {
+                "established": self.established_total,
+                "updates_sent": dict(self.updates_sent),
+                "notifications": [
+                    {"direction": direction, "reason": reason, "count": count}
+                    for (direction, reason), count in sorted(self.notifications_total.items())
+                ],
+                "route_refreshes_received": self.refreshes_received,
+            },
+        }
 
 
 class ExaBgpDriver:
@@ -238,6 +458,14 @@ class ExaBgpDriver:
         self.restart_backoff_s = restart_backoff_s
         self.on_neighbor_change = on_neighbor_change
         self.restarts = 0
+        self.deadman_firings = 0
+        self.last_deadman_firing: DeadmanFired | None = None
+        # Bumped whenever ExaBGP's RIB is no longer what we wrote (the relay withdrew
+        # everything): a batch of commands in flight then must not count as written.
+        self._rib_generation = 0
+        # After a firing, announces wait until the loop has beaten for one more dead-man
+        # period: what the agent learnt while frozen (health, stdin, API) is handled first.
+        self._resync_at = 0.0
         self._desired: frozenset[Advertisement] = frozenset()
         self._written: frozenset[Advertisement] = frozenset()
         self._peers: dict[IPv4Address, _PeerView] = {
@@ -287,17 +515,50 @@ class ExaBgpDriver:
         """What the running ExaBGP was told (its RIB, sent to every established peer)."""
         return self._written
 
+    def sent_to(self) -> dict[IPv4Network, set[IPv4Address]]:
+        """Per desired prefix, the established peers last sent it as announced."""
+        return {
+            adv.prefix: {
+                peer
+                for peer, view in self._peers.items()
+                if view.state == "up" and adv.prefix in view.announced()
+            }
+            for adv in self._desired
+        }
+
+    def no_session_reason(self) -> str | None:
+        """It wants to announce and no session carries it (see bgp.observed)."""
+        established = sum(view.state == "up" for view in self._peers.values())
+        return no_session_reason(
+            {adv.prefix for adv in self._desired}, self.sent_to(), established, len(self._peers)
+        )
+
     def status(self) -> dict[str, Any]:
-        """For the agent's /status: sessions and what is announced."""
+        """For the agent's /status: what we want, what ExaBGP holds, what each peer was
+        sent (the peers' view), per session its state, capabilities and NOTIFICATIONs."""
+        now = time.monotonic()
+        sent_to = self.sent_to()
+        established = {peer for peer, view in self._peers.items() if view.state == "up"}
+        desired = {adv.prefix for adv in self._desired}
+        prefixes = {}
+        for prefix in sorted(desired | {adv.prefix for adv in self._written}):
+            peers = sent_to.get(prefix, set())
+            state = carriage(prefix in desired, established, peers)
+            prefixes[str(prefix)] = {
+                "desired": prefix in desired,
+                "written": any(adv.prefix == prefix for adv in self._written),
+                "sent_to": sorted(str(peer) for peer in peers),
+                "carriage": describe_carriage(state, len(peers), len(self._peers)),
+            }
         return {
             "exabgp_pid": self.pid,
             "restarts": self.restarts,
-            "sessions": {
-                str(peer): {"state": view.state, "reason": view.reason}
-                for peer, view in self._peers.items()
-            },
-            "announced": sorted(str(adv.prefix) for adv in self._written),
-            "desired": sorted(str(adv.prefix) for adv in self._desired),
+            "sessions": {str(peer): view.snapshot(now) for peer, view in self._peers.items()},
+            "prefixes": prefixes,
+            # Announced = some established peer holds it from us, not merely intended.
+            "announced": sorted(str(prefix) for prefix, peers in sent_to.items() if peers),
+            "desired": sorted(str(prefix) for prefix in desired),
+            "written": sorted(str(adv.prefix) for adv in self._written),
         }
 
     def set_desired(self, advertisements: Iterable[Advertisement]) -> None:
@@ -310,17 +571,30 @@ class ExaBgpDriver:
             self.socket_path.unlink()
         self._server = await asyncio.start_unix_server(self._on_relay, path=str(self.socket_path))
         relay = f"{sys.executable} {RELAY_SCRIPT} {self.socket_path}"
+        if self.config.deadman.enabled:
+            relay += f" --deadman-ms {self.config.deadman.timeout_ms}"
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(render_config(self.config, relay))
         self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
 
-    async def stop(self, withdraw_first: bool = True, withdraw_wait_s: float = 2.0) -> None:
-        """Withdraw (best effort, bounded), then stop ExaBGP; nothing is left running."""
-        if withdraw_first and self._writer is not None and self._written:
+    async def stop(
+        self,
+        withdraw_first: bool = True,
+        withdraw_wait_s: float = 2.0,
+        reason: str = "anycast-edge agent stopping",
+    ) -> None:
+        """Withdraw (best effort, bounded), end each session with a Cease NOTIFICATION
+        (Administrative Shutdown) whose RFC 8203 message is `reason`, then stop ExaBGP;
+        nothing is left running."""
+        # `_desired` too: a batch still in flight counts (written once it is acked).
+        if withdraw_first and self._writer is not None and (self._written or self._desired):
             self.set_desired(())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait_sent(), withdraw_wait_s)
+        if withdraw_first:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shut_down_sessions(reason), withdraw_wait_s)
         self._stopping = True
         self._changed.set()
         if self._supervisor:
@@ -332,6 +606,27 @@ class ExaBgpDriver:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    async def shut_down_sessions(self, reason: str) -> None:
+        """Cease 6/2 with `reason` (RFC 8203) to every established peer, no reconnect;
+        returns once ExaBGP reported each NOTIFICATION sent and the session closed (it
+        reports the NOTIFICATION before its bytes are on the wire: killing it at once
+        could lose them)."""
+        if self._writer is None:
+            return
+        started = time.monotonic()
+        await self._command(f"shutdown-sessions {shutdown_text(reason)}")
+        # ExaBGP answers in order: once the ack is read, so is every session change it
+        # reported before, and the sessions it tears down are the ones up now.
+        peers = [peer for peer, view in self._peers.items() if view.state == "up"]
+
+        def notified(peer: IPv4Address) -> bool:
+            view = self._peers[peer]
+            sent = view.notifications.get("send")
+            return sent is not None and sent[1] >= started and view.state != "up"
+
+        while not all(notified(peer) for peer in peers):
+            await self._wait_state_change()
 
     async def wait_written(self) -> None:
         """Until ExaBGP acknowledged commands that bring its RIB to the desired set."""
@@ -388,7 +683,9 @@ class ExaBgpDriver:
         await self._connected.put((reader, writer))
 
     def _exabgp_command(self) -> list[str]:
-        command = [self.exabgp_binary, str(self.config_path)]
+        # ExaBGP's own script, run by bgp.exabgp_main for its one extra API command.
+        wrapper = [sys.executable, "-m", "bgp.exabgp_main"]
+        command = [*wrapper, self.exabgp_binary, str(self.config_path)]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
         return command
@@ -454,9 +751,11 @@ class ExaBgpDriver:
         self._changed.set()
         reading = asyncio.create_task(self._read_loop(reader))
         writing = asyncio.create_task(self._write_loop())
+        beating = asyncio.create_task(self._beat_loop(writer))
         try:
             await asyncio.wait({exited, reading}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            beating.cancel()
             writing.cancel()
             reading.cancel()
             exited.cancel()
@@ -493,16 +792,21 @@ class ExaBgpDriver:
                     self._acks.pop(0).set_result(message.ok)
             elif isinstance(message, NeighborState):
                 self._set_peer_state(message)
-            elif isinstance(message, SentUpdate):
-                view = self._peers.get(message.peer)
-                if view is not None:
-                    now = time.monotonic()
-                    if message.end_of_rib:
-                        view.end_of_rib_at = now
-                    for prefix in message.announced:
-                        view.last_sent[prefix] = (True, now)
-                    for prefix in message.withdrawn:
-                        view.last_sent[prefix] = (False, now)
+            elif isinstance(message, DeadmanFired):
+                # We were frozen or stalled; ExaBGP's RIB is empty now. Re-sync: the
+                # desired set is what our state says *now*.
+                log.warning("dead-man switch fired: no beat for %d ms", message.silent_ms)
+                self.deadman_firings += 1
+                self.last_deadman_firing = message
+                self._rib_generation += 1
+                self._written = frozenset()
+                hold_s = self.config.deadman.timeout_ms / 1000
+                self._resync_at = time.monotonic() + hold_s
+                asyncio.get_running_loop().call_later(hold_s, self._changed.set)
+                self._changed.set()
+                self._notify()
+            elif message is not None and (view := self._peers.get(message.peer)) is not None:
+                view.record(message, time.monotonic())
                 self._notify()
 
     def _set_peer_state(self, message: NeighborState) -> None:
@@ -512,6 +816,7 @@ class ExaBgpDriver:
         if message.state != view.state:
             view.state, view.reason, view.since = message.state, message.reason, time.monotonic()
             if message.state == "up":
+                view.established_total += 1
                 # ExaBGP re-sends its whole RIB (= our desired set, once written) to a
                 # returning peer; a pass of the write loop catches up anything pending.
                 view.last_sent.clear()
@@ -536,7 +841,10 @@ class ExaBgpDriver:
             await self._changed.wait()
             self._changed.clear()
             desired, written = self._desired, self._written
-            commands = diff_commands(written, desired)
+            if time.monotonic() < self._resync_at:
+                # Re-sync after a dead-man firing: withdraws only, until the hold ends.
+                desired = frozenset(adv for adv in desired if adv in written)
+            commands = diff_commands(written, desired, self.config)
             if not commands:
                 self._notify()
                 continue
@@ -546,7 +854,10 @@ class ExaBgpDriver:
                 for adv in desired.symmetric_difference(written)
             }
             self._written_at = time.monotonic()
+            generation = self._rib_generation
             results = await asyncio.gather(*(self._command(c) for c in commands))
+            if generation != self._rib_generation:
+                continue  # the RIB was cleared under this batch: _changed is set again
             if all(results):
                 self._written = desired
             else:
@@ -554,6 +865,16 @@ class ExaBgpDriver:
                 # Forget what we believed: the next pass re-sends the whole desired set.
                 self._written = frozenset()
             self._notify()
+
+    async def _beat_loop(self, writer: asyncio.StreamWriter) -> None:
+        """Liveness beats for the relay's dead-man switch, from this event loop."""
+        if not self.config.deadman.enabled:
+            return
+        interval_s = self.config.deadman.beat_interval_ms / 1000
+        beat = api_relay.BEAT + b"\n"
+        while True:
+            writer.write(beat)
+            await asyncio.sleep(interval_s)
 
 
 class LoopWatchdog:
@@ -564,6 +885,7 @@ class LoopWatchdog:
         self.deadline_s = deadline_s
         self.on_stall = on_stall
         self.stalls = 0
+        self.process_freezes = 0
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
@@ -581,8 +903,18 @@ class LoopWatchdog:
 
     def _watch(self) -> None:
         fired = False
-        while not self._stop.wait(self.deadline_s / 8):
-            stalled = time.monotonic() - self._last_beat > self.deadline_s
+        tick = self.deadline_s / 8
+        last_tick = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now - last_tick > self.deadline_s:
+                # This thread was frozen too: the whole process was stopped (SIGSTOP, a
+                # suspended VM). The freeze is over; the dead-man switch outside (the
+                # relay) covered it, and killing ExaBGP now would only reset sessions.
+                self.process_freezes += 1
+                self._last_beat = now
+            last_tick = now
+            stalled = now - self._last_beat > self.deadline_s
             if stalled and not fired:
                 self.stalls += 1
                 self.on_stall()
@@ -596,6 +928,7 @@ class LoopWatchdog:
 
 __all__ = [
     "Ack",
+    "DeadmanFired",
     "ExaBgpDriver",
     "LoopWatchdog",
     "NeighborState",

@@ -37,6 +37,7 @@ from bgp.config import (
 from bgp.drain import DrainReport, wait_quiet
 from bgp.exabgp import ExaBgpDriver, LoopWatchdog
 from bgp.flap import FlapDamper, classify_change
+from bgp.observed import degraded_for_want_of_session
 from bgp.policy import (
     Advertisement,
     PolicyInputs,
@@ -45,6 +46,7 @@ from bgp.policy import (
     advertisements,
     announced_mbps,
 )
+from bgp.sdnotify import SystemdNotifier
 
 # Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
 SEND_CONFIRM_S = 5.0
@@ -70,6 +72,7 @@ class Announcer:
         self.inputs = PolicyInputs(Serving.NOT_READY, config, config.capacity_mbps)
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
+        self.holddowns = 0  # changes the flap budget held back (a Prometheus counter)
         self._retry: asyncio.TimerHandle | None = None
 
     def update(
@@ -92,6 +95,8 @@ class Announcer:
             self._retry.cancel()
             self._retry = None
         if wait > 0:
+            if not self.held_until:
+                self.holddowns += 1
             self.held_until = now + wait
             self._retry = asyncio.get_running_loop().call_later(wait, self._apply)
             return
@@ -128,6 +133,10 @@ class BgpSpeaker:
         deadline_s = config.loop_stall_deadline_s if watchdog_s is None else watchdog_s
         self.watchdog = LoopWatchdog(deadline_s, self.driver.kill_now) if deadline_s else None
         self.last_drain: DrainReport | None = None
+        # READY=1 and WATCHDOG=1 beats when run under systemd (Type=notify, WatchdogSec).
+        self.notifier = SystemdNotifier()
+        # Since when the node has wanted to announce with no session carrying it.
+        self._no_session_since: float | None = None
 
     def established(self) -> set[IPv4Address]:
         return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
@@ -138,15 +147,23 @@ class BgpSpeaker:
             await self.bfd.start()
         if self.watchdog:
             self.watchdog.start()
+        self.notifier.start()
 
-    async def stop(self) -> None:
-        """Withdraw (bounded), stop ExaBGP and bfdd."""
+    async def stop(self, reason: str | None = None) -> None:
+        """Withdraw (bounded), end the sessions with a Cease NOTIFICATION carrying
+        `reason` (RFC 8203; by default whether a drain finished first), stop ExaBGP and
+        bfdd."""
+        if reason is None:
+            reason = "anycast-edge agent stopping"
+            if self.last_drain is not None:
+                reason += f" after a drain ({self.last_drain.outcome})"
         self.announcer.close()
+        self.notifier.stop()
         if self.watchdog:
             self.watchdog.stop()
         if self.bfd:
             await self.bfd.stop()
-        await self.driver.stop()
+        await self.driver.stop(reason=reason)
 
     def update(
         self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
@@ -178,7 +195,17 @@ class BgpSpeaker:
         return self.last_drain
 
     def degraded_reason(self) -> str | None:
-        """Why announcing is less safe than it should be, or None (for the node's state)."""
+        """Why announcing is less safe than it should be, or None (for the node's state):
+        it wants to announce and no session carries it (past a grace period), or BFD is
+        down under an established session."""
+        no_session = self.driver.no_session_reason()
+        now = time.monotonic()
+        if no_session is None:
+            self._no_session_since = None
+        elif self._no_session_since is None:
+            self._no_session_since = now
+        if degraded_for_want_of_session(no_session, self._no_session_since, now):
+            return no_session
         if self.bfd is not None and self.bfd.reported_degraded:
             peers = ", ".join(str(p) for p in self.bfd.status.degraded)
             return f"BFD down while BGP up with {peers}: fast failover lost"
@@ -186,13 +213,19 @@ class BgpSpeaker:
 
     def status(self) -> dict[str, Any]:
         inputs = self.announcer.inputs
+        driver = self.driver.status()
+        bfd_peers = {} if self.bfd is None else self.bfd.status.peers
+        for peer, session in driver["sessions"].items():
+            session["bfd"] = None if self.bfd is None else bfd_peers.get(IPv4Address(peer), "down")
         return {
             "reason": str(self.announcer.reason),
             "serving": str(inputs.serving),
             "link_bandwidth_mbps": inputs.link_bandwidth_mbps,
             "announced_mbps": announced_mbps(inputs),
             "held_until_monotonic": self.announcer.held_until or None,
-            **self.driver.status(),
+            "flap_holddowns": self.announcer.holddowns,
+            "degraded_reason": self.degraded_reason(),
+            **driver,
             "bfd": None
             if self.bfd is None
             else {
@@ -202,6 +235,14 @@ class BgpSpeaker:
                 "degraded": [str(p) for p in self.bfd.status.degraded],
             },
             "watchdog_stalls": self.watchdog.stalls if self.watchdog else 0,
+            "deadman": {
+                "enabled": self.config.deadman.enabled,
+                "timeout_ms": self.config.deadman.timeout_ms,
+                "firings": self.driver.deadman_firings,
+                "last": None
+                if (fired := self.driver.last_deadman_firing) is None
+                else {"silent_ms": fired.silent_ms, "at_monotonic": fired.at},
+            },
             "last_drain": None
             if self.last_drain is None
             else {

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from bgp.metrics import BgpCollector
 from edge.flows import FlowTable
 from edge.pool import Pool
 from edge.ports import NodeControl
@@ -106,6 +107,7 @@ def _drain_body(agent: AdminTarget) -> dict[str, Any]:
 def create_admin_app(agent: AdminTarget) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
+    registry.register(BgpCollector(lambda: agent.status_section("bgp")))
 
     async def status(request: Request) -> Response:
         return JSONResponse(agent.status())

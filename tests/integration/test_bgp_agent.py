@@ -22,7 +22,7 @@ from tests.support.netlab import (
     netns_command,
     pids_running,
 )
-from tests.support.procs import ROOT, wait_for
+from tests.support.procs import ROOT, run, wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -104,6 +104,12 @@ def test_agent_health_drives_announcement_and_kill_takes_route(lab: NetLab) -> N
     assert status["state"] == "healthy"
     assert status["bgp"]["announced"] == [f"{VIP}/32"]
     assert status["bgp"]["sessions"][str(lab.edges[0].router_address)]["state"] == "up"
+    # The agent's /metrics carries the BGP series, as the peer holds the route.
+    peer = str(lab.edges[0].router_address)
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9901/metrics').read().decode())"
+    metrics = run(*netns_command(lab.edges[0].netns, sys.executable, "-c", code))
+    assert f'anycast_edge_bgp_peer_up{{peer="{peer}"}} 1.0' in metrics
+    assert f'anycast_edge_bgp_peer_prefixes_advertised_count{{peer="{peer}"}} 1.0' in metrics
     assert status["bgp"]["reason"] == "announce: node healthy"
 
     fail_file.touch()  # the only backend fails its checks: node down

@@ -25,9 +25,28 @@ from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import PolicyInputs, Serving, advertisements
-from tests.support.netlab import ROUTER_ASN, VIP, Edge, NetLab
+from tests.support.bgp_checks import (
+    RouterView,
+    freeze_agent_alone,
+    freeze_whole_group,
+    frr_view,
+    kill_agent,
+    require_router,
+    stop_sends_cease_with_reason,
+    wrong_md5_is_no_session,
+)
+from tests.support.netlab import (
+    MULTIHOP_TTL,
+    ROUTER_ASN,
+    ROUTER_LOOPBACK,
+    VIP,
+    Edge,
+    NetLab,
+    SpeakerProcess,
+    netns_command,
+)
 from tests.support.netlab import edge_bgp_config as edge_config
-from tests.support.procs import wait_for
+from tests.support.procs import run, wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -66,6 +85,7 @@ async def until(predicate: Callable[[], bool], what: str, bound_s: float = 20) -
 
 @pytest.fixture
 def labs() -> Iterator[list[NetLab]]:
+    require_router("frr")
     made: list[NetLab] = []
     yield made
     for lab in made:
@@ -249,75 +269,46 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
 # -- failure: agent, ExaBGP, frozen edge --------------------------------------------------
 
 
-def write_speaker_config(lab: NetLab, edge: Edge, **overrides: Any) -> Path:
-    config = edge_config(edge, **overrides)
-    data = json.loads(config.model_dump_json())
-    data["neighbors"][0]["md5_password"] = edge.md5_password
-    path = lab.workdir / f"node{edge.index}.yaml"
-    path.write_text(yaml.safe_dump({"bgp": data}))
-    return path
+async def on_frr(labs: list[NetLab], scenario: Callable[[NetLab, RouterView], None]) -> None:
+    """A shared scenario (tests/support/bgp_checks.py) against a one-edge FRR lab."""
+    lab = make_lab(labs, 1)
+    assert lab.router
+    await asyncio.to_thread(scenario, lab, frr_view(lab.router))
 
 
-def exabgp_pids_in(netns: str) -> list[int]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
-    ).stdout
-    pids = []
-    for pid in out.split():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"exabgp" in cmdline and b"api_relay" not in cmdline:
-            pids.append(int(pid))
-    return pids
+async def test_sigstop_of_the_agent_alone_withdraws_and_sigcont_reannounces(
+    labs: list[NetLab],
+) -> None:
+    await on_frr(labs, freeze_agent_alone)
+
+
+async def test_sigstop_of_the_whole_process_group_ends_with_the_hold_timer(
+    labs: list[NetLab],
+) -> None:
+    await on_frr(labs, freeze_whole_group)
 
 
 async def test_killed_agent_takes_its_route_and_exabgp_with_it(labs: list[NetLab]) -> None:
-    lab = make_lab(labs, 1)
-    (edge,) = lab.edges
-    config_path = write_speaker_config(lab, edge)
-    agent = lab.spawn(
-        [
-            sys.executable, "-m", "bgp.speaker",
-            "--config", str(config_path),
-            "--workdir", str(lab.workdir / "agent"),
-            "--netns", edge.netns,
-            "--serving", "full",
-        ],
-        stdin_pipe=True,
-    )  # fmt: skip
-    await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
-    assert exabgp_pids_in(edge.netns)
-
-    os.kill(agent.pid, signal.SIGKILL)  # no clean-up code runs
-    await until(lambda: fib(lab) == {} and paths(lab) == [], "route gone with the agent")
-    await until(lambda: not exabgp_pids_in(edge.netns), "ExaBGP gone with the agent")
+    await asyncio.to_thread(kill_agent, make_lab(labs, 1))
 
 
 async def test_stalled_event_loop_withdraws(labs: list[NetLab]) -> None:
+    """The loop blocks (the process runs): the relay's dead-man withdraws first (0.8 s),
+    the in-process watchdog thread kills ExaBGP after its own deadline (2 s); both
+    recover on their own."""
     lab = make_lab(labs, 1)
     (edge,) = lab.edges
-    config_path = write_speaker_config(lab, edge)
-    agent = lab.spawn(
-        [
-            sys.executable, "-m", "bgp.speaker",
-            "--config", str(config_path),
-            "--workdir", str(lab.workdir / "agent"),
-            "--netns", edge.netns,
-            "--serving", "full",
-            "--watchdog-s", "0.5",
-        ],
-        stdin_pipe=True,
-    )  # fmt: skip
+    agent = SpeakerProcess(lab, edge, "--serving", "full", "--watchdog-s", "2")
     await until(lambda: str(edge.address) in fib(lab), "the agent's route", bound_s=30)
-    assert agent.stdin is not None
-    agent.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
-    agent.stdin.flush()
+    assert agent.process.stdin is not None
+    agent.process.stdin.write(b"stall 8\n")  # the agent's loop hangs for 8 s, the process lives
+    agent.process.stdin.flush()
     await until(lambda: fib(lab) == {}, "route gone while the agent's loop is stalled", bound_s=7)
-    assert agent.poll() is None
+    assert agent.process.poll() is None
     # When the loop recovers, the supervisor restarts ExaBGP and re-announces.
     await until(lambda: str(edge.address) in fib(lab), "route back after the stall", bound_s=30)
+    status = await asyncio.to_thread(agent.status)
+    assert status["watchdog_stalls"] == 1 and status["deadman"]["firings"] == 1
 
 
 async def test_exabgp_crash_is_restarted_and_desired_set_reannounced(
@@ -386,34 +377,115 @@ async def test_bfd_drops_a_frozen_edge_and_bfdd_loss_is_repaired(
 # -- refusals -----------------------------------------------------------------------------
 
 
-async def test_wrong_md5_password_never_establishes(
+async def test_wrong_md5_is_no_session_not_announced(labs: list[NetLab]) -> None:
+    await on_frr(labs, wrong_md5_is_no_session)
+
+
+async def test_stop_sends_cease_with_an_rfc8203_message(labs: list[NetLab]) -> None:
+    await on_frr(labs, stop_sends_cease_with_reason)
+
+
+# -- session features -----------------------------------------------------------------------
+
+
+async def test_per_neighbor_attributes_and_route_refresh_without_reset(
     labs: list[NetLab], speakers: list[Speaker]
 ) -> None:
-    lab = make_lab(labs, 2)
-    good, bad = lab.edges
-    await start_speaker(lab, good, speakers)  # control: the right password establishes
-    config = edge_config(
-        bad,
-        neighbors=[
-            {
-                "peer_address": str(bad.router_address),
-                "peer_asn": ROUTER_ASN,
-                "md5_password": "not-the-password",
-            }
-        ],
-    )
-    driver = ExaBgpDriver(config, lab.workdir / "bad", netns=bad.netns)
-    speakers.append(Speaker(bad, config, driver))
-    await driver.start()
-    driver.set_desired(advertisements(PolicyInputs(Serving.FULL, config, config.capacity_mbps))[0])
+    """The neighbor's own MED and large community reach FRR; FRR asking for a route
+    refresh (`clear bgp ... soft in`, what a filter change does) re-sends our routes on
+    the same session."""
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    neighbor = {"med": 55, "large_communities": ["65101:3:4"], "link_bandwidth": "non-transitive"}
+    speaker = await start_speaker(lab, edge, speakers, med=5, neighbor_overrides=neighbor)
+    await speaker.announce(Serving.FULL)
+    await until(lambda: path_from(lab, edge) is not None, "the route at FRR")
+    path = path_from(lab, edge)
+    assert path is not None
+    assert path["metric"] == 55
+    assert path["largeCommunity"]["string"] == "65101:3:4"
+    assert "LB:65101:" in path.get("extendedCommunity", {}).get("string", "")
+    session = speaker.driver.status()["sessions"][str(edge.router_address)]
+    assert "route-refresh" in session["capabilities"]["negotiated"]
+    assert session["hold_time_s"] == 3 and session["uptime_s"] is not None
     assert lab.router
-    # Several connect attempts (FRR retries every second); never established.
-    for _ in range(12):
-        await asyncio.sleep(0.5)
-        assert lab.router.neighbor_states()[str(bad.address)] != "Established"
-        assert driver.neighbors()[bad.router_address].state != "up"
-    assert lab.router.neighbor_states()[str(good.address)] == "Established"
-    assert path_from(lab, bad) is None
+    lab.router.vtysh(f"clear bgp ipv4 unicast {edge.address} soft in")
+
+    def refreshed() -> bool:
+        counters = speaker.driver.status()["sessions"][str(edge.router_address)]["counters"]
+        return bool(counters["route_refreshes_received"] >= 1)
+
+    await until(refreshed, "FRR's ROUTE-REFRESH seen by the edge")
+    counters = speaker.driver.status()["sessions"][str(edge.router_address)]["counters"]
+    assert counters["established"] == 1, "no session reset"
+    assert path_from(lab, edge) is not None
+
+
+async def test_ibgp_has_no_own_as_and_drains_by_local_pref(
+    labs: list[NetLab], speakers: list[Speaker]
+) -> None:
+    lab = make_lab(labs, 1, ibgp=True)
+    (edge,) = lab.edges
+    assert edge.asn == ROUTER_ASN
+    speaker = await start_speaker(lab, edge, speakers, neighbor_overrides={"local_pref": 150})
+    await speaker.announce(Serving.FULL)
+    await until(lambda: str(edge.address) in fib(lab), "the iBGP route in FRR's FIB")
+    path = path_from(lab, edge)
+    assert path is not None
+    assert path["aspath"]["length"] == 0 and path["locPrf"] == 150
+    assert path["peer"]["type"] == "internal"
+    await speaker.announce(Serving.LEAVING)
+
+    def drained() -> bool:
+        found = path_from(lab, edge)
+        return found is not None and found.get("locPrf") == 0
+
+    await until(drained, "the draining iBGP route at local-pref 0")
+    found = path_from(lab, edge)
+    assert found is not None and found["aspath"]["length"] == 0
+    assert "graceful-shutdown" in found["community"]["string"]
+
+
+def nft_ttl_counter(netns: str, source: str, ttl: int) -> None:
+    """Count, in the router's namespace, packets from `source` to the router's loopback
+    that arrive with IP TTL `ttl` (the table goes with the namespace)."""
+    rule = f"ip saddr {source} ip daddr {ROUTER_LOOPBACK} ip ttl {ttl} counter"
+    for command in (
+        "add table inet ae_ttl",
+        "add chain inet ae_ttl input { type filter hook input priority 0 ; }",
+        f"add rule inet ae_ttl input {rule}",
+    ):
+        run(*netns_command(netns, "nft", command))
+
+
+def nft_ttl_packets(netns: str) -> int:
+    data = json.loads(run(*netns_command(netns, "nft", "-j", "list table inet ae_ttl")))
+    return sum(
+        expr["counter"]["packets"]
+        for item in data["nftables"]
+        if "rule" in item
+        for expr in item["rule"]["expr"]
+        if "counter" in expr
+    )
+
+
+async def test_ebgp_multihop_sends_its_ttl(labs: list[NetLab], speakers: list[Speaker]) -> None:
+    """The edge peers with the router's loopback (not a connected subnet) with eBGP
+    multihop: the session comes up and the router counts our packets at TTL 4."""
+    lab = make_lab(labs, 1, multihop=True)
+    (edge,) = lab.edges
+    assert lab.router
+    netns = lab.router.netns
+    nft_ttl_counter(netns, str(edge.address), MULTIHOP_TTL)
+    neighbor = {
+        "peer_address": str(ROUTER_LOOPBACK),
+        "multihop": True,
+        "ttl": MULTIHOP_TTL,
+    }
+    speaker = await start_speaker(lab, edge, speakers, neighbor_overrides=neighbor)
+    await speaker.announce(Serving.FULL)
+    await until(lambda: str(edge.address) in fib(lab), "the multihop route in FRR's FIB")
+    assert nft_ttl_packets(netns) > 0
 
 
 async def test_router_import_filter_refuses_prefix_outside_anycast_range(
@@ -458,3 +530,15 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path: Path) -> 
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and field in result.stderr
         assert not (tmp_path / "w" / "exabgp.conf").exists()
+
+
+def test_the_shipped_frr_example_parses() -> None:
+    require_router("frr")
+    path = Path(__file__).resolve().parents[2] / "deploy" / "frr" / "edge-peering.conf"
+    result = subprocess.run(
+        ["/usr/lib/frr/bgpd", "-C", "-f", str(path)], capture_output=True, text=True, timeout=20
+    )
+    # bgpd -C exits 0 either way: the refused lines are in its output.
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Config Failed" not in output, output
+    assert "No such command" not in output and "Unknown command" not in output, output

@@ -1,6 +1,8 @@
-"""A throwaway network of namespaces with a real FRR router, for tests and benchmarks.
+"""A throwaway network of namespaces with a real FRR or BIRD 2 router, for tests and
+benchmarks.
 
-    client ── router (zebra, bgpd, bfdd) ─┬─ edge 1 (anycast /32 on lo)
+    client ── router (zebra, bgpd, bfdd   ─┬─ edge 1 (anycast /32 on lo)
+                      or bird)
                                           ├─ edge 2
                                           └─ edge 3
 
@@ -31,14 +33,23 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bgp.config import BgpConfig
 from tests.support.procs import run, wait_for
 
 FRR_DIR = Path("/usr/lib/frr")
+BIRD = "/usr/sbin/bird"
 ROUTER_ASN = 65000
 EDGE_ASN_BASE = 65100
 ANYCAST_RANGE = "198.51.100.0/24"
 VIP = "198.51.100.10"
+# On the router's lo, in every lab: the far end of multihop sessions.
+ROUTER_LOOPBACK = IPv4Address("198.18.255.1")
+MULTIHOP_TTL = 4
+# BIRD's loopback sessions connect to the edge on this port (BIRD allows one session per
+# neighbor address and port): the edge's neighbor for them is passive on it.
+LOOPBACK_SESSION_PORT = 1179
 
 
 _NAME_SERVER = """
@@ -89,8 +100,11 @@ class Edge:
     md5_password: str
 
 
-def edge_bgp_config(edge: Edge, **overrides: Any) -> BgpConfig:
-    """The `bgp:` section for one lab edge, talking to the lab's router."""
+def edge_bgp_config(
+    edge: Edge, neighbor_overrides: dict[str, Any] | None = None, **overrides: Any
+) -> BgpConfig:
+    """The `bgp:` section for one lab edge, talking to the lab's router;
+    `neighbor_overrides` go into that one neighbor (e.g. `hold_time_s`)."""
     data: dict[str, Any] = {
         "local_asn": edge.asn,
         "router_id": str(edge.address),
@@ -102,11 +116,82 @@ def edge_bgp_config(edge: Edge, **overrides: Any) -> BgpConfig:
                 "peer_asn": ROUTER_ASN,
                 "md5_password": edge.md5_password,
             }
+            | (neighbor_overrides or {})
         ],
         "drain_prepends": 2,
     }
     data.update(overrides)
     return BgpConfig.model_validate(data)
+
+
+def write_speaker_config(
+    workdir: Path, edge: Edge, name: str = "", **overrides: Any
+) -> tuple[Path, BgpConfig]:
+    """A node.yaml with the edge's `bgp:` section (password included) for a process."""
+    config = edge_bgp_config(edge, **overrides)
+    data = json.loads(config.model_dump_json())
+    for neighbor, given in zip(data["neighbors"], config.neighbors, strict=True):
+        if given.md5_password is not None:
+            neighbor["md5_password"] = given.md5_password.get_secret_value()
+    path = workdir / f"node{edge.index}{name}.yaml"
+    path.write_text(yaml.safe_dump({"bgp": data}))
+    return path, config
+
+
+class SpeakerProcess:
+    """`python -m bgp.speaker` for one edge, as its own process (its own process group):
+    the thing to SIGSTOP, SIGKILL or feed commands on stdin. `command()` returns the
+    status line it prints after each command."""
+
+    def __init__(
+        self, lab: NetLab, edge: Edge, *args: str, name: str = "", **overrides: Any
+    ) -> None:
+        self.edge = edge
+        self.config_path, self.config = write_speaker_config(lab.workdir, edge, name, **overrides)
+        self.workdir = lab.workdir / f"speaker{edge.index}{name}"
+        self.process = lab.spawn(
+            [
+                sys.executable, "-m", "bgp.speaker",
+                "--config", str(self.config_path),
+                "--workdir", str(self.workdir),
+                "--netns", edge.netns,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stdin_pipe=True,
+        )  # fmt: skip
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.decode(errors="replace"))
+
+    def command(self, line: str, timeout: float = 15.0) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        with contextlib.suppress(queue.Empty):  # forget older status lines
+            while True:
+                self._lines.get_nowait()
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no status line after {line!r}")
+            with contextlib.suppress(queue.Empty):
+                text = self._lines.get(timeout=remaining)
+                if text.startswith("{"):
+                    status: dict[str, Any] = json.loads(text)
+                    return status
+
+    def status(self) -> dict[str, Any]:
+        return self.command("status")
 
 
 class RouteMonitor:
@@ -170,6 +255,20 @@ def passive_opens(netns: str) -> int:
     return int(tcp[1][tcp[0].index("PassiveOpens")])
 
 
+def kernel_nexthops(netns: str, prefix: str = VIP) -> dict[str, int]:
+    """Kernel FIB next-hops of `prefix` (a /32) in a namespace: gateway -> weight."""
+    data = json.loads(
+        run("ip", "-n", netns, "-j", "-d", "route", "show", "exact", f"{prefix}/32") or "[]"
+    )
+    hops: dict[str, int] = {}
+    for route in data:
+        if "gateway" in route:
+            hops[route["gateway"]] = 1
+        for hop in route.get("nexthops", []):
+            hops[hop["gateway"]] = int(hop.get("weight", 1))
+    return hops
+
+
 @dataclass
 class FrrRouter:
     netns: str
@@ -214,21 +313,146 @@ class FrrRouter:
 
     def fib_nexthops(self, prefix: str = VIP) -> dict[str, int]:
         """Kernel FIB next-hops of `prefix` in the router: gateway -> weight."""
-        data = json.loads(
-            run("ip", "-n", self.netns, "-j", "-d", "route", "show", "exact", f"{prefix}/32")
-            or "[]"
-        )
-        hops: dict[str, int] = {}
-        for route in data:
-            if "gateway" in route:
-                hops[route["gateway"]] = 1
-            for hop in route.get("nexthops", []):
-                hops[hop["gateway"]] = int(hop.get("weight", 1))
-        return hops
+        return kernel_nexthops(self.netns, prefix)
+
+
+def bird_protocol_name(edge: Edge) -> str:
+    return f"edge{edge.index}"
+
+
+def bird_config(
+    router_id: IPv4Address,
+    edges: Sequence[Edge],
+    *,
+    gshut_local_pref: int = 0,
+    extra_import: str = "",
+    loopback_sessions: bool = False,
+) -> str:
+    """BIRD 2 as the edges' router: a kernel protocol (so the FIB shows what BIRD chose,
+    ECMP merged), an import filter that takes only the anycast range and honours
+    GRACEFUL_SHUTDOWN with `gshut_local_pref`; `extra_import` is more filter code (a
+    router config change, for route-refresh tests). iBGP edges (ASN = ours) are
+    `direct` (BIRD takes iBGP as multihop otherwise). `loopback_sessions`: a second, multihop session per edge from the
+    router's loopback to the edge's LOOPBACK_SESSION_PORT (one edge, two peers, for
+    per-neighbor attributes; the edge is passive on that port)."""
+    lines = [
+        # Events (session changes, NOTIFICATIONs with their messages) go to bird.out.
+        "log stderr { info, remote, warning, error, auth, fatal, bug };",
+        f"router id {router_id};",
+        "protocol device { scan time 10; }",
+        # Connected subnets, to resolve the next hops of multihop sessions' routes.
+        "protocol direct { ipv4; }",
+        "protocol kernel {",
+        "  ipv4 { import none; export where source = RTS_BGP; };",
+        "  merge paths on;",
+        "}",
+        "filter from_edge {",
+        f"  if net !~ [ {ANYCAST_RANGE}{{32,32}} ] then reject;",
+        f"  if (65535, 0) ~ bgp_community then bgp_local_pref = {gshut_local_pref};",
+        f"  {extra_import}",
+        "  accept;",
+        "}",
+    ]
+    for edge in edges:
+        sessions = [(bird_protocol_name(edge), edge.router_address, "", "")]
+        if loopback_sessions:
+            multihop = f"  multihop {MULTIHOP_TTL};"
+            port = f" port {LOOPBACK_SESSION_PORT}"
+            sessions.append((f"{bird_protocol_name(edge)}lo", ROUTER_LOOPBACK, multihop, port))
+        for name, local, extra, port in sessions:
+            lines += [
+                f"protocol bgp {name} {{",
+                f"  local {local} as {ROUTER_ASN};",
+                f"  neighbor {edge.address}{port} as {edge.asn};",
+                f'  password "{edge.md5_password}";',
+                "  connect retry time 1;",
+                "  error wait time 1, 5;",
+                *([extra] if extra else []),
+                *(["  direct;"] if edge.asn == ROUTER_ASN else []),
+                "  ipv4 { import filter from_edge; export none; };",
+                "}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class BirdRouter:
+    """BIRD 2 in the router namespace, with its own control socket."""
+
+    netns: str
+    workdir: Path
+    router_id: IPv4Address
+    edges: list[Edge]
+
+    @property
+    def control_socket(self) -> Path:
+        return self.workdir / "bird.ctl"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "bird.conf"
+
+    def birdc(self, *command: str, timeout: float = 10.0, check: bool = True) -> str:
+        """birdc exits 1 on an empty answer ("Network not found"): `check=False` then."""
+        socket = str(self.control_socket)
+        return run("birdc", "-s", socket, *command, timeout=timeout, check=check)
+
+    def reconfigure(self, config: str) -> str:
+        """Write a new config and `birdc configure` it (what an operator does)."""
+        self.config_path.write_text(config)
+        return self.birdc("configure")
+
+    def protocols(self) -> dict[str, dict[str, str]]:
+        """`show protocols`: name -> {"state", "since", "info"}."""
+        result: dict[str, dict[str, str]] = {}
+        for line in self.birdc("show protocols").splitlines():
+            fields = line.split(None, 5)
+            if len(fields) >= 5 and fields[1] == "BGP":
+                name, _, _table, state, since = fields[:5]
+                info = fields[5] if len(fields) > 5 else ""
+                result[name] = {"state": state, "since": since, "info": info.strip()}
+        return result
+
+    def established(self, edge: Edge) -> bool:
+        return "Established" in self.protocols().get(bird_protocol_name(edge), {}).get("info", "")
+
+    def log(self) -> str:
+        """What BIRD logged so far (session events, NOTIFICATIONs and their messages)."""
+        return (self.workdir / "bird.out").read_text(errors="replace")
+
+    def protocol_detail(self, edge: Edge) -> str:
+        return self.birdc("show protocols all", bird_protocol_name(edge))
+
+    def routes(self, prefix: str = f"{VIP}/32") -> list[dict[str, str]]:
+        """`show route PREFIX all`: one dict per route: `protocol`, `best` ("*" or ""),
+        and every attribute line as given (`BGP.med`, `BGP.community`, ...)."""
+        found: list[dict[str, str]] = []
+        for line in self.birdc("show route", prefix, "all", check=False).splitlines():
+            stripped = line.strip()
+            if "[" in line and ("unicast" in line or line.startswith(prefix)):
+                head = line[line.index("[") + 1 :]
+                found.append({"protocol": head.split()[0], "best": "*" if "] *" in line else ""})
+            elif found and ":" in stripped and not stripped.startswith("via"):
+                key, _, value = stripped.partition(":")
+                found[-1][key.strip()] = value.strip()
+        return found
+
+    def route_from(self, edge: Edge, prefix: str = f"{VIP}/32") -> dict[str, str] | None:
+        for route in self.routes(prefix):
+            if route["protocol"] == bird_protocol_name(edge):
+                return route
+        return None
+
+    def fib_nexthops(self, prefix: str = VIP) -> dict[str, int]:
+        return kernel_nexthops(self.netns, prefix)
 
 
 def _router_configs(
-    router_id: IPv4Address, edges: Sequence[Edge], bfd: bool, timers: tuple[int, int, int]
+    router_id: IPv4Address,
+    edges: Sequence[Edge],
+    bfd: bool,
+    timers: tuple[int, int, int],
+    multihop: bool = False,
 ) -> tuple[str, str, str]:
     tx, rx, mult = timers
     # work-queue 0: zebra hands routes to the kernel at once (its default batches ~10 ms).
@@ -260,6 +484,11 @@ def _router_configs(
             f" neighbor {edge.address} timers connect 1",
             f" neighbor {edge.address} password {edge.md5_password}",
         ]
+        if multihop:
+            lines += [
+                f" neighbor {edge.address} update-source {ROUTER_LOOPBACK}",
+                f" neighbor {edge.address} ebgp-multihop {MULTIHOP_TTL}",
+            ]
         if bfd:
             lines.append(f" neighbor {edge.address} bfd profile fast")
     lines += [" address-family ipv4 unicast", "  maximum-paths 8"]
@@ -292,7 +521,11 @@ class NetLab:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.edges: list[Edge] = []
         self.router: FrrRouter | None = None
+        self.bird: BirdRouter | None = None
         self.client_netns = ""
+        self.ibgp = False
+        self.multihop = False
+        self.loopback_sessions = False
         self.client_address = IPv4Address("198.19.0.2")
 
     # -- construction -------------------------------------------------------------------
@@ -306,10 +539,19 @@ class NetLab:
         bfd_timers: tuple[int, int, int] = (100, 100, 3),
         client: bool = False,
         router_passwords: Sequence[str] | None = None,
+        router: str = "frr",
+        ibgp: bool = False,
+        multihop: bool = False,
+        loopback_sessions: bool = False,
     ) -> NetLab:
+        """`router` is "frr" (zebra + bgpd [+ bfdd]; `lab.router`) or "bird" (BIRD 2;
+        `lab.bird`, no BFD). `ibgp`: the edges use the router's ASN. `multihop` (FRR):
+        the router peers from its loopback, eBGP multihop. `loopback_sessions` (BIRD):
+        a second, multihop session per edge from the router's loopback."""
         lab = cls()
+        lab.ibgp, lab.multihop, lab.loopback_sessions = ibgp, multihop, loopback_sessions
         try:
-            lab._build(edge_count, bfd, bfd_timers, client, router_passwords)
+            lab._build(edge_count, bfd, bfd_timers, client, router_passwords, router)
         except BaseException:
             lab.close()
             raise
@@ -345,6 +587,7 @@ class NetLab:
         bfd_timers: tuple[int, int, int],
         client: bool,
         router_passwords: Sequence[str] | None,
+        router: str = "frr",
     ) -> None:
         router_ns = self._add_netns("r")
         for key, value in (
@@ -375,7 +618,7 @@ class NetLab:
                     address=edge_addr,
                     router_address=router_addr,
                     veth=edge_if,
-                    asn=EDGE_ASN_BASE + index,
+                    asn=ROUTER_ASN if self.ibgp else EDGE_ASN_BASE + index,
                     md5_password=password,
                 )
             )
@@ -397,7 +640,31 @@ class NetLab:
             )
             run("ip", "-n", self.client_netns, "link", "set", client_if, "up")
             run("ip", "-n", self.client_netns, "route", "add", "default", "via", "198.19.0.1")
-        self._start_router(router_ns, bfd, bfd_timers)
+        run("ip", "-n", router_ns, "addr", "add", f"{ROUTER_LOOPBACK}/32", "dev", "lo")
+        if router == "bird":
+            self._start_bird(router_ns)
+        else:
+            self._start_router(router_ns, bfd, bfd_timers)
+
+    def _start_bird(self, netns: str) -> None:
+        workdir = self.workdir / "bird"
+        workdir.mkdir()
+        bird = BirdRouter(netns, workdir, IPv4Address("198.18.0.1"), list(self.edges))
+        config = bird_config(bird.router_id, self.edges, loopback_sessions=self.loopback_sessions)
+        bird.config_path.write_text(config)
+        log = (workdir / "bird.out").open("wb")
+        args = [BIRD, "-f", "-c", str(bird.config_path), "-s", str(bird.control_socket)]
+        self.spawn(netns_command(netns, *args), stdout=log)
+        wait_for(bird.control_socket.exists, 10, what="BIRD's control socket")
+        self.bird = bird
+
+    def fib_nexthops(self, prefix: str = VIP) -> dict[str, int]:
+        """Kernel FIB next-hops of `prefix` in the router namespace, whichever router."""
+        return kernel_nexthops(self.namespaces[0], prefix)
+
+    @property
+    def router_netns(self) -> str:
+        return self.namespaces[0]
 
     def _start_router(self, netns: str, bfd: bool, bfd_timers: tuple[int, int, int]) -> None:
         workdir = self.workdir / "router"
@@ -406,7 +673,9 @@ class NetLab:
         self.workdir.chmod(0o755)
         shutil.chown(workdir, "frr", "frr")
         router_id = IPv4Address("198.18.0.1")
-        zebra_conf, bgpd_conf, bfdd_conf = _router_configs(router_id, self.edges, bfd, bfd_timers)
+        zebra_conf, bgpd_conf, bfdd_conf = _router_configs(
+            router_id, self.edges, bfd, bfd_timers, self.multihop
+        )
         zserv = workdir / "zserv.api"
         router = FrrRouter(netns=netns, workdir=workdir, router_id=router_id)
         daemons: list[tuple[str, str, list[str]]] = [

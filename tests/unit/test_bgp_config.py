@@ -163,3 +163,97 @@ def test_example_bgp_section_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "bgp.yaml"
     config = load_bgp_config(example, check_local=False)
     assert config.bfd.enabled and config.neighbors[0].hold_time_s == 3
+
+
+def test_deadman_defaults_and_bounds() -> None:
+    config = BgpConfig.model_validate(valid())
+    assert config.deadman.enabled and config.deadman.timeout_ms <= 1000
+    assert 100 <= config.deadman.beat_interval_ms <= 200
+    assert error_line(deadman={"beat_interval_ms": 50}).startswith("bgp.deadman.beat_interval_ms:")
+    line = error_line(deadman={"beat_interval_ms": 200, "timeout_ms": 300})
+    assert line.startswith("bgp.deadman:") and "twice" in line
+
+
+def neighbor_error(**changes: Any) -> str:
+    neighbor = {"peer_address": "198.18.0.1", "peer_asn": 65000} | changes
+    return error_line(neighbors=[neighbor])
+
+
+def test_bad_neighbor_configs_name_the_field() -> None:
+    assert neighbor_error(multihop=True).startswith("bgp.neighbors.0.ttl:")
+    assert "TTL" in neighbor_error(multihop=True)
+    assert neighbor_error(multihop=True, ttl=1).startswith("bgp.neighbors.0.ttl:")
+    assert neighbor_error(ttl=5).startswith("bgp.neighbors.0.ttl:")
+    assert neighbor_error(port=0).startswith("bgp.neighbors.0.port:")
+    assert neighbor_error(port=65536).startswith("bgp.neighbors.0.port:")
+    assert neighbor_error(communities=["65000:70000"]).startswith("bgp.neighbors.0.communities.0:")
+    assert neighbor_error(communities=["no-export"]).startswith("bgp.neighbors.0.communities.0:")
+    line = neighbor_error(large_communities=["1:2"])
+    assert line.startswith("bgp.neighbors.0.large_communities.0:") and "RFC 8092" in line
+    assert neighbor_error(large_communities=["1:2:4294967296"]).startswith(
+        "bgp.neighbors.0.large_communities.0:"
+    )
+    assert neighbor_error(link_bandwidth="sometimes").startswith("bgp.neighbors.0.link_bandwidth:")
+    assert error_line(large_communities=["x"]).startswith("bgp.large_communities.0:")
+
+
+def test_ibgp_refused_where_it_cannot_work_and_accepted_where_it_can() -> None:
+    line = neighbor_error(peer_asn=65101, prepends=2)
+    assert line.startswith("bgp.neighbors.0.prepends:") and "iBGP" in line
+    line = neighbor_error(peer_asn=65101, local_pref=100, drain_local_pref=100)
+    assert line.startswith("bgp.neighbors.0.drain_local_pref:")
+    ibgp = BgpConfig.model_validate(
+        valid() | {"neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65101}]}
+    )
+    assert ibgp.neighbors[0].local_pref > ibgp.neighbors[0].drain_local_pref
+
+
+def test_multihop_and_ibgp_peers_need_no_connected_subnet() -> None:
+    data = valid() | {
+        "neighbors": [
+            {"peer_address": "198.18.9.1", "peer_asn": 65000, "multihop": True, "ttl": 3},
+            {"peer_address": "198.18.9.2", "peer_asn": 65101},
+        ]
+    }
+    config = BgpConfig.model_validate(data)
+    assert check_addresses_are_local(config, [IPv4Interface("198.18.0.2/30")]) == []
+    single = BgpConfig.model_validate(
+        data | {"neighbors": [data["neighbors"][0] | {"multihop": False, "ttl": None}]}
+    )
+    (error,) = check_addresses_are_local(single, [IPv4Interface("198.18.0.2/30")])
+    assert error.startswith("bgp.neighbors.0.peer_address:")
+
+
+@pytest.mark.parametrize(
+    ("neighbor", "field"),
+    [
+        ({"peer_asn": 65101, "prepends": 1}, "bgp.neighbors.0.prepends"),  # iBGP
+        ({"multihop": True}, "bgp.neighbors.0.ttl"),
+        ({"port": 70000}, "bgp.neighbors.0.port"),
+        ({"communities": ["65000:x"]}, "bgp.neighbors.0.communities.0"),
+    ],
+)
+def test_check_config_refuses_a_neighbor_that_cannot_work(
+    tmp_path: Path, neighbor: dict[str, Any], field: str
+) -> None:
+    """`anycast-edge check-config`: one line naming the field, exit 2 (the agent's `run`
+    loads the same way, so nothing is started or announced)."""
+    import yaml
+
+    node = {
+        "node": {"name": "e1", "site": "s"},
+        "listeners": [{"name": "tcp", "kind": "tcp", "address": "127.0.0.1", "port": 8080}],
+        "backends": [{"name": "b1", "address": "127.0.0.1", "port": 9000}],
+        "bgp": valid()
+        | {"neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65000} | neighbor]},
+    }
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(node))
+    binary = Path(sys.executable).with_name("anycast-edge")
+    result = subprocess.run(
+        [str(binary), "check-config", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert result.stderr.count("\n") == 1 and field + ":" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
