@@ -14,7 +14,7 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import TokenTable
-from api.settings import ConfigError, Settings, load_settings
+from api.settings import ConfigError, Settings, check_files, load_settings
 from api.store import open_store
 
 
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings: Settings = load_settings(args.config)
-        tokens = TokenTable.from_settings(settings)  # resolves token_env now, not per request
+        tokens = TokenTable.from_settings(
+            settings, str(args.config)
+        )  # resolves token_env now, not per request
+        check_files(settings, str(args.config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,10 @@ from contract.schemas import (
 
 T = TypeVar("T")
 _RETRY_STATUSES = {502, 503, 504}
+#: Per request. Longer than the API's own bound on a store call (gslb.yaml etcd `deadline_s`,
+#: 5 s by default, plus one request timeout), so when the store is what is down the client
+#: hears the API's 503 saying so instead of giving up first and blaming the API.
+DEFAULT_TIMEOUT_S = 10.0
 
 
 class ApiError(Exception):
@@ -84,10 +88,17 @@ class Conflict(ApiError):
 
 
 class Unavailable(ApiError):
-    """No endpoint answered (or all answered 502/503/504)."""
+    """No endpoint answered (or all answered 502/503/504). `store`: every endpoint answered
+    503, i.e. the API is up and says its state store is not."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, store: bool = False) -> None:
         super().__init__(503, detail)
+        self.store = store
+
+    def describe(self) -> str:
+        """One line for an operator, naming what is really down."""
+        what = "the API's state store is unavailable" if self.store else "API unavailable"
+        return f"{what}: {self.detail}"
 
 
 _ERRORS: Mapping[int, type[ApiError]] = {
@@ -97,6 +108,14 @@ _ERRORS: Mapping[int, type[ApiError]] = {
     422: InvalidRequest,
     428: PreconditionRequired,
 }
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return str(body.get("detail", "")) if isinstance(body, dict) else ""
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -122,7 +141,7 @@ class ApiClient:
         endpoints: Sequence[str],
         token: str | None = None,
         *,
-        timeout_s: float = 5.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         verify: bool | str | ssl.SSLContext = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -166,6 +185,7 @@ class ApiClient:
         if content is not None:
             all_headers["Content-Type"] = "application/json"
         failures: list[str] = []
+        store_down = 0
         for attempt in range(len(self.endpoints)):
             index = (self._current + attempt) % len(self.endpoints)
             endpoint = self.endpoints[index]
@@ -182,11 +202,14 @@ class ApiClient:
                 failures.append(f"{endpoint}: {type(exc).__name__}")
                 continue
             if response.status_code in _RETRY_STATUSES:
-                failures.append(f"{endpoint}: HTTP {response.status_code}")
+                failures.append(f"{endpoint}: HTTP {response.status_code} {_detail(response)}")
+                store_down += response.status_code == 503
                 continue
             self._current = index
             _raise_for(response)
             return response
+        if store_down == len(self.endpoints):
+            raise Unavailable("; ".join(failures), store=True)
         raise Unavailable("no API endpoint answered: " + "; ".join(failures))
 
     async def _get(self, path: str, model: type[T] | TypeAdapter[T], **kwargs: Any) -> T:

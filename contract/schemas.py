@@ -1,7 +1,9 @@
 """Wire schemas of the GSLB API, shared by the server, its typed client, edgectl and the agent.
 
 Every model forbids unknown fields and range-checks its numbers, so a typo in a request is
-a 422 naming the field instead of a silently ignored key. This module imports only pydantic
+a 422 naming the field instead of a silently ignored key. Numbers and booleans are strict:
+`true` or `"7"` is not a weight (JSON has distinct types; a client that sends the wrong one
+has a bug worth hearing about). This module imports only pydantic
 and the standard library: the edge agent and edgectl import it.
 """
 
@@ -17,10 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 #: Names of sites, nodes and services: DNS-label-like, so they are safe in URLs, keys and logs.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", min_length=1, max_length=63)]
 #: Operator weight: a relative share; 0 means "take no traffic" without draining.
-Weight = Annotated[int, Field(ge=0, le=1000)]
+Weight = Annotated[int, Field(strict=True, ge=0, le=1000)]
 #: Capacity in Mbit/s; 0 is allowed (a node that exists but must not be given traffic).
-CapacityMbps = Annotated[int, Field(ge=0, le=10_000_000)]
-Revision = Annotated[int, Field(ge=0, le=2**63 - 1)]
+CapacityMbps = Annotated[int, Field(strict=True, ge=0, le=10_000_000)]
+Revision = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+#: A count in a heartbeat (backends, connections).
+Count = Annotated[int, Field(strict=True, ge=0, le=10**9)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 Reason = Annotated[str, Field(min_length=1, max_length=500)]
 
 #: The sum of every available node's effective weight: shares are published on this scale.
@@ -77,7 +82,7 @@ class NodeSpec(Strict):
 
 class ServiceSpec(Strict):
     prefix: IPv4Network | IPv6Network
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=64)
+    ports: list[Port] = Field(default_factory=list, max_length=64)
 
 
 class Drain(Strict):
@@ -134,8 +139,8 @@ class BgpSession(Strict):
 
 
 class HealthSummary(Strict):
-    backends_total: Annotated[int, Field(ge=0, le=100_000)] = 0
-    backends_healthy: Annotated[int, Field(ge=0, le=100_000)] = 0
+    backends_total: Annotated[Count, Field(le=100_000)] = 0
+    backends_healthy: Annotated[Count, Field(le=100_000)] = 0
     detail: Annotated[str, Field(max_length=500)] = ""
 
 
@@ -144,7 +149,7 @@ class Heartbeat(Strict):
 
     state: NodeState
     health: HealthSummary = HealthSummary()
-    connections: Annotated[int, Field(ge=0, le=10**9)] = 0
+    connections: Count = 0
     bgp_sessions: list[BgpSession] = Field(default_factory=list, max_length=64)
     applied_revision: Revision = 0
 

@@ -140,7 +140,7 @@ def reporting(label: str) -> Iterator[None]:
             f"the state changed meanwhile (now revision {e.current.revision}); nothing written",
         )
     except Unavailable as e:
-        _fail(label, Exit.FAILURE, f"API unavailable: {e.detail}")
+        _fail(label, Exit.FAILURE, e.describe())
     except Unauthorized as e:
         _fail(label, Exit.FORBIDDEN, f"unauthorized: {e.detail} (see --token, EDGECTL_TOKEN)")
     except Forbidden as e:
@@ -348,10 +348,10 @@ def watch(
                 except Unavailable as e:
                     # Keep watching through an API outage: that is when it matters.
                     if live is not None:
-                        note = Text(f"API unavailable: {e.detail}", style="red")
+                        note = Text(e.describe(), style="red")
                         live.update(note, refresh=True)
                     else:
-                        print(f"edgectl: watch: API unavailable: {e.detail}", file=sys.stderr)
+                        print(f"edgectl: watch: {e.describe()}", file=sys.stderr)
                     await asyncio.sleep(wait_s)
 
     with reporting("watch"):
@@ -546,7 +546,7 @@ async def _wait(
             try:
                 state, observed = await asyncio.gather(client.state(), client.observed())
             except Unavailable as e:
-                last_problem = f"API unavailable: {e.detail}"
+                last_problem = e.describe()
             else:
                 p = wait_progress(revision, state, observed, targets, draining=draining)
                 note = (

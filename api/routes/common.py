@@ -3,11 +3,14 @@
 Every write goes through `revisioned_write`: it needs `If-Match` (428 without), answers 412
 with the current state when the revision moved, and returns the new state with its ETag.
 An optional `Idempotency-Key` names the write, so a client that lost the answer to a write
-can send it again and learn it succeeded instead of getting a 412 against itself.
+can send it again and learn it succeeded instead of getting a 412 against itself. The key is
+bound to the request it first came with (method, path, body): the same key with another
+request is a client bug, answered 422, never the first request's result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
 from api.settings import Settings
@@ -135,30 +139,73 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """What every revisioned write carries besides its body."""
+
+    if_match: str | None
+    idempotency_key: str | None
+    target: str  # "PUT /v1/sites/a": what the idempotency key is bound to, with the body
+
+
+async def write_request(
+    request: Request, if_match: IfMatch = None, idempotency_key: IdempotencyKey = None
+) -> WriteRequest:
+    return WriteRequest(if_match, idempotency_key, f"{request.method} {request.url.path}")
+
+
+Write = Annotated[WriteRequest, Depends(write_request)]
+
 Mutation = Callable[[DesiredState], tuple[DesiredState, list[EventDraft]]]
+_KEY_SEPARATOR = "~"  # not in _IDEMPOTENCY_KEY's alphabet
+
+
+def _write_id(write: WriteRequest, body: BaseModel | None) -> str:
+    if write.idempotency_key is None:
+        return uuid.uuid4().hex
+    payload = body.model_dump_json() if body is not None else ""
+    digest = hashlib.sha256(f"{write.target}\n{payload}".encode()).hexdigest()[:16]
+    return f"{write.idempotency_key}{_KEY_SEPARATOR}{digest}"
+
+
+def _reused_key(write: WriteRequest, write_id: str, current: DesiredState) -> bool:
+    key = current.write_id.partition(_KEY_SEPARATOR)[0]
+    return key == write.idempotency_key and current.write_id != write_id
+
+
+def _key_reused() -> ApiError:
+    return ApiError(
+        422, "this Idempotency-Key was already used for another request", "Idempotency-Key"
+    )
 
 
 async def revisioned_write(
-    ctx: AppContext, if_match: str | None, idempotency_key: str | None, mutate: Mutation
+    ctx: AppContext, write: WriteRequest, body: BaseModel | None, mutate: Mutation
 ) -> JSONResponse:
-    if if_match is None:
+    if write.if_match is None:
         raise ApiError(
             428, "this write needs If-Match with the revision it is based on", "If-Match"
         )
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+    if write.idempotency_key is not None and not _IDEMPOTENCY_KEY.match(write.idempotency_key):
         raise ApiError(422, "expected 1-64 characters [A-Za-z0-9_.-]", "Idempotency-Key")
+    write_id = _write_id(write, body)
     current = await ctx.store.read_desired()
-    match = _ETAG.match(if_match.strip())
+    match = _ETAG.match(write.if_match.strip())
     expected = int(match.group(1)) if match else -1
     if expected != current.revision:
-        if idempotency_key and current.write_id == idempotency_key:
+        if write.idempotency_key and current.write_id == write_id:
             return state_response(current)  # our own earlier attempt committed
+        if write.idempotency_key and _reused_key(write, write_id, current):
+            raise _key_reused()
         return conflict_response(current)
     new, events = mutate(current)
-    new = new.model_copy(update={"write_id": idempotency_key or uuid.uuid4().hex})
+    new = new.model_copy(update={"write_id": write_id})
     try:
         stored = await ctx.store.write_desired(expected, new, events)
     except RevisionConflict as conflict:
+        if write.idempotency_key and _reused_key(write, write_id, conflict.current):
+            raise _key_reused() from None
         return conflict_response(conflict.current)
     return state_response(stored)
 

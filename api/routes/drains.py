@@ -10,11 +10,10 @@ from fastapi.responses import JSONResponse
 from api.routes.common import (
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     require_node,
     require_site,
     revisioned_write,
@@ -35,8 +34,7 @@ async def drain(
     ctx: Ctx,
     who: Operator,
     body: DrainRequest,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if body.kind is DrainKind.NODE:
@@ -58,7 +56,7 @@ async def drain(
             EventDraft("drain", body.name, f"{body.kind} drained: {body.reason}", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.delete("/{kind}/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
@@ -67,8 +65,7 @@ async def undrain(
     who: Operator,
     kind: DrainKind,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         drains = [d for d in state.drains if not (d.kind == kind and d.name == name)]
@@ -78,4 +75,4 @@ async def undrain(
             EventDraft("undrain", name, f"{kind} undrained", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

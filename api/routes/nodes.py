@@ -10,11 +10,10 @@ from fastapi.responses import JSONResponse
 from api.routes.common import (
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     require_site,
     revisioned_write,
 )
@@ -44,8 +43,7 @@ async def put_node(
     who: Operator,
     name: NamePath,
     body: NodeSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         require_site(state, body.site, "site")
@@ -56,7 +54,7 @@ async def put_node(
             EventDraft("node-set", name, cause, who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.delete("/nodes/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
@@ -64,8 +62,7 @@ async def delete_node(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.nodes:
@@ -76,7 +73,7 @@ async def delete_node(
             EventDraft("node-deleted", name, "node deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)
 
 
 async def _fresh_observed(ctx: Ctx) -> list[NodeObserved]:

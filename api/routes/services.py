@@ -8,11 +8,10 @@ from fastapi.responses import JSONResponse
 from api.routes.common import (
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     revisioned_write,
 )
 from api.store.base import EventDraft
@@ -32,8 +31,7 @@ async def put_service(
     who: Operator,
     name: NamePath,
     body: ServiceSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         services = {**state.services, name: body}
@@ -41,7 +39,7 @@ async def put_service(
             EventDraft("service-set", name, f"service prefix {body.prefix}", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
@@ -49,8 +47,7 @@ async def delete_service(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.services:
@@ -60,4 +57,4 @@ async def delete_service(
             EventDraft("service-deleted", name, "service deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

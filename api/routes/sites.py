@@ -8,11 +8,10 @@ from fastapi.responses import JSONResponse
 from api.routes.common import (
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     revisioned_write,
 )
 from api.store.base import EventDraft
@@ -40,8 +39,7 @@ async def put_site(
     who: Operator,
     name: NamePath,
     body: SiteSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         verb = "updated" if name in state.sites else "created"
@@ -51,7 +49,7 @@ async def put_site(
             EventDraft("site-set", name, cause, who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
@@ -59,8 +57,7 @@ async def delete_site(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.sites:
@@ -74,4 +71,4 @@ async def delete_site(
             EventDraft("site-deleted", name, "site deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

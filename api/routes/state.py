@@ -10,10 +10,9 @@ from fastapi.responses import JSONResponse
 
 from api.routes.common import (
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     Operator,
     Reader,
+    Write,
     require_site,
     revisioned_write,
     state_response,
@@ -34,8 +33,7 @@ async def put_state(
     ctx: Ctx,
     who: Operator,
     body: DesiredSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     """Replace sites, nodes and services in one revision (declarative apply)."""
 
@@ -62,7 +60,7 @@ async def put_state(
         )
         return new, [EventDraft("state-applied", "state", cause, who.name)]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.get("/watch", response_model=DesiredState)

@@ -7,10 +7,9 @@ from fastapi.responses import JSONResponse
 
 from api.routes.common import (
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     Operator,
     Reader,
+    Write,
     require_node,
     require_site,
     revisioned_write,
@@ -27,8 +26,7 @@ async def set_weights(
     ctx: Ctx,
     who: Operator,
     body: WeightsUpdate,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         events: list[EventDraft] = []
@@ -52,7 +50,7 @@ async def set_weights(
             nodes[name] = nodes[name].model_copy(update={"weight": weight})
         return state.model_copy(update={"sites": sites, "nodes": nodes}), events
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
 @router.get("/effective-weights", response_model=EffectiveWeights)

@@ -108,11 +108,34 @@ async def test_retried_write_with_same_idempotency_key_is_recognised(api: ApiUnd
     assert other.status_code == 412
 
 
+async def test_idempotency_key_reused_for_another_request_is_422(api: ApiUnderTest) -> None:
+    revision = await seed(api)
+    headers = {"If-Match": f'"{revision}"', "Idempotency-Key": "reused-1"}
+    async with httpx.AsyncClient(base_url=api.url, headers=auth(OPERATOR)) as http:
+        first = await http.put("/v1/weights", json={"sites": {"b": 7}}, headers=headers)
+        other_body = await http.put("/v1/weights", json={"sites": {"b": 9}}, headers=headers)
+        other_path = await http.put("/v1/sites/c", json={"weight": 7}, headers=headers)
+        state = (await http.get("/v1/state")).json()
+    assert first.status_code == 200
+    for refused in (other_body, other_path):
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["field"] == "Idempotency-Key"
+    # nothing of the second requests was written
+    assert state["revision"] == first.json()["revision"]
+    assert state["sites"]["b"]["weight"] == 7 and "c" not in state["sites"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
         ("/v1/sites/a", {"weight": 1, "colour": "red"}, "colour"),
         ("/v1/sites/a", {"weight": "heavy"}, "weight"),
+        ("/v1/sites/a", {"weight": "7"}, "weight"),
+        ("/v1/sites/a", {"weight": True}, "weight"),
+        ("/v1/sites/a", {"weight": 7.0}, "weight"),
+        ("/v1/weights", {"sites": {"a": True}}, "sites.a"),
+        ("/v1/weights", {"sites": {"a": "7"}}, "sites.a"),
+        ("/v1/services/web", {"prefix": "198.51.100.0/24", "ports": [True]}, "ports.0"),
         ("/v1/sites/a", {"weight": 1001}, "weight"),
         ("/v1/sites/a", {"weight": -1}, "weight"),
         ("/v1/nodes/z1", {"site": "nowhere"}, "site"),

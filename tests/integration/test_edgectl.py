@@ -434,6 +434,18 @@ def test_drain_wait_times_out_with_exit_6(fleet: ApiUnderTest) -> None:
 
 
 @sqlite_only
+def test_a_store_outage_is_reported_as_the_store_not_the_api(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    """The API is up, its etcd is not (nothing listens there): the API answers 503 only once
+    its own store deadline (5 s by default) has passed, and edgectl waits long enough to
+    hear it, so the line names the store."""
+    api = api_factory(store={"kind": "etcd", "endpoints": [f"http://127.0.0.1:{free_port()}"]})
+    line = failed(run(api, "status"), 1, "state store is unavailable")
+    assert "API unavailable" not in line
+
+
+@sqlite_only
 def test_errors_are_one_line_with_the_documented_exit_codes(fleet: ApiUnderTest) -> None:
     api = fleet
     dead = f"http://127.0.0.1:{free_port()}"
