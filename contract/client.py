@@ -24,7 +24,6 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from contract.schemas import (
-    ConflictBody,
     Convergence,
     DesiredSpec,
     DesiredState,
@@ -38,6 +37,7 @@ from contract.schemas import (
     NodeDesired,
     NodeObserved,
     NodeSpec,
+    Problem,
     ServiceSpec,
     SiteSpec,
     WeightsUpdate,
@@ -110,27 +110,21 @@ _ERRORS: Mapping[int, type[ApiError]] = {
 }
 
 
-def _detail(response: httpx.Response) -> str:
+def _problem(response: httpx.Response) -> Problem:
     try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    return str(body.get("detail", "")) if isinstance(body, dict) else ""
+        return Problem.model_validate_json(response.content)
+    except ValidationError:
+        return Problem(detail=response.text[:200] or f"HTTP {response.status_code}")
 
 
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code == 412:
-        raise Conflict(ConflictBody.model_validate(body).current)
-    detail = str(body.get("detail", response.text)) if isinstance(body, dict) else response.text
-    field = body.get("field") if isinstance(body, dict) else None
+    problem = _problem(response)
+    if response.status_code == 412 and problem.current is not None:
+        raise Conflict(problem.current)
     error = _ERRORS.get(response.status_code, ApiError)
-    raise error(response.status_code, detail, field if isinstance(field, str) else None)
+    raise error(response.status_code, problem.detail, problem.field)
 
 
 class ApiClient:
@@ -202,7 +196,9 @@ class ApiClient:
                 failures.append(f"{endpoint}: {type(exc).__name__}")
                 continue
             if response.status_code in _RETRY_STATUSES:
-                failures.append(f"{endpoint}: HTTP {response.status_code} {_detail(response)}")
+                failures.append(
+                    f"{endpoint}: HTTP {response.status_code} {_problem(response).detail}"
+                )
                 store_down += response.status_code == 503
                 continue
             self._current = index

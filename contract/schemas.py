@@ -12,9 +12,9 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 #: Names of sites, nodes and services: DNS-label-like, so they are safe in URLs, keys and logs.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", min_length=1, max_length=63)]
@@ -27,6 +27,17 @@ Revision = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 Count = Annotated[int, Field(strict=True, ge=0, le=10**9)]
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 Reason = Annotated[str, Field(min_length=1, max_length=500)]
+
+
+def _text_not_number(value: object) -> object:
+    # pydantic reads an integer (and so `false`) as an address: 0 would become 0.0.0.0.
+    if isinstance(value, bool | int | float):
+        raise ValueError("expected an address as a string")
+    return value
+
+
+Address = Annotated[IPv4Address | IPv6Address, BeforeValidator(_text_not_number)]
+Prefix = Annotated[IPv4Network | IPv6Network, BeforeValidator(_text_not_number)]
 
 #: The sum of every available node's effective weight: shares are published on this scale.
 EFFECTIVE_WEIGHT_TOTAL = 1000.0
@@ -75,13 +86,13 @@ class SiteSpec(Strict):
 
 class NodeSpec(Strict):
     site: Name
-    addresses: list[IPv4Address | IPv6Address] = Field(default_factory=list, max_length=16)
+    addresses: list[Address] = Field(default_factory=list, max_length=16)
     capacity_mbps: CapacityMbps = 1000
     weight: Weight = 100
 
 
 class ServiceSpec(Strict):
-    prefix: IPv4Network | IPv6Network
+    prefix: Prefix
     ports: list[Port] = Field(default_factory=list, max_length=64)
 
 
@@ -216,14 +227,13 @@ class Convergence(Strict):
 
 
 class Problem(Strict):
-    """Error body (for 4xx): a message and, where it applies, the offending field."""
+    """The one error body of every 4xx and 5xx answer: a message, the offending field where
+    one applies, and for a 412 the state someone else wrote (so the caller can show what
+    changed and retry on it)."""
 
     detail: str
     field: str | None = None
+    current: DesiredState | None = None
 
 
-class ConflictBody(Strict):
-    """412 body: the state someone else wrote, so the caller can show what changed."""
-
-    detail: Literal["revision mismatch"] = "revision mismatch"
-    current: DesiredState
+REVISION_MISMATCH = "revision mismatch"

@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
@@ -26,11 +26,12 @@ from api.auth import Identity, TokenTable
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
-from contract.schemas import ConflictBody, DesiredSpec, DesiredState
+from contract.schemas import REVISION_MISMATCH, DesiredSpec, DesiredState, Problem
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+ETAG_PATTERN = r'^(?:W/)?"?(\d{1,18})"?$'
+_ETAG = re.compile(ETAG_PATTERN)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class AppContext:
 
 
 class ApiError(Exception):
-    """An error answered as {"detail": ..., "field": ...} with a status code."""
+    """An error answered as a Problem {"detail": ..., "field": ...} with a status code."""
 
     def __init__(
         self,
@@ -74,9 +75,23 @@ def state_response(state: DesiredState, status: int = 200) -> JSONResponse:
     )
 
 
+def problem_response(
+    status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        problem_json(Problem(detail=detail, field=field)), status_code=status, headers=headers
+    )
+
+
+def problem_json(problem: Problem) -> dict[str, Any]:
+    """The wire form: `detail` and `field` always, the optional parts only when present."""
+    body = problem.model_dump(mode="json")
+    return {k: v for k, v in body.items() if v is not None or k in ("detail", "field")}
+
+
 def conflict_response(current: DesiredState) -> JSONResponse:
     return JSONResponse(
-        ConflictBody(current=current).model_dump(mode="json"),
+        problem_json(Problem(detail=REVISION_MISMATCH, current=current)),
         status_code=412,
         headers={"ETag": etag(current.revision)},
     )
@@ -126,16 +141,18 @@ IfMatch = Annotated[
     str | None,
     Header(
         alias="If-Match",
-        description='The revision the write is based on, as returned in ETag (e.g. "17").',
-        max_length=64,
+        description='The revision the write is based on, as returned in ETag (e.g. "17"). '
+        "Required: without it the answer is 428.",
+        pattern=ETAG_PATTERN,
     ),
 ]
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description="Names this write so a retry of it is recognised.",
-        max_length=64,
+        description="Names this write so a retry of it is recognised; bound to the request "
+        "it first came with (another request with the same key is 422).",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
     ),
 ]
 
@@ -208,6 +225,64 @@ async def revisioned_write(
             raise _key_reused() from None
         return conflict_response(conflict.current)
     return state_response(stored)
+
+
+# --- what each route can answer, for the OpenAPI document ---------------------------------
+
+_WHY = {
+    400: "The body is not JSON.",
+    401: "No bearer token, or not a known one.",
+    403: "The token's role may not do this.",
+    404: "No such resource.",
+    409: "Refused: it conflicts with the current state (see detail).",
+    412: "If-Match is not the current revision: `current` holds the state someone else wrote.",
+    413: "The body is larger than `max_body_bytes`.",
+    422: "A field is invalid (named in `field`).",
+    428: "A write without If-Match.",
+    503: "The state store is unavailable; retry after Retry-After.",
+}
+_STRING = {"type": "string"}
+_HEADER_DOCS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": "The desired-state revision this answer reflects; send it as If-Match.",
+        "schema": {"type": "string", "pattern": ETAG_PATTERN},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {
+        "description": "The scheme to use (Bearer).",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _error_doc(status: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": Problem, "description": _WHY[status]}
+    headers = {412: "ETag", 503: "Retry-After", 401: "WWW-Authenticate"}.get(status)
+    if headers:
+        doc["headers"] = {headers: {**_HEADER_DOCS[headers], "required": True}}
+    return doc
+
+
+def answers(*statuses: int, etag: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: its error statuses (each with the Problem body) and,
+    with `etag`, the ETag header on its 200."""
+    docs: dict[int | str, dict[str, Any]] = {s: _error_doc(s) for s in sorted(set(statuses))}
+    if etag:
+        docs[200] = {"headers": {"ETag": {**_HEADER_DOCS["ETag"], "required": True}}}
+    return docs
+
+
+#: Any authenticated read: bad token, wrong role, a bad parameter, the store down.
+READ_ERRORS = (401, 403, 422, 503)
+#: Any revisioned write, besides its own 404/409.
+WRITE_ERRORS = (400, 401, 403, 412, 413, 422, 428, 503)
+READ_DOCS = answers(*READ_ERRORS)
+READ_ONE_DOCS = answers(*READ_ERRORS, 404)
+WRITE_DOCS = answers(*WRITE_ERRORS, etag=True)
+DELETE_DOCS = answers(*WRITE_ERRORS, 404, etag=True)
 
 
 def require_site(state: DesiredState | DesiredSpec, site: str, field: str) -> None:

@@ -8,6 +8,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    DELETE_DOCS,
+    READ_DOCS,
+    WRITE_DOCS,
     ApiError,
     Ctx,
     NamePath,
@@ -24,12 +27,12 @@ from contract.schemas import DesiredState, Drain, DrainKind, DrainRequest
 router = APIRouter(prefix="/v1/drains", tags=["drains"])
 
 
-@router.get("", response_model=list[Drain])
+@router.get("", response_model=list[Drain], responses=READ_DOCS)
 async def list_drains(ctx: Ctx, _: Reader) -> list[Drain]:
     return (await ctx.store.read_desired()).drains
 
 
-@router.post("", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.post("", response_model=DesiredState, responses=WRITE_DOCS)
 async def drain(
     ctx: Ctx,
     who: Operator,
@@ -59,7 +62,7 @@ async def drain(
     return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{kind}/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete("/{kind}/{name}", response_model=DesiredState, responses=DELETE_DOCS)
 async def undrain(
     ctx: Ctx,
     who: Operator,

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.auth import Identity
-from api.routes.common import AnyIdentity, ApiError, Ctx, NamePath
+from api.routes.common import READ_ONE_DOCS, AnyIdentity, ApiError, Ctx, NamePath, answers
 from api.views import node_view
 from contract.schemas import Heartbeat, NodeDesired
 
@@ -22,7 +22,11 @@ def _may_act_for(who: Identity, node: str) -> None:
         raise ApiError(403, f"token {who.name!r} may not act for node {node!r}", "node")
 
 
-@router.post("/{node}/heartbeat", response_model=NodeDesired)
+@router.post(
+    "/{node}/heartbeat",
+    response_model=NodeDesired,
+    responses=answers(400, 401, 403, 413, 422, 503),
+)
 async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat) -> NodeDesired:
     """Record the node's heartbeat; answers with the node's desired view (up to a second old:
     the long-poll is authoritative)."""
@@ -45,7 +49,7 @@ async def heartbeat(ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat)
     return view
 
 
-@router.get("/{node}/desired", response_model=NodeDesired)
+@router.get("/{node}/desired", response_model=NodeDesired, responses=READ_ONE_DOCS)
 async def node_desired(
     ctx: Ctx,
     who: AnyIdentity,

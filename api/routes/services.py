@@ -6,6 +6,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    DELETE_DOCS,
+    READ_DOCS,
+    WRITE_DOCS,
     ApiError,
     Ctx,
     NamePath,
@@ -20,12 +23,12 @@ from contract.schemas import DesiredState, ServiceSpec
 router = APIRouter(prefix="/v1/services", tags=["services"])
 
 
-@router.get("", response_model=dict[str, ServiceSpec])
+@router.get("", response_model=dict[str, ServiceSpec], responses=READ_DOCS)
 async def list_services(ctx: Ctx, _: Reader) -> dict[str, ServiceSpec]:
     return (await ctx.store.read_desired()).services
 
 
-@router.put("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/{name}", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_service(
     ctx: Ctx,
     who: Operator,
@@ -42,7 +45,7 @@ async def put_service(
     return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete("/{name}", response_model=DesiredState, responses=DELETE_DOCS)
 async def delete_service(
     ctx: Ctx,
     who: Operator,

@@ -6,12 +6,17 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_DOCS,
+    READ_ONE_DOCS,
+    WRITE_DOCS,
+    WRITE_ERRORS,
     ApiError,
     Ctx,
     NamePath,
     Operator,
     Reader,
     Write,
+    answers,
     revisioned_write,
 )
 from api.store.base import EventDraft
@@ -20,12 +25,12 @@ from contract.schemas import DesiredState, SiteSpec
 router = APIRouter(prefix="/v1/sites", tags=["sites"])
 
 
-@router.get("", response_model=dict[str, SiteSpec])
+@router.get("", response_model=dict[str, SiteSpec], responses=READ_DOCS)
 async def list_sites(ctx: Ctx, _: Reader) -> dict[str, SiteSpec]:
     return (await ctx.store.read_desired()).sites
 
 
-@router.get("/{name}", response_model=SiteSpec)
+@router.get("/{name}", response_model=SiteSpec, responses=READ_ONE_DOCS)
 async def get_site(ctx: Ctx, _: Reader, name: NamePath) -> SiteSpec:
     site = (await ctx.store.read_desired()).sites.get(name)
     if site is None:
@@ -33,7 +38,7 @@ async def get_site(ctx: Ctx, _: Reader, name: NamePath) -> SiteSpec:
     return site
 
 
-@router.put("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/{name}", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_site(
     ctx: Ctx,
     who: Operator,
@@ -52,7 +57,11 @@ async def put_site(
     return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete(
+    "/{name}",
+    response_model=DesiredState,
+    responses=answers(*WRITE_ERRORS, 404, 409, etag=True),
+)
 async def delete_site(
     ctx: Ctx,
     who: Operator,

@@ -9,10 +9,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_ERRORS,
+    WRITE_DOCS,
     Ctx,
     Operator,
     Reader,
     Write,
+    answers,
     require_site,
     revisioned_write,
     state_response,
@@ -21,14 +24,15 @@ from api.store.base import EventDraft
 from contract.schemas import DesiredSpec, DesiredState, DrainKind
 
 router = APIRouter(prefix="/v1", tags=["desired state"])
+READ_STATE_DOCS = answers(*READ_ERRORS, etag=True)
 
 
-@router.get("/state", response_model=DesiredState)
+@router.get("/state", response_model=DesiredState, responses=READ_STATE_DOCS)
 async def get_state(ctx: Ctx, _: Reader) -> JSONResponse:
     return state_response(await ctx.store.read_desired())
 
 
-@router.put("/state", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/state", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_state(
     ctx: Ctx,
     who: Operator,
@@ -63,7 +67,7 @@ async def put_state(
     return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.get("/watch", response_model=DesiredState)
+@router.get("/watch", response_model=DesiredState, responses=READ_STATE_DOCS)
 async def watch_state(
     ctx: Ctx,
     _: Reader,

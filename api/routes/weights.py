@@ -6,6 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_DOCS,
+    WRITE_DOCS,
     Ctx,
     Operator,
     Reader,
@@ -21,7 +23,7 @@ from contract.schemas import DesiredState, EffectiveWeights, WeightsUpdate
 router = APIRouter(prefix="/v1", tags=["weights"])
 
 
-@router.put("/weights", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/weights", response_model=DesiredState, responses=WRITE_DOCS)
 async def set_weights(
     ctx: Ctx,
     who: Operator,
@@ -53,6 +55,6 @@ async def set_weights(
     return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.get("/effective-weights", response_model=EffectiveWeights)
+@router.get("/effective-weights", response_model=EffectiveWeights, responses=READ_DOCS)
 async def get_effective_weights(ctx: Ctx, _: Reader) -> EffectiveWeights:
     return weights_view(await ctx.snapshots.get())
