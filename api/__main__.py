@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # httpx logs every request at INFO: with etcd that is every store call (the gateway logs
+    # them itself, at DEBUG).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(open_store(settings.store), settings, tokens)
     tls = settings.tls
     uvicorn.run(

@@ -52,6 +52,9 @@ class EtcdStoreSettings(_Config):
     prefix: Annotated[str, Field(pattern=r"^/.*/$")] = "/anycast-edge/"
     request_timeout_s: Annotated[float, Field(strict=True, gt=0, le=30)] = 0.5
     deadline_s: Annotated[float, Field(strict=True, gt=0, le=120)] = 5.0
+    #: A watch stream quiet this long makes its member prove it is alive (a status request
+    #: answered within request_timeout_s) or the watch moves to another member.
+    watch_probe_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 1.0
 
 
 class TlsSettings(_Config):

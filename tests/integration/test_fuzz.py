@@ -30,9 +30,7 @@ BUDGET_S = 40
 EXAMPLES_PER_OPERATION = 10
 
 
-def test_schemathesis_all_checks_all_phases_find_nothing(
-    api_factory: Any, tmp_path: Path
-) -> None:
+def test_schemathesis_all_checks_all_phases_find_nothing(api_factory: Any, tmp_path: Path) -> None:
     api: ApiUnderTest = api_factory(long_poll_max_s=0.1)
     result = subprocess.run(
         [
