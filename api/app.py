@@ -124,7 +124,7 @@ def _methods_for(app: FastAPI, path: str) -> list[str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return problem_response(exc.status, exc.detail, exc.field, exc.headers)
+        return problem_response(exc.status, exc.detail, exc.field, exc.headers, exc.budget)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

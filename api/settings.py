@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from api.budget import Budget, Limits
 from contract.schemas import Name, Role
 
 
@@ -90,6 +91,26 @@ class TokenSettings(_Config):
         return value
 
 
+class BudgetLimitSettings(_Config):
+    #: Share of the healthy capacity (Mbit/s) that must stay in service, 0..1.
+    min_share: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
+    #: Healthy nodes out of service at once; unset: no count bound (the share still holds).
+    max_out: Annotated[int, Field(strict=True, ge=0)] | None = None
+
+    def limits(self) -> Limits:
+        return Limits(min_share=self.min_share, max_out=self.max_out)
+
+
+class BudgetSettings(_Config):
+    """The disruption budget (api/budget.py): per site and for the whole fleet."""
+
+    site: BudgetLimitSettings = Field(default_factory=BudgetLimitSettings)
+    fleet: BudgetLimitSettings = Field(default_factory=BudgetLimitSettings)
+
+    def budget(self) -> Budget:
+        return Budget(site=self.site.limits(), fleet=self.fleet.limits())
+
+
 class Settings(_Config):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 8080
@@ -102,6 +123,7 @@ class Settings(_Config):
     long_poll_max_s: Annotated[float, Field(strict=True, gt=0, le=300)] = 30.0
     max_body_bytes: Annotated[int, Field(strict=True, ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     tokens: list[TokenSettings] = Field(default_factory=list)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     #: Unauthenticated reads; for a lab or a demo only.
     allow_anonymous_read: Annotated[bool, Field(strict=True)] = False
 

@@ -5,7 +5,8 @@
   answered. Writes are safe to repeat: each carries If-Match and an Idempotency-Key that
   stays the same across the attempts, so a write whose answer was lost is recognised as
   ours instead of coming back as a conflict.
-* Errors are typed: `Conflict` carries the state someone else wrote (412), `NotFound`,
+* Errors are typed: `Conflict` carries the state someone else wrote (412), `BudgetRefused`
+  the disruption-budget bounds a change would break (409), `NotFound`,
   `Forbidden`, `Unauthorized`, `InvalidRequest` (422, with the field), `Unavailable` (no
   endpoint answered).
 
@@ -24,6 +25,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from contract.schemas import (
+    BudgetBreach,
     Convergence,
     DesiredSpec,
     DesiredState,
@@ -87,6 +89,14 @@ class Conflict(ApiError):
         self.current = current
 
 
+class BudgetRefused(ApiError):
+    """409 from the disruption budget: `breaches` are the bounds the change would break."""
+
+    def __init__(self, detail: str, breaches: list[BudgetBreach]) -> None:
+        super().__init__(409, detail, "budget")
+        self.breaches = breaches
+
+
 class Unavailable(ApiError):
     """No endpoint answered (or all answered 502/503/504). `store`: every endpoint answered
     503, i.e. the API is up and says its state store is not."""
@@ -123,6 +133,8 @@ def _raise_for(response: httpx.Response) -> None:
     problem = _problem(response)
     if response.status_code == 412 and problem.current is not None:
         raise Conflict(problem.current)
+    if response.status_code == 409 and problem.budget:
+        raise BudgetRefused(problem.detail, problem.budget)
     error = _ERRORS.get(response.status_code, ApiError)
     raise error(response.status_code, problem.detail, problem.field)
 
@@ -213,9 +225,17 @@ class ApiClient:
         return _parse(response, model)
 
     async def _write(
-        self, method: str, path: str, revision: int, body: BaseModel | None = None
+        self,
+        method: str,
+        path: str,
+        revision: int,
+        body: BaseModel | None = None,
+        override: str | None = None,
     ) -> DesiredState:
+        """`override`: the reason to write even though the disruption budget refuses it."""
         headers = {"If-Match": f'"{revision}"', "Idempotency-Key": uuid.uuid4().hex}
+        if override is not None:
+            headers["Budget-Override"] = override
         response = await self._request(method, path, body=body, headers=headers)
         return _parse(response, DesiredState)
 
@@ -224,9 +244,11 @@ class ApiClient:
     async def state(self) -> DesiredState:
         return await self._get("/v1/state", DesiredState)
 
-    async def apply_state(self, spec: DesiredSpec, *, revision: int) -> DesiredState:
+    async def apply_state(
+        self, spec: DesiredSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
         """Replace sites, nodes and services in one revision."""
-        return await self._write("PUT", "/v1/state", revision, spec)
+        return await self._write("PUT", "/v1/state", revision, spec, override=override)
 
     async def watch_state(self, after_revision: int, timeout_s: float = 25.0) -> DesiredState:
         """Long-poll until the revision is above `after_revision` (or the timeout passes)."""
@@ -237,32 +259,53 @@ class ApiClient:
             timeout_s=timeout_s + self._timeout_s,
         )
 
-    async def put_site(self, name: str, spec: SiteSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/sites/{name}", revision, spec)
+    async def put_site(
+        self, name: str, spec: SiteSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/sites/{name}", revision, spec, override=override)
 
-    async def delete_site(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/sites/{name}", revision)
+    async def delete_site(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/sites/{name}", revision, override=override)
 
-    async def put_node(self, name: str, spec: NodeSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/nodes/{name}", revision, spec)
+    async def put_node(
+        self, name: str, spec: NodeSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/nodes/{name}", revision, spec, override=override)
 
-    async def delete_node(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/nodes/{name}", revision)
+    async def delete_node(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/nodes/{name}", revision, override=override)
 
-    async def put_service(self, name: str, spec: ServiceSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/services/{name}", revision, spec)
+    async def put_service(
+        self, name: str, spec: ServiceSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/services/{name}", revision, spec, override=override)
 
-    async def delete_service(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/services/{name}", revision)
+    async def delete_service(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/services/{name}", revision, override=override)
 
-    async def set_weights(self, update: WeightsUpdate, *, revision: int) -> DesiredState:
-        return await self._write("PUT", "/v1/weights", revision, update)
+    async def set_weights(
+        self, update: WeightsUpdate, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", "/v1/weights", revision, update, override=override)
 
     async def drain(
-        self, kind: DrainKind, name: str, reason: str, *, revision: int
+        self,
+        kind: DrainKind,
+        name: str,
+        reason: str,
+        *,
+        revision: int,
+        override: str | None = None,
     ) -> DesiredState:
+        """`override`: drain even though the disruption budget refuses it (the reason why)."""
         request = DrainRequest(kind=kind, name=name, reason=reason)
-        return await self._write("POST", "/v1/drains", revision, request)
+        return await self._write("POST", "/v1/drains", revision, request, override=override)
 
     async def undrain(self, kind: DrainKind, name: str, *, revision: int) -> DesiredState:
         return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision)

@@ -226,14 +226,37 @@ class Convergence(Strict):
     lagging: list[ConvergenceNode]
 
 
+class BudgetBound(enum.StrEnum):
+    MIN_SHARE = "min_share"  # too little healthy capacity would stay in service
+    MAX_OUT = "max_out"  # too many healthy nodes would be out at once
+    SERVICE = "service"  # a service would be withdrawn from everything in service
+
+
+class BudgetBreach(Strict):
+    """One disruption-budget bound a refused change would break (409), in numbers: what is
+    in service now, what the change would leave, and what is allowed."""
+
+    scope: str  # "fleet", "site <name>" or "service <name>"
+    bound: BudgetBound
+    healthy_mbps: int
+    in_service_mbps: int
+    would_leave_mbps: int
+    min_share: float
+    min_in_service_mbps: float
+    out: int
+    would_be_out: int
+    max_out: int | None = None
+
+
 class Problem(Strict):
     """The one error body of every 4xx and 5xx answer: a message, the offending field where
-    one applies, and for a 412 the state someone else wrote (so the caller can show what
-    changed and retry on it)."""
+    one applies; for a 412 the state someone else wrote (so the caller can show what changed
+    and retry on it); for a 409 budget refusal the bounds the change would break."""
 
     detail: str
     field: str | None = None
     current: DesiredState | None = None
+    budget: list[BudgetBreach] | None = None
 
 
 REVISION_MISMATCH = "revision mismatch"

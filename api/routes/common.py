@@ -15,6 +15,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
@@ -23,10 +24,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
+from api.budget import alive_states, describe, judge
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
-from contract.schemas import REVISION_MISMATCH, DesiredSpec, DesiredState, Problem
+from contract.schemas import REVISION_MISMATCH, BudgetBreach, DesiredSpec, DesiredState, Problem
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -40,6 +42,7 @@ class AppContext:
     settings: Settings
     tokens: TokenTable
     snapshots: SnapshotCache
+    budget_refusals: int = 0
 
 
 class ApiError(Exception):
@@ -51,12 +54,14 @@ class ApiError(Exception):
         detail: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        budget: list[BudgetBreach] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
         self.headers = headers or {}
+        self.budget = budget
 
 
 class ConflictError(Exception):
@@ -76,11 +81,14 @@ def state_response(state: DesiredState, status: int = 200) -> JSONResponse:
 
 
 def problem_response(
-    status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    detail: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    budget: list[BudgetBreach] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        problem_json(Problem(detail=detail, field=field)), status_code=status, headers=headers
-    )
+    problem = Problem(detail=detail, field=field, budget=budget)
+    return JSONResponse(problem_json(problem), status_code=status, headers=headers)
 
 
 def problem_json(problem: Problem) -> dict[str, Any]:
@@ -157,6 +165,18 @@ IdempotencyKey = Annotated[
 ]
 
 
+BudgetOverride = Annotated[
+    str | None,
+    Header(
+        alias="Budget-Override",
+        description="Write even though the disruption budget refuses it (409); the value is "
+        "the reason, recorded with the author in a budget-override event.",
+        min_length=1,
+        max_length=500,
+    ),
+]
+
+
 @dataclass(frozen=True, slots=True)
 class WriteRequest:
     """What every revisioned write carries besides its body."""
@@ -164,12 +184,20 @@ class WriteRequest:
     if_match: str | None
     idempotency_key: str | None
     target: str  # "PUT /v1/sites/a": what the idempotency key is bound to, with the body
+    author: str
+    budget_override: str | None
 
 
 async def write_request(
-    request: Request, if_match: IfMatch = None, idempotency_key: IdempotencyKey = None
+    request: Request,
+    who: Operator,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+    budget_override: BudgetOverride = None,
 ) -> WriteRequest:
-    return WriteRequest(if_match, idempotency_key, f"{request.method} {request.url.path}")
+    target = f"{request.method} {request.url.path}"
+    override = budget_override.strip() if budget_override else None
+    return WriteRequest(if_match, idempotency_key, target, who.name, override or None)
 
 
 Write = Annotated[WriteRequest, Depends(write_request)]
@@ -197,6 +225,29 @@ def _key_reused() -> ApiError:
     )
 
 
+async def _within_budget(
+    ctx: AppContext, write: WriteRequest, current: DesiredState, new: DesiredState
+) -> list[EventDraft]:
+    """Refuse (409) a change the disruption budget does not allow, unless overridden; an
+    override is an event. Judged against `current`, the state the write's compare-and-swap
+    is on, so two racing changes are never both judged against the same before."""
+    alive = alive_states(await ctx.store.read_observed(datetime.now(UTC)))
+    breaches = judge(current, new, alive, ctx.settings.budget.budget())
+    if not breaches:
+        return []
+    summary = "; ".join(describe(b) for b in breaches)
+    if write.budget_override is None:
+        ctx.budget_refusals += 1
+        raise ApiError(
+            409,
+            f"refused by the disruption budget: {summary}",
+            "budget",
+            budget=breaches,
+        )
+    cause = f"budget overridden: {summary}; reason: {write.budget_override}"
+    return [EventDraft("budget-override", "budget", cause, write.author)]
+
+
 async def revisioned_write(
     ctx: AppContext, write: WriteRequest, body: BaseModel | None, mutate: Mutation
 ) -> JSONResponse:
@@ -217,6 +268,7 @@ async def revisioned_write(
             raise _key_reused()
         return conflict_response(current)
     new, events = mutate(current)
+    events = [*events, *await _within_budget(ctx, write, current, new)]
     new = new.model_copy(update={"write_id": write_id})
     try:
         stored = await ctx.store.write_desired(expected, new, events)
@@ -234,7 +286,8 @@ _WHY = {
     401: "No bearer token, or not a known one.",
     403: "The token's role may not do this.",
     404: "No such resource.",
-    409: "Refused: it conflicts with the current state (see detail).",
+    409: "Refused: it conflicts with the current state, e.g. the disruption budget "
+    "(`budget` lists the bounds it would break).",
     412: "If-Match is not the current revision: `current` holds the state someone else wrote.",
     413: "The body is larger than `max_body_bytes`.",
     422: "A field is invalid (named in `field`).",
@@ -277,8 +330,8 @@ def answers(*statuses: int, etag: bool = False) -> dict[int | str, dict[str, Any
 
 #: Any authenticated read: bad token, wrong role, a bad parameter, the store down.
 READ_ERRORS = (401, 403, 422, 503)
-#: Any revisioned write, besides its own 404/409.
-WRITE_ERRORS = (400, 401, 403, 412, 413, 422, 428, 503)
+#: Any revisioned write, besides its own 404: 409 is the disruption budget's refusal.
+WRITE_ERRORS = (400, 401, 403, 409, 412, 413, 422, 428, 503)
 READ_DOCS = answers(*READ_ERRORS)
 READ_ONE_DOCS = answers(*READ_ERRORS, 404)
 WRITE_DOCS = answers(*WRITE_ERRORS, etag=True)

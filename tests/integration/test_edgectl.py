@@ -28,7 +28,14 @@ from contract.schemas import (
     SiteSpec,
     WeightsUpdate,
 )
-from tests.integration.conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
+from tests.integration.conftest import (
+    DEFAULT_BUDGET,
+    NODE_A1,
+    NODE_B1,
+    OPERATOR,
+    VIEWER,
+    ApiUnderTest,
+)
 from tests.support.etcd_cluster import free_port
 from tests.support.procs import wait_for
 
@@ -428,6 +435,25 @@ def test_drain_wait_times_out_with_exit_6(fleet: ApiUnderTest) -> None:
         result = run(api, "drain", "site-a", "--reason", "x", "--wait", "--timeout", "0.5")
     failed(result, 6, "timed out", "a1 applied revision 0")
     assert call(api, lambda c: c.state()).drains[0].kind is DrainKind.SITE  # it was written
+
+
+@sqlite_only
+def test_drain_refused_by_the_budget_in_one_line_and_forced_with_a_reason(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    # A long TTL: the nodes stay alive across the edgectl runs without a heartbeat loop.
+    api = api_factory(budget=DEFAULT_BUDGET, heartbeat_ttl_s=60)
+    seed(api)
+    for node in ("a1", "a2", "b1"):
+        heartbeat(api, node, OPERATOR, NodeState.HEALTHY, 0)
+    ok(run(api, "drain", "a1", "--reason", "kernel"))
+    line = failed(run(api, "drain", "a2", "--reason", "kernel"), 3, "disruption budget")
+    assert "site site-a" in line and "this would leave 0" in line and "--force" in line
+    assert {d.name for d in call(api, lambda c: c.state()).drains} == {"a1"}
+    ok(run(api, "drain", "a2", "--reason", "vendor swap, approved", "--force"))
+    events = call(api, lambda c: c.events())
+    [override] = [e for e in events if e.kind == "budget-override"]
+    assert override.author == "alice" and "vendor swap, approved" in override.cause
 
 
 # --- errors ---------------------------------------------------------------------------
