@@ -16,12 +16,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import TokenTable
+from api.metrics import ApiMetrics, RequestMetrics
 from api.routes import (
     convergence,
     drains,
@@ -33,7 +35,7 @@ from api.routes import (
     state,
     weights,
 )
-from api.routes.common import ApiError, AppContext, problem_response
+from api.routes.common import ApiError, AppContext, Reader, answers, problem_response
 from api.settings import Settings
 from api.store.base import Store, StoreUnavailable
 from api.views import SnapshotCache
@@ -206,11 +208,16 @@ async def _sweep_forever(store: Store, settings: Settings) -> None:
 
 
 def create_app(store: Store, settings: Settings, tokens: TokenTable | None = None) -> FastAPI:
+    metrics = ApiMetrics()
+    metrics.watch_store(store)
+    snapshots = SnapshotCache(store)
+    metrics.watch_snapshots(snapshots)
     ctx = AppContext(
         store=store,
         settings=settings,
         tokens=tokens or TokenTable.from_settings(settings),
-        snapshots=SnapshotCache(store),
+        snapshots=snapshots,
+        metrics=metrics,
     )
 
     @contextlib.asynccontextmanager
@@ -241,5 +248,19 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+            **answers(401, 403),
+        },
+    )
+    async def prometheus(_: Reader) -> PlainTextResponse:
+        """Prometheus text format (needs a viewer or operator token, like every read)."""
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

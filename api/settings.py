@@ -124,6 +124,8 @@ class Settings(_Config):
     max_body_bytes: Annotated[int, Field(strict=True, ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     tokens: list[TokenSettings] = Field(default_factory=list)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    #: `json`: one JSON object per log line (time, level, logger, message), for collectors.
+    log_format: Literal["text", "json"] = "text"
     #: Unauthenticated reads; for a lab or a demo only.
     allow_anonymous_read: Annotated[bool, Field(strict=True)] = False
 

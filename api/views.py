@@ -129,6 +129,11 @@ class SnapshotCache:
         self._lock = asyncio.Lock()
         self._last_build_s = 0.0
 
+    @property
+    def latest(self) -> Snapshot | None:
+        """The last snapshot built, whatever its age (for metrics; never triggers a read)."""
+        return self._snapshot
+
     def _fresh(self, generation: int) -> Snapshot | None:
         snapshot = self._snapshot
         if (

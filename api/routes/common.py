@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
 from api.budget import alive_states, describe, judge
+from api.metrics import ApiMetrics
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
@@ -42,7 +43,7 @@ class AppContext:
     settings: Settings
     tokens: TokenTable
     snapshots: SnapshotCache
-    budget_refusals: int = 0
+    metrics: ApiMetrics
 
 
 class ApiError(Exception):
@@ -237,7 +238,7 @@ async def _within_budget(
         return []
     summary = "; ".join(describe(b) for b in breaches)
     if write.budget_override is None:
-        ctx.budget_refusals += 1
+        ctx.metrics.budget_refusals.inc()
         raise ApiError(
             409,
             f"refused by the disruption budget: {summary}",
