@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import TokenTable
+from api.failopen import FailOpen
 from api.metrics import ApiMetrics, RequestMetrics
 from api.routes import (
     convergence,
@@ -33,6 +34,7 @@ from api.routes import (
     services,
     sites,
     state,
+    status,
     weights,
 )
 from api.routes.common import ApiError, AppContext, Reader, answers, problem_response
@@ -188,13 +190,17 @@ def _describe(app: FastAPI) -> dict[str, Any]:
                 }
                 for target in writes
             }
+    # /metrics answers text only; FastAPI adds a JSON 200 to every route.
+    schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"].pop("application/json")
     app.openapi_schema = schema
     return schema
 
 
-async def _sweep_forever(store: Store, settings: Settings) -> None:
+async def _sweep_forever(store: Store, settings: Settings, fail_open: FailOpen) -> None:
     while True:
         await asyncio.sleep(settings.sweep_interval_s)
+        if fail_open.starting():
+            continue  # leases that expired while this API was down prove nothing yet
         try:
             dead = await store.sweep_dead(datetime.now(UTC), settings.heartbeat_ttl_s)
         except StoreUnavailable as exc:
@@ -210,20 +216,25 @@ async def _sweep_forever(store: Store, settings: Settings) -> None:
 def create_app(store: Store, settings: Settings, tokens: TokenTable | None = None) -> FastAPI:
     metrics = ApiMetrics()
     metrics.watch_store(store)
-    snapshots = SnapshotCache(store)
+    fail_open = FailOpen(store, settings.panic_threshold, settings.heartbeat_ttl_s)
+    snapshots = SnapshotCache(store, fail_open.weigh_from)
     metrics.watch_snapshots(snapshots)
+    metrics.watch_fail_open(fail_open)
     ctx = AppContext(
         store=store,
         settings=settings,
         tokens=tokens or TokenTable.from_settings(settings),
         snapshots=snapshots,
         metrics=metrics,
+        fail_open=fail_open,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.start()
-        sweeper = asyncio.create_task(_sweep_forever(store, settings), name="dead-node-sweeper")
+        sweeper = asyncio.create_task(
+            _sweep_forever(store, settings, fail_open), name="dead-node-sweeper"
+        )
         try:
             yield
         finally:
@@ -241,7 +252,8 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     app.state.ctx = ctx
     app.openapi = lambda: _describe(app)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    for module in (state, sites, nodes, services, weights, drains, heartbeats, events, convergence):
+    routers = (state, sites, nodes, services, weights, drains, heartbeats, events, convergence)
+    for module in (*routers, status):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])
@@ -251,7 +263,7 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     @app.get(
         "/metrics",
         tags=["health"],
-        response_class=PlainTextResponse,
+        # No response_class: FastAPI would then document the errors' Problem as text/plain.
         responses={
             200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
             **answers(401, 403),

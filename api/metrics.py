@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.failopen import FailOpen
 from api.store.base import Store, StoreUnavailable
 from api.views import SnapshotCache
 from contract.schemas import Liveness
@@ -88,6 +89,14 @@ class ApiMetrics:
 
     def watch_snapshots(self, snapshots: SnapshotCache) -> None:
         self.registry.register(_LivenessCollector(snapshots))
+
+    def watch_fail_open(self, fail_open: FailOpen) -> None:
+        held = Gauge(
+            "gslb_api_fail_open_scopes",
+            "Sites (or the fleet) whose last weights are kept: API starting or panic threshold",
+            registry=self.registry,
+        )
+        held.set_function(lambda: len(fail_open.decision.scopes))
 
     def _timed(
         self, name: str, call: Callable[..., Awaitable[Any]]

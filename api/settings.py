@@ -124,6 +124,9 @@ class Settings(_Config):
     max_body_bytes: Annotated[int, Field(strict=True, ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     tokens: list[TokenSettings] = Field(default_factory=list)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    #: Fail open (api/panic.py): when fewer than this share of a site's (or the fleet's)
+    #: nodes look alive, keep their last weights. 0 turns it off.
+    panic_threshold: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
     #: `json`: one JSON object per log line (time, level, logger, message), for collectors.
     log_format: Literal["text", "json"] = "text"
     #: Unauthenticated reads; for a lab or a demo only.

@@ -226,6 +226,24 @@ class Convergence(Strict):
     lagging: list[ConvergenceNode]
 
 
+class HeldScope(Strict):
+    """A site (or the fleet) whose liveness the GSLB does not act on right now."""
+
+    scope: str
+    trust: str  # "starting" (up for less than one heartbeat TTL) or "panic"
+    alive: int
+    reported: int
+    detail: str
+
+
+class ApiStatus(Strict):
+    """GET /v1/status: the control plane's own state."""
+
+    revision: Revision
+    up_s: float
+    fail_open: list[HeldScope]
+
+
 class BudgetBound(enum.StrEnum):
     MIN_SHARE = "min_share"  # too little healthy capacity would stay in service
     MAX_OUT = "max_out"  # too many healthy nodes would be out at once

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
 from api.budget import alive_states, describe, judge
+from api.failopen import FailOpen
 from api.metrics import ApiMetrics
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
@@ -44,6 +45,7 @@ class AppContext:
     tokens: TokenTable
     snapshots: SnapshotCache
     metrics: ApiMetrics
+    fail_open: FailOpen
 
 
 class ApiError(Exception):

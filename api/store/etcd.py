@@ -456,6 +456,14 @@ class EtcdStore(Store):
 
     # --- events ----------------------------------------------------------------------
 
+    async def append_events(self, events: Sequence[EventDraft], now: datetime) -> None:
+        stamp = uuid.uuid4().hex
+        puts = [
+            _put(self._key("e", f"{stamp}-{i:02d}"), _event_json(e, now, False))
+            for i, e in enumerate(events)
+        ]
+        await self._call(self.gateway.txn([], puts, []))
+
     async def list_events(self, limit: int, after: str | None) -> list[Event]:
         events_prefix = self._key("e", "")
         if after is None:

@@ -230,8 +230,15 @@ async def test_node_whose_heartbeats_stop_is_dead_after_ttl(api: ApiUnderTest) -
             return any(e.kind == "node-dead" and e.subject == "a1" for e in events)
 
         await poll_until(dead_event, timeout_s=10)
+        # b1 went silent too: no node of the fleet looks alive, which says more about the
+        # GSLB's view than about the nodes. Fail-open: their last weights are kept, and
+        # /v1/status says so (api/panic.py).
         weights = await viewer.effective_weights()
-        assert weights.nodes["a1"] == 0
+        assert weights.nodes["a1"] > 0
+        async with httpx.AsyncClient(base_url=api.url, headers=auth(VIEWER)) as http:
+            status = (await http.get("/v1/status")).json()
+        assert [(s["scope"], s["trust"]) for s in status["fail_open"]] == [("fleet", "panic")]
+        assert any(e.kind == "fail-open" for e in await viewer.events())
 
 
 async def test_watch_long_poll_delivers_a_change_and_effective_weights(api: ApiUnderTest) -> None:
@@ -311,3 +318,28 @@ async def test_apply_whole_state_in_one_revision(api: ApiUnderTest) -> None:
                 DesiredSpec(nodes={"x": NodeSpec(site="nowhere")}), revision=applied.revision
             )
         assert invalid.value.field == "nodes.x.site"
+
+
+async def test_a_restarted_api_keeps_live_nodes_weights_for_one_ttl(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    """The API is down longer than the heartbeat TTL while its node keeps serving: right
+    after the restart every lease has expired, but the node's view must not drop to weight
+    0 for a death it never reported; /v1/status says why."""
+    api = api_factory(heartbeat_ttl_s=3)
+    await seed(api)
+    async with ApiClient([api.url], NODE_A1) as a1:
+        await a1.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+        before = await a1.node_desired("a1")
+    assert before.effective_weight > 0
+    api.server.stop()
+    await asyncio.sleep(3.5)  # the lease expires while nobody can renew it
+    api.server.start()
+    async with ApiClient([api.url], NODE_A1) as a1, ApiClient([api.url], VIEWER) as viewer:
+        after = await a1.node_desired("a1")
+        observed = {o.node: o for o in await viewer.observed()}
+        async with httpx.AsyncClient(base_url=api.url, headers=auth(VIEWER)) as http:
+            status = (await http.get("/v1/status")).json()
+    assert after.effective_weight == before.effective_weight
+    assert observed["a1"].liveness is Liveness.DEAD  # shown as it is, only not acted on
+    assert [(s["scope"], s["trust"]) for s in status["fail_open"]] == [("fleet", "starting")]

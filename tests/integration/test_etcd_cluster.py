@@ -235,5 +235,5 @@ async def test_watch_moves_off_a_frozen_member_and_wakes_on_the_write(
             assert answer.status_code == 200
             assert answer.json()["revision"] == written.revision
             assert "b" in answer.json()["sites"]
+            # It moved because the member went silent (after the thaw it may come back).
             assert store.gateway.silent_member_failovers > failovers
-            assert store.gateway.watching[watch_key] != etcd_cluster.client_urls[carrier]
