@@ -19,8 +19,9 @@ refused only where it makes a bound worse and leaves it broken: undrains, repair
 changes that take nothing out always pass, even when a bound is already broken. A site
 that the change takes out as a whole (site drain, site weight 0) is judged by the fleet
 bounds, not by its own: emptying a site on purpose is the point of a site drain. Removing
-a service (or changing its prefix) withdraws it from every node in service, so it breaks
-the fleet bound whenever any capacity is in service.
+the last service (or changing the prefix of the only one) leaves the fleet announcing
+nothing, so it breaks the fleet bound whenever any capacity is in service; with other
+services left, the fleet's capacity still serves them.
 """
 
 from __future__ import annotations
@@ -133,11 +134,13 @@ def _breach(
 
 
 def _withdrawn_services(before: DesiredState, after: DesiredState) -> list[str]:
-    return sorted(
-        name
-        for name, spec in before.services.items()
-        if name not in after.services or after.services[name].prefix != spec.prefix
-    )
+    """The services whose prefixes stop being announced, when none of before's stays."""
+    kept = {s.prefix for s in after.services.values()} & {
+        s.prefix for s in before.services.values()
+    }
+    if kept:
+        return []
+    return sorted(before.services)
 
 
 def judge(
@@ -172,7 +175,7 @@ def describe(breach: BudgetBreach) -> str:
     if breach.bound == BudgetBound.SERVICE:
         return (
             f"{breach.scope}: withdrawn from {breach.in_service_mbps} Mbit/s in service; "
-            "removing a served service needs an override"
+            "withdrawing every served prefix needs an override"
         )
     return (
         f"{breach.scope}: {breach.in_service_mbps} of {breach.healthy_mbps} Mbit/s healthy "

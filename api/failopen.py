@@ -1,5 +1,6 @@
 """The driver around api/panic.py: asks it at every snapshot build, remembers the answer (for
-/v1/status and /metrics) and records an event whenever a scope starts or stops being held."""
+/v1/status and /metrics) and records an event whenever a scope enters or leaves panic (the
+start grace is routine: /v1/status shows it, the event log does not)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from api.panic import PanicDecision, ScopeView, decide, hold
+from api.panic import PanicDecision, ScopeView, Trust, decide, hold
 from api.store.base import EventDraft, Store, StoreUnavailable
 from contract.schemas import DesiredState, NodeObserved
 
@@ -53,7 +54,7 @@ class FailOpen:
 
     def _record(self, before: PanicDecision, after: PanicDecision) -> None:
         def keys(d: PanicDecision) -> dict[tuple[str, str], ScopeView]:
-            return {(v.scope, v.trust): v for v in d.scopes}
+            return {(v.scope, v.trust): v for v in d.scopes if v.trust is Trust.PANIC}
 
         was, now = keys(before), keys(after)
         events = [

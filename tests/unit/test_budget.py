@@ -109,13 +109,15 @@ def test_dead_nodes_are_not_protected_and_a_weight_of_zero_takes_a_node_out() ->
     assert site_breach.scope == "site a"
 
 
-def test_withdrawing_a_served_service_needs_an_override() -> None:
-    served = fleet().model_copy(
-        update={"services": {"web": ServiceSpec(prefix="198.51.100.10/32")}}  # type: ignore[dict-item]
-    )
-    [breach] = judge(served, fleet(), ALL, DEFAULT)
+def test_withdrawing_the_last_served_prefix_needs_an_override() -> None:
+    web = ServiceSpec.model_validate({"prefix": "198.51.100.10/32"})
+    probe = ServiceSpec.model_validate({"prefix": "198.51.100.11/32"})
+    one = fleet().model_copy(update={"services": {"web": web}})
+    two = fleet().model_copy(update={"services": {"web": web, "probe": probe}})
+    [breach] = judge(one, fleet(), ALL, DEFAULT)
     assert breach.scope == "service web" and breach.bound is BudgetBound.SERVICE
-    assert judge(served, fleet(), {}, DEFAULT) == []  # nothing in service anyway
+    assert judge(one, fleet(), {}, DEFAULT) == []  # nothing in service anyway
+    assert judge(two, one, ALL, DEFAULT) == []  # web still served
 
 
 # --- properties ------------------------------------------------------------------------
