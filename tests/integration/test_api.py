@@ -333,7 +333,8 @@ async def test_a_restarted_api_keeps_live_nodes_weights_for_one_ttl(
         before = await a1.node_desired("a1")
     assert before.effective_weight > 0
     api.server.stop()
-    await asyncio.sleep(3.5)  # the lease expires while nobody can renew it
+    # The lease expires while nobody can renew it (etcd: TTL + up to 2 s of lease bucket).
+    await asyncio.sleep(5.5)
     api.server.start()
     async with ApiClient([api.url], NODE_A1) as a1, ApiClient([api.url], VIEWER) as viewer:
         after = await a1.node_desired("a1")
