@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,16 @@ from edge.flowshare.wire import Delta, Frame, Op, flow_key
 from tests.support.netlab import (
     FLOW_KEY,
     FLOW_PORT,
+    PLANNED_CHANGES,
     VIP,
     FlowFleet,
     LongLivedClient,
-    NetLab,
+    build_flow_fleet,
     in_netns,
     netns_command,
     peer_lan_address,
     run,
+    run_planned_changes,
     wait_for,
 )
 
@@ -54,67 +56,13 @@ pytestmark = [
 ]
 
 CONNECTIONS = 200
-YOUNG = 10  # opened right before each change
-
-
-def build_fleet(forwarding: bool) -> tuple[NetLab, FlowFleet, LongLivedClient]:
-    lab = NetLab.create(3, client=True)
-    try:
-        fleet = FlowFleet(lab, forwarding)
-        fleet.start_api()
-        for index in (1, 2):
-            fleet.start_edge(index)
-        fleet.wait_settled(lambda hops: len(hops) == 2, "edges 1 and 2 in the router's FIB")
-        client = LongLivedClient(lab)
-        opened = client.open(CONNECTIONS, "base")
-        assert opened["open"] == CONNECTIONS, opened
-    except BaseException:
-        lab.close()
-        raise
-    return lab, fleet, client
-
-
-def run_changes(fleet: FlowFleet, client: LongLivedClient) -> list[dict[str, Any]]:
-    """join (edge 3), weight 3:1:1, drain edge 1, undrain edge 1; per change the
-    connections open at the change and how many of them broke."""
-    e1, e2 = fleet.edge_address(1), fleet.edge_address(2)
-    changes: list[tuple[str, Callable[[], None], Callable[[dict[str, int]], bool]]] = [
-        ("join", lambda: fleet.start_edge(3), lambda hops: len(hops) == 3),
-        (
-            "weight_change",
-            lambda: fleet.set_weights({"edge1": 300}),
-            lambda hops: hops.get(e1, 0) >= 2.5 * hops.get(e2, 1),
-        ),
-        ("drain", lambda: fleet.drain(1, True), lambda hops: len(hops) == 2 and e1 not in hops),
-        ("undrain", lambda: fleet.drain(1, False), lambda hops: len(hops) == 3),
-    ]
-    results = []
-    for name, change, settled in changes:
-        missing = CONNECTIONS - client.report()["open"]
-        if missing > 0:  # without forwarding, earlier changes broke some
-            client.open(missing, f"refill-{name}")
-        before = client.open(YOUNG, f"young-{name}")  # the last ~100 ms before the change
-        change()
-        fleet.wait_settled(settled, f"the router's FIB after the {name}")
-        time.sleep(2.5)  # a broken connection shows within the client's patience (2 s)
-        after = client.report()
-        broken = sum(after["broken"].values()) - sum(before["broken"].values())
-        results.append(
-            {
-                "name": name,
-                "connections": before["open"],
-                "broken": broken,
-                "young_broken": after["broken"].get(f"young-{name}", 0),
-            }
-        )
-    return results
 
 
 @pytest.fixture(scope="module")
 def fleet_on() -> Iterator[tuple[FlowFleet, LongLivedClient, list[dict[str, Any]]]]:
-    lab, fleet, client = build_fleet(forwarding=True)
+    lab, fleet, client = build_flow_fleet(forwarding=True, connections=CONNECTIONS)
     try:
-        results = run_changes(fleet, client)
+        results = run_planned_changes(fleet, client, CONNECTIONS)
         yield fleet, client, results
     finally:
         lab.close()
@@ -126,7 +74,7 @@ def test_with_forwarding_planned_changes_break_no_connection(
 ) -> None:
     fleet, _, results = fleet_on
     print(json.dumps(results))
-    assert [r["name"] for r in results] == ["join", "weight_change", "drain", "undrain"]
+    assert [r["name"] for r in results] == list(PLANNED_CHANGES)
     for result in results:
         assert result["connections"] >= CONNECTIONS, result
         assert result["broken"] == 0, result
@@ -140,9 +88,9 @@ def test_with_forwarding_planned_changes_break_no_connection(
 
 @pytest.mark.timeout(300)
 def test_without_forwarding_the_same_changes_break_connections() -> None:
-    lab, fleet, client = build_fleet(forwarding=False)
+    lab, fleet, client = build_flow_fleet(forwarding=False, connections=CONNECTIONS)
     try:
-        results = run_changes(fleet, client)
+        results = run_planned_changes(fleet, client, CONNECTIONS)
     finally:
         lab.close()
     print(json.dumps(results))

@@ -888,3 +888,69 @@ class FlowFleet:
                 client, port, vip, vport = key["concat"]
                 elements[(client, int(port), vip, int(vport))] = int(mark)
         return elements
+
+
+PLANNED_CHANGES = ("join", "weight_change", "drain", "undrain")
+
+
+def build_flow_fleet(
+    forwarding: bool, connections: int
+) -> tuple[NetLab, FlowFleet, LongLivedClient]:
+    """A lab with a client and three edges, edges 1 and 2 serving (edge 3 joins later),
+    `connections` long-lived connections open. The caller closes the lab."""
+    lab = NetLab.create(3, client=True)
+    try:
+        fleet = FlowFleet(lab, forwarding)
+        fleet.start_api()
+        for index in (1, 2):
+            fleet.start_edge(index)
+        fleet.wait_settled(lambda hops: len(hops) == 2, "edges 1 and 2 in the router's FIB")
+        client = LongLivedClient(lab)
+        opened = client.open(connections, "base")
+        if opened["open"] != connections:
+            raise RuntimeError(f"only {opened['open']} of {connections} connections opened")
+    except BaseException:
+        lab.close()
+        raise
+    return lab, fleet, client
+
+
+def run_planned_changes(
+    fleet: FlowFleet, client: LongLivedClient, connections: int, young: int = 10
+) -> list[dict[str, Any]]:
+    """join (edge 3), weight 3:1:1, drain edge 1, undrain edge 1, each through the real
+    path (agent start, GSLB API). Before each, the pool is refilled to `connections` and
+    `young` more open right before the change. Per change: connections open at the
+    change, how many broke, how many of the young ones broke."""
+    e1, e2 = fleet.edge_address(1), fleet.edge_address(2)
+    changes: dict[str, tuple[Callable[[], None], Callable[[dict[str, int]], bool]]] = {
+        "join": (lambda: fleet.start_edge(3), lambda hops: len(hops) == 3),
+        "weight_change": (
+            lambda: fleet.set_weights({"edge1": 300}),
+            lambda hops: hops.get(e1, 0) >= 2.5 * hops.get(e2, 1),
+        ),
+        "drain": (lambda: fleet.drain(1, True), lambda hops: len(hops) == 2 and e1 not in hops),
+        "undrain": (lambda: fleet.drain(1, False), lambda hops: len(hops) == 3),
+    }
+    results = []
+    for name in PLANNED_CHANGES:
+        change, settled = changes[name]
+        missing = connections - client.report()["open"]
+        if missing > 0:  # without forwarding, earlier changes broke some
+            client.open(missing, f"refill-{name}")
+        before = client.open(young, f"young-{name}")  # the last ~100 ms before the change
+        change()
+        fleet.wait_settled(settled, f"the router's FIB after the {name}")
+        time.sleep(2.5)  # a broken connection shows within the client's patience (2 s)
+        after = client.report()
+        broken = sum(after["broken"].values()) - sum(before["broken"].values())
+        results.append(
+            {
+                "name": name,
+                "forwarding": fleet.forwarding,
+                "connections": before["open"],
+                "broken": broken,
+                "young_broken": after["broken"].get(f"young-{name}", 0),
+            }
+        )
+    return results
