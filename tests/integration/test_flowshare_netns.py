@@ -78,6 +78,8 @@ def test_with_forwarding_planned_changes_break_no_connection(
     for result in results:
         assert result["connections"] >= CONNECTIONS, result
         assert result["broken"] == 0, result
+    # The drain waited for both peers to hold edge 1's flows before the BGP choreography.
+    assert "flowshare before GSLB: maintenance: 2 peers hold our flows" in fleet.agent_log(1)
     # The changes did move flows: packets were handed to their owners.
     moved = sum(fleet.status(i)["flowshare"]["packets_moved"] for i in (1, 2, 3))
     assert moved > 0
