@@ -28,6 +28,7 @@ log = logging.getLogger("edge.flowshare.link")
 
 _LENGTH = struct.Struct("!I")
 RECONNECT_S = (0.1, 1.0)
+MAX_QUEUED = 10_000  # frames waiting for one peer
 
 
 def now_ms() -> int:
@@ -117,6 +118,13 @@ class Outbound:
         snapshot, which includes these events)."""
         if not self.connected:
             return None
+        if self._queue.qsize() > MAX_QUEUED:  # a peer this far behind gets a snapshot
+            while not self._queue.empty():
+                if not self._queue.get_nowait():  # the stream ended meanwhile
+                    self._queue.put_nowait(b"")
+                    return None
+            self._queue_snapshot()
+            return self.seq
         for start in range(0, len(events), wire.MAX_FLOWS_PER_FRAME):
             self._queue.put_nowait(
                 self._frame(Delta(tuple(events[start : start + wire.MAX_FLOWS_PER_FRAME])))
@@ -179,7 +187,9 @@ class Outbound:
         while data := await self._queue.get():  # b"": the ack reader saw the end
             writer.write(data)
             while not self._queue.empty():
-                writer.write(self._queue.get_nowait())
+                if not (data := self._queue.get_nowait()):
+                    return
+                writer.write(data)
             self._sent_since_heartbeat = True
             await writer.drain()
 
