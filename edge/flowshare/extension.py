@@ -392,6 +392,9 @@ class FlowShareExtension:
                     link.send_snapshot()
             for batch in [b for b, (at, _) in self._batches.items() if now - at > BATCH_GIVE_UP_S]:
                 del self._batches[batch]
+            for seqs in self._batch_seqs.values():  # a peer that never acked: forget
+                while seqs and seqs[0][1] not in self._batches:
+                    seqs.popleft()
             if self.forwarding is Forwarding.ON:
                 with contextlib.suppress(KernelError, ValueError):
                     self.counters = await kernel.table_counters()

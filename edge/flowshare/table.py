@@ -35,6 +35,7 @@ class SenderTable:
     floor: int = -1  # as_of of the newest complete snapshot applied
     entries: dict[FlowKey, tuple[int, bool]] = field(default_factory=dict)  # version, present
     _parts: dict[int, dict[int, tuple[FlowKey, ...]]] = field(default_factory=dict)
+    _count: int = 0  # present entries (len() is asked per frame: no scan)
 
     def owned(self) -> set[FlowKey]:
         return {key for key, (_, present) in self.entries.items() if present}
@@ -44,7 +45,7 @@ class SenderTable:
         return entry is not None and entry[1]
 
     def __len__(self) -> int:
-        return sum(1 for _, present in self.entries.values() if present)
+        return self._count
 
     def apply_delta(self, seq: int, delta: Delta) -> set[FlowKey]:
         """Returns the keys whose presence changed."""
@@ -57,7 +58,10 @@ class SenderTable:
                 continue
             was.setdefault(key, before is not None and before[1])
             self.entries[key] = (seq, op is Op.ACCEPT)
-        return {key for key, present in was.items() if self.entries[key][1] != present}
+        changed = {key for key, present in was.items() if self.entries[key][1] != present}
+        for key in changed:
+            self._count += 1 if self.entries[key][1] else -1
+        return changed
 
     def apply_snapshot(self, snapshot: Snapshot) -> set[FlowKey]:
         """Collects the parts; applies once all are in. Returns the keys that changed."""
@@ -76,13 +80,16 @@ class SenderTable:
                 entries[key] = (version, present)
         self.entries = entries
         self.floor = snapshot.as_of
-        return before ^ self.owned()
+        after = self.owned()
+        self._count = len(after)
+        return before ^ after
 
     def clear(self) -> set[FlowKey]:
         gone = self.owned()
         self.entries.clear()
         self._parts.clear()
         self.floor = -1
+        self._count = 0
         return gone
 
 

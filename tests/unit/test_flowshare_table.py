@@ -67,6 +67,7 @@ def test_any_order_with_duplicates_converges_to_the_senders_table(
     for message in shuffled:
         apply(table, message)
     assert table.owned() == tables[-1]
+    assert len(table) == len(tables[-1])
 
 
 @given(actions)
