@@ -23,7 +23,7 @@ from bgp.observed import (
     no_session_reason,
     notification_reason,
 )
-from bgp.policy import GRACEFUL_SHUTDOWN, NodeCondition, PolicyInputs, advertisements
+from bgp.policy import GRACEFUL_SHUTDOWN, PolicyInputs, Serving, advertisements
 
 ROUTER_A = IPv4Address("198.18.0.5")
 ROUTER_B = IPv4Address("198.18.0.9")
@@ -56,8 +56,8 @@ def config(**changes: Any) -> BgpConfig:
     return BgpConfig.model_validate(data | changes)
 
 
-def routes(cfg: BgpConfig, condition: NodeCondition = NodeCondition.HEALTHY) -> list[Any]:
-    (adv,) = advertisements(PolicyInputs(condition, cfg))[0]
+def routes(cfg: BgpConfig, serving: Serving = Serving.FULL) -> list[Any]:
+    (adv,) = advertisements(PolicyInputs(serving, cfg, cfg.capacity_mbps))[0]
     return [route_for(adv, neighbor, cfg) for neighbor in cfg.neighbors]
 
 
@@ -74,7 +74,7 @@ def test_each_neighbor_gets_its_own_attributes() -> None:
 
 
 def test_draining_adds_the_policy_prepends_to_the_neighbor_prepends() -> None:
-    plain, special = routes(config(), NodeCondition.DRAINING)
+    plain, special = routes(config(), Serving.LEAVING)
     assert plain.as_path == (65101,) * 4 and special.as_path == (65101,) * 6
     assert GRACEFUL_SHUTDOWN in plain.communities and GRACEFUL_SHUTDOWN in special.communities
 
@@ -83,7 +83,7 @@ def test_ibgp_has_no_own_as_and_drains_by_local_pref() -> None:
     cfg = config(neighbors=[{"peer_address": str(ROUTER_A), "peer_asn": 65101, "local_pref": 150}])
     (healthy,) = routes(cfg)
     assert healthy.as_path == () and healthy.local_pref == 150
-    (draining,) = routes(cfg, NodeCondition.DRAINING)
+    (draining,) = routes(cfg, Serving.LEAVING)
     assert draining.as_path == () and draining.local_pref == 0
     assert GRACEFUL_SHUTDOWN in draining.communities
 
@@ -103,13 +103,12 @@ def test_link_bandwidth_encodings() -> None:
 
 
 @given(
-    st.sampled_from(list(NodeCondition)),
+    st.sampled_from(list(Serving)),
     st.floats(min_value=0, max_value=1),
-    st.booleans(),
     st.integers(min_value=0, max_value=10),
 )
 def test_every_neighbor_gets_the_same_prefixes_and_ibgp_never_our_asn(
-    condition: NodeCondition, weight: float, drain: bool, prepends: int
+    serving: Serving, weight: float, prepends: int
 ) -> None:
     """Per-neighbor shaping never adds or drops a prefix (the policy alone decides that),
     an eBGP path always starts with our ASN, an iBGP path never holds it."""
@@ -119,7 +118,7 @@ def test_every_neighbor_gets_the_same_prefixes_and_ibgp_never_our_asn(
             {"peer_address": str(ROUTER_B), "peer_asn": 65001, "prepends": prepends},
         ]
     )
-    desired, _ = advertisements(PolicyInputs(condition, cfg, weight=weight, operator_drain=drain))
+    desired, _ = advertisements(PolicyInputs(serving, cfg, weight * cfg.capacity_mbps))
     ibgp, ebgp = (routes_for(desired, n, cfg) for n in cfg.neighbors)
     prefixes = {adv.prefix for adv in desired}
     assert {r.prefix for r in ibgp} == prefixes == {r.prefix for r in ebgp}
