@@ -143,5 +143,9 @@ class Store(abc.ABC):
         concurrently from several API instances."""
 
     @abc.abstractmethod
+    async def append_events(self, events: Sequence[EventDraft], now: datetime) -> None:
+        """Record events that belong to no write (the control plane's own decisions)."""
+
+    @abc.abstractmethod
     async def list_events(self, limit: int, after: str | None) -> list[Event]:
         """The last `limit` events (oldest first), or the first `limit` after the id `after`."""
