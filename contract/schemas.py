@@ -176,13 +176,29 @@ class HealthSummary(Strict):
     detail: Annotated[str, Field(max_length=500)] = ""
 
 
+class BgpReport(Strict):
+    """The node's announcement as its BGP side decided it, for the event log: `reason` is
+    the policy's reason (e.g. "withdraw: node down"); the counters are cumulative since the
+    agent started, so the API sees an increase even across a lost heartbeat."""
+
+    reason: Annotated[str, Field(max_length=200)] = ""
+    #: Announcement changes the flap budget held back.
+    flap_holddowns: Count = 0
+    #: Times the dead-man switch (outside the agent) withdrew every route.
+    deadman_firings: Count = 0
+
+
 class Heartbeat(Strict):
-    """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat)."""
+    """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat).
+
+    `health.detail` is the cause of the node's current state, as its state machine
+    derived it (e.g. "0/2 backends healthy"); `bgp` is absent on a node without BGP."""
 
     state: NodeState
     health: HealthSummary = HealthSummary()
     connections: Count = 0
     bgp_sessions: list[BgpSession] = Field(default_factory=list, max_length=64)
+    bgp: BgpReport | None = None
     applied_revision: Revision = 0
 
 

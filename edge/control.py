@@ -20,7 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from contract.schemas import AdminState, BgpSession, HealthSummary, Heartbeat, NodeDesired
+from contract.schemas import (
+    AdminState,
+    BgpReport,
+    BgpSession,
+    HealthSummary,
+    Heartbeat,
+    NodeDesired,
+)
 from edge.config import ControlPlaneConfig
 from edge.ports import NodeControl
 from edge.state import DrainSource, Transition
@@ -30,6 +37,7 @@ log = logging.getLogger("edge.control")
 
 LinkBandwidthSink = Callable[[float], None]
 SessionsSource = Callable[[], list[BgpSession]]
+BgpReportSource = Callable[[], BgpReport]
 
 
 class ControlPlaneLink:
@@ -42,9 +50,11 @@ class ControlPlaneLink:
         *,
         on_link_bandwidth: LinkBandwidthSink | None = None,
         bgp_sessions: SessionsSource | None = None,
+        bgp_report: BgpReportSource | None = None,
     ) -> None:
         self._on_link_bandwidth = on_link_bandwidth
         self._bgp_sessions = bgp_sessions
+        self._bgp_report = bgp_report
         self._node: NodeControl | None = None
         verify: bool | str = str(config.ca_file) if config.ca_file else True
         self.sync = ControlPlaneSync(
@@ -81,10 +91,13 @@ class ControlPlaneLink:
         return Heartbeat(
             state=report.state,
             health=HealthSummary(
-                backends_total=report.backends_total, backends_healthy=report.backends_healthy
+                backends_total=report.backends_total,
+                backends_healthy=report.backends_healthy,
+                detail=report.cause[:500],
             ),
             connections=report.open_connections,
             bgp_sessions=self._bgp_sessions() if self._bgp_sessions else [],
+            bgp=self._bgp_report() if self._bgp_report else None,
         )
 
     async def _apply(self, view: NodeDesired) -> None:

@@ -108,6 +108,8 @@ class NodeStateMachine:
     state: NodeState = NodeState.STARTING
     drain: Drain = NO_DRAIN
     last_observation: Observation | None = None
+    #: Why the node is in its state, as last derived (kept current between transitions).
+    cause: str = "not started"
 
     def observe(self, observation: Observation) -> Transition | None:
         self.last_observation = observation
@@ -194,6 +196,7 @@ class NodeStateMachine:
         return NodeState.HEALTHY, counts
 
     def _move(self, new: NodeState, cause: str, phase_changed: bool = False) -> Transition | None:
+        self.cause = cause
         if new is self.state and not phase_changed:
             return None
         transition = Transition(self.state, new, cause, self.drain)
