@@ -85,6 +85,25 @@ class DrainKind(enum.StrEnum):
     SITE = "site"
 
 
+class DrainPhase(enum.StrEnum):
+    """A node's drain, as its state machine (`edge.state`) runs it; reported in heartbeats."""
+
+    NONE = "none"
+    # Still accepting; the routers are being told to move new flows away.
+    MOVING_TRAFFIC = "moving traffic"
+    # Not accepting any more; open connections finish up to the deadline.
+    CLOSING_CONNECTIONS = "closing connections"
+    DONE = "done"
+
+
+class DrainSource(enum.StrEnum):
+    """Who asked the node to drain."""
+
+    LOCAL = "local API"
+    GSLB = "GSLB"
+    SIGTERM = "SIGTERM"
+
+
 class AdminState(enum.StrEnum):
     """Whether the operator wants a node to serve (kept apart from its health and its share).
 
@@ -188,6 +207,14 @@ class BgpReport(Strict):
     deadman_firings: Count = 0
 
 
+class DrainReport(Strict):
+    """The node's own drain (its phase is the node's fact; the GSLB's drain is only a wish)."""
+
+    phase: DrainPhase
+    source: DrainSource | None = None
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
 class Heartbeat(Strict):
     """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat).
 
@@ -199,6 +226,8 @@ class Heartbeat(Strict):
     connections: Count = 0
     bgp_sessions: list[BgpSession] = Field(default_factory=list, max_length=64)
     bgp: BgpReport | None = None
+    #: Absent while the node runs no drain.
+    drain: DrainReport | None = None
     applied_revision: Revision = 0
 
 

@@ -24,6 +24,7 @@ from contract.schemas import (
     AdminState,
     BgpReport,
     BgpSession,
+    DrainReport,
     HealthSummary,
     Heartbeat,
     NodeDesired,
@@ -98,6 +99,11 @@ class ControlPlaneLink:
             connections=report.open_connections,
             bgp_sessions=self._bgp_sessions() if self._bgp_sessions else [],
             bgp=self._bgp_report() if self._bgp_report else None,
+            drain=DrainReport(
+                phase=report.drain.phase, source=report.drain.source, reason=report.drain.reason
+            )
+            if report.drain.active
+            else None,
         )
 
     async def _apply(self, view: NodeDesired) -> None:
@@ -108,9 +114,9 @@ class ControlPlaneLink:
             self._on_link_bandwidth(view.link_bandwidth_mbps)
         if view.admin_state is AdminState.ACTIVE:
             # Ends only a drain the GSLB started (the state machine's rule); a local one stays.
-            await node.undrain(DrainSource.GSLB, "GSLB: undrained")
+            await node.undrain(DrainSource.GSLB, "undrained by the GSLB")
         else:
-            node.request_drain(DrainSource.GSLB, f"GSLB: {view.drain_reason or 'drained'}")
+            node.request_drain(DrainSource.GSLB, view.drain_reason or "drained by the GSLB")
         log.info(
             "applied desired revision %d: %s, link bandwidth %.1f Mbit/s",
             view.revision,

@@ -16,10 +16,9 @@ extensions.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from contract.schemas import NodeState
+from contract.schemas import DrainPhase, DrainSource, NodeState
 
 __all__ = [
     "SERVING_STATES",
@@ -35,21 +34,6 @@ __all__ = [
 
 # The states in which the node takes new traffic from the routers.
 SERVING_STATES = frozenset({NodeState.HEALTHY, NodeState.DEGRADED})
-
-
-class DrainPhase(enum.StrEnum):
-    NONE = "none"
-    # Still accepting; the routers are being told to move new flows away.
-    MOVING_TRAFFIC = "moving traffic"
-    # Not accepting any more; open connections finish up to the deadline.
-    CLOSING_CONNECTIONS = "closing connections"
-    DONE = "done"
-
-
-class DrainSource(enum.StrEnum):
-    LOCAL = "local API"
-    GSLB = "GSLB"
-    SIGTERM = "SIGTERM"
 
 
 @dataclass(frozen=True, slots=True)

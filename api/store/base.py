@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from contract.schemas import DesiredState, Event, Heartbeat, NodeObserved
+from contract.schemas import DesiredState, DrainPhase, Event, Heartbeat, NodeObserved
 
 
 class StoreUnavailable(Exception):
@@ -64,6 +64,19 @@ def heartbeat_events(
     before = previous.heartbeat
     if before.state != heartbeat.state:
         events.append(EventDraft("node-state", node, f"{before.state} -> {cause}", author))
+    old_phase = before.drain.phase if before.drain else DrainPhase.NONE
+    if heartbeat.drain is not None and heartbeat.drain.phase is not old_phase:
+        drain = heartbeat.drain
+        events.append(
+            EventDraft(
+                "node-drain",
+                node,
+                f"drain {old_phase} -> {drain.phase} ({drain.source}: {drain.reason})",
+                author,
+            )
+        )
+    elif heartbeat.drain is None and old_phase is not DrainPhase.NONE:
+        events.append(EventDraft("node-drain", node, f"drain {old_phase} -> ended", author))
     old_bgp, new_bgp = before.bgp, heartbeat.bgp
     if new_bgp is not None:
         # A changed reason with a changed state is already in the state event.

@@ -218,6 +218,29 @@ def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
     )
     assert status["state"] == "down" and status["drain"]["source"] == "GSLB"
     assert status["bgp"]["reason"] == "withdraw: drained, traffic has moved"
+    # The GSLB's event log has the phases as edge1 ran them (its facts, not the GSLB's wish).
+    phases = wait_for(
+        lambda: (
+            [
+                cause
+                for kind, node, cause in in_netns(router_ns, lambda: event_causes(api_url))
+                if kind == "node-drain" and node == "edge1"
+            ]
+            or None
+        ),
+        30,
+        what="edge1's drain phases in the event log",
+    )
+    assert phases[0] == "drain none -> moving traffic (GSLB: maintenance)", phases
+    wait_for(
+        lambda: any(
+            cause.endswith("-> done (GSLB: maintenance)")
+            for kind, node, cause in in_netns(router_ns, lambda: event_causes(api_url))
+            if kind == "node-drain" and node == "edge1"
+        ),
+        30,
+        what="edge1's drain done in the event log",
+    )
 
 
 def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight(

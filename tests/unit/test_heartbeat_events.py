@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api.store.base import ObservedRecord, heartbeat_events
-from contract.schemas import BgpReport, HealthSummary, Heartbeat, NodeState
+from contract.schemas import (
+    BgpReport,
+    DrainPhase,
+    DrainReport,
+    DrainSource,
+    HealthSummary,
+    Heartbeat,
+    NodeState,
+)
 
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
 
@@ -63,6 +71,22 @@ def test_dead_man_firings_and_flap_holddowns_become_events_from_their_counters()
     # A restarted agent counts from 0 again: its new firings are counted, not negative ones.
     assert "1 time(s)" in dict(events(beat(fired=5), beat(fired=1)))["bgp-deadman"]
     assert events(beat(fired=5), beat(fired=0)) == []
+
+
+def test_the_nodes_own_drain_phases_are_events() -> None:
+    def draining(phase: DrainPhase) -> Heartbeat:
+        drain = DrainReport(phase=phase, source=DrainSource.GSLB, reason="maintenance")
+        return Heartbeat(state=NodeState.DRAINING, drain=drain)
+
+    moving, closing = draining(DrainPhase.MOVING_TRAFFIC), draining(DrainPhase.CLOSING_CONNECTIONS)
+    assert ("node-drain", "drain none -> moving traffic (GSLB: maintenance)") in events(
+        beat(), moving
+    )
+    assert events(moving, closing) == [
+        ("node-drain", "drain moving traffic -> closing connections (GSLB: maintenance)")
+    ]
+    assert events(moving, moving) == []
+    assert ("node-drain", "drain closing connections -> ended") in events(closing, beat())
 
 
 @given(
