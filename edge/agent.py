@@ -35,6 +35,7 @@ from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
+from edge.sdnotify import SystemdNotifier
 from edge.state import (
     Drain,
     DrainPhase,
@@ -502,5 +503,11 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.address,
         config.admin.port,
     )
-    await agent.run_until_stopped()
+    # READY=1, then WATCHDOG=1 from this loop, when systemd runs us (Type=notify).
+    notifier = SystemdNotifier()
+    notifier.start()
+    try:
+        await agent.run_until_stopped()
+    finally:
+        notifier.stop()
     return 0
