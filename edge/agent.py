@@ -459,6 +459,11 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
         announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name)
         extensions.append(announcer)
+    vip = None
+    if config.vip_group is not None:
+        from edge.vip.extension import VipExtension
+
+        vip = VipExtension(config.vip_group, config.node.name)
     if config.control_plane is not None:
         from edge.control import ControlPlaneLink
 
@@ -469,12 +474,11 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
                 bgp_sessions=announcer.sessions if announcer else None,
                 bgp_report=announcer.bgp_report if announcer else None,
+                vip_group=vip.report if vip else None,
             )
         )
-    if config.vip_group is not None:
-        from edge.vip.extension import VipExtension
-
-        extensions.append(VipExtension(config.vip_group, config.node.name))
+    if vip is not None:
+        extensions.append(vip)
     return extensions
 
 
