@@ -60,6 +60,33 @@ def _age(now: float, when: datetime | None) -> float | None:
     return None if when is None else round(max(0.0, now - when.timestamp()), 1)
 
 
+def _groups(snapshot: Snapshot) -> list[dict[str, Any]]:
+    """Active-passive groups as their members' heartbeats report them."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name in sorted(snapshot.observed):
+        observed = snapshot.observed[name]
+        report = observed.heartbeat.vip_group if observed.heartbeat else None
+        if report is None:
+            continue
+        group = groups.setdefault(report.group, {"name": report.group, "vip": report.vip})
+        member = {
+            "node": name,
+            "role": str(report.role),
+            "liveness": str(observed.liveness),
+            "term": report.term,
+            "fencing_token": report.fencing_token,
+            "last_transition": report.last_transition,
+        }
+        group.setdefault("members", []).append(member)
+    for group in groups.values():
+        group["active"] = [
+            m["node"]
+            for m in group["members"]
+            if m["role"] == "active" and m["liveness"] == str(Liveness.ALIVE)
+        ]
+    return [groups[name] for name in sorted(groups)]
+
+
 def fleet_model(
     snapshot: Snapshot, events: Iterable[Event], history: FleetHistory, now: float
 ) -> dict[str, Any]:
@@ -134,6 +161,7 @@ def fleet_model(
         )
 
     return {
+        "groups": _groups(snapshot),
         "revision": desired.revision,
         "generated_at": now,
         "converged": convergence.converged,

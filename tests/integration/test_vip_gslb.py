@@ -16,11 +16,17 @@ import pytest
 
 from contract.client import ApiClient
 from contract.schemas import NodeSpec, SiteSpec
-from tests.integration.conftest import OPERATOR, TOKENS, ApiUnderTest
+from tests.integration.conftest import OPERATOR, TOKENS, VIEWER, ApiUnderTest
+from tests.integration.test_ui import CHROMIUM_ARGS, SHOTS
 from tests.support.procs import BIN, wait_for
+from tests.support.requires import CHROMIUM
 from tests.support.vip_lab import ApLab, Node
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(240), pytest.mark.needs("root", "etcd")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.timeout(240),
+    pytest.mark.needs("root", "etcd", "chromium"),
+]
 
 NODE_TOKENS = {"n1": "node-n1-token-0123", "n2": "node-n2-token-0123"}
 
@@ -89,6 +95,7 @@ def test_edgectl_shows_who_owns_the_vip_and_follows_a_failover(
         active = next(m for m in before["members"] if m["node"] == "n1")
         assert active["fencing_token"] is not None and active["term"] >= 1
         assert "claim" in active["last_transition"]
+        page_shows_the_group(api)
 
         lab.signal_node(n1, signal.SIGKILL)  # the active dies: n2 takes over
         wait_for(lambda: roles().get("n2") == "active", 30, what="n2 active in edgectl")
@@ -100,3 +107,23 @@ def test_edgectl_shows_who_owns_the_vip_and_follows_a_failover(
         wait_for(lambda: (g := group(api)) is not None and g["active"] == ["n2"], 30, what="dead")
     finally:
         lab.close()
+
+
+def page_shows_the_group(api: ApiUnderTest) -> None:
+    """The status page lists the group, n1 as its active member, n2 standing by."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 860})
+            page.goto(f"{api.url}/ui")
+            page.fill("#token", VIEWER)
+            page.click("button[type=submit]")
+            page.wait_for_selector('li[data-group="g1"] [data-member="n1"][data-role="active"]')
+            page.wait_for_selector('li[data-group="g1"] [data-member="n2"][data-role="standby"]')
+            assert "token" in page.inner_text('li[data-group="g1"] [data-member="n1"]')
+            page.screenshot(path=str(SHOTS / "groups-laptop.png"), full_page=True)
+        finally:
+            browser.close()

@@ -120,6 +120,15 @@ function render(model) {
   document.title = `anycast-edge: ${model.summary}`;
   renderSites(model);
   renderNodes(model);
+  document.getElementById("groups-card").classList.toggle("hidden", model.groups.length === 0);
+  renderList("groups", model.groups, (g) => el("li", { "data-group": g.name },
+    el("strong", {}, `${g.name} ${g.vip}`),
+    g.active.length > 1 ? badge("split") : null,
+    ...g.members.map((m) => el("div", { "data-member": m.node, "data-role": m.role },
+      badge(m.role), " ", badge(m.liveness), ` ${m.node}, term ${m.term}`,
+      m.fencing_token === null ? "" : `, token ${m.fencing_token}`,
+      m.last_transition ? el("span", { class: "muted" }, ` (${m.last_transition})`) : null))),
+    "no groups");
   renderList("drains", model.drains, (d) => el("li", { "data-drain": `${d.kind}:${d.name}` },
     el("time", {}, new Date(d.since).toLocaleString()),
     `${d.kind} ${d.name} by ${d.author}: ${d.reason}`), "no drain in force");
