@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -186,9 +187,12 @@ backend be
         wait_port(port)
         return port, proc
 
-    def agent(self, backends: list[int]) -> tuple[int, int, str, subprocess.Popen[bytes]]:
+    def agent(
+        self, backends: list[int], **extra: Any
+    ) -> tuple[int, int, str, subprocess.Popen[bytes]]:
+        """`extra`: more node.yaml sections (e.g. timeouts)."""
         l7, l4, admin = free_port(), free_port(), free_port()
-        config = {
+        config: dict[str, Any] = {
             "node": {"name": "bench", "site": "local"},
             "listeners": [
                 {"name": "web", "kind": "http", "address": "127.0.0.1", "port": l7},
@@ -200,6 +204,7 @@ backend be
             "health": {"active": {"kind": "tcp", "interval": 1.0, "timeout": 0.5}},
             "admin": {"port": admin},
             "log_level": "warning",
+            **extra,
         }
         path = self.tmp / "node.yaml"
         path.write_text(yaml.safe_dump(config))

@@ -248,8 +248,14 @@ def agent_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+#: Idle pooled upstream connections close after this (node.yaml timeouts.upstream_idle):
+#: the soak waits it out, so "after" counts leaks, not the keep-alive pool doing its job.
+UPSTREAM_IDLE_S = 2.0
+
+
 def settled(pid: int, status_url: str) -> tuple[int, int]:
-    """(open fds, open flows) once the flow table is empty (polled, bounded)."""
+    """(open fds, open flows) once the flow table is empty and idle pooled upstream
+    connections have timed out (polled, bounded)."""
     deadline = time.monotonic() + 15
     flows = -1
     while time.monotonic() < deadline:
@@ -257,7 +263,9 @@ def settled(pid: int, status_url: str) -> tuple[int, int]:
         if flows == 0:
             break
         time.sleep(0.1)
-    time.sleep(1.5)  # the active checks' own short connections come and go
+    # Idle pooled upstream connections close, and the active checks' own short
+    # connections come and go.
+    time.sleep(UPSTREAM_IDLE_S + 1.5)
     return min(agent_fds(pid) for _ in range(20)), flows
 
 
@@ -276,7 +284,9 @@ def main() -> int:
                     [sys.executable, "-m", "bench.soak", "backend", str(port)], LOAD_CORE, cwd=ROOT
                 )
                 wait_port(port)
-            l7_port, l4_port, status_url, agent = lab.agent(ports)
+            l7_port, l4_port, status_url, agent = lab.agent(
+                ports, timeouts={"upstream_idle": UPSTREAM_IDLE_S}
+            )
             pid = agent.pid
             for name, port, patterns in (
                 ("l4", l4_port, L4_PATTERNS),
