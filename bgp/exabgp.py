@@ -550,12 +550,14 @@ class ExaBgpDriver:
         prefixes = {}
         for prefix in sorted(desired | {adv.prefix for adv in self._written}, key=by_family):
             peers = sent_to.get(prefix, set())
-            state = carriage(prefix in desired, established, peers)
+            # Of the sessions that carry this prefix's family.
+            carriers = self._carriers(Family.of(prefix))
+            state = carriage(prefix in desired, established & carriers, peers)
             prefixes[str(prefix)] = {
                 "desired": prefix in desired,
                 "written": any(adv.prefix == prefix for adv in self._written),
                 "sent_to": sorted(str(peer) for peer in peers),
-                "carriage": describe_carriage(state, len(peers), len(self._peers)),
+                "carriage": describe_carriage(state, len(peers), len(carriers)),
             }
         return {
             "exabgp_pid": self.pid,
@@ -567,6 +569,9 @@ class ExaBgpDriver:
             "desired": sorted(str(prefix) for prefix in desired),
             "written": sorted(str(adv.prefix) for adv in self._written),
         }
+
+    def _carriers(self, family: Family) -> set[IPAddress]:
+        return {n.peer_address for n in self.config.neighbors if family in n.carried}
 
     def set_desired(self, advertisements: Iterable[Advertisement]) -> None:
         self._desired = frozenset(advertisements)
