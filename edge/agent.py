@@ -31,6 +31,7 @@ from edge.flows import FlowTable
 from edge.pool import Pool
 from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
 from edge.proxy.common import ClientConnection, DeadlineSweeper, ProxyContext
+from edge.sdnotify import SystemdNotifier
 from edge.service_runtime import ServiceRuntime
 from edge.services import ServiceState, ServiceTransition, node_verdict
 from edge.state import (
@@ -115,6 +116,7 @@ class Agent:
             node=self.config.node.name,
             site=self.config.node.site,
             state=self.machine.state,
+            cause=self.machine.cause,
             drain=self.machine.drain,
             backends_total=total,
             backends_healthy=healthy,
@@ -450,6 +452,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 config.node.name,
                 on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
                 bgp_sessions=announcer.sessions if announcer else None,
+                bgp_report=announcer.bgp_report if announcer else None,
             )
         )
     if config.vip_group is not None:
@@ -484,5 +487,11 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.address,
         config.admin.port,
     )
-    await agent.run_until_stopped()
+    # READY=1, then WATCHDOG=1 from this loop, when systemd runs us (Type=notify).
+    notifier = SystemdNotifier()
+    notifier.start()
+    try:
+        await agent.run_until_stopped()
+    finally:
+        notifier.stop()
     return 0
