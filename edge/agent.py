@@ -122,6 +122,7 @@ class Agent:
             backends_healthy=healthy,
             open_connections=self.open_connections(),
             accepted_total=self.flows.accepted_total,
+            services=tuple(runtime.report() for runtime in self.services.values()),
         )
 
     # -- services ----------------------------------------------------------------

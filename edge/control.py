@@ -104,6 +104,7 @@ class ControlPlaneLink:
             )
             if report.drain.active
             else None,
+            services=list(report.services),
         )
 
     async def _apply(self, view: NodeDesired) -> None:

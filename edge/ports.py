@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from contract.schemas import ServiceReport
 from edge.services import ServiceState
 from edge.state import Drain, DrainSource, NodeState, Transition
 
@@ -37,6 +38,8 @@ class NodeReport:
     open_connections: int
     # Monotonic count of accepted client connections (a drain watches its rate).
     accepted_total: int
+    # Each service's own state (one, "default", in today's single-service shape).
+    services: tuple[ServiceReport, ...] = ()
 
 
 class NodeControl(Protocol):

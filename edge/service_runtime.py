@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from contract.schemas import ServiceReport
 from edge.checks import HealthChecker
 from edge.config import ActiveCheckConfig, ListenerConfig, ListenerKind, NodeConfig, ServiceConfig
 from edge.flows import FlowTable
@@ -183,6 +184,17 @@ class ServiceRuntime:
             await self.open_listeners()
 
     # -- views -------------------------------------------------------------------------
+    def report(self) -> ServiceReport:
+        total, healthy, _ = self.pool.counts()
+        return ServiceReport(
+            name=self.name,
+            state=self.machine.state,
+            cause=self.machine.cause[:500],
+            prefixes=[str(prefix) for prefix in self.service.prefixes],
+            backends_total=total,
+            backends_healthy=healthy,
+        )
+
     def status(self) -> dict[str, Any]:
         per_listener = {name: len(conns) for name, conns in self.ctx.connections.items()}
         serving = {name for name, (_, server) in self.servers.items() if server.is_serving()}

@@ -16,10 +16,10 @@ Every change comes out as a `ServiceTransition` with its cause.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from contract.schemas import ServiceState
 from edge.state import NodeState, Observation, Thresholds, health_verdict
 
 __all__ = [
@@ -28,17 +28,6 @@ __all__ = [
     "ServiceTransition",
     "node_verdict",
 ]
-
-
-class ServiceState(enum.StrEnum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DEGRADED = "degraded"
-    DOWN = "down"
-
-    @property
-    def serving(self) -> bool:
-        return self in (ServiceState.HEALTHY, ServiceState.DEGRADED)
 
 
 _FROM_HEALTH = {
