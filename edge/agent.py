@@ -28,7 +28,6 @@ from edge.admin import AdminServer
 from edge.config import ConfigError, NodeConfig, ServiceConfig
 from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
-from edge.pool import Pool
 from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
 from edge.proxy.common import ClientConnection, DeadlineSweeper, ProxyContext
 from edge.sdnotify import SystemdNotifier
@@ -136,16 +135,6 @@ class Agent:
             on_health=self.evaluate,
             event=self._event,
         )
-
-    @property
-    def pool(self) -> Pool:
-        """The first service's pool (the only one in today's single-service shape)."""
-        return next(iter(self.services.values())).pool
-
-    @property
-    def ctx(self) -> ProxyContext:
-        """The first service's proxy context (see `pool`)."""
-        return next(iter(self.services.values())).ctx
 
     def contexts(self) -> list[ProxyContext]:
         return [runtime.ctx for runtime in self.services.values()]
