@@ -2,7 +2,9 @@
 
 Prints a table and writes bench-results/bgp.json:
 - health verdict -> UPDATE sent by ExaBGP (the agent's own share) and -> route gone from
-  the router's kernel FIB (FRR 8.4's own processing is the floor);
+  the router's kernel FIB (FRR 8.4's own processing is the floor), for an IPv4 /32 over
+  an IPv4 session and an IPv6 /128 over an IPv6 session (`--updates-only`: these rows
+  alone);
 - hard edge failure (blackholed, no TCP close) -> next-hop gone, with BFD and without;
 - a planned drain of one of two edges under a steady load of short connections;
 - share of new connections per edge vs the weights;
@@ -32,7 +34,9 @@ from bgp.drain import drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import PolicyInputs, Serving, advertisements
 from tests.support.netlab import (
+    ROUTER_ASN,
     VIP,
+    VIP6,
     NetLab,
     RouteMonitor,
     SpeakerProcess,
@@ -85,11 +89,22 @@ def healthy(driver: ExaBgpDriver, drain_flag: bool = False) -> Any:
     return advertisements(inputs)[0]
 
 
-async def bench_verdict_to_update_and_fib() -> dict[str, Any]:
-    lab = NetLab.create(1)
+async def bench_verdict_to_update_and_fib(ipv6: bool = False) -> dict[str, Any]:
+    """`ipv6`: VIP6/128 over the edge's IPv6 session (the same method as IPv4)."""
+    lab = NetLab.create(1, ipv6=ipv6)
     assert lab.router
     monitor = RouteMonitor(lab.router.netns)
-    driver = await start_driver(lab, 0)
+    vip = VIP6 if ipv6 else VIP
+    if ipv6:
+        edge = lab.edges[0]
+        neighbor = {
+            "peer_address": str(edge.router_address6),
+            "peer_asn": ROUTER_ASN,
+            "md5_password": edge.md5_password,
+        }
+        driver = await start_driver(lab, 0, prefixes=[f"{VIP6}/128"], neighbors=[neighbor])
+    else:
+        driver = await start_driver(lab, 0)
     sent_withdraw: list[float] = []
     sent_announce: list[float] = []
     fib_withdraw: list[float] = []
@@ -106,7 +121,7 @@ async def bench_verdict_to_update_and_fib() -> dict[str, Any]:
                 sent = time.monotonic()
 
                 def matches(line: str, announce: bool = announce) -> bool:
-                    return VIP in line and (("Deleted" in line) != announce)
+                    return vip in line and (("Deleted" in line) != announce)
 
                 in_fib = await asyncio.to_thread(monitor.wait_line, matches, 10)
                 (sent_announce if announce else sent_withdraw).append(sent - started)
@@ -337,6 +352,23 @@ def print_table(results: dict[str, Any]) -> None:
         add("verdict -> UPDATE sent (announce)", u["verdict_to_update_sent_announce"], f"n={n}")
         add("verdict -> route gone from FIB", u["verdict_to_fib_route_gone"], "incl. FRR+zebra")
         add("verdict -> route in FIB", u["verdict_to_fib_route_installed"], "incl. FRR+zebra")
+    if (u6 := results.get("updates_ipv6")) is not None:
+        n = u6["verdict_to_update_sent_withdraw"]["n"]
+        add(
+            "IPv6: verdict -> UPDATE sent (withdraw)",
+            u6["verdict_to_update_sent_withdraw"],
+            f"n={n}",
+        )
+        add(
+            "IPv6: verdict -> route gone from FIB",
+            u6["verdict_to_fib_route_gone"],
+            "/128, IPv6 session",
+        )
+        add(
+            "IPv6: verdict -> route in FIB",
+            u6["verdict_to_fib_route_installed"],
+            "/128, IPv6 session",
+        )
     for key, label in (
         ("blackhole_bfd_50ms", "blackhole -> nexthop gone, BFD 50ms x3"),
         ("blackhole_bfd_100ms", "blackhole -> nexthop gone, BFD 100ms x3"),
@@ -402,12 +434,20 @@ async def freeze_results() -> dict[str, Any]:
 
 
 async def main() -> None:
-    """`--freeze-only`: the freeze rows alone (the other keys of bgp.json are kept)."""
+    """`--freeze-only`: the freeze rows alone; `--updates-only`: the verdict rows alone,
+    IPv4 and IPv6 (the other keys of bgp.json are kept)."""
     results: dict[str, Any] = {
         "machine_note": "2 shared cores; FRR 8.4.4, BIRD 2.0.12, ExaBGP 5.0.15"
     }
-    if "--freeze-only" not in sys.argv[1:]:
+    args = sys.argv[1:]
+    if "--freeze-only" not in args:
         results["updates"] = await bench_verdict_to_update_and_fib()
+        results["updates_ipv6"] = await bench_verdict_to_update_and_fib(ipv6=True)
+    if "--updates-only" in args:
+        print_table(write_results(results))
+        print(f"\nwritten to {RESULTS}")
+        return
+    if "--freeze-only" not in args:
         results["blackhole_bfd_50ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=50)
         results["blackhole_bfd_100ms"] = await bench_hard_failure(True, BFD_ROUNDS, timers_ms=100)
         results["blackhole_no_bfd"] = await bench_hard_failure(False, HOLD_ROUNDS)

@@ -6,8 +6,9 @@ under test is pinned to core 1; wrk and nginx share core 0. On two cores the
 client side saturates first, so the fair figure is the proxy's CPU time per
 request (utime+stime from /proc over the requests done), compared with
 HAProxy's in the same mode. Also measured: requests failed while one of the
-two backends is killed under load, and the agent's resident memory.
-Traffic stays on 127.0.0.1; every run is bounded in time.
+two backends is killed under load, and the agent's resident memory. IPv6 rows: HAProxy
+http and the agent's L7 with client, proxy and backends on ::1 (ratio to HAProxy on IPv6).
+Traffic stays on 127.0.0.1 and ::1; every run is bounded in time.
 """
 
 from __future__ import annotations
@@ -40,19 +41,31 @@ LOAD_CORE = "0"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+V4, V6 = "127.0.0.1", "::1"
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on both loopbacks (nginx listens on both)."""
+    while True:
+        with socket.socket() as s, socket.socket(socket.AF_INET6) as s6:
+            s.bind((V4, 0))
+            port = int(s.getsockname()[1])
+            with contextlib.suppress(OSError):
+                s6.bind((V6, port))
+                return port
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wait_port(port: int, timeout: float = 10, host: str = V4) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listens on {hostport(host, port)}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -82,14 +95,14 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk_command(port: int, duration: int, path: str = "/") -> list[str]:
-    url = f"http://127.0.0.1:{port}{path}"
+def wrk_command(port: int, duration: int, path: str = "/", host: str = V4) -> list[str]:
+    url = f"http://{hostport(host, port)}{path}"
     return ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s",
             "--latency", "--timeout", "5s", url]  # fmt: skip
 
 
-def run_wrk(port: int, duration: int, path: str = "/") -> WrkResult:
-    command = wrk_command(port, duration, path)
+def run_wrk(port: int, duration: int, path: str = "/", host: str = V4) -> WrkResult:
+    command = wrk_command(port, duration, path, host)
     out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=True)
     return parse_wrk(out.stdout)
 
@@ -148,6 +161,7 @@ http {{
   keepalive_timeout 120s;
   server {{
     listen 127.0.0.1:{port} reuseport;
+    listen [::1]:{port} reuseport;
     location / {{ return 200 "hello from {name}\\n"; }}
   }}
 }}
@@ -156,15 +170,19 @@ http {{
             ["nginx", "-c", str(conf), "-e", str(self.tmp / f"nginx-{name}.err")], LOAD_CORE
         )
         wait_port(port)
+        wait_port(port, host=V6)
         return port, proc
 
-    def haproxy(self, mode: str, backends: list[int]) -> tuple[int, subprocess.Popen[bytes]]:
+    def haproxy(
+        self, mode: str, backends: list[int], host: str = V4
+    ) -> tuple[int, subprocess.Popen[bytes]]:
+        """HAProxy on `host`, to backends on `host` (IPv4 or IPv6 end to end)."""
         port = free_port()
         servers = "\n".join(
-            f"  server b{i} 127.0.0.1:{p} check inter 1s fall 2 rise 2"
+            f"  server b{i} {hostport(host, p)} check inter 1s fall 2 rise 2"
             for i, p in enumerate(backends)
         )
-        conf = self.tmp / f"haproxy-{mode}.cfg"
+        conf = self.tmp / f"haproxy-{mode}-{port}.cfg"
         conf.write_text(f"""
 global
   nbthread 1
@@ -177,36 +195,37 @@ defaults
   retries 1
   option redispatch
 frontend fe
-  bind 127.0.0.1:{port}
+  bind {hostport(host, port)}
   default_backend be
 backend be
   balance roundrobin
 {servers}
 """)
         proc = self.spawn(["haproxy", "-db", "-f", str(conf)], PROXY_CORE)
-        wait_port(port)
+        wait_port(port, host=host)
         return port, proc
 
     def agent(
-        self, backends: list[int], **extra: Any
+        self, backends: list[int], host: str = V4, **extra: Any
     ) -> tuple[int, int, str, subprocess.Popen[bytes]]:
-        """`extra`: more node.yaml sections (e.g. timeouts)."""
+        """The agent listening on `host`, to backends on `host`; `extra`: more node.yaml
+        sections (e.g. timeouts)."""
         l7, l4, admin = free_port(), free_port(), free_port()
         config: dict[str, Any] = {
             "node": {"name": "bench", "site": "local"},
             "listeners": [
-                {"name": "web", "kind": "http", "address": "127.0.0.1", "port": l7},
-                {"name": "tcp", "kind": "tcp", "address": "127.0.0.1", "port": l4},
+                {"name": "web", "kind": "http", "address": host, "port": l7},
+                {"name": "tcp", "kind": "tcp", "address": host, "port": l4},
             ],
             "backends": [
-                {"name": f"b{i}", "address": "127.0.0.1", "port": p} for i, p in enumerate(backends)
+                {"name": f"b{i}", "address": host, "port": p} for i, p in enumerate(backends)
             ],
             "health": {"active": {"kind": "tcp", "interval": 1.0, "timeout": 0.5}},
             "admin": {"port": admin},
             "log_level": "warning",
             **extra,
         }
-        path = self.tmp / "node.yaml"
+        path = self.tmp / f"node-{l7}.yaml"
         path.write_text(yaml.safe_dump(config))
         binary = Path(sys.executable).parent / "anycast-edge"
         proc = self.spawn([str(binary), "run", "--config", str(path)], PROXY_CORE)
@@ -233,10 +252,10 @@ class Row:
     errors: int = 0
 
 
-def measure(name: str, port: int, pid: int | None) -> Row:
-    run_wrk(port, 1)  # warm up: connections, pools, caches
+def measure(name: str, port: int, pid: int | None, host: str = V4) -> Row:
+    run_wrk(port, 1, host=host)  # warm up: connections, pools, caches
     before = cpu_seconds(pid) if pid else 0.0
-    result = run_wrk(port, DURATION)
+    result = run_wrk(port, DURATION, host=host)
     cpu = (cpu_seconds(pid) - before) if pid else None
     per_request = cpu / result.requests * 1e6 if cpu is not None and result.requests else None
     return Row(
@@ -282,8 +301,19 @@ def main() -> None:
         rows.append(measure("agent L7", l7, agent.pid))
         extra["agent_rss_mb"] = round(rss_mb(agent.pid), 1)
         lab.stop(agent)
+        # IPv6 end to end (client, proxy and backends on ::1), the same method.
+        port, proc = lab.haproxy("http", [p1, p2], host=V6)
+        rows.append(measure("HAProxy http IPv6", port, proc.pid, host=V6))
+        lab.stop(proc)
+        l7, _, _, agent = lab.agent([p1, p2], host=V6)
+        rows.append(measure("agent L7 IPv6", l7, agent.pid, host=V6))
+        lab.stop(agent)
         ref = {r.name: r.cpu_us_per_request for r in rows}
-        for row, base in (("agent L4", "HAProxy tcp"), ("agent L7", "HAProxy http")):
+        for row, base in (
+            ("agent L4", "HAProxy tcp"),
+            ("agent L7", "HAProxy http"),
+            ("agent L7 IPv6", "HAProxy http IPv6"),
+        ):
             r = next(x for x in rows if x.name == row)
             if r.cpu_us_per_request and ref[base]:
                 r.ratio_to_haproxy = r.cpu_us_per_request / ref[base]  # type: ignore[operator]

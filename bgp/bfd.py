@@ -19,10 +19,10 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 
-from bgp.config import BgpConfig
+from bgp.config import BgpConfig, Family, IPAddress, by_family
 from bgp.exabgp import set_parent_death_signal
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ def render_bfdd_config(config: BgpConfig) -> str:
     lines = ["log stdout warnings", "bfd"]
     for neighbor in config.neighbors:
         multihop = " multihop" if neighbor.multihop else ""
+        local = config.local_address_for(Family.of(neighbor.peer_address))
         lines += [
-            f" peer {neighbor.peer_address}{multihop} local-address {config.local_address}",
+            f" peer {neighbor.peer_address}{multihop} local-address {local}",
             f"  detect-multiplier {bfd.detect_multiplier}",
             f"  receive-interval {bfd.receive_interval_ms}",
             f"  transmit-interval {bfd.transmit_interval_ms}",
@@ -46,31 +47,31 @@ def render_bfdd_config(config: BgpConfig) -> str:
     return "\n".join(lines)
 
 
-def parse_bfd_peers(text: str) -> dict[IPv4Address, str]:
+def parse_bfd_peers(text: str) -> dict[IPAddress, str]:
     """`show bfd peers json` -> peer -> status ("up", "down", "init", "shutdown")."""
     try:
         peers = json.loads(text or "[]")
     except json.JSONDecodeError:
         return {}
-    result: dict[IPv4Address, str] = {}
+    result: dict[IPAddress, str] = {}
     for peer in peers if isinstance(peers, list) else []:
         with contextlib.suppress(KeyError, ValueError, TypeError):
-            result[IPv4Address(peer["peer"])] = str(peer.get("status", ""))
+            result[ip_address(peer["peer"])] = str(peer.get("status", ""))
     return result
 
 
 def degraded_peers(
-    bfd_status: Mapping[IPv4Address, str], bgp_established: Set[IPv4Address]
-) -> list[IPv4Address]:
+    bfd_status: Mapping[IPAddress, str], bgp_established: Set[IPAddress]
+) -> list[IPAddress]:
     """Peers whose BGP session is up while BFD is not: fast failover silently lost."""
-    return sorted(peer for peer in bgp_established if bfd_status.get(peer) != "up")
+    return sorted((p for p in bgp_established if bfd_status.get(p) != "up"), key=by_family)
 
 
 @dataclass
 class BfdStatus:
     running: bool
-    peers: dict[IPv4Address, str] = field(default_factory=dict)
-    degraded: list[IPv4Address] = field(default_factory=list)
+    peers: dict[IPAddress, str] = field(default_factory=dict)
+    degraded: list[IPAddress] = field(default_factory=list)
     restarts: int = 0
 
 
@@ -83,7 +84,7 @@ class BfdDaemon:
         self,
         config: BgpConfig,
         workdir: Path,
-        bgp_established: Callable[[], Set[IPv4Address]],
+        bgp_established: Callable[[], Set[IPAddress]],
         *,
         netns: str | None = None,
         check_interval_s: float = 0.5,
@@ -91,7 +92,7 @@ class BfdDaemon:
         # session younger than this is not yet a fault.
         report_after_s: float = 5.0,
         repair_after_s: float = 10.0,
-        on_degraded: Callable[[list[IPv4Address]], None] | None = None,
+        on_degraded: Callable[[list[IPAddress]], None] | None = None,
     ) -> None:
         self.config = config
         self.workdir = workdir
@@ -146,7 +147,7 @@ class BfdDaemon:
             out.close()
         self.status.running = True
 
-    async def peers(self) -> dict[IPv4Address, str]:
+    async def peers(self) -> dict[IPAddress, str]:
         """Session state read from this bfdd through vtysh (bounded)."""
         process = await asyncio.create_subprocess_exec(
             *self._netns(["vtysh", "--vty_socket", str(self.workdir), "-c", "show bfd peers json"]),

@@ -11,8 +11,16 @@ from __future__ import annotations
 import enum
 import re
 import sys
-from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from collections.abc import Iterable, Mapping, Sequence
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_interface,
+)
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -38,6 +46,17 @@ MD5_PASSWORD_MAX_BYTES = 80
 _MD5_PASSWORD_RE = re.compile(r"^[!#-&(-:<-~]+$")
 _COMMUNITY_RE = re.compile(r"^(\d{1,5}):(\d{1,5})$")
 _LARGE_COMMUNITY_RE = re.compile(r"^(\d{1,10}):(\d{1,10}):(\d{1,10})$")
+
+# Both families, end to end (peers, prefixes, next-hops).
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+IPInterface = IPv4Interface | IPv6Interface
+
+
+def by_family(value: IPAddress | IPNetwork) -> tuple[int, IPAddress | IPNetwork]:
+    """A sort key for mixed families (IPv4 first): addresses of two families do not
+    compare."""
+    return value.version, value
 
 
 def _check_asn(value: int) -> int:
@@ -80,6 +99,17 @@ class LinkBandwidth(enum.StrEnum):
     # Type 0x40 subtype 0x04, as the draft first defined it (ExaBGP's `bandwidth:`).
     NON_TRANSITIVE = "non-transitive"
     OFF = "off"
+
+
+class Family(enum.StrEnum):
+    """An address family a session carries (unicast NLRI; ExaBGP's `family` block)."""
+
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+    @classmethod
+    def of(cls, value: IPAddress | IPNetwork) -> Family:
+        return cls.IPV4 if value.version == 4 else cls.IPV6
 
 
 class _Strict(BaseModel):
@@ -127,7 +157,7 @@ class FlapBudget(_Strict):
 
 
 class Neighbor(_Strict):
-    peer_address: IPv4Address
+    peer_address: IPAddress
     peer_asn: Asn
     md5_password: SecretStr | None = None
     # ExaBGP's default is 180 s; 3 s bounds a dead edge's route lifetime without BFD.
@@ -154,6 +184,15 @@ class Neighbor(_Strict):
     # agent's routes as stale for this long (and ExaBGP then closes without a Cease).
     route_refresh: bool = True
     graceful_restart_s: int | None = Field(default=None, ge=1, le=4095)
+    # The families this session carries; by default the peer address's own. An IPv4
+    # session may carry IPv6 NLRI too (`[ipv4, ipv6]`; next-hop: local_address_v6).
+    families: list[Family] | None = Field(default=None, min_length=1, max_length=2)
+
+    @property
+    def carried(self) -> frozenset[Family]:
+        if self.families is None:
+            return frozenset({Family.of(self.peer_address)})
+        return frozenset(self.families)
 
     @field_validator("md5_password")
     @classmethod
@@ -196,8 +235,12 @@ class BgpConfig(_Strict):
     router_id: IPv4Address
     # The address ExaBGP binds to and announces as next-hop; must be on a local interface.
     local_address: IPv4Address
+    # The IPv6 source of IPv6 sessions and next-hop of IPv6 routes (needed with either).
+    local_address_v6: IPv6Address | None = None
     anycast_range: IPv4Network = IPv4Network("198.51.100.0/24")
-    prefixes: list[IPv4Network] = Field(min_length=1, max_length=64)
+    anycast_range_v6: IPv6Network = IPv6Network("2001:db8::/32")
+    # The node's prefixes when node.yaml has no `services:` (then each service has its own).
+    prefixes: list[IPNetwork] = Field(default_factory=list, max_length=64)
     neighbors: list[Neighbor] = Field(min_length=1, max_length=16)
     # The link-bandwidth (Mbit/s) announced while no GSLB share is in force (no control
     # plane, or none heard from yet); with one, the GSLB's share is announced instead.
@@ -235,14 +278,13 @@ class BgpConfig(_Strict):
     @field_validator("prefixes")
     @classmethod
     def _prefixes_unique_and_inside_range(
-        cls, value: list[IPv4Network], info: ValidationInfo
-    ) -> list[IPv4Network]:
+        cls, value: list[IPNetwork], info: ValidationInfo
+    ) -> list[IPNetwork]:
         if len(set(value)) != len(value):
             raise ValueError("prefixes are listed twice")
-        anycast_range = info.data.get("anycast_range")
         for prefix in value:
-            if anycast_range is not None and not prefix.subnet_of(anycast_range):
-                raise ValueError(f"prefix {prefix} is outside the anycast range {anycast_range}")
+            if problem := outside_range(prefix, info.data):
+                raise ValueError(problem)
         return value
 
     @field_validator("neighbors")
@@ -253,9 +295,37 @@ class BgpConfig(_Strict):
         peers = [n.peer_address for n in value]
         if len(set(peers)) != len(peers):
             raise ValueError("a neighbor peer_address is listed twice")
-        if info.data.get("local_address") in peers:
-            raise ValueError("a neighbor peer_address is our own local_address")
+        if {info.data.get("local_address"), info.data.get("local_address_v6")} & set(peers):
+            raise ValueError("a neighbor peer_address is our own local address")
         return value
+
+    @model_validator(mode="after")
+    def _ipv6_has_an_address(self) -> Self:
+        """IPv6 sessions bind local_address_v6; IPv6 routes take it as next-hop."""
+        if self.local_address_v6 is not None:
+            return self
+        for index, neighbor in enumerate(self.neighbors):
+            if neighbor.peer_address.version == 6 or Family.IPV6 in neighbor.carried:
+                raise _field_error(
+                    ("local_address_v6",),
+                    f"neighbor {neighbor.peer_address} (neighbors.{index}) carries IPv6: "
+                    "expected an IPv6 local_address_v6 on a local interface",
+                )
+        if any(prefix.version == 6 for prefix in self.prefixes):
+            raise _field_error(
+                ("local_address_v6",), "IPv6 prefixes need an IPv6 next-hop: local_address_v6"
+            )
+        return self
+
+    def local_address_for(self, family: Family) -> IPAddress:
+        """The session source / next-hop for `family` (validated to exist when used)."""
+        if family is Family.IPV6:
+            assert self.local_address_v6 is not None, "validated: IPv6 needs local_address_v6"
+            return self.local_address_v6
+        return self.local_address
+
+    def anycast_range_for(self, prefix: IPNetwork) -> IPNetwork:
+        return self.anycast_range if prefix.version == 4 else self.anycast_range_v6
 
     @model_validator(mode="after")
     def _ibgp_done_right(self) -> Self:
@@ -280,6 +350,16 @@ class BgpConfig(_Strict):
         return self
 
 
+def outside_range(prefix: IPNetwork, ranges: Mapping[str, Any]) -> str | None:
+    """Why `prefix` is not inside its family's anycast range (`anycast_range`,
+    `anycast_range_v6` in `ranges`), or None."""
+    key = "anycast_range" if prefix.version == 4 else "anycast_range_v6"
+    anycast_range = ranges.get(key)
+    if anycast_range is None or prefix.subnet_of(anycast_range):
+        return None
+    return f"prefix {prefix} is outside the anycast range {anycast_range}"
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "bgp") -> str:
     """One line naming the first bad field and what was expected (never the input value,
     which could be a password)."""
@@ -291,22 +371,23 @@ def describe_validation_error(exc: ValidationError, prefix: str = "bgp") -> str:
     return f"{location}: {message}{suffix}"
 
 
-def local_interface_addresses(netns: str | None = None) -> list[IPv4Interface]:
-    """IPv4 addresses (with their prefix length) on this host's interfaces."""
+def local_interface_addresses(netns: str | None = None) -> list[IPInterface]:
+    """IPv4 and IPv6 addresses (with their prefix length) on this host's interfaces."""
     from pyroute2 import IPRoute, NetNS
 
     ipr: Any = NetNS(netns) if netns else IPRoute()
     try:
         return [
-            IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-            for msg in ipr.get_addr(family=2)
+            ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+            for msg in ipr.get_addr()
+            if msg["family"] in (2, 10)
         ]
     finally:
         ipr.close()
 
 
 def check_addresses_are_local(
-    config: BgpConfig, interfaces: Iterable[IPv4Interface] | None = None
+    config: BgpConfig, interfaces: Iterable[IPInterface] | None = None
 ) -> list[str]:
     """Errors (one line each) for addresses that do not fit this host's interfaces:
     local_address must be assigned here, every single-hop neighbor must be on a connected
@@ -315,11 +396,15 @@ def check_addresses_are_local(
     errors: list[str] = []
     if all(iface.ip != config.local_address for iface in local):
         errors.append(f"bgp.local_address: {config.local_address} is not on a local interface")
+    v6 = config.local_address_v6
+    if v6 is not None and all(iface.ip != v6 for iface in local):
+        errors.append(f"bgp.local_address_v6: {v6} is not on a local interface")
     for index, neighbor in enumerate(config.neighbors):
         if neighbor.multihop or neighbor.peer_asn == config.local_asn:
             continue  # reached through routing, not a connected subnet
         if not any(
-            neighbor.peer_address in iface.network and iface.network.prefixlen < 32
+            neighbor.peer_address in iface.network
+            and iface.network.prefixlen < iface.network.max_prefixlen
             for iface in local
         ):
             errors.append(
@@ -374,13 +459,19 @@ __all__ = [
     "BgpConfig",
     "ConfigError",
     "DeadmanSettings",
+    "Family",
     "FlapBudget",
+    "IPAddress",
+    "IPInterface",
+    "IPNetwork",
     "LinkBandwidth",
     "Neighbor",
+    "by_family",
     "check_addresses_are_local",
     "describe_validation_error",
     "load_bgp_config",
     "local_interface_addresses",
+    "outside_range",
 ]
 
 if __name__ == "__main__":

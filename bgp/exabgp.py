@@ -34,12 +34,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 from bgp import api_relay
-from bgp.config import BgpConfig
+from bgp.config import BgpConfig, Family, IPAddress, IPNetwork, by_family
 from bgp.exabgp_main import shutdown_text
 from bgp.neighbors import NeighborRoute, routes_for
 from bgp.observed import carriage, describe_carriage, no_session_reason, notification_reason
@@ -69,7 +69,7 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
             f"neighbor {neighbor.peer_address} {{",
             f'    description "{neighbor.description or "anycast-edge"}";',
             f"    router-id {config.router_id};",
-            f"    local-address {config.local_address};",
+            f"    local-address {config.local_address_for(Family.of(neighbor.peer_address))};",
             f"    local-as {config.local_asn};",
             f"    peer-as {neighbor.peer_asn};",
             # Explicit: ExaBGP's default is 180 s; it bounds a silent peer's lifetime.
@@ -92,7 +92,7 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
         lines += [
             "    }",
             "    family {",
-            "        ipv4 unicast;",
+            *(f"        {family} unicast;" for family in sorted(neighbor.carried)),
             "    }",
             "    api {",
             f"        processes [ {PROCESS_NAME} ];",
@@ -117,7 +117,7 @@ def render_config(config: BgpConfig, relay_command: str) -> str:
     return "\n".join(lines)
 
 
-def announce_command(peer: IPv4Address, route: NeighborRoute) -> str:
+def announce_command(peer: IPAddress, route: NeighborRoute) -> str:
     # ExaBGP sends the AS path we give verbatim (our ASN, prepends; empty for iBGP).
     parts = [
         f"neighbor {peer} announce route {route.prefix} next-hop {route.next_hop}",
@@ -136,7 +136,7 @@ def announce_command(peer: IPv4Address, route: NeighborRoute) -> str:
     return " ".join(parts)
 
 
-def withdraw_command(peer: IPv4Address, prefix: IPv4Network) -> str:
+def withdraw_command(peer: IPAddress, prefix: IPNetwork) -> str:
     return f"neighbor {peer} withdraw route {prefix}"
 
 
@@ -152,9 +152,9 @@ def diff_commands(
         peer = neighbor.peer_address
         now = routes_for(current, neighbor, config)
         wanted = routes_for(desired, neighbor, config)
-        gone = sorted({r.prefix for r in now} - {r.prefix for r in wanted})
+        gone = sorted({r.prefix for r in now} - {r.prefix for r in wanted}, key=by_family)
         withdraws += [withdraw_command(peer, prefix) for prefix in gone]
-        changed = sorted(wanted - now, key=lambda route: route.prefix)
+        changed = sorted(wanted - now, key=lambda route: by_family(route.prefix))
         announces += [announce_command(peer, route) for route in changed]
     return withdraws + announces
 
@@ -164,16 +164,16 @@ def diff_commands(
 
 @dataclass(frozen=True, slots=True)
 class NeighborState:
-    peer: IPv4Address
+    peer: IPAddress
     state: str  # "up", "connected", "down"
     reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SentUpdate:
-    peer: IPv4Address
-    announced: frozenset[IPv4Network]
-    withdrawn: frozenset[IPv4Network]
+    peer: IPAddress
+    announced: frozenset[IPNetwork]
+    withdrawn: frozenset[IPNetwork]
     end_of_rib: bool = False
 
 
@@ -195,7 +195,7 @@ class DeadmanFired:
 class OpenSeen:
     """An OPEN we sent ("send") or received ("receive"), with its capability names."""
 
-    peer: IPv4Address
+    peer: IPAddress
     direction: str
     asn: int
     hold_time_s: int
@@ -204,14 +204,14 @@ class OpenSeen:
 
 @dataclass(frozen=True, slots=True)
 class Negotiated:
-    peer: IPv4Address
+    peer: IPAddress
     hold_time_s: int
     route_refresh: str  # "absent", "normal", "enhanced"
 
 
 @dataclass(frozen=True, slots=True)
 class NotificationSeen:
-    peer: IPv4Address
+    peer: IPAddress
     direction: str  # "send" or "receive"
     code: int
     subcode: int
@@ -222,7 +222,7 @@ class NotificationSeen:
 class RefreshSeen:
     """A ROUTE-REFRESH the peer sent us (its filters changed; ExaBGP re-sends)."""
 
-    peer: IPv4Address
+    peer: IPAddress
 
 
 Message = (
@@ -236,6 +236,9 @@ Message = (
     | RefreshSeen
     | None
 )
+
+
+_FAMILIES = ("ipv4 unicast", "ipv6 unicast")
 
 
 def _capability_names(capabilities: Any) -> frozenset[str]:
@@ -266,7 +269,7 @@ def parse_message(line: str) -> Message:
         return None
     neighbor = data.get("neighbor", {})
     try:
-        peer = IPv4Address(neighbor["address"]["peer"])
+        peer = ip_address(neighbor["address"]["peer"])
     except (KeyError, TypeError, ValueError):
         return None
     kind = data.get("type")
@@ -278,7 +281,7 @@ def parse_message(line: str) -> Message:
         return None
 
 
-def _parse_session_message(kind: Any, peer: IPv4Address, neighbor: dict[str, Any]) -> Message:
+def _parse_session_message(kind: Any, peer: IPAddress, neighbor: dict[str, Any]) -> Message:
     direction = str(neighbor.get("direction", ""))
     if kind == "open":
         message = neighbor["open"]
@@ -303,13 +306,15 @@ def _parse_session_message(kind: Any, peer: IPv4Address, neighbor: dict[str, Any
             return SentUpdate(peer, frozenset(), frozenset(), end_of_rib=True)
         update = message.get("update", {})
         announced = {
-            IPv4Network(entry["nlri"])
-            for by_hop in update.get("announce", {}).get("ipv4 unicast", {}).values()
+            ip_network(entry["nlri"])
+            for family in _FAMILIES
+            for by_hop in update.get("announce", {}).get(family, {}).values()
             for entry in by_hop
         }
         withdrawn = {
-            IPv4Network(entry["nlri"])
-            for entry in update.get("withdraw", {}).get("ipv4 unicast", [])
+            ip_network(entry["nlri"])
+            for family in _FAMILIES
+            for entry in update.get("withdraw", {}).get(family, [])
         }
         return SentUpdate(peer, frozenset(announced), frozenset(withdrawn))
     return None
@@ -340,7 +345,7 @@ class _PeerView:
     reason: str = ""
     since: float = field(default_factory=time.monotonic)
     # prefix -> (announced?, monotonic time the UPDATE was reported sent)
-    last_sent: dict[IPv4Network, tuple[bool, float]] = field(default_factory=dict)
+    last_sent: dict[IPNetwork, tuple[bool, float]] = field(default_factory=dict)
     # When ExaBGP last finished sending its whole RIB to this peer (End-of-RIB): that
     # covers every change written before it, withdraws included.
     end_of_rib_at: float = 0.0
@@ -385,7 +390,7 @@ class _PeerView:
             self.updates_sent["announce"] += bool(message.announced)
             self.updates_sent["withdraw"] += bool(message.withdrawn)
 
-    def announced(self) -> set[IPv4Network]:
+    def announced(self) -> set[IPNetwork]:
         """Prefixes this peer was last sent as announced (its Adj-RIB-In from us)."""
         return {prefix for prefix, (up, _) in self.last_sent.items() if up}
 
@@ -416,7 +421,9 @@ class _PeerView:
             },
             "sent": {
                 str(prefix): {"announced": announced, "age_s": round(now - at, 3)}
-                for prefix, (announced, at) in sorted(self.last_sent.items())
+                for prefix, (announced, at) in sorted(
+                    self.last_sent.items(), key=lambda item: by_family(item[0])
+                )
             },
             "last_notification_sent": notification("send"),
             "last_notification_received": notification("receive"),
@@ -468,7 +475,7 @@ class ExaBgpDriver:
         self._resync_at = 0.0
         self._desired: frozenset[Advertisement] = frozenset()
         self._written: frozenset[Advertisement] = frozenset()
-        self._peers: dict[IPv4Address, _PeerView] = {
+        self._peers: dict[IPAddress, _PeerView] = {
             n.peer_address: _PeerView() for n in config.neighbors
         }
         self._changed = asyncio.Event()
@@ -485,7 +492,7 @@ class ExaBgpDriver:
         # Time the last batch of changes was written (for wait_sent), and what each
         # changed prefix should now be: announced (True) or withdrawn (False).
         self._written_at = 0.0
-        self._pending: dict[IPv4Network, bool] = {}
+        self._pending: dict[IPNetwork, bool] = {}
 
     # -- public API -------------------------------------------------------------------
 
@@ -501,7 +508,7 @@ class ExaBgpDriver:
     def pid(self) -> int | None:
         return self._process.pid if self._process and self._process.returncode is None else None
 
-    def neighbors(self) -> dict[IPv4Address, NeighborState]:
+    def neighbors(self) -> dict[IPAddress, NeighborState]:
         return {
             peer: NeighborState(peer, view.state, view.reason) for peer, view in self._peers.items()
         }
@@ -515,7 +522,7 @@ class ExaBgpDriver:
         """What the running ExaBGP was told (its RIB, sent to every established peer)."""
         return self._written
 
-    def sent_to(self) -> dict[IPv4Network, set[IPv4Address]]:
+    def sent_to(self) -> dict[IPNetwork, set[IPAddress]]:
         """Per desired prefix, the established peers last sent it as announced."""
         return {
             adv.prefix: {
@@ -541,14 +548,16 @@ class ExaBgpDriver:
         established = {peer for peer, view in self._peers.items() if view.state == "up"}
         desired = {adv.prefix for adv in self._desired}
         prefixes = {}
-        for prefix in sorted(desired | {adv.prefix for adv in self._written}):
+        for prefix in sorted(desired | {adv.prefix for adv in self._written}, key=by_family):
             peers = sent_to.get(prefix, set())
-            state = carriage(prefix in desired, established, peers)
+            # Of the sessions that carry this prefix's family.
+            carriers = self._carriers(Family.of(prefix))
+            state = carriage(prefix in desired, established & carriers, peers)
             prefixes[str(prefix)] = {
                 "desired": prefix in desired,
                 "written": any(adv.prefix == prefix for adv in self._written),
                 "sent_to": sorted(str(peer) for peer in peers),
-                "carriage": describe_carriage(state, len(peers), len(self._peers)),
+                "carriage": describe_carriage(state, len(peers), len(carriers)),
             }
         return {
             "exabgp_pid": self.pid,
@@ -560,6 +569,9 @@ class ExaBgpDriver:
             "desired": sorted(str(prefix) for prefix in desired),
             "written": sorted(str(adv.prefix) for adv in self._written),
         }
+
+    def _carriers(self, family: Family) -> set[IPAddress]:
+        return {n.peer_address for n in self.config.neighbors if family in n.carried}
 
     def set_desired(self, advertisements: Iterable[Advertisement]) -> None:
         self._desired = frozenset(advertisements)
@@ -620,7 +632,7 @@ class ExaBgpDriver:
         # reported before, and the sessions it tears down are the ones up now.
         peers = [peer for peer, view in self._peers.items() if view.state == "up"]
 
-        def notified(peer: IPv4Address) -> bool:
+        def notified(peer: IPAddress) -> bool:
             view = self._peers[peer]
             sent = view.notifications.get("send")
             return sent is not None and sent[1] >= started and view.state != "up"
@@ -640,7 +652,7 @@ class ExaBgpDriver:
         while not self._all_up_peers_sent():
             await self._wait_state_change()
 
-    async def wait_established(self, peers: Iterable[IPv4Address] | None = None) -> None:
+    async def wait_established(self, peers: Iterable[IPAddress] | None = None) -> None:
         wanted = list(peers) if peers is not None else list(self._peers)
         while not all(self._peers[p].state == "up" for p in wanted):
             await self._wait_state_change()

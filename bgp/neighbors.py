@@ -16,9 +16,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
 
-from bgp.config import BgpConfig, LinkBandwidth, Neighbor
+from bgp.config import BgpConfig, Family, IPAddress, IPNetwork, LinkBandwidth, Neighbor
 from bgp.policy import AS_TRANS, GRACEFUL_SHUTDOWN, Advertisement
 
 _LINK_BANDWIDTH_TYPE = {LinkBandwidth.TRANSITIVE: 0x00, LinkBandwidth.NON_TRANSITIVE: 0x40}
@@ -28,8 +27,8 @@ _LINK_BANDWIDTH_TYPE = {LinkBandwidth.TRANSITIVE: 0x00, LinkBandwidth.NON_TRANSI
 class NeighborRoute:
     """One prefix as one neighbor gets it. Hashable: the driver diffs sets of them."""
 
-    prefix: IPv4Network
-    next_hop: IPv4Address
+    prefix: IPNetwork
+    next_hop: IPAddress
     med: int
     as_path: tuple[int, ...]
     communities: tuple[str, ...]
@@ -72,7 +71,9 @@ def route_for(adv: Advertisement, neighbor: Neighbor, config: BgpConfig) -> Neig
         med=adv.med if neighbor.med is None else neighbor.med,
         as_path=as_path,
         communities=tuple(sorted({*adv.communities, *neighbor.communities})),
-        large_communities=tuple(sorted({*config.large_communities, *neighbor.large_communities})),
+        large_communities=tuple(
+            sorted({*config.large_communities, *adv.large_communities, *neighbor.large_communities})
+        ),
         extended_communities=() if bandwidth is None else (bandwidth,),
         local_pref=local_pref,
     )
@@ -81,7 +82,13 @@ def route_for(adv: Advertisement, neighbor: Neighbor, config: BgpConfig) -> Neig
 def routes_for(
     advertisements: Iterable[Advertisement], neighbor: Neighbor, config: BgpConfig
 ) -> frozenset[NeighborRoute]:
-    return frozenset(route_for(adv, neighbor, config) for adv in advertisements)
+    """The routes `neighbor` gets: those of the families its session carries."""
+    carried = neighbor.carried
+    return frozenset(
+        route_for(adv, neighbor, config)
+        for adv in advertisements
+        if Family.of(adv.prefix) in carried
+    )
 
 
 __all__ = [

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping
-from ipaddress import IPv4Address, IPv4Network
+
+from bgp.config import IPAddress, IPNetwork, by_family
 
 # How long "wants to announce, no session carries it" may last before it is a fault.
 NO_SESSION_GRACE_S = 5.0
@@ -79,7 +80,7 @@ class Carriage(enum.StrEnum):
 
 
 def carriage(
-    desired: bool, established: Collection[IPv4Address], sent_to: Collection[IPv4Address]
+    desired: bool, established: Collection[IPAddress], sent_to: Collection[IPAddress]
 ) -> Carriage:
     """One prefix: `sent_to` are the established peers last sent it as announced."""
     if not desired:
@@ -99,8 +100,8 @@ def describe_carriage(state: Carriage, sent_to: int, neighbors: int) -> str:
 
 
 def no_session_reason(
-    desired: Collection[IPv4Network],
-    sent_to: Mapping[IPv4Network, Collection[IPv4Address]],
+    desired: Collection[IPNetwork],
+    sent_to: Mapping[IPNetwork, Collection[IPAddress]],
     established: int,
     neighbors: int,
 ) -> str | None:
@@ -108,7 +109,7 @@ def no_session_reason(
     announce and no session carries any of its prefixes."""
     if not desired or any(sent_to.get(prefix) for prefix in desired):
         return None
-    wanted = ", ".join(str(prefix) for prefix in sorted(desired))
+    wanted = ", ".join(str(prefix) for prefix in sorted(desired, key=by_family))
     return f"no BGP session carries {wanted} ({established} of {neighbors} sessions established)"
 
 

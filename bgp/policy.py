@@ -1,5 +1,10 @@
 """The announcement policy: (serving, link bandwidth, config) -> advertisements + reason.
 
+A node may announce several groups of prefixes (one per service, each IPv4 and/or IPv6):
+each group has its own `Serving` beside the node's, and a group is announced only when
+both say so, with the worse of the two (a node drain or a node down takes every group;
+a service down takes only its own prefixes).
+
 Pure: no I/O, no clock, no asyncio. In the manner of MetalLB's `should_announce`, every
 decision carries a reason code so the agent can say *why* a prefix is or is not announced.
 Fail closed: nothing is announced until the node's health has risen.
@@ -10,10 +15,10 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from bgp.config import BgpConfig
+from bgp.config import BgpConfig, Family, IPAddress, IPNetwork
 
 GRACEFUL_SHUTDOWN = "65535:0"  # RFC 8326
 AS_TRANS = 23456  # stands in for a 4-byte ASN in 2-byte fields (RFC 6793)
@@ -48,6 +53,10 @@ class Reason(enum.StrEnum):
     WITHDRAW_ZERO_BANDWIDTH = "withdraw: desired link bandwidth is 0"
     WITHDRAW_INVALID_BANDWIDTH = "withdraw: desired link bandwidth is not a finite number >= 0"
     WITHDRAW_DRAINED = "withdraw: drained, traffic has moved"
+    # A group's own verdict (the node itself would announce it).
+    ANNOUNCE_SERVICE_DEGRADED = "announce: service degraded, at reduced bandwidth"
+    WITHDRAW_SERVICE_STARTING = "withdraw: service health has not risen yet"
+    WITHDRAW_SERVICE_DOWN = "withdraw: service down"
 
     @property
     def announces(self) -> bool:
@@ -58,8 +67,8 @@ class Reason(enum.StrEnum):
 class Advertisement:
     """One prefix as it should appear on the wire. Hashable: the driver diffs sets of them."""
 
-    prefix: IPv4Network
-    next_hop: IPv4Address
+    prefix: IPNetwork
+    next_hop: IPAddress
     med: int
     # How many extra copies of the local ASN go in front of the AS path.
     as_path_prepends: int
@@ -67,10 +76,27 @@ class Advertisement:
     communities: tuple[str, ...]
     # Link bandwidth in bytes per second (the unit of RFC draft-ietf-idr-link-bandwidth).
     link_bandwidth_bytes_per_s: float
+    # Added to the node's (bgp.large_communities) for this prefix's group.
+    large_communities: tuple[str, ...] = ()
 
     @property
     def extended_communities(self) -> tuple[str, ...]:
         return (transitive_link_bandwidth(self.local_asn, self.link_bandwidth_bytes_per_s),)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixGroup:
+    """One service's prefixes and its own attributes (None/empty: the node's)."""
+
+    name: str
+    prefixes: tuple[IPNetwork, ...]
+    med: int | None = None
+    communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
+
+
+#: The group of a node without services: `bgp.prefixes`, always serving in full.
+DEFAULT_GROUP = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +106,20 @@ class PolicyInputs:
     # The link bandwidth to announce at full health, in Mbit/s: the GSLB's share for this
     # node, or (no control plane, or none heard yet) the node's own capacity.
     link_bandwidth_mbps: float
+    # The groups announced (none: one group of `config.prefixes`) and each one's own
+    # serving (a group not named here has not risen yet: NOT_READY).
+    groups: tuple[PrefixGroup, ...] = ()
+    group_serving: Mapping[str, Serving] = field(default_factory=dict)
+
+    def effective_groups(self) -> tuple[PrefixGroup, ...]:
+        if self.groups:
+            return self.groups
+        return (PrefixGroup(DEFAULT_GROUP, tuple(self.config.prefixes)),)
+
+    def serving_of(self, group: PrefixGroup) -> Serving:
+        if not self.groups:
+            return Serving.FULL
+        return self.group_serving.get(group.name, Serving.NOT_READY)
 
 
 def transitive_link_bandwidth(local_asn: int, bytes_per_s: float) -> str:
@@ -117,48 +157,80 @@ def should_announce(inputs: PolicyInputs) -> tuple[bool, Reason]:
     return True, Reason.ANNOUNCE_HEALTHY
 
 
-def announced_mbps(inputs: PolicyInputs) -> float:
-    """The bandwidth on the wire: the desired one, reduced while the node is degraded."""
-    factor = inputs.config.degraded_bandwidth_factor if inputs.serving is Serving.REDUCED else 1.0
+def group_decision(inputs: PolicyInputs, group: PrefixGroup) -> tuple[bool, Reason]:
+    """Whether one group is announced and why: the node's decision first (a node that
+    withdraws withdraws every group), then the group's own serving."""
+    announce, reason = should_announce(inputs)
+    if not announce:
+        return announce, reason
+    own = inputs.serving_of(group)
+    if own in (Serving.STOPPED, Serving.LEFT):
+        return False, Reason.WITHDRAW_SERVICE_DOWN
+    if own is Serving.NOT_READY:
+        return False, Reason.WITHDRAW_SERVICE_STARTING
+    if own is Serving.LEAVING and reason is not Reason.ANNOUNCE_DRAINING:
+        return True, Reason.ANNOUNCE_DRAINING
+    if own is Serving.REDUCED and reason is Reason.ANNOUNCE_HEALTHY:
+        return True, Reason.ANNOUNCE_SERVICE_DEGRADED
+    return True, reason
+
+
+def group_reasons(inputs: PolicyInputs) -> dict[str, Reason]:
+    """Per group (service) name, the reason for its prefixes."""
+    return {group.name: group_decision(inputs, group)[1] for group in inputs.effective_groups()}
+
+
+def announced_mbps(inputs: PolicyInputs, reason: Reason | None = None) -> float:
+    """The bandwidth on the wire: the desired one, reduced while the node (or, given its
+    reason, the group) is degraded."""
+    reduced = inputs.serving is Serving.REDUCED or reason is Reason.ANNOUNCE_SERVICE_DEGRADED
+    factor = inputs.config.degraded_bandwidth_factor if reduced else 1.0
     return inputs.link_bandwidth_mbps * factor
 
 
 def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reason]:
-    """The full desired set for this node (empty = withdraw everything) and the reason."""
-    announce, reason = should_announce(inputs)
-    if not announce:
-        return frozenset(), reason
+    """The full desired set for this node (empty = withdraw everything) and the node's
+    reason (each group's: `group_reasons`)."""
+    _, node_reason = should_announce(inputs)
     config = inputs.config
-    draining = reason is Reason.ANNOUNCE_DRAINING
-    communities = list(dict.fromkeys(config.communities))
-    if draining and GRACEFUL_SHUTDOWN not in communities:
-        communities.append(GRACEFUL_SHUTDOWN)
-    bandwidth = link_bandwidth_bytes_per_s(announced_mbps(inputs))
-    return (
-        frozenset(
+    result: set[Advertisement] = set()
+    for group in inputs.effective_groups():
+        announce, reason = group_decision(inputs, group)
+        if not announce:
+            continue
+        draining = reason is Reason.ANNOUNCE_DRAINING
+        communities = list(dict.fromkeys((*config.communities, *group.communities)))
+        if draining and GRACEFUL_SHUTDOWN not in communities:
+            communities.append(GRACEFUL_SHUTDOWN)
+        bandwidth = link_bandwidth_bytes_per_s(announced_mbps(inputs, reason))
+        result.update(
             Advertisement(
                 prefix=prefix,
-                next_hop=config.local_address,
-                med=config.med,
+                next_hop=config.local_address_for(Family.of(prefix)),
+                med=config.med if group.med is None else group.med,
                 as_path_prepends=config.drain_prepends if draining else 0,
                 local_asn=config.local_asn,
                 communities=tuple(sorted(communities)),
                 link_bandwidth_bytes_per_s=bandwidth,
+                large_communities=tuple(sorted(set(group.large_communities))),
             )
-            for prefix in config.prefixes
-        ),
-        reason,
-    )
+            for prefix in group.prefixes
+        )
+    return frozenset(result), node_reason
 
 
 __all__ = [
+    "DEFAULT_GROUP",
     "GRACEFUL_SHUTDOWN",
     "Advertisement",
     "PolicyInputs",
+    "PrefixGroup",
     "Reason",
     "Serving",
     "advertisements",
     "announced_mbps",
+    "group_decision",
+    "group_reasons",
     "link_bandwidth_bytes_per_s",
     "should_announce",
     "transitive_link_bandwidth",

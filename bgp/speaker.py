@@ -21,8 +21,8 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence, Set
-from ipaddress import IPv4Address
+from collections.abc import Callable, Mapping, Sequence, Set
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from bgp.bfd import BfdDaemon
 from bgp.config import (
     BgpConfig,
     ConfigError,
+    IPAddress,
     check_addresses_are_local,
     load_bgp_config,
     local_interface_addresses,
@@ -41,10 +42,12 @@ from bgp.observed import degraded_for_want_of_session
 from bgp.policy import (
     Advertisement,
     PolicyInputs,
+    PrefixGroup,
     Reason,
     Serving,
     advertisements,
     announced_mbps,
+    group_decision,
 )
 
 # Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
@@ -64,24 +67,33 @@ class Announcer:
     """Turns (serving, link bandwidth) into the driver's desired set, through the flap
     budget: changes that take traffic away go at once, the others may be held down."""
 
-    def __init__(self, config: BgpConfig, sink: DesiredSink) -> None:
+    def __init__(
+        self, config: BgpConfig, sink: DesiredSink, groups: Sequence[PrefixGroup] = ()
+    ) -> None:
         self.config = config
         self.sink = sink
         self.damper = FlapDamper(config.flap)
-        self.inputs = PolicyInputs(Serving.NOT_READY, config, config.capacity_mbps)
+        self.inputs = PolicyInputs(
+            Serving.NOT_READY, config, config.capacity_mbps, groups=tuple(groups)
+        )
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
         self.holddowns = 0  # changes the flap budget held back (a Prometheus counter)
         self._retry: asyncio.TimerHandle | None = None
 
     def update(
-        self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
+        self,
+        *,
+        serving: Serving | None = None,
+        link_bandwidth_mbps: float | None = None,
+        group_serving: Mapping[str, Serving] | None = None,
     ) -> Reason:
-        changes: dict[str, Any] = {
-            key: value
-            for key, value in (("serving", serving), ("link_bandwidth_mbps", link_bandwidth_mbps))
-            if value is not None
-        }
+        given = (
+            ("serving", serving),
+            ("link_bandwidth_mbps", link_bandwidth_mbps),
+            ("group_serving", None if group_serving is None else dict(group_serving)),
+        )
+        changes: dict[str, Any] = {key: value for key, value in given if value is not None}
         self.inputs = dataclasses.replace(self.inputs, **changes)
         self._apply()
         return self.reason
@@ -121,10 +133,13 @@ class BgpSpeaker:
         *,
         netns: str | None = None,
         watchdog_s: float | None = None,
+        groups: Sequence[PrefixGroup] = (),
     ) -> None:
+        """`groups`: the services' prefixes, each announced by its own serving (none:
+        `config.prefixes`, by the node's alone)."""
         self.config = config
         self.driver = ExaBgpDriver(config, workdir, netns=netns)
-        self.announcer = Announcer(config, self.driver)
+        self.announcer = Announcer(config, self.driver, groups)
         self.bfd: BfdDaemon | None = None
         if config.bfd.enabled:
             self.bfd = BfdDaemon(config, workdir / "bfd", self.established, netns=netns)
@@ -135,7 +150,7 @@ class BgpSpeaker:
         # Since when the node has wanted to announce with no session carrying it.
         self._no_session_since: float | None = None
 
-    def established(self) -> set[IPv4Address]:
+    def established(self) -> set[IPAddress]:
         return {peer for peer, s in self.driver.neighbors().items() if s.state == "up"}
 
     async def start(self) -> None:
@@ -161,9 +176,15 @@ class BgpSpeaker:
         await self.driver.stop(reason=reason)
 
     def update(
-        self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
+        self,
+        *,
+        serving: Serving | None = None,
+        link_bandwidth_mbps: float | None = None,
+        group_serving: Mapping[str, Serving] | None = None,
     ) -> Reason:
-        return self.announcer.update(serving=serving, link_bandwidth_mbps=link_bandwidth_mbps)
+        return self.announcer.update(
+            serving=serving, link_bandwidth_mbps=link_bandwidth_mbps, group_serving=group_serving
+        )
 
     async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:
         """True once every established neighbor was sent the current desired set."""
@@ -211,12 +232,17 @@ class BgpSpeaker:
         driver = self.driver.status()
         bfd_peers = {} if self.bfd is None else self.bfd.status.peers
         for peer, session in driver["sessions"].items():
-            session["bfd"] = None if self.bfd is None else bfd_peers.get(IPv4Address(peer), "down")
+            session["bfd"] = None if self.bfd is None else bfd_peers.get(ip_address(peer), "down")
         return {
             "reason": str(self.announcer.reason),
             "serving": str(inputs.serving),
             "link_bandwidth_mbps": inputs.link_bandwidth_mbps,
             "announced_mbps": announced_mbps(inputs),
+            "groups": {
+                name: {"serving": str(inputs.serving_of(group)), "reason": str(reason)}
+                for group in inputs.effective_groups()
+                for name, reason in [(group.name, group_decision(inputs, group)[1])]
+            },
             "held_until_monotonic": self.announcer.held_until or None,
             "flap_holddowns": self.announcer.holddowns,
             "degraded_reason": self.degraded_reason(),

@@ -66,6 +66,20 @@ class NodeState(enum.StrEnum):
     DOWN = "down"
 
 
+class ServiceState(enum.StrEnum):
+    """One service's own state on a node of several (`edge.services` uses this very enum):
+    its prefixes are announced while it serves (healthy or degraded) and the node does."""
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+    @property
+    def serving(self) -> bool:
+        return self in (ServiceState.HEALTHY, ServiceState.DEGRADED)
+
+
 class Liveness(enum.StrEnum):
     """What the control plane concludes from the heartbeat lease."""
 
@@ -235,6 +249,20 @@ class DrainReport(Strict):
     reason: Annotated[str, Field(max_length=500)] = ""
 
 
+class ServiceReport(Strict):
+    """One service of the node, as its own state machine sees it (the heartbeat's
+    `services`; a node of today's single-service shape reports one, "default")."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    state: ServiceState
+    cause: Annotated[str, Field(max_length=500)] = ""
+    prefixes: list[Annotated[str, Field(max_length=43)]] = Field(
+        default_factory=list, max_length=64
+    )
+    backends_total: Annotated[Count, Field(le=100_000)] = 0
+    backends_healthy: Annotated[Count, Field(le=100_000)] = 0
+
+
 class Heartbeat(Strict):
     """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat).
 
@@ -251,6 +279,8 @@ class Heartbeat(Strict):
     #: Absent on a node in no active-passive group.
     vip_group: VipGroupReport | None = None
     applied_revision: Revision = 0
+    #: Each service's own state (absent from agents older than services).
+    services: list[ServiceReport] = Field(default_factory=list, max_length=64)
 
 
 # --- responses ------------------------------------------------------------------------

@@ -26,19 +26,18 @@ from starlette.routing import Route
 
 from bgp.metrics import BgpCollector
 from edge.flows import FlowTable
-from edge.pool import Pool
 from edge.ports import NodeControl
-from edge.proxy.common import ProxyContext
 from edge.proxy.metrics import proxy_metrics
+from edge.service_runtime import ServiceRuntime
+from edge.services import ServiceState
 from edge.state import DrainSource, NodeState
 
 
 class AdminTarget(NodeControl, Protocol):
     """What the admin endpoint needs of the agent: its control port and what it shows."""
 
-    pool: Pool
     flows: FlowTable
-    ctx: ProxyContext
+    services: dict[str, ServiceRuntime]
     events: deque[dict[str, Any]]
     transitions_total: int
 
@@ -64,25 +63,37 @@ class AgentCollector(Collector):
         )
         transitions.add_metric([], agent.transitions_total)
         yield transitions
-        up = GaugeMetricFamily("anycast_edge_backend_up", "Backend health", labels=["backend"])
+        service_state = GaugeMetricFamily(
+            "anycast_edge_service_state",
+            "1 for each service's current state (its prefixes are announced while it serves)",
+            labels=["service", "state"],
+        )
+        for name, runtime in agent.services.items():
+            for each in ServiceState:
+                current = runtime.machine.state is each
+                service_state.add_metric([name, each.value], 1.0 if current else 0.0)
+        yield service_state
+        labels = ["backend", "service"]
+        up = GaugeMetricFamily("anycast_edge_backend_up", "Backend health", labels=labels)
         active = GaugeMetricFamily(
-            "anycast_edge_backend_active", "Open connections/in-flight requests", labels=["backend"]
+            "anycast_edge_backend_active", "Open connections/in-flight requests", labels=labels
         )
         requests = CounterMetricFamily(
-            "anycast_edge_backend_requests", "HTTP requests sent", labels=["backend"]
+            "anycast_edge_backend_requests", "HTTP requests sent", labels=labels
         )
         conns = CounterMetricFamily(
-            "anycast_edge_backend_connections", "TCP connections proxied", labels=["backend"]
+            "anycast_edge_backend_connections", "TCP connections proxied", labels=labels
         )
         failures = CounterMetricFamily(
-            "anycast_edge_backend_failures", "Connect errors, resets, timeouts", labels=["backend"]
+            "anycast_edge_backend_failures", "Connect errors, resets, timeouts", labels=labels
         )
-        for b in agent.pool.active_backends:
-            up.add_metric([b.name], 1.0 if b.eligible else 0.0)
-            active.add_metric([b.name], b.active_connections)
-            requests.add_metric([b.name], b.requests_total)
-            conns.add_metric([b.name], b.connections_total)
-            failures.add_metric([b.name], b.failures_total)
+        for name, runtime in agent.services.items():
+            for b in runtime.pool.active_backends:
+                up.add_metric([b.name, name], 1.0 if b.eligible else 0.0)
+                active.add_metric([b.name, name], b.active_connections)
+                requests.add_metric([b.name, name], b.requests_total)
+                conns.add_metric([b.name, name], b.connections_total)
+                failures.add_metric([b.name, name], b.failures_total)
         yield from (up, active, requests, conns, failures)
         flows = GaugeMetricFamily("anycast_edge_flows", "Established client flows")
         flows.add_metric([], len(agent.flows))
@@ -90,7 +101,7 @@ class AgentCollector(Collector):
         accepted = CounterMetricFamily("anycast_edge_flows_accepted", "Client flows accepted")
         accepted.add_metric([], agent.flows.accepted_total)
         yield accepted
-        yield from proxy_metrics(agent.ctx)
+        yield from proxy_metrics({name: rt.ctx for name, rt in agent.services.items()})
         if (control := agent.status_section("control_plane")) is not None:
             stale = GaugeMetricFamily(
                 "anycast_edge_control_plane_stale",

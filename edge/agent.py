@@ -20,22 +20,19 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge.admin import AdminServer
-from edge.checks import HealthChecker
-from edge.config import ActiveCheckConfig, ConfigError, ListenerConfig, ListenerKind, NodeConfig
+from edge.config import ConfigError, NodeConfig, ServiceConfig
 from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
-from edge.health import BackendHealth, HealthChange
-from edge.pool import Backend, Pool
 from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
-from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
-from edge.proxy.l4 import L4ClientProtocol
-from edge.proxy.l7 import L7ClientProtocol
+from edge.proxy.common import ClientConnection, DeadlineSweeper, ProxyContext
 from edge.sdnotify import SystemdNotifier
+from edge.service_runtime import ServiceRuntime
+from edge.services import ServiceState, ServiceTransition, node_verdict
 from edge.state import (
     Drain,
     DrainPhase,
@@ -75,32 +72,19 @@ class Agent:
         self.config = config
         self.extensions = tuple(extensions)
         self.config_path = config_path
-        self.pool = Pool.from_config(
-            config.backends,
-            config.pool.algorithm,
-            config.health.active.rise,
-            config.health.active.fall,
-            config.pool.maglev_table_size,
-        )
         self.flows = FlowTable()
         self.sweeper = DeadlineSweeper()
         self.machine = NodeStateMachine(
             Thresholds(config.state.degraded_below, config.state.down_below)
         )
-        self.ctx = ProxyContext(
-            config,
-            self.pool,
-            self.flows,
-            self.sweeper,
-            self._passive_failure,
-            is_draining=lambda: self.machine.drain.active,
-        )
+        # Every service of node.yaml (today's shape: one implicit service), by name.
+        self.services: dict[str, ServiceRuntime] = {
+            service.name: self._service_runtime(service) for service in config.service_list()
+        }
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.transitions_total = 0
         self.state_since = time.time()
         self._tick_task: asyncio.Task[None] | None = None
-        self._servers: dict[str, tuple[ListenerConfig, asyncio.Server]] = {}
-        self._checker = HealthChecker(self._check_result)
         self._admin: AdminServer | None = None
         # Only a handle to cancel the drain's steps: whether and how far the node drains is
         # the state machine's `drain`, nothing else.
@@ -119,8 +103,14 @@ class Agent:
     def drain(self) -> Drain:
         return self.machine.drain
 
+    def service_states(self) -> dict[str, ServiceState]:
+        return {name: runtime.machine.state for name, runtime in self.services.items()}
+
     def report(self) -> NodeReport:
-        total, healthy, _ = self.pool.counts()
+        total = healthy = 0
+        for runtime in self.services.values():
+            service_total, service_healthy, _ = runtime.pool.counts()
+            total, healthy = total + service_total, healthy + service_healthy
         return NodeReport(
             node=self.config.node.name,
             site=self.config.node.site,
@@ -129,9 +119,33 @@ class Agent:
             drain=self.machine.drain,
             backends_total=total,
             backends_healthy=healthy,
-            open_connections=self.ctx.open_connections(),
+            open_connections=self.open_connections(),
             accepted_total=self.flows.accepted_total,
+            services=tuple(runtime.report() for runtime in self.services.values()),
         )
+
+    # -- services ----------------------------------------------------------------
+    def _service_runtime(self, service: ServiceConfig) -> ServiceRuntime:
+        return ServiceRuntime(
+            self.config,
+            service,
+            self.flows,
+            self.sweeper,
+            is_draining=lambda: self.machine.drain.active,
+            on_health=self.evaluate,
+            event=self._event,
+        )
+
+    def contexts(self) -> list[ProxyContext]:
+        return [runtime.ctx for runtime in self.services.values()]
+
+    def open_connections(self) -> int:
+        return sum(ctx.open_connections() for ctx in self.contexts())
+
+    def _client_connections(self) -> Iterator[ClientConnection]:
+        for ctx in self.contexts():
+            for conns in ctx.connections.values():
+                yield from list(conns)
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -145,8 +159,10 @@ class Agent:
             await self._close_listeners()
             await self.sweeper.stop()
             raise
-        self._checker.set_targets(self._check_targets())
-        self._event("agent", "started", listeners=[cfg.name for cfg in self.config.listeners])
+        for runtime in self.services.values():
+            runtime.start_checks()
+        listeners = [cfg.name for cfg in self.config.all_listeners()]
+        self._event("agent", "started", listeners=listeners, services=list(self.services))
         self.evaluate()
         self._tick_task = asyncio.get_running_loop().create_task(self._tick())
         for extension in self.extensions:
@@ -160,8 +176,8 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)
             try:
-                for change in self.pool.expire_ejections(time.monotonic()):
-                    self._health_changed(self.pool.backends[change.backend], change)
+                for runtime in self.services.values():
+                    runtime.expire_ejections(time.monotonic())
                 self.evaluate()
             except Exception:
                 log.exception("state evaluation failed")
@@ -198,10 +214,10 @@ class Agent:
             except Exception:
                 log.exception("stopping extension %s failed", extension.name)
         await self._close_listeners()
-        for conns in self.ctx.connections.values():
-            for conn in list(conns):
-                conn.abort()
-        await self._checker.stop()
+        for conn in self._client_connections():
+            conn.abort()
+        for runtime in self.services.values():
+            await runtime.stop_checks()
         await self.sweeper.stop()
         if self._admin is not None:
             await self._admin.stop()
@@ -209,85 +225,54 @@ class Agent:
 
     # -- listeners ---------------------------------------------------------------
     async def _open_listeners(self) -> None:
-        loop = asyncio.get_running_loop()
-        for cfg in self.config.listeners:
-            if cfg.name in self._servers:
-                continue
-            try:
-                sock = listening_socket(cfg.address, cfg.port, cfg.backlog)
-            except OSError as error:
-                raise OSError(
-                    f"listeners.{cfg.name}: cannot listen on {cfg.address}:{cfg.port}: "
-                    f"{error.strerror}"
-                ) from None
-            server = await loop.create_server(
-                self._protocol_factory(cfg), sock=sock, backlog=cfg.backlog
-            )
-            self._servers[cfg.name] = (cfg, server)
+        for runtime in self.services.values():
+            await runtime.open_listeners()
 
-    def _protocol_factory(self, cfg: ListenerConfig) -> Callable[[], asyncio.BaseProtocol]:
-        ctx, name = self.ctx, cfg.name
-        if cfg.kind is ListenerKind.TCP:
-            return lambda: L4ClientProtocol(ctx, name)
-        return lambda: L7ClientProtocol(ctx, name)
-
-    async def _close_listeners(self, names: list[str] | None = None) -> None:
-        for name in list(self._servers) if names is None else names:
-            _, server = self._servers.pop(name)
-            server.close()
-
-    def _listeners_ok(self) -> tuple[bool, str]:
-        problems = []
-        for cfg in self.config.listeners:
-            entry = self._servers.get(cfg.name)
-            if entry is None or not entry[1].is_serving():
-                problems.append(f"{cfg.name} ({cfg.address}:{cfg.port}) is not serving")
-        return not problems, "; ".join(problems)
+    async def _close_listeners(self) -> None:
+        for runtime in self.services.values():
+            runtime.close_listeners()
 
     # -- health --------------------------------------------------------------------
-    def _check_targets(self) -> dict[str, tuple[str, int, ActiveCheckConfig]]:
-        active = self.config.health.active
-        return {b.name: (b.address, b.port, active) for b in self.config.backends}
-
-    def _check_result(self, name: str, passed: bool, detail: str) -> None:
-        backend = self.pool.backends.get(name)
-        if backend is None or backend.retired:
-            return
-        rise_fall = backend.rise_fall
-        change = rise_fall.check_passed(detail) if passed else rise_fall.check_failed(detail)
-        self._health_changed(backend, change)
-        if self.state is NodeState.STARTING:
-            self.evaluate()
-
-    def _passive_failure(self, backend: Backend, detail: str) -> None:
-        """A failed request that is evidence against `backend`: the pool's outlier rule
-        ejects it only on sustained evidence, and never the last healthy ones."""
-        if not self.config.health.passive.enabled:
-            return
-        policy = self.ctx.outlier_policy
-        self._health_changed(
-            backend, self.pool.passive_failure(backend, detail, time.monotonic(), policy)
-        )
-
-    def _health_changed(self, backend: Backend, change: HealthChange | None) -> None:
-        if change is None:
-            return
-        self.pool.refresh()
-        if change.new is not BackendHealth.UP:
-            self.ctx.idle_upstreams.close_backend(backend)
-        level = logging.WARNING if change.new is not BackendHealth.UP else logging.INFO
-        log.log(level, "%s", change.cause)
-        self._event("backend", change.cause, backend=change.backend, health=change.new)
-        self.evaluate()
-
     def evaluate(self) -> None:
-        total, healthy, settled = self.pool.counts()
-        ok, detail = self._listeners_ok()
-        if self.machine.drain.active:
-            ok, detail = True, ""  # listeners closed on purpose by the drain
+        """Every service looks at its listeners and backends, then the node at itself: one
+        service of today's shape decides the node's health as before; several decide it
+        through `edge.services.node_verdict` (a service down is that service's)."""
+        draining = self.machine.drain.active
+        changes = [t for rt in self.services.values() if (t := rt.observe(draining))]
         degraded_by = tuple(r for ext in self._started_extensions if (r := ext.degraded_reason()))
-        observation = Observation(total, healthy, settled, ok, detail, degraded_by)
-        self._transitioned(self.machine.observe(observation))
+        if self.config.implicit_service:
+            runtime = next(iter(self.services.values()))
+            total, healthy, settled = runtime.pool.counts()
+            ok, detail = (True, "") if draining else runtime.listeners_ok()
+            observation = Observation(total, healthy, settled, ok, detail, degraded_by)
+        else:
+            verdict = node_verdict([rt.machine for rt in self.services.values()])
+            observation = Observation(0, 0, True, True, "", degraded_by, services_verdict=verdict)
+        transition = self.machine.observe(observation)
+        for change in changes:
+            self._service_transitioned(change)
+        if transition is None and changes:
+            # The node's own state stands; its extensions still hear (the announcer's
+            # prefixes are per service).
+            causes = "; ".join(f"service {c.service}: {c.old} -> {c.new}" for c in changes)
+            state = self.machine.state
+            transition = Transition(state, state, causes, self.machine.drain)
+            self._notify_extensions(transition)
+            return
+        self._transitioned(transition)
+
+    def _service_transitioned(self, change: ServiceTransition) -> None:
+        level = logging.WARNING if not change.new.serving else logging.INFO
+        log.log(
+            level, "service %s %s -> %s: %s", change.service, change.old, change.new, change.cause
+        )
+        self._event(
+            "service",
+            change.cause,
+            service=change.service,
+            old=str(change.old),
+            new=str(change.new),
+        )
 
     def _transitioned(self, transition: Transition | None) -> None:
         if transition is None:
@@ -309,6 +294,9 @@ class Agent:
             new=str(transition.new),
             drain=str(transition.drain.phase),
         )
+        self._notify_extensions(transition)
+
+    def _notify_extensions(self, transition: Transition) -> None:
         for extension in self._started_extensions:
             try:
                 extension.on_transition(transition)
@@ -340,15 +328,13 @@ class Agent:
         await self._close_listeners()
         self._event("drain", "stopped accepting new connections")
         deadline = loop.time() + self.config.drain.deadline
-        for conns in self.ctx.connections.values():
-            for conn in list(conns):
-                conn.close_when_idle(DRAIN_IDLE_GRACE)
-        while self.ctx.open_connections() and loop.time() < deadline:
+        for conn in self._client_connections():
+            conn.close_when_idle(DRAIN_IDLE_GRACE)
+        while self.open_connections() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        left = self.ctx.open_connections()
-        for conns in self.ctx.connections.values():
-            for conn in list(conns):
-                conn.abort()
+        left = self.open_connections()
+        for conn in self._client_connections():
+            conn.abort()
         self._event("drain", f"drain complete, {left} connections closed at the deadline")
         self._transitioned(self.machine.mark_drained())
         if self.machine.drain.source is DrainSource.SIGTERM:
@@ -393,47 +379,34 @@ class Agent:
             log.warning("admin endpoint changes take effect at the next restart")
         if new.bgp != old.bgp:
             log.warning("bgp changes take effect at the next restart")
+        if [s.name for s in new.service_list()] != list(self.services):
+            log.warning("services added, removed or renamed take effect at the next restart")
         self.config = new
-        self.ctx.update_config(new)
-        self.pool.reconfigure(
-            new.backends,
-            new.pool.algorithm,
-            new.health.active.rise,
-            new.health.active.fall,
-            new.pool.maglev_table_size,
-        )
         self.machine.thresholds = Thresholds(new.state.degraded_below, new.state.down_below)
-        self._checker.set_targets(self._check_targets())
-        wanted = {cfg.name: cfg for cfg in new.listeners}
-        changed = [name for name, (cfg, _) in self._servers.items() if wanted.get(name) != cfg]
-        await self._close_listeners(changed)
-        if not self.machine.drain.active:
-            await self._open_listeners()
+        accept = not self.machine.drain.active
+        for service in new.service_list():
+            if (runtime := self.services.get(service.name)) is not None:
+                await runtime.reconfigure(new, service, accept)
         self._reloaded_at = time.time()
         self._event("reload", "configuration reloaded")
         self.evaluate()
 
     # -- views ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        per_listener = {name: len(conns) for name, conns in self.ctx.connections.items()}
-        serving = {name for name, (_, server) in self._servers.items() if server.is_serving()}
+        services = [runtime.status() for runtime in self.services.values()]
         return {
             "node": self.config.node.name,
             "site": self.config.node.site,
             "state": str(self.state),
             "state_since": self.state_since,
             "drain": self.machine.drain.snapshot(),
-            "listeners": [
-                {
-                    "name": cfg.name,
-                    "kind": str(cfg.kind),
-                    "address": f"{cfg.address}:{cfg.port}",
-                    "serving": cfg.name in serving,
-                    "connections": per_listener.get(cfg.name, 0),
-                }
-                for cfg in self.config.listeners
-            ],
-            "backends": [b.snapshot() for b in self.pool.active_backends],
+            # Node-wide lists (every service's), as before services existed.
+            "listeners": [listener for service in services for listener in service["listeners"]],
+            "backends": [backend for service in services for backend in service["backends"]],
+            "services": {
+                service["name"]: {k: v for k, v in service.items() if k != "name"}
+                for service in services
+            },
             "flows": {
                 "open": len(self.flows),
                 "accepted_total": self.flows.accepted_total,
@@ -457,7 +430,8 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
     if config.bgp is not None:
         from edge.announcer import BgpAnnouncer
 
-        announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name)
+        services = () if config.implicit_service else config.service_list()
+        announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name, services)
         extensions.append(announcer)
     vip = None
     if config.vip_group is not None:
@@ -503,7 +477,7 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         "node %s (site %s) serving %s; admin on %s:%d",
         config.node.name,
         config.node.site,
-        ", ".join(f"{c.kind}:{c.address}:{c.port}" for c in config.listeners),
+        ", ".join(f"{c.kind}:{c.address}:{c.port}" for c in config.all_listeners()),
         config.admin.address,
         config.admin.port,
     )

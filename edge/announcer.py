@@ -15,14 +15,17 @@ the node's own accepted-connection rate is quiet. The agent then moves the drain
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bgp.config import BgpConfig
-from bgp.policy import Serving
+from bgp.policy import PrefixGroup, Serving
 from bgp.speaker import BgpSpeaker
 from contract.schemas import BgpReport, BgpSession
+from edge.config import ServiceConfig
 from edge.ports import NodeControl
+from edge.services import ServiceState
 from edge.state import Drain, DrainPhase, NodeState, Transition
 
 log = logging.getLogger("edge.announcer")
@@ -35,6 +38,14 @@ _BY_STATE = {
 }
 
 
+_BY_SERVICE_STATE = {
+    ServiceState.STARTING: Serving.NOT_READY,
+    ServiceState.HEALTHY: Serving.FULL,
+    ServiceState.DEGRADED: Serving.REDUCED,
+    ServiceState.DOWN: Serving.STOPPED,
+}
+
+
 def serving(state: NodeState, drain: Drain) -> Serving:
     """What the routers are told, from the node's state and its drain phase."""
     if drain.phase in (DrainPhase.CLOSING_CONNECTIONS, DrainPhase.DONE):
@@ -44,11 +55,35 @@ def serving(state: NodeState, drain: Drain) -> Serving:
     return _BY_STATE[state]
 
 
+def service_serving(state: ServiceState) -> Serving:
+    """What the routers are told of one service's prefixes, by its own state (the policy
+    combines it with the node's)."""
+    return _BY_SERVICE_STATE[state]
+
+
+def prefix_groups(services: Sequence[ServiceConfig]) -> tuple[PrefixGroup, ...]:
+    """The services' prefixes and attributes for the BGP policy (none, for today's
+    single-service shape: the node's own `bgp.prefixes`, by the node's state alone)."""
+    return tuple(
+        PrefixGroup(
+            name=service.name,
+            prefixes=tuple(service.prefixes),
+            med=service.bgp.med,
+            communities=tuple(service.bgp.communities),
+            large_communities=tuple(service.bgp.large_communities),
+        )
+        for service in services
+    )
+
+
 class BgpAnnouncer:
     name = "bgp"
 
-    def __init__(self, config: BgpConfig, workdir: Path) -> None:
-        self.speaker = BgpSpeaker(config, workdir)
+    def __init__(
+        self, config: BgpConfig, workdir: Path, services: Sequence[ServiceConfig] = ()
+    ) -> None:
+        self.groups = prefix_groups(services)
+        self.speaker = BgpSpeaker(config, workdir, groups=self.groups)
         self._node: NodeControl | None = None
 
     async def start(self, node: NodeControl) -> None:
@@ -69,8 +104,19 @@ class BgpAnnouncer:
 
     def _apply(self, state: NodeState, drain: Drain) -> None:
         wanted = serving(state, drain)
-        reason = self.speaker.update(serving=wanted)
-        log.info("bgp: node %s (drain %s) -> %s: %s", state, drain.phase, wanted, reason)
+        groups: Mapping[str, Serving] | None = None
+        if self.groups and self._node is not None:
+            states = self._node.service_states()
+            groups = {name: service_serving(s) for name, s in states.items()}
+        reason = self.speaker.update(serving=wanted, group_serving=groups)
+        log.info(
+            "bgp: node %s (drain %s) -> %s: %s; services %s",
+            state,
+            drain.phase,
+            wanted,
+            reason,
+            groups,
+        )
 
     def degraded_reason(self) -> str | None:
         return self.speaker.degraded_reason()

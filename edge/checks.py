@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from edge.config import ActiveCheckConfig, CheckKind
+from edge.proxy.common import connected_socket
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +20,22 @@ log = logging.getLogger(__name__)
 CheckResult = Callable[[str, bool, str], None]
 
 
-async def probe(address: str, port: int, cfg: ActiveCheckConfig) -> tuple[bool, str]:
-    """One check of one backend; never raises."""
+async def probe(
+    address: str, port: int, cfg: ActiveCheckConfig, vrf: str | None = None
+) -> tuple[bool, str]:
+    """One check of one backend (IPv4 or IPv6; through the service's VRF, if any); never
+    raises."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(cfg.timeout):
-            reader, writer = await asyncio.open_connection(address, port)
+            if vrf is None:
+                reader, writer = await asyncio.open_connection(address, port)
+            else:
+                sock = await connected_socket(address, port, vrf)
+                reader, writer = await asyncio.open_connection(sock=sock)
             if cfg.kind is CheckKind.TCP:
                 return True, "connect ok"
-            host = cfg.host or f"{address}:{port}"
+            host = cfg.host or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
             writer.write(
                 f"GET {cfg.path} HTTP/1.1\r\nHost: {host}\r\n"
                 "User-Agent: anycast-edge-health\r\nConnection: close\r\n\r\n".encode()
@@ -55,8 +63,9 @@ async def probe(address: str, port: int, cfg: ActiveCheckConfig) -> tuple[bool, 
 class HealthChecker:
     """One loop per backend, probing every `interval`."""
 
-    def __init__(self, on_result: CheckResult) -> None:
+    def __init__(self, on_result: CheckResult, vrf: str | None = None) -> None:
         self._on_result = on_result
+        self._vrf = vrf
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._targets: dict[str, tuple[str, int, ActiveCheckConfig]] = {}
 
@@ -83,7 +92,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            passed, detail = await probe(address, port, cfg)
+            passed, detail = await probe(address, port, cfg, self._vrf)
             try:
                 self._on_result(name, passed, detail)
             except Exception:

@@ -18,13 +18,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from bgp.config import BgpConfig, check_addresses_are_local, describe_validation_error
+from bgp.config import (
+    BgpConfig,
+    Community,
+    IPNetwork,
+    LargeCommunity,
+    check_addresses_are_local,
+    describe_validation_error,
+    outside_range,
+)
 from edge.vip.election import MIN_LEASE_MARGIN_S
 from edge.vip.heartbeat import MIN_KEY_BYTES
 
@@ -366,10 +375,49 @@ class VipGroupConfig(_Model):
             raise ValueError(f"key_file: cannot read: {error.strerror}") from None
 
 
-class NodeConfig(_Model):
-    node: NodeIdentity
+# -- services: several on one node, each with its prefixes, listeners, backends, health ----
+_Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+#: The one service of a node.yaml without `services:` (today's shape).
+IMPLICIT_SERVICE = "default"
+
+
+class ServiceBgpConfig(_Model):
+    """A service's own BGP attributes: MED replaces the node's, communities add to them."""
+
+    med: Annotated[int, Field(ge=0, le=4294967295)] | None = None
+    communities: Annotated[list[Community], Field(max_length=32)] = []
+    large_communities: Annotated[list[LargeCommunity], Field(max_length=32)] = []
+
+
+class ServiceConfig(_Model):
+    name: _Name
+    # Announced while this service is healthy (IPv4 /32s, IPv6 /128s, or wider).
+    prefixes: Annotated[list[IPNetwork], Field(max_length=64)] = []
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     backends: Annotated[list[BackendConfig], Field(min_length=1)]
+    # Unset: the node's top-level pool, health and state sections.
+    pool: PoolConfig | None = None
+    health: HealthConfig | None = None
+    state: StateConfig | None = None
+    bgp: ServiceBgpConfig = ServiceBgpConfig()
+    # A VRF device: listeners, health checks and backend connections bind to it
+    # (SO_BINDTODEVICE), for prefixes kept in the operator's own routing table.
+    vrf: Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")] | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServiceConfig:
+        _unique_names("backends", [b.name for b in self.backends])
+        if len(set(self.prefixes)) != len(self.prefixes):
+            raise ValueError("prefixes: a prefix is listed twice")
+        return self
+
+
+class NodeConfig(_Model):
+    node: NodeIdentity
+    # Today's single-service shape (one implicit service); or `services:` instead.
+    listeners: list[ListenerConfig] = []
+    backends: list[BackendConfig] = []
+    services: Annotated[list[ServiceConfig], Field(max_length=64)] = []
     pool: PoolConfig = PoolConfig()
     health: HealthConfig = HealthConfig()
     state: StateConfig = StateConfig()
@@ -383,18 +431,154 @@ class NodeConfig(_Model):
     control_plane: ControlPlaneConfig | None = None
     vip_group: VipGroupConfig | None = None
 
+    _services: tuple[ServiceConfig, ...] = PrivateAttr(default=())
+
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
-        _unique_names("backends", [b.name for b in self.backends])
-        _unique_names("listeners", [listener.name for listener in self.listeners])
-        binds = [(listener.address, listener.port) for listener in self.listeners]
-        if len(set(binds)) != len(binds):
-            raise ValueError("listeners: two listeners bind the same address and port")
+        if self.services:
+            self._services = _check_services(self)
+        else:
+            for field, given in (("listeners", self.listeners), ("backends", self.backends)):
+                if not given:  # the messages pydantic gave before services existed
+                    missing = field not in self.model_fields_set
+                    message = "Field required" if missing else "List should have at least 1 item"
+                    raise ValueError(f"{field}: {message}")
+            _unique_names("backends", [b.name for b in self.backends])
+            _unique_names("listeners", [listener.name for listener in self.listeners])
+            binds = [(listener.address, listener.port) for listener in self.listeners]
+            if len(set(binds)) != len(binds):
+                raise ValueError("listeners: two listeners bind the same address and port")
+            if self.bgp is not None and not self.bgp.prefixes:
+                raise ValueError("bgp.prefixes: expected at least 1 prefix (or give services:)")
+            self._services = (
+                ServiceConfig(
+                    name=IMPLICIT_SERVICE,
+                    prefixes=list(self.bgp.prefixes) if self.bgp is not None else [],
+                    listeners=self.listeners,
+                    backends=self.backends,
+                ),
+            )
         if self.vip_group is not None:
             me = self.vip_group.node_id or self.node.name
             if me not in {m.id for m in self.vip_group.members}:
                 raise ValueError(f"vip_group.members: this node ({me!r}) is not a member")
         return self
+
+    @property
+    def implicit_service(self) -> bool:
+        """True for today's shape: no `services:`, one service of the top-level sections."""
+        return not self.services
+
+    def service_list(self) -> tuple[ServiceConfig, ...]:
+        """Every service of the node, each with its pool, health and state resolved."""
+        return tuple(
+            service.model_copy(
+                update={
+                    "pool": service.pool or self.pool,
+                    "health": service.health or self.health,
+                    "state": service.state or self.state,
+                }
+            )
+            for service in self._services
+        )
+
+    def for_service(self, service: ServiceConfig) -> NodeConfig:
+        """The node as one service's proxy sees it (its listeners, backends, pool, health)."""
+        return self.model_copy(
+            update={
+                "listeners": service.listeners,
+                "backends": service.backends,
+                "pool": service.pool or self.pool,
+                "health": service.health or self.health,
+                "state": service.state or self.state,
+            }
+        )
+
+    def all_listeners(self) -> list[ListenerConfig]:
+        return [listener for service in self._services for listener in service.listeners]
+
+
+def _check_services(config: NodeConfig) -> tuple[ServiceConfig, ...]:
+    """The rules between services (each one's own are its model's). Messages name the
+    field, as `services.N.field`."""
+    for field in ("listeners", "backends"):
+        if getattr(config, field):
+            raise ValueError(f"{field}: give {field} inside each service when services: is used")
+    bgp = config.bgp
+    if bgp is not None and bgp.prefixes:
+        raise ValueError("bgp.prefixes: give prefixes inside each service when services: is used")
+    ranges = _anycast_ranges(bgp)
+    names: set[str] = set()
+    listener_names: dict[str, str] = {}
+    binds: dict[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
+    prefix_owner: dict[IPNetwork, str] = {}
+    for index, service in enumerate(config.services):
+        where = f"services.{index}"
+        if service.name in names:
+            raise ValueError(f"{where}.name: duplicate service name {service.name!r}")
+        names.add(service.name)
+        for prefix in service.prefixes:
+            if problem := outside_range(prefix, ranges):
+                raise ValueError(f"{where}.prefixes: {problem}")
+            if (owner := prefix_owner.setdefault(prefix, service.name)) != service.name:
+                raise ValueError(f"{where}.prefixes: {prefix} is already service {owner}'s")
+            if prefix.version == 6 and bgp is not None and bgp.local_address_v6 is None:
+                raise ValueError(
+                    f"bgp.local_address_v6: service {service.name} announces {prefix}: "
+                    "IPv6 prefixes need an IPv6 next-hop"
+                )
+        for number, listener in enumerate(service.listeners):
+            at = f"{where}.listeners.{number}"
+            if (other := listener_names.get(listener.name)) is not None:
+                raise ValueError(
+                    f"{at}.name: duplicate listener name {listener.name!r} (service {other})"
+                )
+            listener_names[listener.name] = service.name
+            address = ipaddress.ip_address(listener.address)
+            key = (service.vrf or "", address, listener.port)
+            if key in binds:
+                raise ValueError(
+                    f"{at}: {address} port {listener.port} is already a listener of "
+                    f"service {binds[key]}"
+                )
+            binds[key] = service.name
+            if problem := _listener_outside(address, service, ranges):
+                raise ValueError(f"{at}.address: {problem}")
+    return tuple(config.services)
+
+
+def _anycast_ranges(bgp: BgpConfig | None) -> dict[str, IPNetwork]:
+    fields = BgpConfig.model_fields
+    if bgp is None:
+        return {
+            "anycast_range": fields["anycast_range"].default,
+            "anycast_range_v6": fields["anycast_range_v6"].default,
+        }
+    return {"anycast_range": bgp.anycast_range, "anycast_range_v6": bgp.anycast_range_v6}
+
+
+def _listener_outside(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    service: ServiceConfig,
+    ranges: dict[str, IPNetwork],
+) -> str | None:
+    """Why a listener cannot serve its service's VIPs: an address of a family the service
+    announces no prefix of, or an anycast address outside the service's own prefixes.
+    Wildcard and loopback listeners are the operator's choice."""
+    if address.is_unspecified or address.is_loopback or not service.prefixes:
+        return None
+    family = f"IPv{address.version}"
+    own = [prefix for prefix in service.prefixes if prefix.version == address.version]
+    if not own:
+        vips = ", ".join(str(prefix) for prefix in service.prefixes)
+        return (
+            f"{address} is {family} but service {service.name} announces no {family} "
+            f"prefix (its VIPs: {vips})"
+        )
+    anycast = ranges["anycast_range" if address.version == 4 else "anycast_range_v6"]
+    if address in anycast and not any(address in prefix for prefix in own):
+        return f"{address} is not one of service {service.name}'s prefixes"
+    return None
 
 
 def _unique_names(field: str, names: list[str]) -> None:

@@ -109,6 +109,7 @@ class ControlPlaneLink:
             if report.drain.active
             else None,
             vip_group=self._vip_group() if self._vip_group else None,
+            services=list(report.services),
         )
 
     async def _apply(self, view: NodeDesired) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from contract.schemas import ServiceReport
+from edge.services import ServiceState
 from edge.state import Drain, DrainSource, NodeState, Transition
 
 
@@ -36,6 +38,8 @@ class NodeReport:
     open_connections: int
     # Monotonic count of accepted client connections (a drain watches its rate).
     accepted_total: int
+    # Each service's own state (one, "default", in today's single-service shape).
+    services: tuple[ServiceReport, ...] = ()
 
 
 class NodeControl(Protocol):
@@ -55,12 +59,16 @@ class NodeControl(Protocol):
 
     def report(self) -> NodeReport: ...
 
+    def service_states(self) -> dict[str, ServiceState]:
+        """Each service's own state, by name (one, "default", in today's shape)."""
+
 
 class AgentExtension(Protocol):
     """One capability plugged into the agent.
 
     Called by the agent, in this order of life: `start` once serving has begun,
-    `on_transition` for every change of state or drain phase, `degraded_reason` and
+    `on_transition` for every change of state or drain phase (and of a service's state:
+    then old and new may be the same, the node's), `degraded_reason` and
     `status` whenever the agent evaluates or reports, `before_stop_accepting` once per
     drain (after the drain started, before listeners close), `stop` at the end.
     """

@@ -30,6 +30,7 @@ __all__ = [
     "Observation",
     "Thresholds",
     "Transition",
+    "health_verdict",
 ]
 
 # The states in which the node takes new traffic from the routers.
@@ -67,6 +68,9 @@ class Observation:
     listeners_detail: str = ""
     # Conditions that make a node that could be healthy only degraded (e.g. BFD lost).
     degraded_by: tuple[str, ...] = ()
+    # A node of several services: their verdict for the node (`edge.services`), which
+    # replaces the backend counts above (a service's backends are that service's).
+    services_verdict: tuple[NodeState, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,24 +164,18 @@ class NodeStateMachine:
         return health_state, health_cause
 
     def _health(self, obs: Observation) -> tuple[NodeState, str]:
-        if not obs.listeners_ok:
-            return (
-                NodeState.DOWN,
-                f"listener self-check failed: {obs.listeners_detail or 'unknown'}",
-            )
-        if not obs.backends_settled and self.state is NodeState.STARTING:
-            return NodeState.STARTING, "waiting for the first health verdict of every backend"
-        if obs.backends_total == 0:
-            return NodeState.DOWN, "no backends configured"
-        share = obs.backends_healthy / obs.backends_total
-        counts = f"{obs.backends_healthy}/{obs.backends_total} backends healthy"
-        if share < self.thresholds.down_below or obs.backends_healthy == 0:
-            return NodeState.DOWN, f"{counts}, below {self.thresholds.down_below:.0%}"
-        if share < self.thresholds.degraded_below:
-            return NodeState.DEGRADED, f"{counts}, below {self.thresholds.degraded_below:.0%}"
-        if obs.degraded_by:
-            return NodeState.DEGRADED, f"{counts}; {'; '.join(obs.degraded_by)}"
-        return NodeState.HEALTHY, counts
+        starting = self.state is NodeState.STARTING
+        if obs.services_verdict is None:
+            state, cause = health_verdict(obs, self.thresholds, starting)
+        else:
+            state, cause = obs.services_verdict
+            if not obs.listeners_ok:
+                state, cause = health_verdict(obs, self.thresholds, starting)
+            elif state is NodeState.STARTING and not starting:
+                state, cause = NodeState.DOWN, f"no service serving: {cause}"
+        if state is NodeState.HEALTHY and obs.degraded_by:
+            return NodeState.DEGRADED, f"{cause}; {'; '.join(obs.degraded_by)}"
+        return state, cause
 
     def _move(self, new: NodeState, cause: str, phase_changed: bool = False) -> Transition | None:
         self.cause = cause
@@ -186,3 +184,23 @@ class NodeStateMachine:
         transition = Transition(self.state, new, cause, self.drain)
         self.state = new
         return transition
+
+
+def health_verdict(
+    obs: Observation, thresholds: Thresholds, starting: bool
+) -> tuple[NodeState, str]:
+    """Listeners and backends -> a health state (never DRAINING) and its cause: the rule a
+    node of one service and each service of a node apply (`starting`: not yet risen)."""
+    if not obs.listeners_ok:
+        return NodeState.DOWN, f"listener self-check failed: {obs.listeners_detail or 'unknown'}"
+    if not obs.backends_settled and starting:
+        return NodeState.STARTING, "waiting for the first health verdict of every backend"
+    if obs.backends_total == 0:
+        return NodeState.DOWN, "no backends configured"
+    share = obs.backends_healthy / obs.backends_total
+    counts = f"{obs.backends_healthy}/{obs.backends_total} backends healthy"
+    if share < thresholds.down_below or obs.backends_healthy == 0:
+        return NodeState.DOWN, f"{counts}, below {thresholds.down_below:.0%}"
+    if share < thresholds.degraded_below:
+        return NodeState.DEGRADED, f"{counts}, below {thresholds.degraded_below:.0%}"
+    return NodeState.HEALTHY, counts

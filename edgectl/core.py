@@ -293,6 +293,65 @@ class Fleet:
         }
 
 
+@dataclass(frozen=True)
+class ServiceRow:
+    """One node's view of one service (`edgectl status --service NAME`)."""
+
+    node: str
+    site: str
+    liveness: str
+    node_state: str
+    state: str
+    cause: str
+    prefixes: list[str]
+    backends_healthy: int
+    backends_total: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "site": self.site,
+            "liveness": self.liveness,
+            "node_state": self.node_state,
+            "state": self.state,
+            "cause": self.cause,
+            "prefixes": self.prefixes,
+            "backends_healthy": self.backends_healthy,
+            "backends_total": self.backends_total,
+        }
+
+
+def build_service_rows(
+    state: DesiredState, observed: Iterable[NodeObserved], service: str
+) -> list[ServiceRow]:
+    """Every node that reports `service` in its last heartbeat, with that service's state.
+    A name no node reports is a usage error (one line)."""
+    seen = {o.node: o for o in observed}
+    rows: list[ServiceRow] = []
+    for name in sorted(state.nodes):
+        o = seen.get(name)
+        hb = o.heartbeat if o else None
+        report = next((s for s in hb.services if s.name == service), None) if hb else None
+        if o is None or hb is None or report is None:
+            continue
+        rows.append(
+            ServiceRow(
+                node=name,
+                site=state.nodes[name].site,
+                liveness=str(o.liveness),
+                node_state=str(hb.state),
+                state=str(report.state),
+                cause=report.cause,
+                prefixes=list(report.prefixes),
+                backends_healthy=report.backends_healthy,
+                backends_total=report.backends_total,
+            )
+        )
+    if not rows:
+        raise CliError(Exit.USAGE, f"--service: no node reports a service named {service!r}")
+    return rows
+
+
 def build_nodes(
     state: DesiredState, observed: Iterable[NodeObserved], weights: EffectiveWeights | None
 ) -> list[NodeRow]:

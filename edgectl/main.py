@@ -46,6 +46,7 @@ from edgectl.core import (
     affected_nodes,
     build_fleet,
     build_nodes,
+    build_service_rows,
     diff_states,
     parse_assignments,
     parse_endpoints,
@@ -252,9 +253,30 @@ async def _fleet(client: ApiClient) -> Fleet:
 
 @app.command()
 def status(
-    ctx: typer.Context, json: JsonOpt = False, api: ApiOpt = None, token: TokenOpt = None
+    ctx: typer.Context,
+    service: Annotated[
+        str | None,
+        typer.Option("--service", metavar="NAME", help="One service: its state on each node."),
+    ] = None,
+    json: JsonOpt = False,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Sites and nodes: state, liveness, weights, BGP sessions, applied revision, heartbeat."""
+    """Sites and nodes: state, liveness, weights, BGP sessions, applied revision, heartbeat.
+    With --service NAME: that service's own state on every node that carries it."""
+    if service is not None:
+
+        async def work(client: ApiClient) -> list[Any]:
+            state, observed = await asyncio.gather(client.state(), client.observed())
+            return build_service_rows(state, observed, service)
+
+        with reporting("status"):
+            rows = _run(ctx, api, token, work)
+            if json:
+                render.print_json([r.as_json() for r in rows])
+            else:
+                _out().print(render.services_table(rows))
+        return
     with reporting("status"):
         fleet = _run(ctx, api, token, _fleet)
         if json:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from contract.schemas import Convergence, DesiredState, EffectiveWeights, Event
-from edgectl.core import Change, Fleet, NodeRow
+from edgectl.core import Change, Fleet, NodeRow, ServiceRow
 
 
 def console(stderr: bool = False) -> Console:
@@ -168,6 +168,25 @@ def nodes_table(rows: Sequence[NodeRow]) -> Table:
             _t(n.connections),
             _t(backends),
             _t(n.drain_reason),
+        )
+    return table
+
+
+def services_table(rows: Sequence[ServiceRow]) -> Table:
+    table = Table()
+    columns = ("node", "site", "liveness", "node state", "service state", "prefixes")
+    for column in (*columns, "backends", "cause"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            _t(r.node),
+            _t(r.site),
+            _styled(r.liveness),
+            _styled(r.node_state),
+            _styled(r.state),
+            _t(", ".join(r.prefixes)),
+            _t(f"{r.backends_healthy}/{r.backends_total}"),
+            _t(r.cause),
         )
     return table
 

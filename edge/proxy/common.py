@@ -19,9 +19,19 @@ from edge.proxy.framing import Limits
 # Linux: bind an address that is not (yet) on an interface, e.g. the anycast /32
 # before it is put on lo; the listener then serves as soon as it appears.
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IPV6_FREEBIND = 78  # linux/in6.h (Python names no constant for it)
 
 
-def listening_socket(address: str, port: int, backlog: int) -> socket.socket:
+def bind_to_device(sock: socket.socket, vrf: str | None) -> None:
+    """SO_BINDTODEVICE to a VRF device: the socket then uses that VRF's routing table
+    (listeners take connections to addresses in it; connects route through it)."""
+    if vrf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, vrf.encode())
+
+
+def listening_socket(
+    address: str, port: int, backlog: int, vrf: str | None = None
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     # IPPROTO_TCP explicitly: the event loop only turns TCP_NODELAY on for
     # sockets whose proto says TCP, and accepted sockets inherit it.
@@ -31,6 +41,9 @@ def listening_socket(address: str, port: int, backlog: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET:
             sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        bind_to_device(sock, vrf)
         sock.bind((address, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -50,19 +63,49 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
+async def connected_socket(address: str, port: int, vrf: str) -> socket.socket:
+    """A TCP socket bound to the VRF device `vrf` and connected to (address, port)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setblocking(False)
+        bind_to_device(sock, vrf)
+        await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def connect_backend(
-    factory: Callable[[], P], backend: Backend, connect_timeout: float
+    factory: Callable[[], P], backend: Backend, connect_timeout: float, vrf: str | None = None
 ) -> tuple[P | None, str]:
-    """A new connection to a backend, or None and why not (for passive detection)."""
+    """A new connection to a backend (through the service's VRF, if any), or None and why
+    not (for passive detection)."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
-            _, protocol = await loop.create_connection(factory, backend.address, backend.port)
+            if vrf is None:
+                _, protocol = await loop.create_connection(factory, backend.address, backend.port)
+            else:
+                sock = await connected_socket(backend.address, backend.port, vrf)
+                _, protocol = await loop.create_connection(factory, sock=sock)
     except TimeoutError:
         return None, "connect failed: timed out"
     except OSError as error:
         return None, f"connect failed: {error.strerror or error}"
     return protocol, ""
+
+
+def client_address(peername: Any) -> tuple[str, int]:
+    """A client's address as X-Forwarded-For, the flow table and Maglev keys take it: an
+    IPv6 address bare (no brackets, no port, no zone), an IPv4-mapped one as IPv4 (the
+    same client hashes alike on a dual-stack listener)."""
+    address, port = (peername or ("?", 0))[:2]
+    address = str(address).partition("%")[0]
+    if address.startswith("::ffff:") and "." in address:
+        address = address.removeprefix("::ffff:")
+    return address, int(port)
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -193,6 +236,8 @@ class ProxyContext:
     outlier_policy: OutlierPolicy = field(default_factory=OutlierPolicy)
     # Messages the framing core refused, by (side, reason): side is "client" or "backend".
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The service's VRF device: backend connections bind to it.
+    vrf: str | None = None
 
     def __post_init__(self) -> None:
         self.update_config(self.config)
@@ -222,7 +267,7 @@ class ProxyContext:
         """Register a new client connection and open its flow (backend not chosen yet)."""
         self.connections.setdefault(listener, set()).add(conn)
         transport.set_write_buffer_limits(high=self.config.limits.buffer_high_water)
-        address, port = (transport.get_extra_info("peername") or ("?", 0))[:2]
+        address, port = client_address(transport.get_extra_info("peername"))
         return self.flows.open(address, port, listener, "")
 
     def open_connections(self) -> int:

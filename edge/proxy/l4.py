@@ -116,7 +116,7 @@ class L4ClientProtocol(asyncio.BufferedProtocol):
     async def _open_upstream(self, backend: Backend, retry: bool) -> None:
         ctx = self._ctx
         upstream, detail = await connect_backend(
-            lambda: L4UpstreamProtocol(self), backend, ctx.config.timeouts.upstream_connect
+            lambda: L4UpstreamProtocol(self), backend, ctx.config.timeouts.upstream_connect, ctx.vrf
         )
         if upstream is None:
             if self._backend is backend:  # not yet released by connection_lost

@@ -452,7 +452,10 @@ class L7ClientProtocol(asyncio.Protocol):
     async def _connect(self, ex: Exchange, backend: Backend) -> None:
         ctx = self.ctx
         upstream, detail = await connect_backend(
-            lambda: L7UpstreamProtocol(backend, ctx), backend, ctx.config.timeouts.upstream_connect
+            lambda: L7UpstreamProtocol(backend, ctx),
+            backend,
+            ctx.config.timeouts.upstream_connect,
+            ctx.vrf,
         )
         if ex.backend is not backend or ex.state is not ExchangeState.CONNECTING:
             if upstream is not None:

@@ -298,6 +298,34 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert proc.stderr.decode().strip() == "anycast-edge: config error: listeners: Field required"
 
 
+def test_bad_services_exit_2_with_one_line_before_anything_starts(tmp_path: Path) -> None:
+    """Two services claiming one listener address and port: `run` refuses the file with
+    one line naming the field, exit 2, before any listener, check or BGP speaker starts."""
+
+    def service(name: str, prefix: str) -> dict[str, object]:
+        return {
+            "name": name,
+            "prefixes": [prefix],
+            "listeners": [{"name": name, "kind": "tcp", "address": "0.0.0.0", "port": 8053}],
+            "backends": [{"name": "b1", "address": "127.0.0.1", "port": 1}],
+        }
+
+    config = {
+        "node": {"name": "a", "site": "b"},
+        "services": [service("dns", "198.51.100.53/32"), service("web", "198.51.100.10/32")],
+    }
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [str(BIN / "anycast-edge"), "run", "--config", str(path)], capture_output=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == (
+        "anycast-edge: config error: services.1.listeners.0: 0.0.0.0 port 8053 is already "
+        "a listener of service dns"
+    )
+
+
 def test_the_agent_speaks_systemds_notify_protocol_without_bgp(tmp_path: Path) -> None:
     """Type=notify with WatchdogSec: a node with no `bgp:` section still says READY=1 once
     it serves, beats WATCHDOG=1 from its loop, and says STOPPING=1 when it stops. The

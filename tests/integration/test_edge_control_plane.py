@@ -6,6 +6,10 @@ traffic: the agent keeps serving on its last known good view, also across a rest
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +25,7 @@ from tests.support.procs import wait_for
 from tests.support.site import Site
 
 pytestmark = pytest.mark.timeout(180)
+EDGECTL = str(Path(sys.executable).parent / "edgectl")
 
 
 def control_plane_site(tmp_path: Path, api: ApiUnderTest) -> Site:
@@ -186,3 +191,61 @@ def test_control_plane_config_errors_never_echo_the_token(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2
     assert "environment variable NO_SUCH_TOKEN_VAR is not set" in proc.stderr.decode()
+
+
+def test_heartbeats_carry_each_services_state_and_edgectl_shows_one(
+    api_factory: Callable[..., ApiUnderTest], tmp_path: Path
+) -> None:
+    """A node of two services (web on b1, tcp on b2): failing b2 takes service `tcp` down
+    alone; its heartbeat says so, and `edgectl status --service tcp` shows it while the
+    node and `web` stay healthy. A service no node reports is one line, exit 2."""
+    api = api_factory()
+
+    async def seed() -> None:
+        async with ApiClient([api.url], OPERATOR) as operator:
+            state = await operator.put_site("site-t", SiteSpec(), revision=0)
+            await operator.put_node("a1", NodeSpec(site="site-t"), revision=state.revision)
+
+    asyncio.run(seed())
+    site = control_plane_site(tmp_path, api)
+    config = site.agent.config
+    web, tcp = config.pop("listeners")
+    b1, b2 = config.pop("backends")
+    config["services"] = [
+        {"name": "web", "listeners": [web], "backends": [b1]},
+        {"name": "tcp", "listeners": [tcp], "backends": [b2]},
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECTL_")}
+    env |= {"EDGECTL_API": api.url, "EDGECTL_TOKEN": VIEWER}
+
+    def service_rows(name: str) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [EDGECTL, "status", "--service", name, "--json"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        rows: list[dict[str, Any]] = json.loads(result.stdout)
+        return rows
+
+    try:
+        site.start()
+        wait_for(lambda: service_rows("tcp")[0]["state"] == "healthy", 30, what="tcp healthy")
+        site.fail_files["b2"].touch()
+        wait_for(lambda: service_rows("tcp")[0]["state"] == "down", 30, what="tcp down")
+        (row,) = service_rows("tcp")
+        assert row["node"] == "a1" and row["node_state"] == "healthy"
+        assert "0/1 backends healthy" in row["cause"]
+        assert service_rows("web")[0]["state"] == "healthy"
+        status = site.agent.status()
+        assert status["services"]["tcp"]["state"] == "down"
+        assert status["services"]["web"]["state"] == "healthy"
+        missing = subprocess.run(
+            [EDGECTL, "status", "--service", "nope"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert missing.returncode == 2
+        assert missing.stderr.strip() == (
+            "edgectl: status: --service: no node reports a service named 'nope'"
+        )
+    finally:
+        site.close()

@@ -133,7 +133,7 @@ def test_admin_metrics_flows_and_events(shared_site: Site) -> None:
         assert held.recv(4096).startswith(b"HTTP/1.1 200")
     metrics = httpx.get(admin + "/metrics").text
     assert 'anycast_edge_node_state{state="healthy"} 1.0' in metrics
-    assert 'anycast_edge_backend_up{backend="b1"} 1.0' in metrics
+    assert 'anycast_edge_backend_up{backend="b1",service="default"} 1.0' in metrics
     assert "anycast_edge_backend_requests_total" in metrics
     status = shared_site.agent.status()
     assert status["node"] == "edge-t1" and status["site"] == "site-t"

@@ -7,7 +7,10 @@ benchmarks.
                                           └─ edge 3
 
 Names start with `ae-` plus a random suffix so concurrent runs never collide; links are
-/30s in 198.18.0.0/15; the anycast range is 198.51.100.0/24. `NetLab.close()` kills every
+/30s in 198.18.0.0/15; the anycast range is 198.51.100.0/24. With `ipv6=True` every link
+also gets a /64 in 2001:db8:ff00::/40 and each edge an IPv6 VIP (VIP6, a /128 in
+2001:db8:100::/48) on lo; the router then peers over IPv6 too, or (`ipv6_over_ipv4`)
+takes IPv6 NLRI over the IPv4 session. `NetLab.close()` kills every
 process it started and deletes every namespace, whatever state the lab is in. Only
 traffic inside these namespaces; every wait is bounded.
 """
@@ -29,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,10 @@ ROUTER_ASN = 65000
 EDGE_ASN_BASE = 65100
 ANYCAST_RANGE = "198.51.100.0/24"
 VIP = "198.51.100.10"
+ANYCAST_RANGE6 = "2001:db8:100::/48"
+VIP6 = "2001:db8:100::10"
+# The client's IPv6 side (with ipv6=True).
+CLIENT_ADDRESS6 = IPv6Address("2001:db8:ff00:ffff::2")
 # On the router's lo, in every lab: the far end of multihop sessions.
 ROUTER_LOOPBACK = IPv4Address("198.18.255.1")
 MULTIHOP_TTL = 4
@@ -54,7 +61,7 @@ LOOPBACK_SESSION_PORT = 1179
 
 _NAME_SERVER = """
 import socket
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in "{vip}" else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("{vip}", {port}))
 s.listen(512)
@@ -98,6 +105,9 @@ class Edge:
     veth: str  # the edge's interface (blackhole it to freeze the edge)
     asn: int
     md5_password: str
+    # With ipv6=True: the edge's and the router's IPv6 sides of the link.
+    address6: IPv6Address | None = None
+    router_address6: IPv6Address | None = None
 
 
 def edge_bgp_config(
@@ -120,6 +130,8 @@ def edge_bgp_config(
         ],
         "drain_prepends": 2,
     }
+    if edge.address6 is not None:
+        data["local_address_v6"] = str(edge.address6)
     data.update(overrides)
     return BgpConfig.model_validate(data)
 
@@ -255,10 +267,18 @@ def passive_opens(netns: str) -> int:
     return int(tcp[1][tcp[0].index("PassiveOpens")])
 
 
+def host_prefix(address: str) -> str:
+    """`address` as a host route: /32 (IPv4) or /128 (IPv6)."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
 def kernel_nexthops(netns: str, prefix: str = VIP) -> dict[str, int]:
-    """Kernel FIB next-hops of `prefix` (a /32) in a namespace: gateway -> weight."""
+    """Kernel FIB next-hops of `prefix` (a host address, IPv4 or IPv6) in a namespace:
+    gateway -> weight."""
+    family = "-6" if ":" in prefix else "-4"
     data = json.loads(
-        run("ip", "-n", netns, "-j", "-d", "route", "show", "exact", f"{prefix}/32") or "[]"
+        run("ip", family, "-n", netns, "-j", "-d", "route", "show", "exact", host_prefix(prefix))
+        or "[]"
     )
     hops: dict[str, int] = {}
     for route in data:
@@ -282,19 +302,20 @@ class FrrRouter:
             args += ["-c", command]
         return run(*netns_command(self.netns, *args), timeout=timeout)
 
-    def bgp_routes(self) -> dict[str, Any]:
-        """`show bgp ipv4 unicast json`: prefix -> list of paths."""
-        data = json.loads(self.vtysh("show bgp ipv4 unicast json") or "{}")
+    def bgp_routes(self, afi: str = "ipv4") -> dict[str, Any]:
+        """`show bgp ipv4|ipv6 unicast json`: prefix -> list of paths."""
+        data = json.loads(self.vtysh(f"show bgp {afi} unicast json") or "{}")
         routes: dict[str, Any] = data.get("routes", {})
         return routes
 
     def bgp_route_detail(self, prefix: str) -> dict[str, Any]:
-        detail: dict[str, Any] = json.loads(self.vtysh(f"show bgp ipv4 unicast {prefix} json"))
+        afi = "ipv6" if ":" in prefix else "ipv4"
+        detail: dict[str, Any] = json.loads(self.vtysh(f"show bgp {afi} unicast {prefix} json"))
         return detail
 
     def link_bandwidth_mbps(self, nexthop: str, prefix: str = VIP) -> float | None:
         """The link-bandwidth (Mbit/s) on the path via `nexthop`, as FRR decoded it, or None."""
-        for path in self.bgp_route_detail(f"{prefix}/32").get("paths", []):
+        for path in self.bgp_route_detail(host_prefix(prefix)).get("paths", []):
             if path.get("nexthops", [{}])[0].get("ip") != nexthop:
                 continue
             text = path.get("extendedCommunity", {}).get("string", "")
@@ -453,7 +474,10 @@ def _router_configs(
     bfd: bool,
     timers: tuple[int, int, int],
     multihop: bool = False,
+    ipv6: str = "",
 ) -> tuple[str, str, str]:
+    """`ipv6`: "" (IPv4 only), "sessions" (an IPv6 session per edge) or "over-ipv4" (IPv6
+    NLRI on the IPv4 sessions)."""
     tx, rx, mult = timers
     # work-queue 0: zebra hands routes to the kernel at once (its default batches ~10 ms).
     zebra = "hostname router\nlog stdout warnings\nzebra work-queue 0\n!\n"
@@ -473,6 +497,20 @@ def _router_configs(
         "route-map FROM-EDGE permit 10",
         " match ip address prefix-list ANYCAST",
         "exit",
+    ]
+    if ipv6:
+        lines += [
+            f"ipv6 prefix-list ANYCAST6 seq 5 permit {ANYCAST_RANGE6} ge 128",
+            "route-map FROM-EDGE6 permit 5",
+            " match ipv6 address prefix-list ANYCAST6",
+            " match community GSHUT",
+            " set local-preference 0",
+            "exit",
+            "route-map FROM-EDGE6 permit 10",
+            " match ipv6 address prefix-list ANYCAST6",
+            "exit",
+        ]
+    lines += [
         f"router bgp {ROUTER_ASN}",
         f" bgp router-id {router_id}",
         " no bgp ebgp-requires-policy",
@@ -491,9 +529,27 @@ def _router_configs(
             ]
         if bfd:
             lines.append(f" neighbor {edge.address} bfd profile fast")
+        if ipv6 == "sessions" and edge.address6 is not None:
+            lines += [
+                f" neighbor {edge.address6} remote-as {edge.asn}",
+                f" neighbor {edge.address6} timers connect 1",
+                f" neighbor {edge.address6} password {edge.md5_password}",
+            ]
+            if bfd:
+                lines.append(f" neighbor {edge.address6} bfd profile fast")
     lines += [" address-family ipv4 unicast", "  maximum-paths 8"]
     lines += [f"  neighbor {edge.address} route-map FROM-EDGE in" for edge in edges]
-    lines += [" exit-address-family", "exit", ""]
+    if ipv6 == "sessions":
+        # IPv4 sessions carry IPv4 only; each edge's IPv6 session carries IPv6.
+        lines += [f"  no neighbor {edge.address6} activate" for edge in edges]
+    lines += [" exit-address-family"]
+    if ipv6:
+        lines += [" address-family ipv6 unicast", "  maximum-paths 8"]
+        for edge in edges:
+            peer = edge.address6 if ipv6 == "sessions" else edge.address
+            lines += [f"  neighbor {peer} activate", f"  neighbor {peer} route-map FROM-EDGE6 in"]
+        lines += [" exit-address-family"]
+    lines += ["exit", ""]
     bfdd = "\n".join(
         [
             "hostname router",
@@ -527,6 +583,7 @@ class NetLab:
         self.multihop = False
         self.loopback_sessions = False
         self.client_address = IPv4Address("198.19.0.2")
+        self.ipv6 = ""
 
     # -- construction -------------------------------------------------------------------
 
@@ -543,12 +600,18 @@ class NetLab:
         ibgp: bool = False,
         multihop: bool = False,
         loopback_sessions: bool = False,
+        ipv6: bool = False,
+        ipv6_over_ipv4: bool = False,
     ) -> NetLab:
         """`router` is "frr" (zebra + bgpd [+ bfdd]; `lab.router`) or "bird" (BIRD 2;
         `lab.bird`, no BFD). `ibgp`: the edges use the router's ASN. `multihop` (FRR):
         the router peers from its loopback, eBGP multihop. `loopback_sessions` (BIRD):
-        a second, multihop session per edge from the router's loopback."""
+        a second, multihop session per edge from the router's loopback. `ipv6` (FRR): IPv6
+        on every link, VIP6 on each edge, an IPv6 session per edge; with `ipv6_over_ipv4`
+        the IPv6 routes come over the IPv4 sessions instead."""
         lab = cls()
+        if ipv6:
+            lab.ipv6 = "over-ipv4" if ipv6_over_ipv4 else "sessions"
         lab.ibgp, lab.multihop, lab.loopback_sessions = ibgp, multihop, loopback_sessions
         try:
             lab._build(edge_count, bfd, bfd_timers, client, router_passwords, router)
@@ -563,6 +626,10 @@ class NetLab:
         self.namespaces.append(name)
         run("ip", "-n", name, "link", "set", "lo", "up")
         return name
+
+    def _addr6(self, netns: str, dev: str, address: IPv6Address, length: int) -> None:
+        # nodad: usable at once (duplicate address detection would hold it ~1-2 s).
+        run("ip", "-6", "-n", netns, "addr", "add", f"{address}/{length}", "dev", dev, "nodad")
 
     def _veth(self, left_ns: str, left: str, right_ns: str, right: str) -> None:
         run(
@@ -593,6 +660,8 @@ class NetLab:
         for key, value in (
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.fib_multipath_hash_policy", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.fib_multipath_hash_policy", "1"),
         ):
             run(*netns_command(router_ns, "sysctl", "-qw", f"{key}={value}"))
         for index in range(1, edge_count + 1):
@@ -608,6 +677,14 @@ class NetLab:
             run("ip", "-n", edge_ns, "link", "set", edge_if, "up")
             run("ip", "-n", edge_ns, "addr", "add", f"{VIP}/32", "dev", "lo")
             run("ip", "-n", edge_ns, "route", "add", "default", "via", str(router_addr))
+            edge_addr6 = router_addr6 = None
+            if self.ipv6:
+                router_addr6 = IPv6Address(f"2001:db8:ff00:{index:x}::1")
+                edge_addr6 = IPv6Address(f"2001:db8:ff00:{index:x}::2")
+                self._addr6(router_ns, router_if, router_addr6, 64)
+                self._addr6(edge_ns, edge_if, edge_addr6, 64)
+                self._addr6(edge_ns, "lo", IPv6Address(VIP6), 128)
+                run("ip", "-6", "-n", edge_ns, "route", "add", "default", "via", str(router_addr6))
             password = (
                 router_passwords[index - 1] if router_passwords else f"pw-{self.suffix}-{index}"
             )
@@ -620,6 +697,8 @@ class NetLab:
                     veth=edge_if,
                     asn=ROUTER_ASN if self.ibgp else EDGE_ASN_BASE + index,
                     md5_password=password,
+                    address6=edge_addr6,
+                    router_address6=router_addr6,
                 )
             )
         if client:
@@ -640,6 +719,14 @@ class NetLab:
             )
             run("ip", "-n", self.client_netns, "link", "set", client_if, "up")
             run("ip", "-n", self.client_netns, "route", "add", "default", "via", "198.19.0.1")
+            if self.ipv6:
+                gateway6 = IPv6Address("2001:db8:ff00:ffff::1")
+                self._addr6(router_ns, router_if, gateway6, 64)
+                self._addr6(self.client_netns, client_if, CLIENT_ADDRESS6, 64)
+                run(
+                    *("ip", "-6", "-n", self.client_netns, "route", "add", "default"),
+                    *("via", str(gateway6)),
+                )
         run("ip", "-n", router_ns, "addr", "add", f"{ROUTER_LOOPBACK}/32", "dev", "lo")
         if router == "bird":
             self._start_bird(router_ns)
@@ -674,7 +761,7 @@ class NetLab:
         shutil.chown(workdir, "frr", "frr")
         router_id = IPv4Address("198.18.0.1")
         zebra_conf, bgpd_conf, bfdd_conf = _router_configs(
-            router_id, self.edges, bfd, bfd_timers, self.multihop
+            router_id, self.edges, bfd, bfd_timers, self.multihop, self.ipv6
         )
         zserv = workdir / "zserv.api"
         router = FrrRouter(netns=netns, workdir=workdir, router_id=router_id)
@@ -742,10 +829,10 @@ class NetLab:
 
     # -- traffic (only inside the lab's namespaces, bounded) ------------------------------
 
-    def start_name_servers(self, port: int = 8080) -> None:
+    def start_name_servers(self, port: int = 8080, vip: str = VIP) -> None:
         """On each edge, a TCP server on the VIP that answers its edge index and closes."""
         for edge in self.edges:
-            code = _NAME_SERVER.format(vip=VIP, port=port, name=edge.index)
+            code = _NAME_SERVER.format(vip=vip, port=port, name=edge.index)
             self.spawn(netns_command(edge.netns, sys.executable, "-c", code))
         for edge in self.edges:
 
@@ -755,11 +842,11 @@ class NetLab:
             wait_for(listening, 10, what=f"name server on edge {edge.index}")
 
     def count_connections(
-        self, count: int, port: int = 8080, timeout: float = 60
+        self, count: int, port: int = 8080, timeout: float = 60, vip: str = VIP
     ) -> dict[str, int]:
         """`count` new connections from the client to the VIP: edge index (or "failed")
         -> connections."""
-        code = _NAME_CLIENT.format(vip=VIP, port=port, count=count)
+        code = _NAME_CLIENT.format(vip=vip, port=port, count=count)
         out = run(*netns_command(self.client_netns, sys.executable, "-c", code), timeout=timeout)
         counts: dict[str, int] = json.loads(out)
         return counts
