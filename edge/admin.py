@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from bgp.metrics import BgpCollector
 from edge.flows import FlowTable
+from edge.flowshare.metrics import FlowShareCollector
 from edge.pool import Pool
 from edge.ports import NodeControl
 from edge.proxy.common import ProxyContext
@@ -108,6 +109,7 @@ def create_admin_app(agent: AdminTarget) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     registry.register(BgpCollector(lambda: agent.status_section("bgp")))
+    registry.register(FlowShareCollector(lambda: agent.status_section("flowshare")))
 
     async def status(request: Request) -> Response:
         return JSONResponse(agent.status())

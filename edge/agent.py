@@ -31,7 +31,7 @@ from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
 from edge.health import BackendHealth, HealthChange
 from edge.pool import Backend, Pool
-from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
+from edge.ports import AgentExtension, BeforeRouteChange, ExtensionSetupError, NodeReport
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
@@ -449,13 +449,25 @@ class Agent:
 
 
 def build_extensions(config: NodeConfig) -> list[AgentExtension]:
-    """The composition root's choice of extensions for this config, wired to each other."""
+    """The composition root's choice of extensions for this config, wired to each other.
+    Raises ExtensionSetupError when one cannot run as configured."""
     extensions: list[AgentExtension] = []
+    hold: BeforeRouteChange | None = None
+    if config.flowshare is not None:
+        # First: it starts (and takes its peers' flows) before anything announces, and the
+        # announcer holds every planned change until the peers hold this node's flows.
+        from edge.flowshare.extension import FlowShareExtension
+
+        flowshare = FlowShareExtension(config)
+        hold = flowshare.hold
+        extensions.append(flowshare)
     announcer = None
     if config.bgp is not None:
         from edge.announcer import BgpAnnouncer
 
-        announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name)
+        announcer = BgpAnnouncer(
+            config.bgp, config.bgp.runtime_dir / config.node.name, before_change=hold
+        )
         extensions.append(announcer)
     if config.control_plane is not None:
         from edge.control import ControlPlaneLink
@@ -476,7 +488,12 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
 
 async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
-    agent = Agent(config, config_path, build_extensions(config))
+    try:
+        extensions = build_extensions(config)
+    except ExtensionSetupError as error:
+        log.error("config error: %s", error)
+        return 2
+    agent = Agent(config, config_path, extensions)
     # Before the extensions start (ExaBGP takes a moment): a SIGTERM then is a drain too.
     agent.install_signal_handlers()
     try:
