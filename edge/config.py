@@ -369,8 +369,27 @@ class VipGroupConfig(_Model):
 class FlowSharePeerConfig(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     address: str  # where its flow stream listens, and where its moved packets are sent
+    # With an overlay: its routed address, where the VXLAN packets for it go.
+    underlay: str | None = None
 
     _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ip(value)
+
+
+class FlowShareOverlayConfig(_Model):
+    """A VXLAN segment among the edges (across sites: they share no L2), built and torn
+    down by the agent as `flowshare.peer_interface`, with `local_address` on it."""
+
+    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    underlay_address: str  # this node's routed address: the VXLAN packets leave from it
+    port: Port = 4789
+    prefix_len: Annotated[int, Field(ge=8, le=30)] = 24
+
+    _address = field_validator("underlay_address")(classmethod(lambda cls, v: _check_ip(v)))
 
 
 class FlowShareConfig(_Model):
@@ -395,6 +414,7 @@ class FlowShareConfig(_Model):
     replay_window: Seconds = 30.0
     barrier_timeout: Seconds = 2.0  # a planned change waits this long for peers' acks
     runtime_dir: Path = Path("/run/anycast-edge")
+    overlay: FlowShareOverlayConfig | None = None
 
     _address = field_validator("local_address")(classmethod(lambda cls, v: _check_ip(v)))
 
@@ -411,6 +431,11 @@ class FlowShareConfig(_Model):
             raise ValueError("peers: duplicate name")
         if self.local_address in {peer.address for peer in self.peers}:
             raise ValueError("peers: a peer has this node's own local_address")
+        if self.overlay is not None:
+            if ipaddress.ip_address(self.local_address).version != 4:
+                raise ValueError("overlay: local_address must be IPv4")
+            if missing := [peer.name for peer in self.peers if peer.underlay is None]:
+                raise ValueError(f"overlay: peers {', '.join(missing)} have no underlay address")
         return self
 
     def secret(self) -> bytes:

@@ -72,6 +72,8 @@ class FlowShareExtension:
         self.vips = render.shared_vips(config)
         self.marks = render.peer_marks(cfg)
         self.plan = render.routing(cfg, self.vips.values())
+        self.overlay = render.overlay(cfg)
+        self._overlay_up = False
         self.directory = Directory()
         self.installed: dict[FlowKey, int] = {}
         self.forwarding = Forwarding.ON if cfg.forwarding else Forwarding.OFF
@@ -123,6 +125,15 @@ class FlowShareExtension:
         starts this extension before the announcer, so a joining node announces only then."""
         self._flows = node.flows
         await self._remove_leftovers()
+        if self.overlay is not None:
+            try:
+                await asyncio.to_thread(kernel.install_overlay, self.overlay)
+                self._overlay_up = True
+            except (KernelError, NetlinkError, OSError) as error:
+                await self._remove_overlay()
+                self.forwarding, self.unavailable = Forwarding.UNAVAILABLE, str(error)
+                log.error("flowshare: no overlay, serving without flow sharing: %s", error)
+                return  # the peers' addresses live on the overlay: nothing to share over
         if self.forwarding is Forwarding.ON:
             await self._install()
         self._sub = node.flows.subscribe(maxsize=100_000)
@@ -161,6 +172,16 @@ class FlowShareExtension:
         await self.inbound.stop()
         if self.forwarding is Forwarding.ON:
             await self._remove()
+        await self._remove_overlay()
+
+    async def _remove_overlay(self) -> None:
+        if self.overlay is None:
+            return
+        try:
+            await asyncio.to_thread(kernel.remove_overlay, self.overlay)
+        except NetlinkError as error:
+            log.error("flowshare: removing the overlay %s: %s", self.overlay.device, error)
+        self._overlay_up = False
 
     def on_transition(self, transition: Transition) -> None:
         """Nothing: the route changes a transition causes are held through `hold`."""
@@ -176,6 +197,9 @@ class FlowShareExtension:
         every peer acknowledged this node's current flows, and this node holds every
         peer's; bounded by `barrier_timeout`, after which the change proceeds and the log
         names the peers that were missing."""
+        if self.overlay is not None and not self._overlay_up:
+            log.warning("flowshare before %s: not sharing (no overlay)", change)
+            return
         report = await self.hold_current_flows()
         unsynced = await self.wait_peers_synced(
             max(0.0, self.cfg.barrier_timeout - report.waited_s)
@@ -224,6 +248,9 @@ class FlowShareExtension:
         return {
             "forwarding": str(self.forwarding),
             "unavailable": self.unavailable,
+            "overlay": None
+            if self.overlay is None
+            else {"device": self.overlay.device, "vni": self.overlay.vni, "up": self._overlay_up},
             "own_flows": len(self.directory.mine),
             "map_size": len(self.installed),
             "in_sync": self.in_sync(),
@@ -468,5 +495,9 @@ class FlowShareExtension:
                 found.append("ip rules and routes")
         if self.sysctl.restore():
             found.append("sysctls")
+        if self.overlay is not None:
+            with contextlib.suppress(NetlinkError):
+                if await asyncio.to_thread(kernel.remove_overlay, self.overlay):
+                    found.append(f"overlay {self.overlay.device}")
         if found:
             log.warning("flowshare: removed leftovers of an earlier run: %s", ", ".join(found))

@@ -22,7 +22,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from edge.flowshare.render import CHAINS, LOCAL_TABLE, TABLE, RoutingPlan
+from edge.flowshare.render import CHAINS, LOCAL_TABLE, TABLE, OverlayPlan, RoutingPlan
 
 log = logging.getLogger("edge.flowshare.kernel")
 
@@ -189,6 +189,57 @@ def remove_routing(plan: RoutingPlan) -> int:
                 ipr.route("del", dst=route.destination, table=route.table)
                 removed += 1
     return removed
+
+
+# -- the overlay (VXLAN among the edges) ------------------------------------------------
+
+ANY_MAC = "00:00:00:00:00:00"
+
+
+def _vxlan_id(ipr: IPRoute, index: int) -> int | None:
+    """The VNI of the device, or None when it is not a VXLAN device."""
+    info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return None
+    return int(info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_ID"))
+
+
+def install_overlay(plan: OverlayPlan) -> None:
+    """Builds the VXLAN device, its address and one FDB entry per peer, then brings it up.
+    Raises KernelError with one line (the kernel has no VXLAN; the name is taken)."""
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=plan.device):
+            raise KernelError(
+                f"flowshare.peer_interface: {plan.device!r} exists and is not our overlay"
+            )
+        try:
+            ipr.link(
+                "add",
+                ifname=plan.device,
+                kind="vxlan",
+                vxlan_id=plan.vni,
+                vxlan_local=plan.local,
+                vxlan_port=plan.port,
+                vxlan_learning=0,
+            )
+        except NetlinkError as error:
+            raise KernelError(f"flowshare.overlay: cannot create a VXLAN device: {error}") from None
+        index = ipr.link_lookup(ifname=plan.device)[0]
+        ipr.addr("add", index=index, address=plan.address, prefixlen=plan.prefix_len)
+        for remote in plan.remotes:
+            ipr.fdb("append", ifindex=index, lladdr=ANY_MAC, dst=remote)
+        ipr.link("set", index=index, state="up")
+
+
+def remove_overlay(plan: OverlayPlan) -> bool:
+    """Deletes the device if it is our overlay (a VXLAN device with our VNI); True when
+    there was one. Anything else of that name is left alone."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=plan.device)
+        if not found or _vxlan_id(ipr, found[0]) != plan.vni:
+            return False
+        ipr.link("del", index=found[0])
+    return True
 
 
 # -- sysctls --------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Data path on every edge (IPv4):
 - sysctls: ip_forward on, early demux off (it would attach a moved packet to a leftover
   local socket), rp_filter loose on the peers' interface (the owner receives the
   client's packets there while its route to the client is elsewhere).
+- across sites, the peers' interface is a VXLAN device the agent builds (`overlay`):
+  the edges share no L2, their routed (underlay) addresses carry the segment.
 """
 
 from __future__ import annotations
@@ -140,6 +142,34 @@ class RoutingPlan:
     rules: tuple[Rule, ...]  # to add (the fwmark rules and the moved `local` rule)
     routes: tuple[Route, ...]
     remove_rules: tuple[Rule, ...]  # to delete once the others are in (`local` at pref 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayPlan:
+    """The VXLAN device among the edges: head-end replication to every peer's underlay
+    address (an all-zero FDB entry each), no learning, `local_address` on it."""
+
+    device: str
+    vni: int
+    port: int
+    local: str  # underlay source
+    address: str  # on the device
+    prefix_len: int
+    remotes: tuple[str, ...]
+
+
+def overlay(config: FlowShareConfig) -> OverlayPlan | None:
+    if config.overlay is None:
+        return None
+    return OverlayPlan(
+        device=config.peer_interface,
+        vni=config.overlay.vni,
+        port=config.overlay.port,
+        local=config.overlay.underlay_address,
+        address=config.local_address,
+        prefix_len=config.overlay.prefix_len,
+        remotes=tuple(sorted({p.underlay for p in config.peers if p.underlay is not None})),
+    )
 
 
 def routing(config: FlowShareConfig, vips: Iterable[Vip]) -> RoutingPlan:

@@ -968,20 +968,26 @@ FLOW_KEY = "the-lab-flow-sharing-key-0123456789"
 FLOW_OPERATOR = "operator-token-for-the-flow-lab"
 FLOW_API_PORT = 8089
 FLOW_PORT = 8080  # the L4 listener on the VIP
+OVERLAY_VNI = 4242
 
 
 class FlowFleet:
     """Edges running the real agent with an L4 listener on the VIP in front of an echo
     backend, BGP to the lab's router, the GSLB API (SQLite) in the router's namespace;
     with `forwarding`, each agent runs the flowshare extension over the peers' segment.
-    Build the lab with a client; `add_peer_lan` is done here."""
+    Build the lab with a client; `add_peer_lan` is done here.
 
-    def __init__(self, lab: NetLab, forwarding: bool) -> None:
+    With `across_sites`, edges 1 and 2 are site "a" and edge 3 site "b" at the GSLB, they
+    share no segment, and the agents build a VXLAN overlay among themselves over their
+    routed addresses (the links to the router) instead."""
+
+    def __init__(self, lab: NetLab, forwarding: bool, across_sites: bool = False) -> None:
         assert lab.router is not None and lab.client_netns
-        self.lab, self.forwarding = lab, forwarding
+        self.lab, self.forwarding, self.across_sites = lab, forwarding, across_sites
         self.router = lab.router
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
-        add_peer_lan(lab)
+        if not across_sites:
+            add_peer_lan(lab)
         self.api_url = f"http://{lab.edges[0].router_address}:{FLOW_API_PORT}"
 
     def start_api(self) -> None:
@@ -1015,8 +1021,10 @@ class FlowFleet:
             try:
                 async with ApiClient([self.api_url], FLOW_OPERATOR) as operator:
                     state = await operator.put_site("lab", SiteSpec(), revision=0)
+                    if self.across_sites:
+                        state = await operator.put_site("b", SiteSpec(), revision=state.revision)
                     for edge in self.lab.edges:
-                        spec = NodeSpec(site="lab", weight=100)
+                        spec = NodeSpec(site=self.site(edge), weight=100)
                         state = await operator.put_node(
                             f"edge{edge.index}", spec, revision=state.revision
                         )
@@ -1025,6 +1033,9 @@ class FlowFleet:
             return True
 
         wait_for(lambda: bool(self.operate(seeded)), 30, interval=0.3, what="the GSLB API seeded")
+
+    def site(self, edge: Edge) -> str:
+        return "b" if self.across_sites and edge.index == 3 else "lab"
 
     def operate(self, make: Callable[[], Any]) -> Any:
         return in_netns(self.router.netns, make)
@@ -1041,6 +1052,12 @@ class FlowFleet:
         self.operate(change)
 
     def drain(self, index: int, drained: bool) -> None:
+        self._drain("node", f"edge{index}", drained)
+
+    def drain_site(self, site: str, drained: bool) -> None:
+        self._drain("site", site, drained)
+
+    def _drain(self, kind: str, name: str, drained: bool) -> None:
         from contract.client import ApiClient
         from contract.schemas import DrainKind
 
@@ -1049,17 +1066,17 @@ class FlowFleet:
                 state = await operator.state()
                 if drained:
                     await operator.drain(
-                        DrainKind.NODE, f"edge{index}", "maintenance", revision=state.revision
+                        DrainKind(kind), name, "maintenance", revision=state.revision
                     )
                 else:
-                    await operator.undrain(DrainKind.NODE, f"edge{index}", revision=state.revision)
+                    await operator.undrain(DrainKind(kind), name, revision=state.revision)
 
         self.operate(change)
 
     def agent_config(self, edge: Edge) -> dict[str, Any]:
         index = edge.index
         config: dict[str, Any] = {
-            "node": {"name": f"edge{index}", "site": "lab"},
+            "node": {"name": f"edge{index}", "site": self.site(edge)},
             "listeners": [
                 {"name": "tcp", "kind": "tcp", "address": VIP, "port": FLOW_PORT, "backlog": 2048}
             ],
@@ -1082,6 +1099,7 @@ class FlowFleet:
                 "local_address": str(peer_lan_address(edge)),
                 "peers": [
                     {"name": f"edge{e.index}", "address": str(peer_lan_address(e))}
+                    | ({"underlay": str(e.address)} if self.across_sites else {})
                     for e in self.lab.edges
                     if e is not edge
                 ],
@@ -1091,6 +1109,11 @@ class FlowFleet:
                 "peer_timeout": 2.0,
                 "runtime_dir": str(self.lab.workdir / f"run{index}"),
             }
+            if self.across_sites:
+                config["flowshare"]["overlay"] = {
+                    "vni": OVERLAY_VNI,
+                    "underlay_address": str(edge.address),
+                }
         return config
 
     def start_edge(self, index: int) -> None:
@@ -1163,16 +1186,18 @@ class FlowFleet:
 
 
 PLANNED_CHANGES = ("join", "weight_change", "drain", "undrain")
+#: Across sites (edge 3 alone in site "b"), then a drain of site b too.
+CROSS_SITE_CHANGES = (*PLANNED_CHANGES, "site_drain")
 
 
 def build_flow_fleet(
-    forwarding: bool, connections: int
+    forwarding: bool, connections: int, across_sites: bool = False
 ) -> tuple[NetLab, FlowFleet, LongLivedClient]:
     """A lab with a client and three edges, edges 1 and 2 serving (edge 3 joins later),
     `connections` long-lived connections open. The caller closes the lab."""
     lab = NetLab.create(3, client=True)
     try:
-        fleet = FlowFleet(lab, forwarding)
+        fleet = FlowFleet(lab, forwarding, across_sites)
         fleet.start_api()
         for index in (1, 2):
             fleet.start_edge(index)
@@ -1190,11 +1215,12 @@ def build_flow_fleet(
 def run_planned_changes(
     fleet: FlowFleet, client: LongLivedClient, connections: int, young: int = 10
 ) -> list[dict[str, Any]]:
-    """join (edge 3), weight 3:1:1, drain edge 1, undrain edge 1, each through the real
-    path (agent start, GSLB API). Before each, the pool is refilled to `connections` and
-    `young` more open right before the change. Per change: connections open at the
-    change, how many broke, how many of the young ones broke."""
-    e1, e2 = fleet.edge_address(1), fleet.edge_address(2)
+    """join (edge 3), weight 3:1:1, drain edge 1, undrain edge 1 (across sites: then a
+    drain of site b), each through the real path (agent start, GSLB API). Before each, the
+    pool is refilled to `connections` and `young` more open right before the change. Per
+    change: connections open at the change, how many broke, how many of the young ones
+    broke (across sites the names end in `_across_sites`)."""
+    e1, e2, e3 = fleet.edge_address(1), fleet.edge_address(2), fleet.edge_address(3)
     changes: dict[str, tuple[Callable[[], None], Callable[[dict[str, int]], bool]]] = {
         "join": (lambda: fleet.start_edge(3), lambda hops: len(hops) == 3),
         "weight_change": (
@@ -1203,9 +1229,13 @@ def run_planned_changes(
         ),
         "drain": (lambda: fleet.drain(1, True), lambda hops: len(hops) == 2 and e1 not in hops),
         "undrain": (lambda: fleet.drain(1, False), lambda hops: len(hops) == 3),
+        "site_drain": (
+            lambda: fleet.drain_site("b", True),
+            lambda hops: len(hops) == 2 and e3 not in hops,
+        ),
     }
     results = []
-    for name in PLANNED_CHANGES:
+    for name in CROSS_SITE_CHANGES if fleet.across_sites else PLANNED_CHANGES:
         change, settled = changes[name]
         missing = connections - client.report()["open"]
         if missing > 0:  # without forwarding, earlier changes broke some
@@ -1218,7 +1248,7 @@ def run_planned_changes(
         broken = sum(after["broken"].values()) - sum(before["broken"].values())
         results.append(
             {
-                "name": name,
+                "name": f"{name}_across_sites" if fleet.across_sites else name,
                 "forwarding": fleet.forwarding,
                 "connections": before["open"],
                 "broken": broken,

@@ -108,6 +108,12 @@ def test_shared_vips_skip_wildcard_listeners() -> None:
         ({"local_address": "nope"}, "flowshare.local_address"),
         ({"peers": [{"name": "a", "address": "198.18.1.1"}]}, "this node's own local_address"),
         ({"peers": [{"name": "a", "address": "198.18.1.2"}] * 2}, "duplicate name"),
+        (
+            {"overlay": {"vni": 7, "underlay_address": "198.18.0.2"}},
+            "overlay: peers edge2, edge3 have no underlay address",
+        ),
+        ({"overlay": {"vni": 0, "underlay_address": "198.18.0.2"}}, "flowshare.overlay.vni"),
+        ({"overlay": {"vni": 7, "underlay_address": "x"}}, "flowshare.overlay.underlay_address"),
     ],
 )
 def test_bad_sections_are_one_line_without_the_key(overrides: dict[str, Any], message: str) -> None:
@@ -116,3 +122,27 @@ def test_bad_sections_are_one_line_without_the_key(overrides: dict[str, Any], me
     text = str(error.value)
     assert message in text and "\n" not in text
     assert "a-shared-key" not in text and "short" not in text
+
+
+def test_the_overlay_replicates_to_every_peer_underlay() -> None:
+    cfg = FlowShareConfig.model_validate(
+        section(
+            peers=[
+                {"name": "edge2", "address": "198.18.1.2", "underlay": "198.18.0.10"},
+                {"name": "edge3", "address": "198.18.1.3", "underlay": "198.18.0.6"},
+            ],
+            overlay={"vni": 4242, "underlay_address": "198.18.0.2"},
+        )
+    )
+    assert render.overlay(cfg) == render.OverlayPlan(
+        device="lan0",
+        vni=4242,
+        port=4789,
+        local="198.18.0.2",
+        address="198.18.1.1",
+        prefix_len=24,
+        remotes=("198.18.0.10", "198.18.0.6"),
+    )
+    # rp_filter loose on it, like on a shared segment
+    assert render.sysctls(cfg)["net/ipv4/conf/lan0/rp_filter"] == "2"
+    assert render.overlay(FlowShareConfig.model_validate(section())) is None
