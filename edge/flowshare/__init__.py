@@ -4,6 +4,7 @@ Each edge tells its peers which TCP flows it owns (accept/close deltas plus peri
 snapshots, authenticated); each edge marks the non-SYN packets of flows a peer owns and
 policy routing hands them to that peer, whose socket takes them. Pure cores: `wire`
 (frames and their authentication), `table` (what each peer owns, and who gets a packet),
-`render` (the nft ruleset, ip rules/routes and sysctls as data). Drivers: `nft`,
-`routing`, `link` (the TCP streams among peers) and `extension` (the agent extension).
+`render` (the nft ruleset, ip rules/routes, the VXLAN overlay and sysctls as data).
+Drivers: `kernel` (libnftables, pyroute2, /proc/sys), `link` (the TCP streams among
+peers), `extension` (the agent extension) and `metrics` (its Prometheus series).
 """

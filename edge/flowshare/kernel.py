@@ -22,7 +22,15 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from edge.flowshare.render import CHAINS, LOCAL_TABLE, TABLE, OverlayPlan, RoutingPlan
+from edge.flowshare.render import (
+    ALL_RP_FILTER,
+    CHAINS,
+    LOCAL_TABLE,
+    TABLE,
+    OverlayPlan,
+    RoutingPlan,
+    sysctl_writes,
+)
 
 log = logging.getLogger("edge.flowshare.kernel")
 
@@ -273,10 +281,12 @@ class SysctlKeeper:
         return True
 
     def apply(self, wanted: dict[str, str]) -> None:
-        saved = {name: read_sysctl(name) for name in wanted}
+        current = {name: read_sysctl(name) for name in (*wanted, ALL_RP_FILTER)}
+        writes = sysctl_writes(wanted, current)
+        saved = {name: current[name] for name in writes}
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(saved))
-        for name, value in wanted.items():
+        for name, value in writes.items():
             write_sysctl(name, value)
 
     def _restore(self, saved: dict[str, str]) -> None:

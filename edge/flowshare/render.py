@@ -188,6 +188,23 @@ def routing(config: FlowShareConfig, vips: Iterable[Vip]) -> RoutingPlan:
     return RoutingPlan(tuple(rules), tuple(routes), (Rule(0, LOCAL_TABLE),))
 
 
+ALL_RP_FILTER = "net/ipv4/conf/all/rp_filter"
+
+
+def sysctl_writes(wanted: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
+    """The writes `wanted` needs, given the `current` values (with `ALL_RP_FILTER`): none
+    where the value is already there, and none for a device's rp_filter when conf.all's
+    is already loose (the kernel uses the larger of the two). A container's /proc/sys is
+    read-only: its sysctls come from the runtime, and nothing needs writing."""
+    loose_everywhere = current.get(ALL_RP_FILTER) == "2"
+    return {
+        name: value
+        for name, value in wanted.items()
+        if current.get(name) != value
+        and not (loose_everywhere and name.endswith("/rp_filter") and value == "2")
+    }
+
+
 def sysctls(config: FlowShareConfig) -> dict[str, str]:
     return {
         "net/ipv4/ip_forward": "1",

@@ -846,10 +846,34 @@ asyncio.run(main())
 """
 
 _LONG_CLIENT = """
-import asyncio, collections, json, sys
-VIP, PORT, PERIOD, PATIENCE = "{vip}", {port}, {period}, {patience}
+import asyncio, collections, json, re, sys
+VIP, PORT, PERIOD, PATIENCE, HTTP = "{vip}", {port}, {period}, {patience}, {http}
+REQUEST = b"GET /health HTTP/1.1\\r\\nHost: lab\\r\\n\\r\\n"
 state = {{"open": 0, "broken": collections.Counter(), "opened": collections.Counter(),
-         "failed_connects": collections.Counter(), "echoes": 0}}
+         "failed_connects": collections.Counter(), "closed": collections.Counter(),
+         "echoes": 0}}
+
+class Closed(Exception):
+    pass
+
+async def exchange(reader, writer, n):
+    if not HTTP:
+        message = b"%08d\\n" % n
+        writer.write(message)
+        echo = await asyncio.wait_for(reader.readexactly(len(message)), PATIENCE)
+        if echo != message:
+            raise ValueError("wrong echo")
+        return
+    writer.write(REQUEST)
+    head = await asyncio.wait_for(reader.readuntil(b"\\r\\n\\r\\n"), PATIENCE)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ValueError("not a 200")
+    length = re.search(rb"(?i)\\r\\ncontent-length: *(\\d+)", head)
+    if length is None:
+        raise ValueError("no content-length")
+    await asyncio.wait_for(reader.readexactly(int(length.group(1))), PATIENCE)
+    if re.search(rb"(?i)\\r\\nconnection: *close", head):
+        raise Closed()  # a graceful end after a whole response (a drain): not a reset
 
 async def one(tag, ready):
     try:
@@ -865,14 +889,13 @@ async def one(tag, ready):
     try:
         while True:
             n += 1
-            message = b"%08d\\n" % n
-            writer.write(message)
-            echo = await asyncio.wait_for(reader.readexactly(len(message)), PATIENCE)
-            if echo != message:
-                raise ValueError("wrong echo")
+            await exchange(reader, writer, n)
             state["echoes"] += 1
             await asyncio.sleep(PERIOD)
-    except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+    except Closed:
+        state["closed"][tag] += 1
+    except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+            asyncio.LimitOverrunError):
         state["broken"][tag] += 1
     finally:
         state["open"] -= 1
@@ -918,15 +941,23 @@ class LongLivedClient:
     echo every `period` s; one that fails (reset, EOF, no echo within `patience` s) is
     broken and counted under the tag it was opened with. Bounded by the lab's life."""
 
-    def __init__(
-        self, lab: NetLab, port: int = 8080, period: float = 0.1, patience: float = 2.0
-    ) -> None:
-        code = _LONG_CLIENT.format(vip=VIP, port=port, period=period, patience=patience)
-        self._proc = lab.spawn(
-            netns_command(lab.client_netns, sys.executable, "-c", code),
-            stdout=subprocess.PIPE,
-            stdin_pipe=True,
-        )
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._proc = process
+
+    @staticmethod
+    def code(
+        port: int = 8080, period: float = 0.1, patience: float = 2.0, http: bool = False
+    ) -> str:
+        """The client's program (`python -c`): commands on stdin, a JSON report per line.
+        `http`: each exchange is a keep-alive GET /health instead of an echoed line; a
+        response with `Connection: close` (a draining node's) ends it as closed, not broken."""
+        return _LONG_CLIENT.format(vip=VIP, port=port, period=period, patience=patience, http=http)
+
+    @classmethod
+    def in_netlab(cls, lab: NetLab, port: int = 8080) -> LongLivedClient:
+        """In the lab's client namespace (the lab ends it)."""
+        command = netns_command(lab.client_netns, sys.executable, "-c", cls.code(port))
+        return cls(lab.spawn(command, stdout=subprocess.PIPE, stdin_pipe=True))
 
     def _ask(self, line: str, timeout: float = 60.0) -> dict[str, Any]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -947,7 +978,8 @@ class LongLivedClient:
         return self._ask(f"open {count} {tag}")
 
     def report(self) -> dict[str, Any]:
-        """{open, echoes, opened: {tag: n}, broken: {tag: n}, failed_connects: {tag: n}}"""
+        """{open, echoes, opened: {tag: n}, broken: {tag: n}, failed_connects: {tag: n},
+        closed: {tag: n}}"""
         return self._ask("report")
 
 
@@ -1202,7 +1234,7 @@ def build_flow_fleet(
         for index in (1, 2):
             fleet.start_edge(index)
         fleet.wait_settled(lambda hops: len(hops) == 2, "edges 1 and 2 in the router's FIB")
-        client = LongLivedClient(lab)
+        client = LongLivedClient.in_netlab(lab)
         opened = client.open(connections, "base")
         if opened["open"] != connections:
             raise RuntimeError(f"only {opened['open']} of {connections} connections opened")

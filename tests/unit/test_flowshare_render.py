@@ -146,3 +146,18 @@ def test_the_overlay_replicates_to_every_peer_underlay() -> None:
     # rp_filter loose on it, like on a shared segment
     assert render.sysctls(cfg)["net/ipv4/conf/lan0/rp_filter"] == "2"
     assert render.overlay(FlowShareConfig.model_validate(section())) is None
+
+
+def test_only_the_sysctls_that_differ_are_written() -> None:
+    wanted = render.sysctls(FlowShareConfig.model_validate(section()))
+    current = {**wanted, "net/ipv4/ip_early_demux": "1", render.ALL_RP_FILTER: "0"}
+    assert render.sysctl_writes(wanted, current) == {"net/ipv4/ip_early_demux": "0"}
+    # A container: the runtime set them, conf.all's rp_filter is loose, nothing to write
+    # (the device's own rp_filter does not matter then).
+    container = {
+        "net/ipv4/ip_forward": "1",
+        "net/ipv4/ip_early_demux": "0",
+        "net/ipv4/conf/lan0/rp_filter": "0",
+        render.ALL_RP_FILTER: "2",
+    }
+    assert render.sysctl_writes(wanted, container) == {}
