@@ -105,6 +105,7 @@ class FlowShareExtension:
                 self.verifier,
                 self.refused,
                 self._on_ack,
+                user_timeout_ms=int(cfg.peer_timeout * 1000),
             )
             for peer in cfg.peers
         }

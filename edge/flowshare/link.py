@@ -42,11 +42,17 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-def no_delay(writer: asyncio.StreamWriter) -> None:
-    """Frames are small and latency is the point: no Nagle."""
+def no_delay(writer: asyncio.StreamWriter, user_timeout_ms: int = 0) -> None:
+    """Frames are small and latency is the point: no Nagle. With `user_timeout_ms`, the
+    kernel aborts the stream when what it sent stays unacknowledged that long (a peer that
+    vanished without a RST: a killed container, a cut link; TCP's own retries would keep
+    the stream "up", and the peer without our flows, for many minutes). The heartbeats
+    keep something in flight."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if user_timeout_ms:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
 def framed(data: bytes) -> bytes:
@@ -85,8 +91,10 @@ class Outbound:
         verifier: Verifier,
         refused: Refusals,
         on_ack: Callable[[str, Ack], None],
+        user_timeout_ms: int = 0,
     ) -> None:
         self.ident, self.peer, self.address = ident, peer, address
+        self._user_timeout_ms = user_timeout_ms
         self.local_address = local_address
         self._snapshot, self._verifier, self._refused = snapshot, verifier, refused
         self._on_ack = on_ack
@@ -157,7 +165,7 @@ class Outbound:
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
             backoff = RECONNECT_S[0]
-            no_delay(writer)
+            no_delay(writer, self._user_timeout_ms)
             self.connects += 1
             self._queue = asyncio.Queue()
             self.connected = True

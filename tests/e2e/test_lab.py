@@ -351,11 +351,16 @@ def test_long_lived_connections_survive_planned_changes() -> None:
     finally:
         process.kill()
         process.wait(10)
+    sections = _flowshare_sections()
     forwarded = sum(
         peer["packets_forwarded"]
-        for section in _flowshare_sections().values()
+        for section in sections.values()
         for peer in section["peers"].values()
     )
     print(f"packets forwarded to their owners: {forwarded}")
-    assert broken == {name: 0 for name, _, _ in changes}
+    held = {
+        node: {name: (p["connected"], p["flows_held"]) for name, p in section["peers"].items()}
+        for node, section in sections.items()
+    }
+    assert broken == {name: 0 for name, _, _ in changes}, held
     assert forwarded > 0  # the changes did move flows
