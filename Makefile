@@ -76,6 +76,12 @@ bench-bgp: deps venv
 bench-api: deps venv
 	$(PY) -m bench.api
 
+# Flow sharing within a site (netns, real FRR + three real agents): broken connections per
+# planned change with forwarding off/on, sync lag, map size and memory (root; a few min).
+.PHONY: bench-flows
+bench-flows: deps venv
+	$(PY) -m bench.flows
+
 # Lab numbers: drains, node kill/freeze with and without BFD, weight change -> core FIB,
 # site share (brings the lab up and down; a few minutes, bounded).
 .PHONY: bench-lab

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from bgp.metrics import BgpCollector
 from edge.flows import FlowTable
+from edge.flowshare.metrics import FlowShareCollector
 from edge.ports import NodeControl
 from edge.proxy.metrics import proxy_metrics
 from edge.service_runtime import ServiceRuntime
@@ -119,6 +120,7 @@ def create_admin_app(agent: AdminTarget) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     registry.register(BgpCollector(lambda: agent.status_section("bgp")))
+    registry.register(FlowShareCollector(lambda: agent.status_section("flowshare")))
 
     async def status(request: Request) -> Response:
         return JSONResponse(agent.status())

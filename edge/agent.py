@@ -28,7 +28,7 @@ from edge.admin import AdminServer
 from edge.config import ConfigError, NodeConfig, ServiceConfig
 from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
-from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
+from edge.ports import AgentExtension, BeforeRouteChange, ExtensionSetupError, NodeReport
 from edge.proxy.common import ClientConnection, DeadlineSweeper, ProxyContext
 from edge.sdnotify import SystemdNotifier
 from edge.service_runtime import ServiceRuntime
@@ -424,14 +424,26 @@ class Agent:
 
 
 def build_extensions(config: NodeConfig) -> list[AgentExtension]:
-    """The composition root's choice of extensions for this config, wired to each other."""
+    """The composition root's choice of extensions for this config, wired to each other.
+    Raises ExtensionSetupError when one cannot run as configured."""
     extensions: list[AgentExtension] = []
+    hold: BeforeRouteChange | None = None
+    if config.flowshare is not None:
+        # First: it starts (and takes its peers' flows) before anything announces, and the
+        # announcer holds every planned change until the peers hold this node's flows.
+        from edge.flowshare.extension import FlowShareExtension
+
+        flowshare = FlowShareExtension(config)
+        hold = flowshare.hold
+        extensions.append(flowshare)
     announcer = None
     if config.bgp is not None:
         from edge.announcer import BgpAnnouncer
 
         services = () if config.implicit_service else config.service_list()
-        announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name, services)
+        announcer = BgpAnnouncer(
+            config.bgp, config.bgp.runtime_dir / config.node.name, services, before_change=hold
+        )
         extensions.append(announcer)
     vip = None
     if config.vip_group is not None:
@@ -457,7 +469,12 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
 
 async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
-    agent = Agent(config, config_path, build_extensions(config))
+    try:
+        extensions = build_extensions(config)
+    except ExtensionSetupError as error:
+        log.error("config error: %s", error)
+        return 2
+    agent = Agent(config, config_path, extensions)
     # Before the extensions start (ExaBGP takes a moment): a SIGTERM then is a drain too.
     agent.install_signal_handlers()
     try:

@@ -10,12 +10,20 @@ A drain runs here as its step before the node stops accepting: the DRAINING tran
 has already put out GRACEFUL_SHUTDOWN and prepends; this waits until that was sent and
 the node's own accepted-connection rate is quiet. The agent then moves the drain to
 "closing connections", which this maps to a withdraw.
+
+A planned change (anything but a withdraw because the node is down) can be held: the
+composition root may wire a `BeforeRouteChange` (flow sharing: peers hold this node's
+flows) that the announcer awaits before it hands the change to the speaker. Changes are
+applied in order, the latest wanted state winning; a withdraw of a failed node never
+waits (fail closed toward the network).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,7 @@ from bgp.policy import PrefixGroup, Serving
 from bgp.speaker import BgpSpeaker
 from contract.schemas import BgpReport, BgpSession
 from edge.config import ServiceConfig
-from edge.ports import NodeControl
+from edge.ports import BeforeRouteChange, NodeControl
 from edge.services import ServiceState
 from edge.state import Drain, DrainPhase, NodeState, Transition
 
@@ -76,47 +84,106 @@ def prefix_groups(services: Sequence[ServiceConfig]) -> tuple[PrefixGroup, ...]:
     )
 
 
+def is_held(wanted: Serving) -> bool:
+    """Whether a change to `wanted` waits for the planned-change hold: every change but
+    the withdraw of a node that is down (nothing of it is planned, and it must not wait)."""
+    return wanted is not Serving.STOPPED
+
+
+_Wanted = tuple[Serving, float | None, dict[str, Serving] | None]
+
+
 class BgpAnnouncer:
     name = "bgp"
 
     def __init__(
-        self, config: BgpConfig, workdir: Path, services: Sequence[ServiceConfig] = ()
+        self,
+        config: BgpConfig,
+        workdir: Path,
+        services: Sequence[ServiceConfig] = (),
+        before_change: BeforeRouteChange | None = None,
     ) -> None:
         self.groups = prefix_groups(services)
         self.speaker = BgpSpeaker(config, workdir, groups=self.groups)
         self._node: NodeControl | None = None
+        self._before_change = before_change
+        # What the node wants announced (node, link bandwidth, each service), and what
+        # the speaker was last given.
+        self._wanted: _Wanted = (Serving.NOT_READY, None, None)
+        self._applied: _Wanted = (Serving.NOT_READY, None, None)
+        self._why = ""
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker: asyncio.Task[None] | None = None
 
     async def start(self, node: NodeControl) -> None:
         self._node = node
         await self.speaker.start()
-        self._apply(node.state, node.drain)
+        if self._before_change is not None:
+            self._worker = asyncio.get_running_loop().create_task(self._apply_held())
+        self._want(serving(node.state, node.drain), None, f"start: node {node.state}")
 
     async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
         await self.speaker.stop()
 
     def set_link_bandwidth(self, mbps: float) -> None:
         """The GSLB's share for this node, in Mbit/s (what it announces at full health)."""
-        reason = self.speaker.update(link_bandwidth_mbps=mbps)
-        log.info("bgp: link bandwidth %.1f Mbit/s -> %s", mbps, reason)
+        self._want(self._wanted[0], mbps, f"link bandwidth {mbps:.1f} Mbit/s")
 
     def on_transition(self, transition: Transition) -> None:
-        self._apply(transition.new, transition.drain)
+        state, drain = transition.new, transition.drain
+        self._want(serving(state, drain), None, f"node {state} (drain {drain.phase})")
 
-    def _apply(self, state: NodeState, drain: Drain) -> None:
-        wanted = serving(state, drain)
-        groups: Mapping[str, Serving] | None = None
-        if self.groups and self._node is not None:
-            states = self._node.service_states()
-            groups = {name: service_serving(s) for name, s in states.items()}
-        reason = self.speaker.update(serving=wanted, group_serving=groups)
-        log.info(
-            "bgp: node %s (drain %s) -> %s: %s; services %s",
-            state,
-            drain.phase,
-            wanted,
-            reason,
-            groups,
+    def _want(self, wanted: Serving, mbps: float | None, why: str) -> None:
+        groups = self._group_serving()
+        before = self._applied[2] or {}
+        self._wanted = (wanted, mbps if mbps is not None else self._wanted[1], groups)
+        self._why = why
+        # A service going down withdraws its prefixes at once, like a node going down.
+        service_lost = any(
+            s is Serving.STOPPED and before.get(name) is not Serving.STOPPED
+            for name, s in (groups or {}).items()
         )
+        if self._worker is None or not is_held(wanted) or service_lost:
+            self._apply()
+        elif self._wanted != self._applied:
+            self._idle.clear()
+            self._wake.set()
+
+    def _group_serving(self) -> dict[str, Serving] | None:
+        if not self.groups or self._node is None:
+            return None
+        return {name: service_serving(s) for name, s in self._node.service_states().items()}
+
+    def _apply(self) -> None:
+        wanted, mbps, groups = self._wanted
+        changed_mbps = mbps if mbps != self._applied[1] else None
+        reason = self.speaker.update(
+            serving=wanted, link_bandwidth_mbps=changed_mbps, group_serving=groups
+        )
+        self._applied = self._wanted
+        log.info("bgp: %s -> %s: %s; services %s", self._why, wanted, reason, groups)
+
+    async def _apply_held(self) -> None:
+        """Planned changes, in order: hold, then hand the latest wanted state over."""
+        assert self._before_change is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._wanted != self._applied:
+                try:
+                    await self._before_change(f"{self._why} -> {self._wanted[0]}")
+                except Exception:
+                    log.exception("bgp: the hold before a route change failed; going ahead")
+                if self._wanted != self._applied:
+                    self._apply()
+            if not self._wake.is_set():
+                self._idle.set()
 
     def degraded_reason(self) -> str | None:
         return self.speaker.degraded_reason()
@@ -139,6 +206,7 @@ class BgpAnnouncer:
     async def before_stop_accepting(self) -> bool:
         node = self._node
         assert node is not None, "started before a drain"
+        await self._idle.wait()  # the draining announcement may still be held
         report = await self.speaker.wait_traffic_moved(lambda: node.report().accepted_total)
         log.info("bgp drain: %s after %.1f s", report.outcome, report.waited_s)
         return True

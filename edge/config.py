@@ -375,6 +375,85 @@ class VipGroupConfig(_Model):
             raise ValueError(f"key_file: cannot read: {error.strerror}") from None
 
 
+class FlowSharePeerConfig(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    address: str  # where its flow stream listens, and where its moved packets are sent
+    # With an overlay: its routed address, where the VXLAN packets for it go.
+    underlay: str | None = None
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ip(value)
+
+
+class FlowShareOverlayConfig(_Model):
+    """A VXLAN segment among the edges (across sites: they share no L2), built and torn
+    down by the agent as `flowshare.peer_interface`, with `local_address` on it."""
+
+    vni: Annotated[int, Field(ge=1, le=16_777_215)]
+    underlay_address: str  # this node's routed address: the VXLAN packets leave from it
+    port: Port = 4789
+    prefix_len: Annotated[int, Field(ge=8, le=30)] = 24
+
+    _address = field_validator("underlay_address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+class FlowShareConfig(_Model):
+    """Flow sharing among the site's edges (edge/flowshare): peers hold each other's flows
+    and packets of a flow a peer owns are forwarded to it (planned changes break none)."""
+
+    local_address: str  # this node's address on the peers' segment (the stream binds it)
+    port: Port = 4790
+    peers: Annotated[list[FlowSharePeerConfig], Field(min_length=1, max_length=64)]
+    # Packets arriving here were forwarded by a peer: never forwarded again (no loops).
+    peer_interface: Annotated[str, Field(min_length=1, max_length=15)]
+    # The shared HMAC key (at least 16 bytes), given directly or named by an env variable.
+    key: SecretStr | None = None
+    key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    forwarding: bool = True  # False: share flows but install nothing in the kernel
+    mark_base: Annotated[int, Field(ge=1, le=0x7FFF0000)] = 0x4E00
+    table_base: Annotated[int, Field(ge=1, le=0x7FFF0000)] = 4900
+    rule_pref: Annotated[int, Field(ge=1, le=30000)] = 50  # fwmark rules; `local` moves after
+    snapshot_interval: Seconds = 10.0
+    heartbeat_interval: Annotated[float, Field(ge=0.05, le=60)] = 0.5
+    peer_timeout: Seconds = 3.0  # a peer silent this long owns nothing
+    replay_window: Seconds = 30.0
+    barrier_timeout: Seconds = 2.0  # a planned change waits this long for peers' acks
+    runtime_dir: Path = Path("/run/anycast-edge")
+    overlay: FlowShareOverlayConfig | None = None
+
+    _address = field_validator("local_address")(classmethod(lambda cls, v: _check_ip(v)))
+
+    @model_validator(mode="after")
+    def _checks(self) -> FlowShareConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key and key_env")
+        if self.key_env is not None and len(os.environ.get(self.key_env, "")) < 16:
+            raise ValueError(f"key_env: environment variable {self.key_env} must hold 16+ bytes")
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError("key: at least 16 bytes")
+        names = [peer.name for peer in self.peers]
+        if len(set(names)) != len(names):
+            raise ValueError("peers: duplicate name")
+        if self.local_address in {peer.address for peer in self.peers}:
+            raise ValueError("peers: a peer has this node's own local_address")
+        if self.overlay is not None:
+            if ipaddress.ip_address(self.local_address).version != 4:
+                raise ValueError("overlay: local_address must be IPv4")
+            if missing := [peer.name for peer in self.peers if peer.underlay is None]:
+                raise ValueError(f"overlay: peers {', '.join(missing)} have no underlay address")
+        return self
+
+    def secret(self) -> bytes:
+        if self.key is not None:
+            return self.key.get_secret_value().encode()
+        assert self.key_env is not None
+        return os.environ[self.key_env].encode()
+
+
 # -- services: several on one node, each with its prefixes, listeners, backends, health ----
 _Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 #: The one service of a node.yaml without `services:` (today's shape).
@@ -430,6 +509,7 @@ class NodeConfig(_Model):
     bgp: BgpConfig | None = None
     control_plane: ControlPlaneConfig | None = None
     vip_group: VipGroupConfig | None = None
+    flowshare: FlowShareConfig | None = None
 
     _services: tuple[ServiceConfig, ...] = PrivateAttr(default=())
 
@@ -600,7 +680,10 @@ def format_validation_error(error: ValidationError) -> str:
     if not location:  # a whole-model rule: its message names the fields
         return message
     # may hold a token or a key: never echoed
-    secret = first["loc"][:1] == ("control_plane",) or first["loc"][:2] == ("vip_group", "key")
+    secret = first["loc"][:1] in (("control_plane",), ("flowshare",)) or first["loc"][:2] == (
+        "vip_group",
+        "key",
+    )
     if secret or first["type"] in ("missing",) or isinstance(got, dict | list):
         return f"{location}: {message}"
     more = len(error.errors()) - 1

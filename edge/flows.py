@@ -50,6 +50,7 @@ class Flow:
 class FlowEvent:
     kind: Literal["accept", "close"]
     flow: dict[str, object]
+    at: float = field(default_factory=time.monotonic)  # when it happened (for sync lag)
 
 
 class FlowSubscription:

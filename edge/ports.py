@@ -1,8 +1,8 @@
 """The agent's ports: what it offers its extensions, and what an extension offers it.
 
 The agent (`edge.agent`) serves traffic and owns the node's state through its state
-machine. Everything else a node does (announce over BGP, follow the GSLB, and next: share
-flows with its peers, elect an active node) is an `AgentExtension` that the composition
+machine. Everything else a node does (announce over BGP, follow the GSLB, share flows
+with its peers, elect an active node) is an `AgentExtension` that the composition
 root (`edge.agent.run_agent`) builds and hands to the agent as a list. An extension sees the
 node only through `NodeControl`; the agent sees an extension only through this protocol.
 Neither mutates the other: no registries, no back references, no import of `edge.agent`.
@@ -10,12 +10,20 @@ Neither mutates the other: no registries, no back references, no import of `edge
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from contract.schemas import ServiceReport
+from edge.flows import FlowTable
 from edge.services import ServiceState
 from edge.state import Drain, DrainSource, NodeState, Transition
+
+#: What an extension that moves traffic awaits before a planned route change goes out
+#: (a drain, an undrain, a weight change, a join): it is given what the change is, and
+#: returns once whatever must hold before it does (peers hold this node's flows), bounded
+#: by its own timeout. The composition root wires one extension's into another's.
+BeforeRouteChange = Callable[[str], Awaitable[None]]
 
 
 class ExtensionSetupError(Exception):
@@ -58,6 +66,11 @@ class NodeControl(Protocol):
         """End the drain, if `source` may end it (the GSLB ends only its own)."""
 
     def report(self) -> NodeReport: ...
+
+    @property
+    def flows(self) -> FlowTable:
+        """The node's established client flows and their accept/close stream."""
+        ...
 
     def service_states(self) -> dict[str, ServiceState]:
         """Each service's own state, by name (one, "default", in today's shape)."""

@@ -886,3 +886,492 @@ def netlab(edge_count: int = 2, **kwargs: Any) -> Iterator[NetLab]:
         yield lab
     finally:
         lab.close()
+
+
+# -- flow sharing: a segment among the edges, echo backends, long-lived clients ---------
+
+PEER_LAN = "198.18.1"  # the edges' own segment: 198.18.1.<edge index>/24
+
+
+def peer_lan_interface(lab: NetLab, edge: Edge) -> str:
+    return f"ae{lab.suffix}l{edge.index}"
+
+
+def peer_lan_address(edge: Edge) -> IPv4Address:
+    return IPv4Address(f"{PEER_LAN}.{edge.index}")
+
+
+def add_peer_lan(lab: NetLab) -> None:
+    """A switch (a bridge in a namespace of its own) joining every edge on 198.18.1.0/24:
+    the edges' flow streams and the packets they hand each other use it."""
+    switch = lab._add_netns("s")
+    run("ip", "-n", switch, "link", "add", "br0", "type", "bridge")
+    run("ip", "-n", switch, "link", "set", "br0", "up")
+    for edge in lab.edges:
+        port, ifname = f"ae{lab.suffix}s{edge.index}", peer_lan_interface(lab, edge)
+        lab._veth(switch, port, edge.netns, ifname)
+        run("ip", "-n", switch, "link", "set", port, "master", "br0", "up")
+        run("ip", "-n", edge.netns, "addr", "add", f"{peer_lan_address(edge)}/24", "dev", ifname)
+        run("ip", "-n", edge.netns, "link", "set", ifname, "up")
+
+
+_ECHO_SERVER = """
+import asyncio
+async def echo(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    writer.close()
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", {port}, backlog=1024)
+    print("ready", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+_LONG_CLIENT = """
+import asyncio, collections, json, re, sys
+VIP, PORT, PERIOD, PATIENCE, HTTP = "{vip}", {port}, {period}, {patience}, {http}
+REQUEST = b"GET /health HTTP/1.1\\r\\nHost: lab\\r\\n\\r\\n"
+state = {{"open": 0, "broken": collections.Counter(), "opened": collections.Counter(),
+         "failed_connects": collections.Counter(), "closed": collections.Counter(),
+         "echoes": 0}}
+
+class Closed(Exception):
+    pass
+
+async def exchange(reader, writer, n):
+    if not HTTP:
+        message = b"%08d\\n" % n
+        writer.write(message)
+        echo = await asyncio.wait_for(reader.readexactly(len(message)), PATIENCE)
+        if echo != message:
+            raise ValueError("wrong echo")
+        return
+    writer.write(REQUEST)
+    head = await asyncio.wait_for(reader.readuntil(b"\\r\\n\\r\\n"), PATIENCE)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ValueError("not a 200")
+    length = re.search(rb"(?i)\\r\\ncontent-length: *(\\d+)", head)
+    if length is None:
+        raise ValueError("no content-length")
+    await asyncio.wait_for(reader.readexactly(int(length.group(1))), PATIENCE)
+    if re.search(rb"(?i)\\r\\nconnection: *close", head):
+        raise Closed()  # a graceful end after a whole response (a drain): not a reset
+
+async def one(tag, ready):
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(VIP, PORT), PATIENCE)
+    except (OSError, asyncio.TimeoutError):
+        state["failed_connects"][tag] += 1
+        ready.release()
+        return
+    state["open"] += 1
+    state["opened"][tag] += 1
+    ready.release()
+    n = 0
+    try:
+        while True:
+            n += 1
+            await exchange(reader, writer, n)
+            state["echoes"] += 1
+            await asyncio.sleep(PERIOD)
+    except Closed:
+        state["closed"][tag] += 1
+    except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+            asyncio.LimitOverrunError):
+        state["broken"][tag] += 1
+    finally:
+        state["open"] -= 1
+        writer.close()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    tasks = set()
+    while line := (await reader.readline()).decode().split():
+        if line[0] == "open":
+            count, tag = int(line[1]), line[2]
+            ready = asyncio.Semaphore(0)
+            for _ in range(count):
+                task = loop.create_task(one(tag, ready))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(0.002)
+            for _ in range(count):
+                await ready.acquire()
+        out = {{k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in state.items()}}
+        print(json.dumps(out), flush=True)
+    for task in tasks:
+        task.cancel()
+
+asyncio.run(main())
+"""
+
+
+def start_echo_backend(lab: NetLab, edge: Edge, port: int) -> None:
+    """An echo server on the edge's loopback (the agent's backend)."""
+    code = _ECHO_SERVER.format(port=port)
+    proc = lab.spawn(netns_command(edge.netns, sys.executable, "-c", code), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(b"ready"):
+        raise RuntimeError(f"echo backend on edge {edge.index} did not start: {line!r}")
+
+
+class LongLivedClient:
+    """Connections from the lab's client to the VIP that each send a line and expect its
+    echo every `period` s; one that fails (reset, EOF, no echo within `patience` s) is
+    broken and counted under the tag it was opened with. Bounded by the lab's life."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._proc = process
+
+    @staticmethod
+    def code(
+        port: int = 8080, period: float = 0.1, patience: float = 2.0, http: bool = False
+    ) -> str:
+        """The client's program (`python -c`): commands on stdin, a JSON report per line.
+        `http`: each exchange is a keep-alive GET /health instead of an echoed line; a
+        response with `Connection: close` (a draining node's) ends it as closed, not broken."""
+        return _LONG_CLIENT.format(vip=VIP, port=port, period=period, patience=patience, http=http)
+
+    @classmethod
+    def in_netlab(cls, lab: NetLab, port: int = 8080) -> LongLivedClient:
+        """In the lab's client namespace (the lab ends it)."""
+        command = netns_command(lab.client_netns, sys.executable, "-c", cls.code(port))
+        return cls(lab.spawn(command, stdout=subprocess.PIPE, stdin_pipe=True))
+
+    def _ask(self, line: str, timeout: float = 60.0) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        self._proc.stdin.flush()
+        answer: queue.Queue[bytes] = queue.Queue()
+        stdout = self._proc.stdout
+        threading.Thread(target=lambda: answer.put(stdout.readline()), daemon=True).start()
+        try:
+            raw = answer.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the long-lived client did not answer {line!r}") from None
+        report: dict[str, Any] = json.loads(raw)
+        return report
+
+    def open(self, count: int, tag: str) -> dict[str, Any]:
+        """Opens `count` connections tagged `tag`; returns once each connected or failed."""
+        return self._ask(f"open {count} {tag}")
+
+    def report(self) -> dict[str, Any]:
+        """{open, echoes, opened: {tag: n}, broken: {tag: n}, failed_connects: {tag: n},
+        closed: {tag: n}}"""
+        return self._ask("report")
+
+
+def in_netns(netns: str, make: Callable[[], Any]) -> Any:
+    """Runs a coroutine (from `make()`) whose sockets are made inside `netns` (this thread)."""
+    import asyncio
+
+    from pyroute2.netns import popns, pushns
+
+    pushns(netns)
+    try:
+        return asyncio.run(make())
+    finally:
+        popns()
+
+
+FLOW_KEY = "the-lab-flow-sharing-key-0123456789"
+FLOW_OPERATOR = "operator-token-for-the-flow-lab"
+FLOW_API_PORT = 8089
+FLOW_PORT = 8080  # the L4 listener on the VIP
+OVERLAY_VNI = 4242
+
+
+class FlowFleet:
+    """Edges running the real agent with an L4 listener on the VIP in front of an echo
+    backend, BGP to the lab's router, the GSLB API (SQLite) in the router's namespace;
+    with `forwarding`, each agent runs the flowshare extension over the peers' segment.
+    Build the lab with a client; `add_peer_lan` is done here.
+
+    With `across_sites`, edges 1 and 2 are site "a" and edge 3 site "b" at the GSLB, they
+    share no segment, and the agents build a VXLAN overlay among themselves over their
+    routed addresses (the links to the router) instead."""
+
+    def __init__(self, lab: NetLab, forwarding: bool, across_sites: bool = False) -> None:
+        assert lab.router is not None and lab.client_netns
+        self.lab, self.forwarding, self.across_sites = lab, forwarding, across_sites
+        self.router = lab.router
+        self.agents: dict[int, subprocess.Popen[bytes]] = {}
+        if not across_sites:
+            add_peer_lan(lab)
+        self.api_url = f"http://{lab.edges[0].router_address}:{FLOW_API_PORT}"
+
+    def start_api(self) -> None:
+        import yaml
+
+        settings = {
+            "host": str(self.lab.edges[0].router_address),
+            "port": FLOW_API_PORT,
+            "store": {"kind": "sqlite", "path": str(self.lab.workdir / "gslb.db")},
+            "heartbeat_ttl_s": 3,
+            "tokens": [{"name": "ops", "role": "operator", "token": FLOW_OPERATOR}]
+            + [
+                {"name": f"edge{e.index}", "role": "node", "node": f"edge{e.index}",
+                 "token": f"node-token-{e.index}"}
+                for e in self.lab.edges
+            ],
+        }  # fmt: skip
+        path = self.lab.workdir / "gslb.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        log = (self.lab.workdir / "api.log").open("ab")
+        root = Path(__file__).resolve().parents[2]
+        command = netns_command(
+            self.router.netns, sys.executable, "-m", "api", "--config", str(path)
+        )
+        self.lab.spawn(command, cwd=root, stdout=log)
+
+        async def seeded() -> bool:
+            from contract.client import ApiClient, ApiError
+            from contract.schemas import NodeSpec, SiteSpec
+
+            try:
+                async with ApiClient([self.api_url], FLOW_OPERATOR) as operator:
+                    state = await operator.put_site("lab", SiteSpec(), revision=0)
+                    if self.across_sites:
+                        state = await operator.put_site("b", SiteSpec(), revision=state.revision)
+                    for edge in self.lab.edges:
+                        spec = NodeSpec(site=self.site(edge), weight=100)
+                        state = await operator.put_node(
+                            f"edge{edge.index}", spec, revision=state.revision
+                        )
+            except (ApiError, OSError):
+                return False
+            return True
+
+        wait_for(lambda: bool(self.operate(seeded)), 30, interval=0.3, what="the GSLB API seeded")
+
+    def site(self, edge: Edge) -> str:
+        return "b" if self.across_sites and edge.index == 3 else "lab"
+
+    def operate(self, make: Callable[[], Any]) -> Any:
+        return in_netns(self.router.netns, make)
+
+    def set_weights(self, weights: dict[str, int]) -> None:
+        from contract.client import ApiClient
+        from contract.schemas import WeightsUpdate
+
+        async def change() -> None:
+            async with ApiClient([self.api_url], FLOW_OPERATOR) as operator:
+                state = await operator.state()
+                await operator.set_weights(WeightsUpdate(nodes=weights), revision=state.revision)
+
+        self.operate(change)
+
+    def drain(self, index: int, drained: bool) -> None:
+        self._drain("node", f"edge{index}", drained)
+
+    def drain_site(self, site: str, drained: bool) -> None:
+        self._drain("site", site, drained)
+
+    def _drain(self, kind: str, name: str, drained: bool) -> None:
+        from contract.client import ApiClient
+        from contract.schemas import DrainKind
+
+        async def change() -> None:
+            async with ApiClient([self.api_url], FLOW_OPERATOR) as operator:
+                state = await operator.state()
+                if drained:
+                    await operator.drain(
+                        DrainKind(kind), name, "maintenance", revision=state.revision
+                    )
+                else:
+                    await operator.undrain(DrainKind(kind), name, revision=state.revision)
+
+        self.operate(change)
+
+    def agent_config(self, edge: Edge) -> dict[str, Any]:
+        index = edge.index
+        config: dict[str, Any] = {
+            "node": {"name": f"edge{index}", "site": self.site(edge)},
+            "listeners": [
+                {"name": "tcp", "kind": "tcp", "address": VIP, "port": FLOW_PORT, "backlog": 2048}
+            ],
+            "backends": [{"name": f"b{index}", "address": "127.0.0.1", "port": 9000 + index}],
+            "health": {"active": {"interval": 0.2, "timeout": 0.2, "rise": 2, "fall": 2}},
+            "drain": {"deadline": 600},
+            "bgp": edge_bgp_config(
+                edge, runtime_dir=str(self.lab.workdir / f"run{index}")
+            ).model_dump(mode="json"),
+            "control_plane": {
+                "endpoints": [self.api_url],
+                "token": f"node-token-{index}",
+                "state_file": str(self.lab.workdir / f"desired{index}.json"),
+                "heartbeat_interval": 0.3,
+            },
+        }
+        config["bgp"]["neighbors"][0]["md5_password"] = edge.md5_password
+        if self.forwarding:
+            config["flowshare"] = {
+                "local_address": str(peer_lan_address(edge)),
+                "peers": [
+                    {"name": f"edge{e.index}", "address": str(peer_lan_address(e))}
+                    | ({"underlay": str(e.address)} if self.across_sites else {})
+                    for e in self.lab.edges
+                    if e is not edge
+                ],
+                "peer_interface": peer_lan_interface(self.lab, edge),
+                "key": FLOW_KEY,
+                "heartbeat_interval": 0.2,
+                "peer_timeout": 2.0,
+                "runtime_dir": str(self.lab.workdir / f"run{index}"),
+            }
+            if self.across_sites:
+                config["flowshare"]["overlay"] = {
+                    "vni": OVERLAY_VNI,
+                    "underlay_address": str(edge.address),
+                }
+        return config
+
+    def start_edge(self, index: int) -> None:
+        """Backend and agent (the real `anycast-edge run`; with a flowshare: section its
+        composition root adds the extension)."""
+        start_echo_backend(self.lab, self.lab.edges[index - 1], 9000 + index)
+        self.start_agent(index)
+
+    def start_agent(self, index: int) -> None:
+        import yaml
+
+        edge = self.lab.edges[index - 1]
+        path = self.lab.workdir / f"node{index}.yaml"
+        path.write_text(yaml.safe_dump(self.agent_config(edge)))
+        log = (self.lab.workdir / f"agent{index}.log").open("ab")
+        command = [sys.executable, "-m", "edge.cli", "run", "--config", str(path)]
+        self.agents[index] = self.lab.spawn(netns_command(edge.netns, *command), stdout=log)
+
+    def agent_log(self, index: int) -> str:
+        return (self.lab.workdir / f"agent{index}.log").read_text(errors="replace")
+
+    def stop_agent(self, index: int, sig: int = signal.SIGINT) -> int:
+        """SIGINT: the agent stops at once and removes what it installed; SIGKILL: a crash.
+        Returns its exit code."""
+        process = self.agents.pop(index)
+        process.send_signal(sig)
+        return process.wait(30)
+
+    def status(self, index: int) -> dict[str, Any]:
+        status: dict[str, Any] = json.loads(self.admin(index, "/status"))
+        return status
+
+    def admin(self, index: int, path: str) -> str:
+        """A GET of the agent's admin endpoint (/status, /metrics)."""
+        edge = self.lab.edges[index - 1]
+        return run(*netns_command(edge.netns, "curl", "-sf", f"http://127.0.0.1:9901{path}"))
+
+    def nexthops(self) -> set[str]:
+        return set(self.router.fib_nexthops(VIP))
+
+    def weights(self) -> dict[str, int]:
+        return self.router.fib_nexthops(VIP)
+
+    def wait_settled(self, predicate: Callable[[dict[str, int]], bool], what: str) -> None:
+        """Until the router's FIB for the VIP satisfies `predicate` and has not moved for 1 s."""
+        wait_for(lambda: predicate(self.weights()), 60, interval=0.05, what=what)
+        last, since = self.weights(), time.monotonic()
+        deadline = since + 30
+        while time.monotonic() - since < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.weights()
+            if now != last:
+                last, since = now, time.monotonic()
+
+    def edge_address(self, index: int) -> str:
+        return str(self.lab.edges[index - 1].address)
+
+    def map_elements(self, index: int) -> dict[tuple[str, int, str, int], int]:
+        """The edge's forwarding map: (client, port, VIP, port) -> mark."""
+        edge = self.lab.edges[index - 1]
+        out = run(*netns_command(
+            edge.netns, "nft", "-j", "list", "map", "inet", "anycast_edge_flows", "owners4"
+        ))  # fmt: skip
+        elements: dict[tuple[str, int, str, int], int] = {}
+        for item in json.loads(out)["nftables"]:
+            for key, mark in item.get("map", {}).get("elem", []):
+                client, port, vip, vport = key["concat"]
+                elements[(client, int(port), vip, int(vport))] = int(mark)
+        return elements
+
+
+PLANNED_CHANGES = ("join", "weight_change", "drain", "undrain")
+#: Across sites (edge 3 alone in site "b"), then a drain of site b too.
+CROSS_SITE_CHANGES = (*PLANNED_CHANGES, "site_drain")
+
+
+def build_flow_fleet(
+    forwarding: bool, connections: int, across_sites: bool = False
+) -> tuple[NetLab, FlowFleet, LongLivedClient]:
+    """A lab with a client and three edges, edges 1 and 2 serving (edge 3 joins later),
+    `connections` long-lived connections open. The caller closes the lab."""
+    lab = NetLab.create(3, client=True)
+    try:
+        fleet = FlowFleet(lab, forwarding, across_sites)
+        fleet.start_api()
+        for index in (1, 2):
+            fleet.start_edge(index)
+        fleet.wait_settled(lambda hops: len(hops) == 2, "edges 1 and 2 in the router's FIB")
+        client = LongLivedClient.in_netlab(lab)
+        opened = client.open(connections, "base")
+        if opened["open"] != connections:
+            raise RuntimeError(f"only {opened['open']} of {connections} connections opened")
+    except BaseException:
+        lab.close()
+        raise
+    return lab, fleet, client
+
+
+def run_planned_changes(
+    fleet: FlowFleet, client: LongLivedClient, connections: int, young: int = 10
+) -> list[dict[str, Any]]:
+    """join (edge 3), weight 3:1:1, drain edge 1, undrain edge 1 (across sites: then a
+    drain of site b), each through the real path (agent start, GSLB API). Before each, the
+    pool is refilled to `connections` and `young` more open right before the change. Per
+    change: connections open at the change, how many broke, how many of the young ones
+    broke (across sites the names end in `_across_sites`)."""
+    e1, e2, e3 = fleet.edge_address(1), fleet.edge_address(2), fleet.edge_address(3)
+    changes: dict[str, tuple[Callable[[], None], Callable[[dict[str, int]], bool]]] = {
+        "join": (lambda: fleet.start_edge(3), lambda hops: len(hops) == 3),
+        "weight_change": (
+            lambda: fleet.set_weights({"edge1": 300}),
+            lambda hops: hops.get(e1, 0) >= 2.5 * hops.get(e2, 1),
+        ),
+        "drain": (lambda: fleet.drain(1, True), lambda hops: len(hops) == 2 and e1 not in hops),
+        "undrain": (lambda: fleet.drain(1, False), lambda hops: len(hops) == 3),
+        "site_drain": (
+            lambda: fleet.drain_site("b", True),
+            lambda hops: len(hops) == 2 and e3 not in hops,
+        ),
+    }
+    results = []
+    for name in CROSS_SITE_CHANGES if fleet.across_sites else PLANNED_CHANGES:
+        change, settled = changes[name]
+        missing = connections - client.report()["open"]
+        if missing > 0:  # without forwarding, earlier changes broke some
+            client.open(missing, f"refill-{name}")
+        before = client.open(young, f"young-{name}")  # the last ~100 ms before the change
+        change()
+        fleet.wait_settled(settled, f"the router's FIB after the {name}")
+        time.sleep(2.5)  # a broken connection shows within the client's patience (2 s)
+        after = client.report()
+        broken = sum(after["broken"].values()) - sum(before["broken"].values())
+        results.append(
+            {
+                "name": f"{name}_across_sites" if fleet.across_sites else name,
+                "forwarding": fleet.forwarding,
+                "connections": before["open"],
+                "broken": broken,
+                "young_broken": after["broken"].get(f"young-{name}", 0),
+            }
+        )
+    return results

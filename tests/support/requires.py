@@ -25,6 +25,7 @@ PARTS: dict[str, tuple[Callable[[], bool], str]] = {
         "needs FRR (/usr/lib/frr/bgpd and vtysh; Debian package frr)",
     ),
     "etcd": (lambda: shutil.which("etcd") is not None, "needs etcd (Debian package etcd-server)"),
+    "nft": (lambda: shutil.which("nft") is not None, "needs nftables (Debian package nftables)"),
     "openssl": (lambda: shutil.which("openssl") is not None, "needs openssl"),
     "haproxy": (lambda: shutil.which("haproxy") is not None, "needs haproxy"),
     "chromium": (

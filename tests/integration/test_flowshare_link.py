@@ -1,0 +1,90 @@
+"""The flow-sharing streams over real sockets on loopback (no kernel forwarding): peers
+converge on each other's flows, the planned-change barrier returns once both hold ours,
+a restarted peer's old flows are dropped, a peer that is down is named by the barrier."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from edge.config import parse_config
+from edge.flows import FlowTable
+from edge.flowshare.extension import FlowShareExtension
+from edge.flowshare.wire import flow_key
+from tests.support.procs import free_port
+
+VIP = "198.51.100.10"
+NODES = {"a": "127.0.0.1", "b": "127.0.0.2", "c": "127.0.0.3"}
+
+
+def extension(name: str, port: int, tmp: Path) -> FlowShareExtension:
+    config = parse_config(
+        {
+            "node": {"name": name, "site": "s"},
+            "listeners": [{"name": "tcp", "kind": "tcp", "address": VIP, "port": 8080}],
+            "backends": [{"name": "b", "address": "127.0.0.1", "port": 9}],
+            "flowshare": {
+                "local_address": NODES[name],
+                "port": port,
+                "peers": [{"name": n, "address": a} for n, a in NODES.items() if n != name],
+                "peer_interface": "lo",
+                "key": "a-test-key-of-16+bytes",
+                "forwarding": False,
+                "heartbeat_interval": 0.05,
+                "runtime_dir": str(tmp / name),
+            },
+        }
+    )
+    return FlowShareExtension(config)
+
+
+def node(table: FlowTable) -> Any:
+    """What the extension reads of the agent's NodeControl: its flow table."""
+    return SimpleNamespace(flows=table)
+
+
+async def until(predicate: Any, what: str, bound_s: float = 10.0) -> None:
+    async with asyncio.timeout(bound_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    assert predicate(), what
+
+
+@pytest.mark.timeout(60)
+async def test_peers_converge_and_the_barrier_waits_for_their_acks(tmp_path: Path) -> None:
+    port = free_port()
+    tables = {name: FlowTable() for name in NODES}
+    a, b = (extension(n, port, tmp_path) for n in ("a", "b"))
+    tables["a"].open("198.19.0.2", 40000, "tcp", "b1")  # before start: in the first snapshot
+    await a.start(node(tables["a"]))
+    await b.start(node(tables["b"]))
+    try:
+        assert await b.wait_peers_synced(1) == ["c"]  # c never started: named, bounded
+        flows = [tables["a"].open("198.19.0.2", 40001 + i, "tcp", "b1") for i in range(50)]
+        report = await a.hold_current_flows(5)
+        assert report.acked == ("b",) and report.missing == ("c",)
+        held = b.directory.table("a").owned()
+        assert held == {flow_key("198.19.0.2", 40000 + i, VIP, 8080) for i in range(51)}
+        for flow in flows[:25]:
+            tables["a"].close(flow)
+        await a.hold_current_flows(5)
+        assert len(b.directory.table("a")) == 26
+        assert a.status()["sync_lag_ms"]["samples"] > 0
+        assert a.status()["peers"]["b"]["holds_of_ours"] == 26
+
+        # a restarts (new boot): b drops a's old flows and takes the new snapshot.
+        await a.stop()
+        tables["a"] = FlowTable()
+        tables["a"].open("198.19.0.9", 50000, "tcp", "b1")
+        a = extension("a", port, tmp_path)
+        await a.start(node(tables["a"]))
+        await until(lambda: len(b.directory.table("a")) == 1, "b holds a's new table")
+        assert b.directory.table("a").owned() == {flow_key("198.19.0.9", 50000, VIP, 8080)}
+        assert a.status()["refused_frames"] == {} and b.status()["refused_frames"] == {}
+    finally:
+        await a.stop()
+        await b.stop()
