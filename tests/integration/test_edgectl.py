@@ -189,7 +189,7 @@ def test_status_nodes_events_weights_convergence(fleet: ApiUnderTest) -> None:
     assert f"revision {revision}" in human
 
     status = json.loads(ok(run(api, "status", "--json")).stdout)
-    assert set(status) == {"revision", "converged", "lagging", "sites", "nodes"}
+    assert set(status) == {"revision", "converged", "lagging", "sites", "nodes", "groups"}
     assert status["revision"] == revision
     assert [s["name"] for s in status["sites"]] == ["site-a", "site-b"]
     nodes = {n["name"]: n for n in status["nodes"]}

@@ -29,8 +29,13 @@ class RecordingSpeaker:
         pass
 
     def update(
-        self, *, serving: Serving | None = None, link_bandwidth_mbps: float | None = None
+        self,
+        *,
+        serving: Serving | None = None,
+        link_bandwidth_mbps: float | None = None,
+        group_serving: object = None,
     ) -> Reason:
+        assert group_serving is None  # no services: the node's own prefixes
         self.updates.append((serving, link_bandwidth_mbps))
         return Reason.ANNOUNCE_HEALTHY
 
