@@ -27,6 +27,10 @@ PARTS: dict[str, tuple[Callable[[], bool], str]] = {
     "etcd": (lambda: shutil.which("etcd") is not None, "needs etcd (Debian package etcd-server)"),
     "openssl": (lambda: shutil.which("openssl") is not None, "needs openssl"),
     "haproxy": (lambda: shutil.which("haproxy") is not None, "needs haproxy"),
+    "promtool": (
+        lambda: shutil.which("promtool") is not None,
+        "needs promtool (Debian package prometheus)",
+    ),
     "chromium": (
         lambda: Path(CHROMIUM).exists(),
         f"needs Chromium at {CHROMIUM} (Debian package chromium)",
