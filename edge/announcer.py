@@ -62,7 +62,12 @@ class BgpAnnouncer:
     def set_link_bandwidth(self, mbps: float) -> None:
         """The GSLB's share for this node, in Mbit/s (what it announces at full health)."""
         reason = self.speaker.update(link_bandwidth_mbps=mbps)
-        log.info("bgp: link bandwidth %.1f Mbit/s -> %s", mbps, reason)
+        log.info(
+            "bgp: link bandwidth %.1f Mbit/s -> %s",
+            mbps,
+            reason,
+            extra={"event": "link_bandwidth", "link_bandwidth_mbps": mbps, "reason": str(reason)},
+        )
 
     def on_transition(self, transition: Transition) -> None:
         self._apply(transition.new, transition.drain)
@@ -70,7 +75,20 @@ class BgpAnnouncer:
     def _apply(self, state: NodeState, drain: Drain) -> None:
         wanted = serving(state, drain)
         reason = self.speaker.update(serving=wanted)
-        log.info("bgp: node %s (drain %s) -> %s: %s", state, drain.phase, wanted, reason)
+        log.info(
+            "bgp: node %s (drain %s) -> %s: %s",
+            state,
+            drain.phase,
+            wanted,
+            reason,
+            extra={
+                "event": "announcement",
+                "state": str(state),
+                "drain": str(drain.phase),
+                "serving": str(wanted),
+                "reason": str(reason),
+            },
+        )
 
     def degraded_reason(self) -> str | None:
         return self.speaker.degraded_reason()
@@ -86,5 +104,10 @@ class BgpAnnouncer:
         node = self._node
         assert node is not None, "started before a drain"
         report = await self.speaker.wait_traffic_moved(lambda: node.report().accepted_total)
-        log.info("bgp drain: %s after %.1f s", report.outcome, report.waited_s)
+        log.info(
+            "bgp drain: %s after %.1f s",
+            report.outcome,
+            report.waited_s,
+            extra={"event": "drain", "outcome": str(report.outcome), "waited_s": report.waited_s},
+        )
         return True

@@ -1,7 +1,8 @@
 """The lab's Prometheus files hold up: promtool (Debian's `prometheus` package) accepts the
 config and the alert rules, and `promtool test rules` runs the rule unit tests in
 tests/unit/prometheus/, which fire every alert on the series that should fire it and keep
-it quiet on a near miss. Every alert has such a test."""
+it quiet on a near miss. Every alert has such a test. Every query of the Grafana dashboard is
+PromQL that promtool parses (each checked as a recording rule)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from tests.support.procs import ROOT
+from tests.support.prometheus import alert_rules, dashboard, dashboard_queries
 
 pytestmark = pytest.mark.needs("promtool")
 
@@ -28,8 +30,7 @@ def promtool(*args: str, cwd: Path) -> str:
 
 
 def alert_names() -> list[str]:
-    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
-    return [rule["alert"] for group in groups for rule in group["rules"]]
+    return [rule["alert"] for rule in alert_rules()]
 
 
 def test_promtool_accepts_the_config_and_its_rules() -> None:
@@ -60,3 +61,25 @@ def test_every_alert_has_a_rule_test_that_fires_it() -> None:
 def test_alert_names_are_unique() -> None:
     names = alert_names()
     assert len(names) == len(set(names))
+
+
+def test_every_dashboard_query_is_promql(tmp_path: Path) -> None:
+    queries = [q for q in dashboard_queries() if not q.startswith("label_values(")]
+    assert len(queries) > 30
+    rules = [{"record": f"dashboard:query{i}", "expr": q} for i, q in enumerate(queries)]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert f"SUCCESS: {len(rules)} rules found" in promtool(
+        "check", "rules", path.name, cwd=tmp_path
+    )
+
+
+def test_the_dashboard_is_well_formed() -> None:
+    board = dashboard()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    assert board["uid"] == "anycast-edge"
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
