@@ -83,3 +83,8 @@ def test_the_dashboard_is_well_formed() -> None:
         if panel["type"] != "row":
             assert panel["targets"], panel["title"]
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_the_readme_says_what_each_alert_means() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in alert_names() if f"| {name} |" not in readme] == []
