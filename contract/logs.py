@@ -25,9 +25,11 @@ from typing import Any, Literal
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-#: What every LogRecord carries: never copied as a structured field.
+#: What every LogRecord carries (and uvicorn's ANSI-coloured copy of the message): never
+#: copied as a structured field.
 _RECORD_ATTRIBUTES = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "color_message"}
 )
 
 
