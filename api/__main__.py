@@ -6,15 +6,17 @@ Bad configuration: one line on stderr naming the field, exit status 2, nothing s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
 
 from api.app import create_app
 from api.auth import TokenTable
-from api.settings import ConfigError, Settings, load_settings
+from api.settings import ConfigError, Settings, check_files, load_settings
 from api.store import open_store
 
 
@@ -27,17 +29,45 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings: Settings = load_settings(args.config)
-        tokens = TokenTable.from_settings(settings)  # resolves token_env now, not per request
+        tokens = TokenTable.from_settings(
+            settings, str(args.config)
+        )  # resolves token_env now, not per request
+        check_files(settings, str(args.config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _configure_logging(settings)
+    # httpx logs every request at INFO: with etcd that is every store call (the gateway logs
+    # them itself, at DEBUG).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(open_store(settings.store), settings, tokens)
     tls = settings.tls
     uvicorn.run(
@@ -49,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         # Access logs show method, path and status only; headers (tokens) are never logged.
         access_log=False,
         log_level="info",
+        log_config=None,  # uvicorn's loggers go through the root handler (and its format)
         timeout_graceful_shutdown=2,
     )
     return 0

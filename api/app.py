@@ -11,15 +11,21 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import ui
 from api.auth import TokenTable
+from api.failopen import FailOpen
+from api.metrics import ApiMetrics, RequestMetrics
 from api.routes import (
     convergence,
     drains,
@@ -29,12 +35,14 @@ from api.routes import (
     services,
     sites,
     state,
+    status,
     weights,
 )
-from api.routes.common import ApiError, AppContext
+from api.routes.common import ApiError, AppContext, Reader, answers, problem_response
 from api.settings import Settings
 from api.store.base import Store, StoreUnavailable
 from api.views import SnapshotCache
+from contract.schemas import NODE_CONTRACT_VERSION
 
 log = logging.getLogger("api")
 
@@ -111,50 +119,95 @@ def _field_of(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
+def _methods_for(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"detail": exc.detail, "field": exc.field}, status_code=exc.status, headers=exc.headers
-        )
+        return problem_response(exc.status, exc.detail, exc.field, exc.headers, exc.budget)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         field = _field_of(tuple(first.get("loc", ())))
-        return JSONResponse(
-            {"detail": f"{field}: {first.get('msg', 'invalid')}", "field": field},
-            status_code=422,
-        )
+        if first.get("type") == "json_invalid":
+            return problem_response(400, "the body is not valid JSON", "body")
+        return problem_response(422, f"{field}: {first.get('msg', 'invalid')}", field)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("store unavailable: %s", exc)
-        return JSONResponse(
-            {"detail": "state store unavailable, retry", "field": None},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        return problem_response(503, "state store unavailable, retry", None, {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc.detail), "field": None},
-            status_code=exc.status_code,
-            headers=dict(exc.headers or {}),
-        )
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; the resource is all of them.
+            headers["Allow"] = ", ".join(_methods_for(request.app, request.url.path))
+        return problem_response(exc.status_code, str(exc.detail), None, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug: log it with the route (never headers, which carry tokens).
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error", "field": None}, status_code=500)
+        return problem_response(500, "internal error")
 
 
-async def _sweep_forever(store: Store, settings: Settings) -> None:
+def _describe(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, completed where FastAPI cannot know: If-Match is required
+    (the route answers 428 itself rather than a generic 422, so FastAPI sees it optional),
+    header parameters are plain strings, the node contract version is required and is the
+    one this API speaks (a route answers 426 itself to any other, or to none, so an older
+    agent learns why), and every answer carrying an ETag links to every
+    write's If-Match, so a generated client can chain a read and a write."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    operations = [op for ops in schema["paths"].values() for op in ops.values()]
+    writes: list[str] = []
+    for op in operations:
+        for param in op.get("parameters", []):
+            if param["in"] == "query" and param["name"] == "contract":
+                param["required"] = True
+                param["schema"] = {"type": "integer", "enum": [NODE_CONTRACT_VERSION]}
+            if param["in"] != "header":
+                continue
+            variants = param["schema"].get("anyOf", [param["schema"]])
+            param["schema"] = next(v for v in variants if v.get("type") != "null")
+            if param["name"] == "If-Match":
+                param["required"] = True
+                writes.append(op["operationId"])
+    for op in operations:
+        ok = op["responses"].get("200", {})
+        if "ETag" in ok.get("headers", {}):
+            ok["links"] = {
+                f"IfMatch-{target}": {
+                    "operationId": target,
+                    "parameters": {"header.If-Match": "$response.header.ETag"},
+                }
+                for target in writes
+            }
+    # /metrics answers text only; FastAPI adds a JSON 200 to every route.
+    schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"].pop("application/json")
+    app.openapi_schema = schema
+    return schema
+
+
+async def _sweep_forever(store: Store, settings: Settings, fail_open: FailOpen) -> None:
     while True:
         await asyncio.sleep(settings.sweep_interval_s)
+        if fail_open.starting():
+            continue  # leases that expired while this API was down prove nothing yet
         try:
             dead = await store.sweep_dead(datetime.now(UTC), settings.heartbeat_ttl_s)
         except StoreUnavailable as exc:
@@ -168,17 +221,27 @@ async def _sweep_forever(store: Store, settings: Settings) -> None:
 
 
 def create_app(store: Store, settings: Settings, tokens: TokenTable | None = None) -> FastAPI:
+    metrics = ApiMetrics()
+    metrics.watch_store(store)
+    fail_open = FailOpen(store, settings.panic_threshold, settings.heartbeat_ttl_s)
+    snapshots = SnapshotCache(store, fail_open.weigh_from)
+    metrics.watch_snapshots(snapshots)
+    metrics.watch_fail_open(fail_open)
     ctx = AppContext(
         store=store,
         settings=settings,
         tokens=tokens or TokenTable.from_settings(settings),
-        snapshots=SnapshotCache(store),
+        snapshots=snapshots,
+        metrics=metrics,
+        fail_open=fail_open,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.start()
-        sweeper = asyncio.create_task(_sweep_forever(store, settings), name="dead-node-sweeper")
+        sweeper = asyncio.create_task(
+            _sweep_forever(store, settings, fail_open), name="dead-node-sweeper"
+        )
         try:
             yield
         finally:
@@ -194,8 +257,10 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
         description="Desired state (revisioned, If-Match), heartbeats, events, convergence.",
     )
     app.state.ctx = ctx
+    app.openapi = lambda: _describe(app)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    for module in (state, sites, nodes, services, weights, drains, heartbeats, events, convergence):
+    routers = (state, sites, nodes, services, weights, drains, heartbeats, events, convergence)
+    for module in (*routers, status):
         app.include_router(module.router)
     app.include_router(ui.router)
 
@@ -203,5 +268,19 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        # No response_class: FastAPI would then document the errors' Problem as text/plain.
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+            **answers(401, 403),
+        },
+    )
+    async def prometheus(_: Reader) -> PlainTextResponse:
+        """Prometheus text format (needs a viewer or operator token, like every read)."""
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

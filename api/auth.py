@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from api.settings import Settings
+from api.settings import ConfigError, Settings
 from contract.schemas import Role
 
 
@@ -45,11 +45,21 @@ class TokenTable:
         self.allow_anonymous_read = allow_anonymous_read
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TokenTable:
-        entries = {
-            _digest(t.secret()): Identity(name=t.name, role=t.role, node=t.node)
-            for t in settings.tokens
-        }
+    def from_settings(cls, settings: Settings, source: str = "config") -> TokenTable:
+        """Resolve every secret now; two tokens with one secret are a config error (which
+        role would it be?)."""
+        entries: dict[bytes, Identity] = {}
+        for t in settings.tokens:
+            try:
+                digest = _digest(t.secret())
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            other = entries.get(digest)
+            if other is not None:
+                raise ConfigError(
+                    f"{source}: tokens[{t.name}]: same secret as tokens[{other.name}]"
+                )
+            entries[digest] = Identity(name=t.name, role=t.role, node=t.node)
         return cls(entries, settings.allow_anonymous_read)
 
     def identify(self, authorization: str | None) -> Identity | None:

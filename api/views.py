@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,11 +42,17 @@ class Snapshot:
 
 
 def build_snapshot(
-    desired: DesiredState, observed: dict[str, NodeObserved], generation: int, built_at: float
+    desired: DesiredState,
+    observed: dict[str, NodeObserved],
+    generation: int,
+    built_at: float,
+    weigh_from: dict[str, NodeObserved] | None = None,
 ) -> Snapshot:
+    """`weigh_from`: the observed view the weights are computed from, when it differs from
+    what is shown (fail-open, api/panic.py)."""
     health = {
         name: NodeHealth(o.liveness, o.heartbeat.state if o.heartbeat else None)
-        for name, o in observed.items()
+        for name, o in (observed if weigh_from is None else weigh_from).items()
     }
     return Snapshot(
         desired=desired,
@@ -127,11 +134,22 @@ class SnapshotCache:
     core instead of one full rebuild per change, at the price of a few ms of latency.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        weigh_from: Callable[[DesiredState, dict[str, NodeObserved]], dict[str, NodeObserved]]
+        | None = None,
+    ) -> None:
         self._store = store
+        self._weigh_from = weigh_from
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._last_build_s = 0.0
+
+    @property
+    def latest(self) -> Snapshot | None:
+        """The last snapshot built, whatever its age (for metrics; never triggers a read)."""
+        return self._snapshot
 
     def _fresh(self, generation: int) -> Snapshot | None:
         snapshot = self._snapshot
@@ -178,6 +196,9 @@ class SnapshotCache:
             started = time.monotonic()
             desired = await self._store.read_desired()
             observed = await self._store.read_observed(datetime.now(UTC))
-            self._snapshot = build_snapshot(desired, observed, generation, time.monotonic())
+            weigh_from = self._weigh_from(desired, observed) if self._weigh_from else None
+            self._snapshot = build_snapshot(
+                desired, observed, generation, time.monotonic(), weigh_from
+            )
             self._last_build_s = self._snapshot.built_at - started
             return self._snapshot

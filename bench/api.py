@@ -9,6 +9,11 @@
    generator runs in this process on the same 2 cores, so it competes with the API.
 3. etcd leader killed (kill -9) during a stream of writes: the longest gap between two
    acknowledged writes, and acknowledged writes missing afterwards (target 0).
+4. watch wake-up with one member frozen: the member carrying the API's etcd watch is
+   SIGSTOPped, a write goes through a second API instance that only knows the other two
+   members, and the time from that write to the first API's /v1/watch (parked before the
+   freeze) answering with it is measured (p50/max over n rounds; the API's watch must notice
+   the silent member and move: about one watch_probe_s plus one request timeout).
 
 The API runs as its own process (`python -m api`), etcd as a real 3-member cluster, all on
 loopback, everything stopped at the end.
@@ -253,6 +258,45 @@ async def heartbeats(
     }
 
 
+async def watch_frozen_member(
+    workdir: Path, cluster: LocalEtcdCluster, watched: ApiProcess, rounds: int
+) -> dict[str, Any]:
+    """Round r freezes member r % 3: the watched API lists the members in order, so its
+    watch starts on member 0 and each failover moves it (and its other requests) to the
+    next one."""
+    revision = await seed(watched.url, 2)
+    urls = cluster.client_urls
+    wakeups: list[float] = []
+    async with ApiClient([watched.url], TOKEN) as client:
+        for r in range(rounds):
+            carrier = r % len(urls)
+            others = [u for i, u in enumerate(urls) if i != carrier]
+            writer = ApiProcess(workdir, {"kind": "etcd", "endpoints": others})
+            writer.start()
+            process = cluster.members[carrier].process
+            assert process is not None
+            try:
+                waiter = asyncio.create_task(client.watch_state(revision, timeout_s=30))
+                await asyncio.sleep(0.3)  # parked: from now on only a notification wakes it
+                process.send_signal(signal.SIGSTOP)
+                async with ApiClient([writer.url], TOKEN) as via_writer:
+                    started = time.perf_counter()
+                    state = await via_writer.put_site(f"w{r}", SiteSpec(), revision=revision)
+                seen = await waiter
+                wakeups.append(time.perf_counter() - started)
+                assert seen.revision >= state.revision, (seen.revision, state.revision)
+                revision = state.revision
+            finally:
+                process.send_signal(signal.SIGCONT)
+                writer.stop()
+                cluster.wait_healthy()
+    return {
+        "p50_ms": 1000 * percentile(wakeups, 0.5),
+        "max_ms": 1000 * max(wakeups),
+        "n": len(wakeups),
+    }
+
+
 async def leader_kill(url: str, cluster: LocalEtcdCluster, duration_s: float) -> dict[str, Any]:
     revision = await seed(url, 2)
     acknowledged: list[str] = []
@@ -316,6 +360,15 @@ def table(results: dict[str, Any]) -> str:
                 "p99 <= 50 ms, 0 errors",
             )
         )
+    f = results.get("watch_frozen_member")
+    if f:
+        rows.append(
+            (
+                f"watch wake-up, watch's etcd member frozen (n={f['n']})",
+                f"p50 {f['p50_ms']:.0f} ms, max {f['max_ms']:.0f} ms",
+                "well under the long-poll deadline",
+            )
+        )
     k = results.get("leader_kill")
     if k:
         rows.append(
@@ -342,6 +395,7 @@ def main() -> int:
     parser.add_argument("--etcd-nodes", type=int, nargs="*", default=[250, 1000])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--kill-duration", type=float, default=9.0)
+    parser.add_argument("--frozen-rounds", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("bench-results/api.json"))
     args = parser.parse_args()
     results: dict[str, Any] = {
@@ -400,6 +454,10 @@ def main() -> int:
                     )
                 )
                 results["heartbeats"].append({"store": "etcd", **result})
+            print("watch with a frozen member...", file=sys.stderr)
+            results["watch_frozen_member"] = asyncio.run(
+                watch_frozen_member(workdir, cluster, etcd_api, args.frozen_rounds)
+            )
             print("etcd leader kill...", file=sys.stderr)
             results["leader_kill"] = asyncio.run(
                 leader_kill(etcd_api.url, cluster, args.kill_duration)

@@ -5,7 +5,8 @@
   answered. Writes are safe to repeat: each carries If-Match and an Idempotency-Key that
   stays the same across the attempts, so a write whose answer was lost is recognised as
   ours instead of coming back as a conflict.
-* Errors are typed: `Conflict` carries the state someone else wrote (412), `NotFound`,
+* Errors are typed: `Conflict` carries the state someone else wrote (412), `BudgetRefused`
+  the disruption-budget bounds a change would break (409), `NotFound`,
   `Forbidden`, `Unauthorized`, `InvalidRequest` (422, with the field), `Unavailable` (no
   endpoint answered).
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from contract.schemas import (
     NODE_CONTRACT_VERSION,
-    ConflictBody,
+    BudgetBreach,
     Convergence,
     DesiredSpec,
     DesiredState,
@@ -39,6 +40,7 @@ from contract.schemas import (
     NodeDesired,
     NodeObserved,
     NodeSpec,
+    Problem,
     ServiceSpec,
     SiteSpec,
     WeightsUpdate,
@@ -46,6 +48,10 @@ from contract.schemas import (
 
 T = TypeVar("T")
 _RETRY_STATUSES = {502, 503, 504}
+#: Per request. Longer than the API's own bound on a store call (gslb.yaml etcd `deadline_s`,
+#: 5 s by default, plus one request timeout), so when the store is what is down the client
+#: hears the API's 503 saying so instead of giving up first and blaming the API.
+DEFAULT_TIMEOUT_S = 10.0
 
 
 class ApiError(Exception):
@@ -88,11 +94,26 @@ class ContractMismatch(ApiError):
     """The API publishes node views of another contract version than this client's."""
 
 
-class Unavailable(ApiError):
-    """No endpoint answered (or all answered 502/503/504)."""
+class BudgetRefused(ApiError):
+    """409 from the disruption budget: `breaches` are the bounds the change would break."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, breaches: list[BudgetBreach]) -> None:
+        super().__init__(409, detail, "budget")
+        self.breaches = breaches
+
+
+class Unavailable(ApiError):
+    """No endpoint answered (or all answered 502/503/504). `store`: every endpoint answered
+    503, i.e. the API is up and says its state store is not."""
+
+    def __init__(self, detail: str, *, store: bool = False) -> None:
         super().__init__(503, detail)
+        self.store = store
+
+    def describe(self) -> str:
+        """One line for an operator, naming what is really down."""
+        what = "the API's state store is unavailable" if self.store else "API unavailable"
+        return f"{what}: {self.detail}"
 
 
 _ERRORS: Mapping[int, type[ApiError]] = {
@@ -104,19 +125,23 @@ _ERRORS: Mapping[int, type[ApiError]] = {
 }
 
 
+def _problem(response: httpx.Response) -> Problem:
+    try:
+        return Problem.model_validate_json(response.content)
+    except ValidationError:
+        return Problem(detail=response.text[:200] or f"HTTP {response.status_code}")
+
+
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code == 412:
-        raise Conflict(ConflictBody.model_validate(body).current)
-    detail = str(body.get("detail", response.text)) if isinstance(body, dict) else response.text
-    field = body.get("field") if isinstance(body, dict) else None
+    problem = _problem(response)
+    if response.status_code == 412 and problem.current is not None:
+        raise Conflict(problem.current)
+    if response.status_code == 409 and problem.budget:
+        raise BudgetRefused(problem.detail, problem.budget)
     error = _ERRORS.get(response.status_code, ApiError)
-    raise error(response.status_code, detail, field if isinstance(field, str) else None)
+    raise error(response.status_code, problem.detail, problem.field)
 
 
 class ApiClient:
@@ -127,7 +152,7 @@ class ApiClient:
         endpoints: Sequence[str],
         token: str | None = None,
         *,
-        timeout_s: float = 5.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         verify: bool | str | ssl.SSLContext = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -171,6 +196,7 @@ class ApiClient:
         if content is not None:
             all_headers["Content-Type"] = "application/json"
         failures: list[str] = []
+        store_down = 0
         for attempt in range(len(self.endpoints)):
             index = (self._current + attempt) % len(self.endpoints)
             endpoint = self.endpoints[index]
@@ -187,11 +213,16 @@ class ApiClient:
                 failures.append(f"{endpoint}: {type(exc).__name__}")
                 continue
             if response.status_code in _RETRY_STATUSES:
-                failures.append(f"{endpoint}: HTTP {response.status_code}")
+                failures.append(
+                    f"{endpoint}: HTTP {response.status_code} {_problem(response).detail}"
+                )
+                store_down += response.status_code == 503
                 continue
             self._current = index
             _raise_for(response)
             return response
+        if store_down == len(self.endpoints):
+            raise Unavailable("; ".join(failures), store=True)
         raise Unavailable("no API endpoint answered: " + "; ".join(failures))
 
     async def _get(self, path: str, model: type[T] | TypeAdapter[T], **kwargs: Any) -> T:
@@ -199,9 +230,17 @@ class ApiClient:
         return _parse(response, model)
 
     async def _write(
-        self, method: str, path: str, revision: int, body: BaseModel | None = None
+        self,
+        method: str,
+        path: str,
+        revision: int,
+        body: BaseModel | None = None,
+        override: str | None = None,
     ) -> DesiredState:
+        """`override`: the reason to write even though the disruption budget refuses it."""
         headers = {"If-Match": f'"{revision}"', "Idempotency-Key": uuid.uuid4().hex}
+        if override is not None:
+            headers["Budget-Override"] = override
         response = await self._request(method, path, body=body, headers=headers)
         return _parse(response, DesiredState)
 
@@ -210,9 +249,11 @@ class ApiClient:
     async def state(self) -> DesiredState:
         return await self._get("/v1/state", DesiredState)
 
-    async def apply_state(self, spec: DesiredSpec, *, revision: int) -> DesiredState:
+    async def apply_state(
+        self, spec: DesiredSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
         """Replace sites, nodes and services in one revision."""
-        return await self._write("PUT", "/v1/state", revision, spec)
+        return await self._write("PUT", "/v1/state", revision, spec, override=override)
 
     async def watch_state(self, after_revision: int, timeout_s: float = 25.0) -> DesiredState:
         """Long-poll until the revision is above `after_revision` (or the timeout passes)."""
@@ -223,32 +264,53 @@ class ApiClient:
             timeout_s=timeout_s + self._timeout_s,
         )
 
-    async def put_site(self, name: str, spec: SiteSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/sites/{name}", revision, spec)
+    async def put_site(
+        self, name: str, spec: SiteSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/sites/{name}", revision, spec, override=override)
 
-    async def delete_site(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/sites/{name}", revision)
+    async def delete_site(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/sites/{name}", revision, override=override)
 
-    async def put_node(self, name: str, spec: NodeSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/nodes/{name}", revision, spec)
+    async def put_node(
+        self, name: str, spec: NodeSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/nodes/{name}", revision, spec, override=override)
 
-    async def delete_node(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/nodes/{name}", revision)
+    async def delete_node(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/nodes/{name}", revision, override=override)
 
-    async def put_service(self, name: str, spec: ServiceSpec, *, revision: int) -> DesiredState:
-        return await self._write("PUT", f"/v1/services/{name}", revision, spec)
+    async def put_service(
+        self, name: str, spec: ServiceSpec, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", f"/v1/services/{name}", revision, spec, override=override)
 
-    async def delete_service(self, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/services/{name}", revision)
+    async def delete_service(
+        self, name: str, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("DELETE", f"/v1/services/{name}", revision, override=override)
 
-    async def set_weights(self, update: WeightsUpdate, *, revision: int) -> DesiredState:
-        return await self._write("PUT", "/v1/weights", revision, update)
+    async def set_weights(
+        self, update: WeightsUpdate, *, revision: int, override: str | None = None
+    ) -> DesiredState:
+        return await self._write("PUT", "/v1/weights", revision, update, override=override)
 
     async def drain(
-        self, kind: DrainKind, name: str, reason: str, *, revision: int
+        self,
+        kind: DrainKind,
+        name: str,
+        reason: str,
+        *,
+        revision: int,
+        override: str | None = None,
     ) -> DesiredState:
+        """`override`: drain even though the disruption budget refuses it (the reason why)."""
         request = DrainRequest(kind=kind, name=name, reason=reason)
-        return await self._write("POST", "/v1/drains", revision, request)
+        return await self._write("POST", "/v1/drains", revision, request, override=override)
 
     async def undrain(self, kind: DrainKind, name: str, *, revision: int) -> DesiredState:
         return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision)

@@ -1,7 +1,9 @@
 """Wire schemas of the GSLB API, shared by the server, its typed client, edgectl and the agent.
 
 Every model forbids unknown fields and range-checks its numbers, so a typo in a request is
-a 422 naming the field instead of a silently ignored key. This module imports only pydantic
+a 422 naming the field instead of a silently ignored key. Numbers and booleans are strict:
+`true` or `"7"` is not a weight (JSON has distinct types; a client that sends the wrong one
+has a bug worth hearing about). This module imports only pydantic
 and the standard library: the edge agent and edgectl import it.
 """
 
@@ -12,15 +14,18 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 #: Names of sites, nodes and services: DNS-label-like, so they are safe in URLs, keys and logs.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", min_length=1, max_length=63)]
 #: Operator weight: a relative share; 0 means "take no traffic" without draining.
-Weight = Annotated[int, Field(ge=0, le=1000)]
+Weight = Annotated[int, Field(strict=True, ge=0, le=1000)]
 #: Capacity in Mbit/s; 0 is allowed (a node that exists but must not be given traffic).
-CapacityMbps = Annotated[int, Field(ge=0, le=10_000_000)]
-Revision = Annotated[int, Field(ge=0, le=2**63 - 1)]
+CapacityMbps = Annotated[int, Field(strict=True, ge=0, le=10_000_000)]
+Revision = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+#: A count in a heartbeat (backends, connections).
+Count = Annotated[int, Field(strict=True, ge=0, le=10**9)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 Reason = Annotated[str, Field(min_length=1, max_length=500)]
 
 #: The link-bandwidth (Mbit/s) the fleet's serving nodes announce between them when every one
@@ -32,6 +37,17 @@ FLEET_LINK_BANDWIDTH_MBPS = 1000.0
 #: apart. An agent sends it as the `contract` query parameter; a mismatch on either side is
 #: a clear error (426 from the API, ContractMismatch in the client), never a misread number.
 NODE_CONTRACT_VERSION: Final = 2
+
+
+def _text_not_number(value: object) -> object:
+    # pydantic reads an integer (and so `false`) as an address: 0 would become 0.0.0.0.
+    if isinstance(value, bool | int | float):
+        raise ValueError("expected an address as a string")
+    return value
+
+
+Address = Annotated[IPv4Address | IPv6Address, BeforeValidator(_text_not_number)]
+Prefix = Annotated[IPv4Network | IPv6Network, BeforeValidator(_text_not_number)]
 
 
 class Strict(BaseModel):
@@ -69,6 +85,25 @@ class DrainKind(enum.StrEnum):
     SITE = "site"
 
 
+class DrainPhase(enum.StrEnum):
+    """A node's drain, as its state machine (`edge.state`) runs it; reported in heartbeats."""
+
+    NONE = "none"
+    # Still accepting; the routers are being told to move new flows away.
+    MOVING_TRAFFIC = "moving traffic"
+    # Not accepting any more; open connections finish up to the deadline.
+    CLOSING_CONNECTIONS = "closing connections"
+    DONE = "done"
+
+
+class DrainSource(enum.StrEnum):
+    """Who asked the node to drain."""
+
+    LOCAL = "local API"
+    GSLB = "GSLB"
+    SIGTERM = "SIGTERM"
+
+
 class AdminState(enum.StrEnum):
     """Whether the operator wants a node to serve (kept apart from its health and its share).
 
@@ -91,14 +126,14 @@ class SiteSpec(Strict):
 
 class NodeSpec(Strict):
     site: Name
-    addresses: list[IPv4Address | IPv6Address] = Field(default_factory=list, max_length=16)
+    addresses: list[Address] = Field(default_factory=list, max_length=16)
     capacity_mbps: CapacityMbps = 1000
     weight: Weight = 100
 
 
 class ServiceSpec(Strict):
-    prefix: IPv4Network | IPv6Network
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=64)
+    prefix: Prefix
+    ports: list[Port] = Field(default_factory=list, max_length=64)
 
 
 class Drain(Strict):
@@ -155,18 +190,44 @@ class BgpSession(Strict):
 
 
 class HealthSummary(Strict):
-    backends_total: Annotated[int, Field(ge=0, le=100_000)] = 0
-    backends_healthy: Annotated[int, Field(ge=0, le=100_000)] = 0
+    backends_total: Annotated[Count, Field(le=100_000)] = 0
+    backends_healthy: Annotated[Count, Field(le=100_000)] = 0
     detail: Annotated[str, Field(max_length=500)] = ""
 
 
+class BgpReport(Strict):
+    """The node's announcement as its BGP side decided it, for the event log: `reason` is
+    the policy's reason (e.g. "withdraw: node down"); the counters are cumulative since the
+    agent started, so the API sees an increase even across a lost heartbeat."""
+
+    reason: Annotated[str, Field(max_length=200)] = ""
+    #: Announcement changes the flap budget held back.
+    flap_holddowns: Count = 0
+    #: Times the dead-man switch (outside the agent) withdrew every route.
+    deadman_firings: Count = 0
+
+
+class DrainReport(Strict):
+    """The node's own drain (its phase is the node's fact; the GSLB's drain is only a wish)."""
+
+    phase: DrainPhase
+    source: DrainSource | None = None
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
 class Heartbeat(Strict):
-    """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat)."""
+    """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat).
+
+    `health.detail` is the cause of the node's current state, as its state machine
+    derived it (e.g. "0/2 backends healthy"); `bgp` is absent on a node without BGP."""
 
     state: NodeState
     health: HealthSummary = HealthSummary()
-    connections: Annotated[int, Field(ge=0, le=10**9)] = 0
+    connections: Count = 0
     bgp_sessions: list[BgpSession] = Field(default_factory=list, max_length=64)
+    bgp: BgpReport | None = None
+    #: Absent while the node runs no drain.
+    drain: DrainReport | None = None
     applied_revision: Revision = 0
 
 
@@ -245,15 +306,55 @@ class Convergence(Strict):
     lagging: list[ConvergenceNode]
 
 
+class HeldScope(Strict):
+    """A site (or the fleet) whose liveness the GSLB does not act on right now."""
+
+    scope: str
+    trust: str  # "starting" (up for less than one heartbeat TTL) or "panic"
+    alive: int
+    reported: int
+    detail: str
+
+
+class ApiStatus(Strict):
+    """GET /v1/status: the control plane's own state."""
+
+    revision: Revision
+    up_s: float
+    fail_open: list[HeldScope]
+
+
+class BudgetBound(enum.StrEnum):
+    MIN_SHARE = "min_share"  # too little healthy capacity would stay in service
+    MAX_OUT = "max_out"  # too many healthy nodes would be out at once
+    SERVICE = "service"  # a service would be withdrawn from everything in service
+
+
+class BudgetBreach(Strict):
+    """One disruption-budget bound a refused change would break (409), in numbers: what is
+    in service now, what the change would leave, and what is allowed."""
+
+    scope: str  # "fleet", "site <name>" or "service <name>"
+    bound: BudgetBound
+    healthy_mbps: int
+    in_service_mbps: int
+    would_leave_mbps: int
+    min_share: float
+    min_in_service_mbps: float
+    out: int
+    would_be_out: int
+    max_out: int | None = None
+
+
 class Problem(Strict):
-    """Error body (for 4xx): a message and, where it applies, the offending field."""
+    """The one error body of every 4xx and 5xx answer: a message, the offending field where
+    one applies; for a 412 the state someone else wrote (so the caller can show what changed
+    and retry on it); for a 409 budget refusal the bounds the change would break."""
 
     detail: str
     field: str | None = None
+    current: DesiredState | None = None
+    budget: list[BudgetBreach] | None = None
 
 
-class ConflictBody(Strict):
-    """412 body: the state someone else wrote, so the caller can show what changed."""
-
-    detail: Literal["revision mismatch"] = "revision mismatch"
-    current: DesiredState
+REVISION_MISMATCH = "revision mismatch"

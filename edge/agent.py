@@ -124,6 +124,7 @@ class Agent:
             node=self.config.node.name,
             site=self.config.node.site,
             state=self.machine.state,
+            cause=self.machine.cause,
             drain=self.machine.drain,
             backends_total=total,
             backends_healthy=healthy,
@@ -489,6 +490,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 config.node.name,
                 on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
                 bgp_sessions=announcer.sessions if announcer else None,
+                bgp_report=announcer.bgp_report if announcer else None,
             )
         )
     if config.vip_group is not None:

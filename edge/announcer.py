@@ -21,7 +21,7 @@ from typing import Any
 from bgp.config import BgpConfig
 from bgp.policy import Serving
 from bgp.speaker import BgpSpeaker
-from contract.schemas import BgpSession
+from contract.schemas import BgpReport, BgpSession
 from edge.ports import NodeControl
 from edge.state import Drain, DrainPhase, NodeState, Transition
 
@@ -95,6 +95,14 @@ class BgpAnnouncer:
 
     def status(self) -> dict[str, Any]:
         return self.speaker.status()
+
+    def bgp_report(self) -> BgpReport:
+        status = self.speaker.status()
+        return BgpReport(
+            reason=status["reason"][:200],
+            flap_holddowns=status["flap_holddowns"],
+            deadman_firings=status["deadman"]["firings"],
+        )
 
     def sessions(self) -> list[BgpSession]:
         peers = self.speaker.status().get("sessions", {})

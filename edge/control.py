@@ -20,7 +20,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from contract.schemas import AdminState, BgpSession, HealthSummary, Heartbeat, NodeDesired
+from contract.schemas import (
+    AdminState,
+    BgpReport,
+    BgpSession,
+    DrainReport,
+    HealthSummary,
+    Heartbeat,
+    NodeDesired,
+)
 from edge.config import ControlPlaneConfig
 from edge.ports import NodeControl
 from edge.state import DrainSource, Transition
@@ -30,6 +38,7 @@ log = logging.getLogger("edge.control")
 
 LinkBandwidthSink = Callable[[float], None]
 SessionsSource = Callable[[], list[BgpSession]]
+BgpReportSource = Callable[[], BgpReport]
 
 
 class ControlPlaneLink:
@@ -42,9 +51,11 @@ class ControlPlaneLink:
         *,
         on_link_bandwidth: LinkBandwidthSink | None = None,
         bgp_sessions: SessionsSource | None = None,
+        bgp_report: BgpReportSource | None = None,
     ) -> None:
         self._on_link_bandwidth = on_link_bandwidth
         self._bgp_sessions = bgp_sessions
+        self._bgp_report = bgp_report
         self._node: NodeControl | None = None
         verify: bool | str = str(config.ca_file) if config.ca_file else True
         self.sync = ControlPlaneSync(
@@ -81,10 +92,18 @@ class ControlPlaneLink:
         return Heartbeat(
             state=report.state,
             health=HealthSummary(
-                backends_total=report.backends_total, backends_healthy=report.backends_healthy
+                backends_total=report.backends_total,
+                backends_healthy=report.backends_healthy,
+                detail=report.cause[:500],
             ),
             connections=report.open_connections,
             bgp_sessions=self._bgp_sessions() if self._bgp_sessions else [],
+            bgp=self._bgp_report() if self._bgp_report else None,
+            drain=DrainReport(
+                phase=report.drain.phase, source=report.drain.source, reason=report.drain.reason
+            )
+            if report.drain.active
+            else None,
         )
 
     async def _apply(self, view: NodeDesired) -> None:
@@ -95,9 +114,9 @@ class ControlPlaneLink:
             self._on_link_bandwidth(view.link_bandwidth_mbps)
         if view.admin_state is AdminState.ACTIVE:
             # Ends only a drain the GSLB started (the state machine's rule); a local one stays.
-            await node.undrain(DrainSource.GSLB, "GSLB: undrained")
+            await node.undrain(DrainSource.GSLB, "undrained by the GSLB")
         else:
-            node.request_drain(DrainSource.GSLB, f"GSLB: {view.drain_reason or 'drained'}")
+            node.request_drain(DrainSource.GSLB, view.drain_reason or "drained by the GSLB")
         log.info(
             "applied desired revision %d: %s, link bandwidth %.1f Mbit/s",
             view.revision,

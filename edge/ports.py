@@ -28,6 +28,8 @@ class NodeReport:
     node: str
     site: str
     state: NodeState
+    #: Why it is in that state (the state machine's cause).
+    cause: str
     drain: Drain
     backends_total: int
     backends_healthy: int

@@ -16,10 +16,9 @@ extensions.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from contract.schemas import NodeState
+from contract.schemas import DrainPhase, DrainSource, NodeState
 
 __all__ = [
     "SERVING_STATES",
@@ -35,21 +34,6 @@ __all__ = [
 
 # The states in which the node takes new traffic from the routers.
 SERVING_STATES = frozenset({NodeState.HEALTHY, NodeState.DEGRADED})
-
-
-class DrainPhase(enum.StrEnum):
-    NONE = "none"
-    # Still accepting; the routers are being told to move new flows away.
-    MOVING_TRAFFIC = "moving traffic"
-    # Not accepting any more; open connections finish up to the deadline.
-    CLOSING_CONNECTIONS = "closing connections"
-    DONE = "done"
-
-
-class DrainSource(enum.StrEnum):
-    LOCAL = "local API"
-    GSLB = "GSLB"
-    SIGTERM = "SIGTERM"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +92,8 @@ class NodeStateMachine:
     state: NodeState = NodeState.STARTING
     drain: Drain = NO_DRAIN
     last_observation: Observation | None = None
+    #: Why the node is in its state, as last derived (kept current between transitions).
+    cause: str = "not started"
 
     def observe(self, observation: Observation) -> Transition | None:
         self.last_observation = observation
@@ -194,6 +180,7 @@ class NodeStateMachine:
         return NodeState.HEALTHY, counts
 
     def _move(self, new: NodeState, cause: str, phase_changed: bool = False) -> Transition | None:
+        self.cause = cause
         if new is self.state and not phase_changed:
             return None
         transition = Transition(self.state, new, cause, self.drain)

@@ -27,6 +27,7 @@ from rich.text import Text
 from contract.client import (
     ApiClient,
     ApiError,
+    BudgetRefused,
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -163,8 +164,10 @@ def reporting(label: str) -> Iterator[None]:
             Exit.CONFLICT,
             f"the state changed meanwhile (now revision {e.current.revision}); nothing written",
         )
+    except BudgetRefused as e:
+        _fail(label, Exit.CONFLICT, f"{e.detail}; nothing written (--force overrides)")
     except Unavailable as e:
-        _fail(label, Exit.FAILURE, f"API unavailable: {e.detail}")
+        _fail(label, Exit.FAILURE, e.describe())
     except Unauthorized as e:
         _fail(
             label,
@@ -387,10 +390,10 @@ def watch(
                 except Unavailable as e:
                     # Keep watching through an API outage: that is when it matters.
                     if live is not None:
-                        note = Text(f"API unavailable: {e.detail}", style="red")
+                        note = Text(e.describe(), style="red")
                         live.update(note, refresh=True)
                     else:
-                        print(f"edgectl: watch: API unavailable: {e.detail}", file=sys.stderr)
+                        print(f"edgectl: watch: {e.describe()}", file=sys.stderr)
                     await asyncio.sleep(wait_s)
 
     with reporting("watch"):
@@ -585,7 +588,7 @@ async def _wait(
             try:
                 state, observed = await asyncio.gather(client.state(), client.observed())
             except Unavailable as e:
-                last_problem = f"API unavailable: {e.detail}"
+                last_problem = e.describe()
             else:
                 p = wait_progress(revision, state, observed, targets, draining=draining)
                 note = (
@@ -648,20 +651,30 @@ def drain(
     target: Annotated[str, typer.Argument(metavar="NODE|SITE")],
     reason: Annotated[str, typer.Option("--reason", help="Why (shown in status and events).")],
     kind: KindOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Drain even if the disruption budget refuses it; recorded as an override "
+            "event with --reason and your name.",
+        ),
+    ] = False,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 120.0,
     json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Take a node or a whole site out of traffic (announce GSHUT, then withdraw)."""
+    """Take a node or a whole site out of traffic (announce GSHUT, then withdraw). Refused
+    (exit 3, one line) when it would break the disruption budget, unless --force."""
 
     async def work(client: ApiClient) -> None:
         def check(_: DesiredState, __: DrainKind) -> None:
             return None
 
         async def write(k: DrainKind, state: DesiredState) -> DesiredState:
-            return await client.drain(k, target, reason, revision=state.revision)
+            override = reason if force else None
+            return await client.drain(k, target, reason, revision=state.revision, override=override)
 
         k, new = await _drain_write(client, target, kind, write, check)
         targets = affected_nodes(new, k, target)

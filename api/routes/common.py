@@ -3,30 +3,39 @@
 Every write goes through `revisioned_write`: it needs `If-Match` (428 without), answers 412
 with the current state when the revision moved, and returns the new state with its ETag.
 An optional `Idempotency-Key` names the write, so a client that lost the answer to a write
-can send it again and learn it succeeded instead of getting a 412 against itself.
+can send it again and learn it succeeded instead of getting a 412 against itself. The key is
+bound to the request it first came with (method, path, body): the same key with another
+request is a client bug, answered 422, never the first request's result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
+from api.budget import alive_states, describe, judge
+from api.failopen import FailOpen
+from api.metrics import ApiMetrics
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store
 from api.views import SnapshotCache
-from contract.schemas import ConflictBody, DesiredSpec, DesiredState
+from contract.schemas import REVISION_MISMATCH, BudgetBreach, DesiredSpec, DesiredState, Problem
 
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
-_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+ETAG_PATTERN = r'^(?:W/)?"?(\d{1,18})"?$'
+_ETAG = re.compile(ETAG_PATTERN)
 
 
 @dataclass
@@ -35,10 +44,12 @@ class AppContext:
     settings: Settings
     tokens: TokenTable
     snapshots: SnapshotCache
+    metrics: ApiMetrics
+    fail_open: FailOpen
 
 
 class ApiError(Exception):
-    """An error answered as {"detail": ..., "field": ...} with a status code."""
+    """An error answered as a Problem {"detail": ..., "field": ...} with a status code."""
 
     def __init__(
         self,
@@ -46,12 +57,14 @@ class ApiError(Exception):
         detail: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        budget: list[BudgetBreach] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
         self.headers = headers or {}
+        self.budget = budget
 
 
 def etag(revision: int) -> str:
@@ -64,9 +77,26 @@ def state_response(state: DesiredState, status: int = 200) -> JSONResponse:
     )
 
 
+def problem_response(
+    status: int,
+    detail: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    budget: list[BudgetBreach] | None = None,
+) -> JSONResponse:
+    problem = Problem(detail=detail, field=field, budget=budget)
+    return JSONResponse(problem_json(problem), status_code=status, headers=headers)
+
+
+def problem_json(problem: Problem) -> dict[str, Any]:
+    """The wire form: `detail` and `field` always, the optional parts only when present."""
+    body = problem.model_dump(mode="json")
+    return {k: v for k, v in body.items() if v is not None or k in ("detail", "field")}
+
+
 def conflict_response(current: DesiredState) -> JSONResponse:
     return JSONResponse(
-        ConflictBody(current=current).model_dump(mode="json"),
+        problem_json(Problem(detail=REVISION_MISMATCH, current=current)),
         status_code=412,
         headers={"ETag": etag(current.revision)},
     )
@@ -116,45 +146,192 @@ IfMatch = Annotated[
     str | None,
     Header(
         alias="If-Match",
-        description='The revision the write is based on, as returned in ETag (e.g. "17").',
-        max_length=64,
+        description='The revision the write is based on, as returned in ETag (e.g. "17"). '
+        "Required: without it the answer is 428.",
+        pattern=ETAG_PATTERN,
     ),
 ]
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description="Names this write so a retry of it is recognised.",
-        max_length=64,
+        description="Names this write so a retry of it is recognised; bound to the request "
+        "it first came with (another request with the same key is 422).",
+        pattern=IDEMPOTENCY_KEY_PATTERN,  # FastAPI answers 422 for anything else
     ),
 ]
 
+
+BudgetOverride = Annotated[
+    str | None,
+    Header(
+        alias="Budget-Override",
+        description="Write even though the disruption budget refuses it (409); the value is "
+        "the reason, recorded with the author in a budget-override event.",
+        min_length=1,
+        max_length=500,
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """What every revisioned write carries besides its body."""
+
+    if_match: str | None
+    idempotency_key: str | None
+    target: str  # "PUT /v1/sites/a": what the idempotency key is bound to, with the body
+    author: str
+    budget_override: str | None
+
+
+async def write_request(
+    request: Request,
+    who: Operator,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+    budget_override: BudgetOverride = None,
+) -> WriteRequest:
+    target = f"{request.method} {request.url.path}"
+    override = budget_override.strip() if budget_override else None
+    return WriteRequest(if_match, idempotency_key, target, who.name, override or None)
+
+
+Write = Annotated[WriteRequest, Depends(write_request)]
+
 Mutation = Callable[[DesiredState], tuple[DesiredState, list[EventDraft]]]
+_KEY_SEPARATOR = "~"  # not in IDEMPOTENCY_KEY_PATTERN's alphabet
+
+
+def _write_id(write: WriteRequest, body: BaseModel | None) -> str:
+    if write.idempotency_key is None:
+        return uuid.uuid4().hex
+    payload = body.model_dump_json() if body is not None else ""
+    digest = hashlib.sha256(f"{write.target}\n{payload}".encode()).hexdigest()[:16]
+    return f"{write.idempotency_key}{_KEY_SEPARATOR}{digest}"
+
+
+def _reused_key(write: WriteRequest, write_id: str, current: DesiredState) -> bool:
+    key = current.write_id.partition(_KEY_SEPARATOR)[0]
+    return key == write.idempotency_key and current.write_id != write_id
+
+
+def _key_reused() -> ApiError:
+    return ApiError(
+        422, "this Idempotency-Key was already used for another request", "Idempotency-Key"
+    )
+
+
+async def _within_budget(
+    ctx: AppContext, write: WriteRequest, current: DesiredState, new: DesiredState
+) -> list[EventDraft]:
+    """Refuse (409) a change the disruption budget does not allow, unless overridden; an
+    override is an event. Judged against `current`, the state the write's compare-and-swap
+    is on, so two racing changes are never both judged against the same before."""
+    alive = alive_states(await ctx.store.read_observed(datetime.now(UTC)))
+    breaches = judge(current, new, alive, ctx.settings.budget.budget())
+    if not breaches:
+        return []
+    summary = "; ".join(describe(b) for b in breaches)
+    if write.budget_override is None:
+        ctx.metrics.budget_refusals.inc()
+        raise ApiError(
+            409,
+            f"refused by the disruption budget: {summary}",
+            "budget",
+            budget=breaches,
+        )
+    cause = f"budget overridden: {summary}; reason: {write.budget_override}"
+    return [EventDraft("budget-override", "budget", cause, write.author)]
 
 
 async def revisioned_write(
-    ctx: AppContext, if_match: str | None, idempotency_key: str | None, mutate: Mutation
+    ctx: AppContext, write: WriteRequest, body: BaseModel | None, mutate: Mutation
 ) -> JSONResponse:
-    if if_match is None:
+    if write.if_match is None:
         raise ApiError(
             428, "this write needs If-Match with the revision it is based on", "If-Match"
         )
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise ApiError(422, "expected 1-64 characters [A-Za-z0-9_.-]", "Idempotency-Key")
+    write_id = _write_id(write, body)
     current = await ctx.store.read_desired()
-    match = _ETAG.match(if_match.strip())
+    match = _ETAG.match(write.if_match.strip())
     expected = int(match.group(1)) if match else -1
     if expected != current.revision:
-        if idempotency_key and current.write_id == idempotency_key:
+        if write.idempotency_key and current.write_id == write_id:
             return state_response(current)  # our own earlier attempt committed
+        if write.idempotency_key and _reused_key(write, write_id, current):
+            raise _key_reused()
         return conflict_response(current)
     new, events = mutate(current)
-    new = new.model_copy(update={"write_id": idempotency_key or uuid.uuid4().hex})
+    events = [*events, *await _within_budget(ctx, write, current, new)]
+    new = new.model_copy(update={"write_id": write_id})
     try:
         stored = await ctx.store.write_desired(expected, new, events)
     except RevisionConflict as conflict:
+        if write.idempotency_key and _reused_key(write, write_id, conflict.current):
+            raise _key_reused() from None
         return conflict_response(conflict.current)
     return state_response(stored)
+
+
+# --- what each route can answer, for the OpenAPI document ---------------------------------
+
+_WHY = {
+    400: "The body is not JSON.",
+    401: "No bearer token, or not a known one.",
+    403: "The token's role may not do this.",
+    404: "No such resource.",
+    409: "Refused: it conflicts with the current state, e.g. the disruption budget "
+    "(`budget` lists the bounds it would break).",
+    412: "If-Match is not the current revision: `current` holds the state someone else wrote.",
+    413: "The body is larger than `max_body_bytes`.",
+    422: "A field is invalid (named in `field`).",
+    426: "The client speaks another node contract version than this API (`contract`).",
+    428: "A write without If-Match.",
+    503: "The state store is unavailable; retry after Retry-After.",
+}
+_STRING = {"type": "string"}
+_HEADER_DOCS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": "The desired-state revision this answer reflects; send it as If-Match.",
+        "schema": {"type": "string", "pattern": ETAG_PATTERN},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {
+        "description": "The scheme to use (Bearer).",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _error_doc(status: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": Problem, "description": _WHY[status]}
+    headers = {412: "ETag", 503: "Retry-After", 401: "WWW-Authenticate"}.get(status)
+    if headers:
+        doc["headers"] = {headers: {**_HEADER_DOCS[headers], "required": True}}
+    return doc
+
+
+def answers(*statuses: int, etag: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: its error statuses (each with the Problem body) and,
+    with `etag`, the ETag header on its 200."""
+    docs: dict[int | str, dict[str, Any]] = {s: _error_doc(s) for s in sorted(set(statuses))}
+    if etag:
+        docs[200] = {"headers": {"ETag": {**_HEADER_DOCS["ETag"], "required": True}}}
+    return docs
+
+
+#: Any authenticated read: bad token, wrong role, a bad parameter, the store down.
+READ_ERRORS = (401, 403, 422, 503)
+#: Any revisioned write, besides its own 404: 409 is the disruption budget's refusal.
+WRITE_ERRORS = (400, 401, 403, 409, 412, 413, 422, 428, 503)
+READ_DOCS = answers(*READ_ERRORS)
+READ_ONE_DOCS = answers(*READ_ERRORS, 404)
+WRITE_DOCS = answers(*WRITE_ERRORS, etag=True)
+DELETE_DOCS = answers(*WRITE_ERRORS, 404, etag=True)
 
 
 def require_site(state: DesiredState | DesiredSpec, site: str, field: str) -> None:

@@ -8,13 +8,15 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    DELETE_DOCS,
+    READ_DOCS,
+    WRITE_DOCS,
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     require_node,
     require_site,
     revisioned_write,
@@ -25,18 +27,17 @@ from contract.schemas import DesiredState, Drain, DrainKind, DrainRequest
 router = APIRouter(prefix="/v1/drains", tags=["drains"])
 
 
-@router.get("", response_model=list[Drain])
+@router.get("", response_model=list[Drain], responses=READ_DOCS)
 async def list_drains(ctx: Ctx, _: Reader) -> list[Drain]:
     return (await ctx.store.read_desired()).drains
 
 
-@router.post("", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.post("", response_model=DesiredState, responses=WRITE_DOCS)
 async def drain(
     ctx: Ctx,
     who: Operator,
     body: DrainRequest,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if body.kind is DrainKind.NODE:
@@ -58,17 +59,16 @@ async def drain(
             EventDraft("drain", body.name, f"{body.kind} drained: {body.reason}", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{kind}/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete("/{kind}/{name}", response_model=DesiredState, responses=DELETE_DOCS)
 async def undrain(
     ctx: Ctx,
     who: Operator,
     kind: DrainKind,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         drains = [d for d in state.drains if not (d.kind == kind and d.name == name)]
@@ -78,4 +78,4 @@ async def undrain(
             EventDraft("undrain", name, f"{kind} undrained", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

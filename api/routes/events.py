@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.routes.common import Ctx, Reader
+from api.routes.common import READ_DOCS, Ctx, Reader
 from contract.schemas import EventPage
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 
-@router.get("", response_model=EventPage)
+@router.get("", response_model=EventPage, responses=READ_DOCS)
 async def list_events(
     ctx: Ctx,
     _: Reader,

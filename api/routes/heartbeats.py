@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.auth import Identity
-from api.routes.common import AnyIdentity, ApiError, Ctx, NamePath
+from api.routes.common import READ_ERRORS, AnyIdentity, ApiError, Ctx, NamePath, answers
 from api.views import node_view
 from contract.schemas import NODE_CONTRACT_VERSION, Heartbeat, NodeDesired
 
@@ -37,7 +37,11 @@ def _check_contract(contract: int | None) -> None:
         )
 
 
-@router.post("/{node}/heartbeat", response_model=NodeDesired)
+@router.post(
+    "/{node}/heartbeat",
+    response_model=NodeDesired,
+    responses=answers(400, 401, 403, 413, 422, 426, 503),
+)
 async def heartbeat(
     ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat, contract: ContractQuery = None
 ) -> NodeDesired:
@@ -64,7 +68,9 @@ async def heartbeat(
     return view
 
 
-@router.get("/{node}/desired", response_model=NodeDesired)
+@router.get(
+    "/{node}/desired", response_model=NodeDesired, responses=answers(*READ_ERRORS, 404, 426)
+)
 async def node_desired(
     ctx: Ctx,
     who: AnyIdentity,

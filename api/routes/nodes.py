@@ -8,13 +8,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    DELETE_DOCS,
+    READ_DOCS,
+    READ_ONE_DOCS,
+    WRITE_DOCS,
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     require_site,
     revisioned_write,
 )
@@ -25,12 +28,12 @@ from contract.schemas import DesiredState, NodeObserved, NodeSpec
 router = APIRouter(prefix="/v1", tags=["nodes"])
 
 
-@router.get("/nodes", response_model=dict[str, NodeSpec])
+@router.get("/nodes", response_model=dict[str, NodeSpec], responses=READ_DOCS)
 async def list_nodes(ctx: Ctx, _: Reader) -> dict[str, NodeSpec]:
     return (await ctx.store.read_desired()).nodes
 
 
-@router.get("/nodes/{name}", response_model=NodeSpec)
+@router.get("/nodes/{name}", response_model=NodeSpec, responses=READ_ONE_DOCS)
 async def get_node(ctx: Ctx, _: Reader, name: NamePath) -> NodeSpec:
     node = (await ctx.store.read_desired()).nodes.get(name)
     if node is None:
@@ -38,14 +41,13 @@ async def get_node(ctx: Ctx, _: Reader, name: NamePath) -> NodeSpec:
     return node
 
 
-@router.put("/nodes/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/nodes/{name}", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_node(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
     body: NodeSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         require_site(state, body.site, "site")
@@ -56,16 +58,15 @@ async def put_node(
             EventDraft("node-set", name, cause, who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/nodes/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete("/nodes/{name}", response_model=DesiredState, responses=DELETE_DOCS)
 async def delete_node(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.nodes:
@@ -76,7 +77,7 @@ async def delete_node(
             EventDraft("node-deleted", name, "node deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)
 
 
 async def _fresh_observed(ctx: Ctx) -> list[NodeObserved]:
@@ -87,12 +88,22 @@ async def _fresh_observed(ctx: Ctx) -> list[NodeObserved]:
     return observed_view(build_snapshot(desired, observed, -1, 0.0))
 
 
-@router.get("/observed", response_model=list[NodeObserved], tags=["observed"])
+@router.get(
+    "/observed",
+    response_model=list[NodeObserved],
+    tags=["observed"],
+    responses=READ_DOCS,
+)
 async def list_observed(ctx: Ctx, _: Reader) -> list[NodeObserved]:
     return await _fresh_observed(ctx)
 
 
-@router.get("/nodes/{name}/observed", response_model=NodeObserved, tags=["observed"])
+@router.get(
+    "/nodes/{name}/observed",
+    response_model=NodeObserved,
+    tags=["observed"],
+    responses=READ_ONE_DOCS,
+)
 async def get_observed(ctx: Ctx, _: Reader, name: NamePath) -> NodeObserved:
     for observed in await _fresh_observed(ctx):
         if observed.node == name:

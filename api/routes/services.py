@@ -6,13 +6,15 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    DELETE_DOCS,
+    READ_DOCS,
+    WRITE_DOCS,
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
     revisioned_write,
 )
 from api.store.base import EventDraft
@@ -21,19 +23,18 @@ from contract.schemas import DesiredState, ServiceSpec
 router = APIRouter(prefix="/v1/services", tags=["services"])
 
 
-@router.get("", response_model=dict[str, ServiceSpec])
+@router.get("", response_model=dict[str, ServiceSpec], responses=READ_DOCS)
 async def list_services(ctx: Ctx, _: Reader) -> dict[str, ServiceSpec]:
     return (await ctx.store.read_desired()).services
 
 
-@router.put("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/{name}", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_service(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
     body: ServiceSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         services = {**state.services, name: body}
@@ -41,16 +42,15 @@ async def put_service(
             EventDraft("service-set", name, f"service prefix {body.prefix}", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete("/{name}", response_model=DesiredState, responses=DELETE_DOCS)
 async def delete_service(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.services:
@@ -60,4 +60,4 @@ async def delete_service(
             EventDraft("service-deleted", name, "service deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

@@ -6,13 +6,17 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_DOCS,
+    READ_ONE_DOCS,
+    WRITE_DOCS,
+    WRITE_ERRORS,
     ApiError,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     NamePath,
     Operator,
     Reader,
+    Write,
+    answers,
     revisioned_write,
 )
 from api.store.base import EventDraft
@@ -21,12 +25,12 @@ from contract.schemas import DesiredState, SiteSpec
 router = APIRouter(prefix="/v1/sites", tags=["sites"])
 
 
-@router.get("", response_model=dict[str, SiteSpec])
+@router.get("", response_model=dict[str, SiteSpec], responses=READ_DOCS)
 async def list_sites(ctx: Ctx, _: Reader) -> dict[str, SiteSpec]:
     return (await ctx.store.read_desired()).sites
 
 
-@router.get("/{name}", response_model=SiteSpec)
+@router.get("/{name}", response_model=SiteSpec, responses=READ_ONE_DOCS)
 async def get_site(ctx: Ctx, _: Reader, name: NamePath) -> SiteSpec:
     site = (await ctx.store.read_desired()).sites.get(name)
     if site is None:
@@ -34,14 +38,13 @@ async def get_site(ctx: Ctx, _: Reader, name: NamePath) -> SiteSpec:
     return site
 
 
-@router.put("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/{name}", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_site(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
     body: SiteSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         verb = "updated" if name in state.sites else "created"
@@ -51,16 +54,19 @@ async def put_site(
             EventDraft("site-set", name, cause, who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.delete("/{name}", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.delete(
+    "/{name}",
+    response_model=DesiredState,
+    responses=answers(*WRITE_ERRORS, 404, 409, etag=True),
+)
 async def delete_site(
     ctx: Ctx,
     who: Operator,
     name: NamePath,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         if name not in state.sites:
@@ -74,4 +80,4 @@ async def delete_site(
             EventDraft("site-deleted", name, "site deleted", who.name)
         ]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, None, mutate)

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_ERRORS,
+    WRITE_DOCS,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     Operator,
     Reader,
+    Write,
+    answers,
     require_site,
     revisioned_write,
     state_response,
@@ -22,20 +24,20 @@ from api.store.base import EventDraft
 from contract.schemas import DesiredSpec, DesiredState, DrainKind
 
 router = APIRouter(prefix="/v1", tags=["desired state"])
+READ_STATE_DOCS = answers(*READ_ERRORS, etag=True)
 
 
-@router.get("/state", response_model=DesiredState)
+@router.get("/state", response_model=DesiredState, responses=READ_STATE_DOCS)
 async def get_state(ctx: Ctx, _: Reader) -> JSONResponse:
     return state_response(await ctx.store.read_desired())
 
 
-@router.put("/state", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/state", response_model=DesiredState, responses=WRITE_DOCS)
 async def put_state(
     ctx: Ctx,
     who: Operator,
     body: DesiredSpec,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     """Replace sites, nodes and services in one revision (declarative apply)."""
 
@@ -62,10 +64,10 @@ async def put_state(
         )
         return new, [EventDraft("state-applied", "state", cause, who.name)]
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.get("/watch", response_model=DesiredState)
+@router.get("/watch", response_model=DesiredState, responses=READ_STATE_DOCS)
 async def watch_state(
     ctx: Ctx,
     _: Reader,

@@ -6,11 +6,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.routes.common import (
+    READ_DOCS,
+    WRITE_DOCS,
     Ctx,
-    IdempotencyKey,
-    IfMatch,
     Operator,
     Reader,
+    Write,
     require_node,
     require_site,
     revisioned_write,
@@ -22,13 +23,12 @@ from contract.schemas import DesiredState, EffectiveWeights, WeightsUpdate
 router = APIRouter(prefix="/v1", tags=["weights"])
 
 
-@router.put("/weights", response_model=DesiredState, responses={412: {}, 428: {}})
+@router.put("/weights", response_model=DesiredState, responses=WRITE_DOCS)
 async def set_weights(
     ctx: Ctx,
     who: Operator,
     body: WeightsUpdate,
-    if_match: IfMatch = None,
-    idempotency_key: IdempotencyKey = None,
+    write: Write,
 ) -> JSONResponse:
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         events: list[EventDraft] = []
@@ -52,9 +52,9 @@ async def set_weights(
             nodes[name] = nodes[name].model_copy(update={"weight": weight})
         return state.model_copy(update={"sites": sites, "nodes": nodes}), events
 
-    return await revisioned_write(ctx, if_match, idempotency_key, mutate)
+    return await revisioned_write(ctx, write, body, mutate)
 
 
-@router.get("/effective-weights", response_model=EffectiveWeights)
+@router.get("/effective-weights", response_model=EffectiveWeights, responses=READ_DOCS)
 async def get_effective_weights(ctx: Ctx, _: Reader) -> EffectiveWeights:
     return weights_view(await ctx.snapshots.get())

@@ -16,6 +16,7 @@ def open_store(config: SqliteStoreSettings | EtcdStoreSettings) -> Store:
             prefix=config.prefix,
             request_timeout_s=config.request_timeout_s,
             deadline_s=config.deadline_s,
+            watch_probe_s=config.watch_probe_s,
         )
     from api.store.sqlite import SqliteStore
 

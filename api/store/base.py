@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from contract.schemas import DesiredState, Event, Heartbeat, NodeObserved, NodeState
+from contract.schemas import DesiredState, DrainPhase, Event, Heartbeat, NodeObserved
 
 
 class StoreUnavailable(Exception):
@@ -51,18 +51,79 @@ class ObservedRecord:
 def heartbeat_events(
     node: str, previous: ObservedRecord | None, heartbeat: Heartbeat, author: str
 ) -> list[EventDraft]:
-    """Observed transitions worth an event: first contact, revival, and state changes."""
-    detail = f": {heartbeat.health.detail}" if heartbeat.health.detail else ""
+    """Observed transitions worth an event, each with its cause as the node reported it:
+    first contact, revival, state changes, BGP reason changes, and what the node's BGP
+    side did on its own (flap hold-downs, dead-man firings; cumulative counters, so an
+    increase is seen even across lost heartbeats)."""
+    cause = _cause(heartbeat)
     if previous is None:
-        return [EventDraft("node-alive", node, f"first heartbeat, state {heartbeat.state}", author)]
+        return [EventDraft("node-alive", node, f"first heartbeat, state {cause}", author)]
     if previous.dead_reported:
-        return [
-            EventDraft("node-alive", node, f"heartbeats resumed, state {heartbeat.state}", author)
-        ]
-    before: NodeState = previous.heartbeat.state
-    if before != heartbeat.state:
-        return [EventDraft("node-state", node, f"{before} -> {heartbeat.state}{detail}", author)]
-    return []
+        return [EventDraft("node-alive", node, f"heartbeats resumed, state {cause}", author)]
+    events: list[EventDraft] = []
+    before = previous.heartbeat
+    if before.state != heartbeat.state:
+        events.append(EventDraft("node-state", node, f"{before.state} -> {cause}", author))
+    old_phase = before.drain.phase if before.drain else DrainPhase.NONE
+    if heartbeat.drain is not None and heartbeat.drain.phase is not old_phase:
+        drain = heartbeat.drain
+        events.append(
+            EventDraft(
+                "node-drain",
+                node,
+                f"drain {old_phase} -> {drain.phase} ({drain.source}: {drain.reason})",
+                author,
+            )
+        )
+    elif heartbeat.drain is None and old_phase is not DrainPhase.NONE:
+        events.append(EventDraft("node-drain", node, f"drain {old_phase} -> ended", author))
+    old_bgp, new_bgp = before.bgp, heartbeat.bgp
+    if new_bgp is not None:
+        # A changed reason with a changed state is already in the state event.
+        if (
+            old_bgp is not None
+            and new_bgp.reason
+            and old_bgp.reason != new_bgp.reason
+            and before.state == heartbeat.state
+        ):
+            events.append(EventDraft("node-bgp", node, f"BGP {new_bgp.reason}", author))
+        held = _increase(old_bgp.flap_holddowns if old_bgp else 0, new_bgp.flap_holddowns)
+        if held:
+            events.append(
+                EventDraft(
+                    "bgp-flap-holddown",
+                    node,
+                    f"{held} announcement change(s) held back by the flap budget "
+                    f"({new_bgp.flap_holddowns} since the agent started)",
+                    author,
+                )
+            )
+        fired = _increase(old_bgp.deadman_firings if old_bgp else 0, new_bgp.deadman_firings)
+        if fired:
+            events.append(
+                EventDraft(
+                    "bgp-deadman",
+                    node,
+                    f"the dead-man switch withdrew every route {fired} time(s): the agent's "
+                    f"event loop stopped beating ({new_bgp.deadman_firings} since it started)",
+                    author,
+                )
+            )
+    return events
+
+
+def _cause(heartbeat: Heartbeat) -> str:
+    text = str(heartbeat.state)
+    if heartbeat.health.detail:
+        text += f": {heartbeat.health.detail}"
+    if heartbeat.bgp is not None and heartbeat.bgp.reason:
+        text += f"; BGP {heartbeat.bgp.reason}"
+    return text
+
+
+def _increase(before: int, after: int) -> int:
+    # A counter below the last one: the agent restarted and counts from 0 again.
+    return after - before if after >= before else after
 
 
 def dead_event(node: str, record: ObservedRecord, ttl_s: float) -> EventDraft:
@@ -141,6 +202,10 @@ class Store(abc.ABC):
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
         """Report every node whose lease expired as dead, once (an event each). Safe to run
         concurrently from several API instances."""
+
+    @abc.abstractmethod
+    async def append_events(self, events: Sequence[EventDraft], now: datetime) -> None:
+        """Record events that belong to no write (the control plane's own decisions)."""
 
     @abc.abstractmethod
     async def list_events(self, limit: int, after: str | None) -> list[Event]:

@@ -43,7 +43,14 @@ from api.store.base import (
     dead_event,
     heartbeat_events,
 )
-from api.store.etcd_gateway import EtcdError, EtcdGateway, EtcdUnavailable, KeyValue, b64
+from api.store.etcd_gateway import (
+    EtcdError,
+    EtcdGateway,
+    EtcdUnavailable,
+    KeyValue,
+    b64,
+    backoff_s,
+)
 from contract.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 
 log = logging.getLogger(__name__)
@@ -127,10 +134,14 @@ class EtcdStore(Store):
         prefix: str = "/anycast-edge/",
         request_timeout_s: float = 0.5,
         deadline_s: float = 5.0,
+        watch_probe_s: float = 1.0,
     ) -> None:
         super().__init__()
         self.gateway = EtcdGateway(
-            endpoints, request_timeout_s=request_timeout_s, deadline_s=deadline_s
+            endpoints,
+            request_timeout_s=request_timeout_s,
+            deadline_s=deadline_s,
+            watch_probe_s=watch_probe_s,
         )
         self._prefix = prefix.encode()
         self._desired_key = self._prefix + b"w/desired"
@@ -172,6 +183,7 @@ class EtcdStore(Store):
 
     async def _watch(self, suffix: bytes, start_revision: int, deletes_only: bool) -> None:
         next_revision = start_revision
+        failures = 0
         while True:
             try:
                 async for resume_at, _events in self.gateway.watch_prefix(
@@ -183,7 +195,8 @@ class EtcdStore(Store):
                 # A bug must not silently end the push path: log it and watch again.
                 log.exception("etcd watch failed; restarting it")
                 self.changes.notify()
-                await asyncio.sleep(0.5)
+                failures += 1
+                await asyncio.sleep(backoff_s(failures, 0.5, 10.0))
 
     @staticmethod
     async def _call(awaitable: Awaitable[T]) -> T:
@@ -442,6 +455,14 @@ class EtcdStore(Store):
         return dead
 
     # --- events ----------------------------------------------------------------------
+
+    async def append_events(self, events: Sequence[EventDraft], now: datetime) -> None:
+        stamp = uuid.uuid4().hex
+        puts = [
+            _put(self._key("e", f"{stamp}-{i:02d}"), _event_json(e, now, False))
+            for i, e in enumerate(events)
+        ]
+        await self._call(self.gateway.txn([], puts, []))
 
     async def list_events(self, limit: int, after: str | None) -> list[Event]:
         events_prefix = self._key("e", "")

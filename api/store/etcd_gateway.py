@@ -4,6 +4,15 @@ Why not a gRPC client: see docs/design/etcd-client.md. What this module owns bec
 choice: failover between endpoints (sticky on the last one that answered, rotate on transport
 errors, timeouts and 5xx) and watch resume from the next revision after a broken stream.
 
+Watches are checked for a silent member: a stream that has carried nothing for
+`watch_probe_s` makes the member answer a status request within the request timeout, or the
+watch moves to the next member (a SIGSTOPped or hung etcd keeps the TCP connection open and
+says nothing; a healthy idle stream says nothing either, so silence alone proves nothing).
+Watches also ask for a leader (`hasleader` metadata): a member cut off from the quorum ends
+the stream instead of holding it open. Reconnects back off exponentially with jitter.
+
+Every request is logged at DEBUG (endpoint, path, outcome, duration), never above.
+
 Gateway quirks handled here: keys and values are base64, int64s arrive as JSON strings,
 fields with default values (0, false, empty) are omitted, and streamed messages are wrapped
 in {"result": ...}.
@@ -13,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +38,17 @@ log = logging.getLogger(__name__)
 #: gRPC codes that mean "try again, maybe elsewhere": DEADLINE_EXCEEDED, UNAVAILABLE.
 _RETRYABLE_GRPC_CODES = {4, 14}
 _CONNECTIONS = 16
+#: gRPC metadata through the gateway: a watch on a member without a leader is cancelled.
+_REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+#: Reconnect back-off of a broken watch: first retry at once (another member), then doubling.
+WATCH_BACKOFF_FIRST_S = 0.05
+WATCH_BACKOFF_MAX_S = 2.0
+
+
+def backoff_s(failures: int, first_s: float, max_s: float) -> float:
+    """Exponential back-off with full jitter over the upper half: [d/2, d], d = first * 2^n."""
+    ceiling = min(max_s, first_s * 2 ** min(failures, 30))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 class EtcdUnavailable(Exception):
@@ -35,6 +57,10 @@ class EtcdUnavailable(Exception):
 
 class EtcdError(Exception):
     """etcd answered with a non-retryable error."""
+
+
+class SilentMember(Exception):
+    """The member carrying a watch stopped answering."""
 
 
 def b64(data: bytes | str) -> str:
@@ -88,6 +114,7 @@ class EtcdGateway:
         *,
         request_timeout_s: float = 0.5,
         deadline_s: float = 5.0,
+        watch_probe_s: float = 1.0,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
@@ -95,6 +122,11 @@ class EtcdGateway:
         self._current = 0
         self._request_timeout_s = request_timeout_s
         self._deadline_s = deadline_s
+        self._watch_probe_s = watch_probe_s
+        #: watched prefix -> the endpoint whose stream carries it now (for operators, tests)
+        self.watching: dict[bytes, str] = {}
+        #: watch streams moved off a member that went silent
+        self.silent_member_failovers = 0
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(request_timeout_s),
             limits=httpx.Limits(
@@ -128,12 +160,27 @@ class EtcdGateway:
         while True:
             index = self._current
             endpoint = self.endpoints[index]
+            started = time.monotonic()
             try:
                 async with self._slots:
                     response = await self._http.post(endpoint + path, json=body)
             except httpx.HTTPError as exc:
                 last_error = f"{endpoint}: {type(exc).__name__}"
+                log.debug(
+                    "etcd %s%s: %s after %.1f ms",
+                    endpoint,
+                    path,
+                    type(exc).__name__,
+                    (time.monotonic() - started) * 1000,
+                )
             else:
+                log.debug(
+                    "etcd %s%s: HTTP %d in %.1f ms",
+                    endpoint,
+                    path,
+                    response.status_code,
+                    (time.monotonic() - started) * 1000,
+                )
                 if response.status_code == 200:
                     result: dict[str, Any] = response.json()
                     return result
@@ -152,7 +199,8 @@ class EtcdGateway:
                 raise EtcdUnavailable(f"etcd unavailable: {last_error}")
             if attempt % len(self.endpoints) == 0:
                 # Every endpoint failed once: an election is likely in progress.
-                await asyncio.sleep(min(0.05 * attempt, 0.3))
+                rounds = attempt // len(self.endpoints) - 1
+                await asyncio.sleep(backoff_s(rounds, 0.05, 0.3))
 
     # --- KV --------------------------------------------------------------------------
 
@@ -214,16 +262,60 @@ class EtcdGateway:
 
     # --- watch -----------------------------------------------------------------------
 
+    async def _member_answers(self, endpoint: str) -> bool:
+        try:
+            response = await self._http.post(endpoint + "/v3/maintenance/status", json={})
+        except httpx.HTTPError as exc:
+            log.debug("etcd %s status probe: %s", endpoint, type(exc).__name__)
+            return False
+        return response.status_code == 200
+
+    async def _lines(self, response: httpx.Response, endpoint: str) -> AsyncIterator[str]:
+        """The stream's lines; raises SilentMember when the stream has been quiet for
+        `watch_probe_s` and its member does not answer a status request either."""
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for line in response.aiter_lines():
+                    queue.put_nowait(line)
+            except BaseException as exc:  # handed to the reader, which raises it
+                queue.put_nowait(exc)
+                return
+            queue.put_nowait(None)
+
+        reader = asyncio.create_task(pump(), name="etcd-watch-reader")
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self._watch_probe_s)
+                except TimeoutError:
+                    if await self._member_answers(endpoint):
+                        continue
+                    raise SilentMember(endpoint) from None
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
     async def watch_prefix(
         self, prefix: bytes, start_revision: int, *, deletes_only: bool = False
     ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """Yield (next revision to watch from, events) forever, resuming after failures.
 
-        After a broken stream it resumes on the next endpoint from the revision after the
-        last one seen, so no event is skipped. If that revision was compacted it resumes at
-        the compaction point and yields an empty batch: the caller re-reads state anyway.
+        After a broken or silent stream it resumes on the next endpoint from the revision
+        after the last one seen, so no event is skipped. If that revision was compacted it
+        resumes at the compaction point and yields an empty batch: the caller re-reads state
+        anyway. An empty batch is also yielded after each failover (events may have been
+        missed while the member was silent).
         """
         next_revision = start_revision
+        failures = 0
         while True:
             index = self._current
             endpoint = self.endpoints[index]
@@ -235,18 +327,22 @@ class EtcdGateway:
             if deletes_only:
                 create["filters"] = ["NOPUT"]
             request = {"create_request": create}
+            self.watching[prefix] = endpoint
             try:
                 async with self._http.stream(
                     "POST",
                     endpoint + "/v3/watch",
                     json=request,
+                    headers=_REQUIRE_LEADER,
                     timeout=httpx.Timeout(self._request_timeout_s, read=None),
                 ) as response:
                     if response.status_code != 200:
                         raise EtcdError(f"watch: HTTP {response.status_code}")
-                    async for line in response.aiter_lines():
+                    log.debug("etcd %s watch on %r from %d", endpoint, prefix, next_revision)
+                    async for line in self._lines(response, endpoint):
                         if not line.strip():
                             continue
+                        failures = 0
                         message = json.loads(line).get("result", {})
                         if message.get("canceled"):
                             compacted = int(message.get("compact_revision", 0))
@@ -263,7 +359,13 @@ class EtcdGateway:
                         if events:
                             next_revision = max(e.kv.mod_revision for e in events) + 1
                             yield next_revision, events
+            except SilentMember:
+                self.silent_member_failovers += 1
+                log.warning("etcd watch on %s: member silent; moving to the next one", endpoint)
             except (httpx.HTTPError, EtcdError, ValueError, KeyError) as exc:
-                log.info("etcd watch on %s broke (%s); resuming", endpoint, type(exc).__name__)
+                log.debug("etcd watch on %s broke (%s); resuming", endpoint, type(exc).__name__)
+            self.watching.pop(prefix, None)
             self._rotate(index)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(backoff_s(failures, WATCH_BACKOFF_FIRST_S, WATCH_BACKOFF_MAX_S))
+            failures += 1
+            yield next_revision, []  # resumed: whatever was missed is re-read by the caller

@@ -227,6 +227,10 @@ class SqliteStore(Store):
 
     # --- events ----------------------------------------------------------------------
 
+    async def append_events(self, events: Sequence[EventDraft], now: datetime) -> None:
+        with self._transaction("NORMAL"):
+            self._insert_events(events, now)
+
     async def list_events(self, limit: int, after: str | None) -> list[Event]:
         try:
             if after is None:

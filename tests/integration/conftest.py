@@ -24,6 +24,8 @@ OPERATOR = "operator-token-0123"
 VIEWER = "viewer-token-0123"
 NODE_A1 = "node-a1-token-0123"
 NODE_B1 = "node-b1-token-0123"
+OFF_BUDGET = {"site": {"min_share": 0.0}, "fleet": {"min_share": 0.0}}
+DEFAULT_BUDGET: dict[str, object] = {}  # gslb.yaml's defaults
 TOKENS = [
     {"name": "alice", "role": "operator", "token": OPERATOR},
     {"name": "victor", "role": "viewer", "token": VIEWER},
@@ -67,6 +69,9 @@ def make_settings(
         "heartbeat_ttl_s": 2,
         "sweep_interval_s": 0.2,
         "max_body_bytes": 16384,
+        # Most tests drain the only node or site they have: the disruption budget is off
+        # here, and the tests of the budget (test_budget.py, edgectl) turn it on.
+        "budget": OFF_BUDGET,
     }
     data.update(overrides)
     return parse_settings(data)

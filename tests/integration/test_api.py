@@ -109,11 +109,34 @@ async def test_retried_write_with_same_idempotency_key_is_recognised(api: ApiUnd
     assert other.status_code == 412
 
 
+async def test_idempotency_key_reused_for_another_request_is_422(api: ApiUnderTest) -> None:
+    revision = await seed(api)
+    headers = {"If-Match": f'"{revision}"', "Idempotency-Key": "reused-1"}
+    async with httpx.AsyncClient(base_url=api.url, headers=auth(OPERATOR)) as http:
+        first = await http.put("/v1/weights", json={"sites": {"b": 7}}, headers=headers)
+        other_body = await http.put("/v1/weights", json={"sites": {"b": 9}}, headers=headers)
+        other_path = await http.put("/v1/sites/c", json={"weight": 7}, headers=headers)
+        state = (await http.get("/v1/state")).json()
+    assert first.status_code == 200
+    for refused in (other_body, other_path):
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["field"] == "Idempotency-Key"
+    # nothing of the second requests was written
+    assert state["revision"] == first.json()["revision"]
+    assert state["sites"]["b"]["weight"] == 7 and "c" not in state["sites"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
         ("/v1/sites/a", {"weight": 1, "colour": "red"}, "colour"),
         ("/v1/sites/a", {"weight": "heavy"}, "weight"),
+        ("/v1/sites/a", {"weight": "7"}, "weight"),
+        ("/v1/sites/a", {"weight": True}, "weight"),
+        ("/v1/sites/a", {"weight": 7.0}, "weight"),
+        ("/v1/weights", {"sites": {"a": True}}, "sites.a"),
+        ("/v1/weights", {"sites": {"a": "7"}}, "sites.a"),
+        ("/v1/services/web", {"prefix": "198.51.100.0/24", "ports": [True]}, "ports.0"),
         ("/v1/sites/a", {"weight": 1001}, "weight"),
         ("/v1/sites/a", {"weight": -1}, "weight"),
         ("/v1/nodes/z1", {"site": "nowhere"}, "site"),
@@ -208,8 +231,15 @@ async def test_node_whose_heartbeats_stop_is_dead_after_ttl(api: ApiUnderTest) -
             return any(e.kind == "node-dead" and e.subject == "a1" for e in events)
 
         await poll_until(dead_event, timeout_s=10)
+        # b1 went silent too: no node of the fleet looks alive, which says more about the
+        # GSLB's view than about the nodes. Fail-open: their last weights are kept, and
+        # /v1/status says so (api/panic.py).
         weights = await viewer.effective_weights()
-        assert weights.nodes["a1"] == 0
+        assert weights.nodes["a1"] > 0
+        async with httpx.AsyncClient(base_url=api.url, headers=auth(VIEWER)) as http:
+            status = (await http.get("/v1/status")).json()
+        assert [(s["scope"], s["trust"]) for s in status["fail_open"]] == [("fleet", "panic")]
+        assert any(e.kind == "fail-open" for e in await viewer.events())
 
 
 async def test_watch_long_poll_delivers_a_change_and_effective_weights(api: ApiUnderTest) -> None:
@@ -311,3 +341,29 @@ async def test_an_agent_of_the_previous_node_contract_gets_a_clear_426(api: ApiU
         observed = {o.node: o for o in await viewer.observed()}
         assert observed["a1"].heartbeat is not None
         assert observed["a1"].heartbeat.state is NodeState.HEALTHY
+
+
+async def test_a_restarted_api_keeps_live_nodes_weights_for_one_ttl(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    """The API is down longer than the heartbeat TTL while its node keeps serving: right
+    after the restart every lease has expired, but the node's view must not drop to weight
+    0 for a death it never reported; /v1/status says why."""
+    api = api_factory(heartbeat_ttl_s=3)
+    await seed(api)
+    async with ApiClient([api.url], NODE_A1) as a1:
+        await a1.heartbeat("a1", Heartbeat(state=NodeState.HEALTHY))
+        before = await a1.node_desired("a1")
+    assert before.link_bandwidth_mbps > 0
+    api.server.stop()
+    # The lease expires while nobody can renew it (etcd: TTL + up to 2 s of lease bucket).
+    await asyncio.sleep(5.5)
+    api.server.start()
+    async with ApiClient([api.url], NODE_A1) as a1, ApiClient([api.url], VIEWER) as viewer:
+        after = await a1.node_desired("a1")
+        observed = {o.node: o for o in await viewer.observed()}
+        async with httpx.AsyncClient(base_url=api.url, headers=auth(VIEWER)) as http:
+            status = (await http.get("/v1/status")).json()
+    assert after.link_bandwidth_mbps == before.link_bandwidth_mbps
+    assert observed["a1"].liveness is Liveness.DEAD  # shown as it is, only not acted on
+    assert [(s["scope"], s["trust"]) for s in status["fail_open"]] == [("fleet", "starting")]

@@ -94,10 +94,10 @@ def test_gslb_drives_the_agent_and_losing_the_api_takes_no_traffic_down(
 
         drained_at = asyncio.run(drain())
         status = site.agent.wait_state("down", timeout=30)
-        assert any("GSLB: kernel upgrade" in e["cause"] for e in status["events"])
+        assert any("kernel upgrade (GSLB)" in e["cause"] for e in status["events"])
         # One owner: the state machine's drain says where it is and who asked.
         assert status["drain"] == {
-            "phase": "done", "source": "GSLB", "reason": "GSLB: kernel upgrade",
+            "phase": "done", "source": "GSLB", "reason": "kernel upgrade",
         }  # fmt: skip
         wait_for(lambda: control(site)["applied_revision"] >= drained_at)
         # The GSLB sees the drain finish: its published admin state becomes drained.

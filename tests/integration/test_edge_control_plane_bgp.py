@@ -137,6 +137,12 @@ def agent_status(lab: NetLab, index: int) -> dict[str, Any]:
     return admin_status(lab.edges[index - 1].netns)
 
 
+async def event_causes(api_url: str) -> list[tuple[str, str, str]]:
+    async with ApiClient([api_url], OPERATOR) as operator:
+        events = await operator.events(limit=100)
+    return [(e.kind, e.subject, e.cause) for e in events]
+
+
 def ratio(lab: NetLab) -> float:
     """Kernel next-hop weight of edge1 over edge2 at the router (0 when not both present)."""
     assert lab.router is not None
@@ -212,6 +218,29 @@ def test_gslb_weights_reach_the_router_and_outlive_the_api(lab: NetLab) -> None:
     )
     assert status["state"] == "down" and status["drain"]["source"] == "GSLB"
     assert status["bgp"]["reason"] == "withdraw: drained, traffic has moved"
+    # The GSLB's event log has the phases as edge1 ran them (its facts, not the GSLB's wish).
+    phases = wait_for(
+        lambda: (
+            [
+                cause
+                for kind, node, cause in in_netns(router_ns, lambda: event_causes(api_url))
+                if kind == "node-drain" and node == "edge1"
+            ]
+            or None
+        ),
+        30,
+        what="edge1's drain phases in the event log",
+    )
+    assert phases[0] == "drain none -> moving traffic (GSLB: maintenance)", phases
+    wait_for(
+        lambda: any(
+            cause.endswith("-> done (GSLB: maintenance)")
+            for kind, node, cause in in_netns(router_ns, lambda: event_causes(api_url))
+            if kind == "node-drain" and node == "edge1"
+        ),
+        30,
+        what="edge1's drain done in the event log",
+    )
 
 
 def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight(
@@ -236,8 +265,8 @@ def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight
             )
 
     in_netns(router.netns, seed)
-    for index in (1, 2):
-        start_agent(lab, index, api_url)
+    start_agent(lab, 1, api_url)
+    edge2_agent = start_agent(lab, 2, api_url)
     wait_for(lambda: abs(ratio(lab) - 3.0) < 0.05, 60, what="next-hop weights 3:1")
 
     edge1, edge2 = (str(e.address) for e in lab.edges)
@@ -265,6 +294,30 @@ def test_a_node_that_recovers_while_no_api_answers_comes_back_at_its_last_weight
         30,
         what="edge2's share of 1000 Mbit/s at the router",
     )
+    # The event log says why edge1 went down, as edge1 saw it: health and BGP reason.
+    causes = in_netns(router.netns, lambda: event_causes(api_url))
+    assert (
+        "node-state",
+        "edge1",
+        "healthy -> down: 0/1 backends healthy, below 50%; BGP withdraw: node down",
+    ) in causes
+
+    # edge2's agent freezes (its ExaBGP does not): the dead-man switch outside it withdraws
+    # the route, and once the agent runs again its next heartbeat turns that into an event.
+    edge2_agent.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: not router.fib_nexthops(VIP), 30, interval=0.05, what="route gone")
+    finally:
+        edge2_agent.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: any(
+            kind == "bgp-deadman" and node == "edge2"
+            for kind, node, _ in in_netns(router.netns, lambda: event_causes(api_url))
+        ),
+        30,
+        what="a bgp-deadman event for edge2",
+    )
+    wait_for(lambda: set(router.fib_nexthops(VIP)) == {edge2}, 30, what="edge2 back")
     api.send_signal(signal.SIGKILL)
     api.wait(10)
     (lab.workdir / "b1.fail").unlink()  # edge1 recovers while no API answers

@@ -29,7 +29,14 @@ from contract.schemas import (
     SiteSpec,
     WeightsUpdate,
 )
-from tests.integration.conftest import NODE_A1, NODE_B1, OPERATOR, VIEWER, ApiUnderTest
+from tests.integration.conftest import (
+    DEFAULT_BUDGET,
+    NODE_A1,
+    NODE_B1,
+    OPERATOR,
+    VIEWER,
+    ApiUnderTest,
+)
 from tests.support.etcd_cluster import free_port
 from tests.support.procs import wait_for
 
@@ -435,7 +442,38 @@ def test_drain_wait_times_out_with_exit_6(fleet: ApiUnderTest) -> None:
     assert call(api, lambda c: c.state()).drains[0].kind is DrainKind.SITE  # it was written
 
 
+@sqlite_only
+def test_drain_refused_by_the_budget_in_one_line_and_forced_with_a_reason(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    # A long TTL: the nodes stay alive across the edgectl runs without a heartbeat loop.
+    api = api_factory(budget=DEFAULT_BUDGET, heartbeat_ttl_s=60)
+    seed(api)
+    for node in ("a1", "a2", "b1"):
+        heartbeat(api, node, OPERATOR, NodeState.HEALTHY, 0)
+    ok(run(api, "drain", "a1", "--reason", "kernel"))
+    line = failed(run(api, "drain", "a2", "--reason", "kernel"), 3, "disruption budget")
+    assert "site site-a" in line and "this would leave 0" in line and "--force" in line
+    assert {d.name for d in call(api, lambda c: c.state()).drains} == {"a1"}
+    ok(run(api, "drain", "a2", "--reason", "vendor swap, approved", "--force"))
+    events = call(api, lambda c: c.events())
+    [override] = [e for e in events if e.kind == "budget-override"]
+    assert override.author == "alice" and "vendor swap, approved" in override.cause
+
+
 # --- errors ---------------------------------------------------------------------------
+
+
+@sqlite_only
+def test_a_store_outage_is_reported_as_the_store_not_the_api(
+    api_factory: Callable[..., ApiUnderTest],
+) -> None:
+    """The API is up, its etcd is not (nothing listens there): the API answers 503 only once
+    its own store deadline (5 s by default) has passed, and edgectl waits long enough to
+    hear it, so the line names the store."""
+    api = api_factory(store={"kind": "etcd", "endpoints": [f"http://127.0.0.1:{free_port()}"]})
+    line = failed(run(api, "status"), 1, "state store is unavailable")
+    assert "API unavailable" not in line
 
 
 @sqlite_only

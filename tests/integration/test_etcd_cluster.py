@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -165,3 +167,73 @@ async def test_two_sweeping_instances_report_a_dead_node_once(
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # several more sweeps by both instances
             assert await dead_events() == 1
+
+
+@contextlib.contextmanager
+def _frozen(cluster: LocalEtcdCluster, index: int) -> Iterator[None]:
+    """SIGSTOP one member (its sockets stay open and say nothing), SIGCONT after."""
+    process = cluster.members[index].process
+    assert process is not None and process.poll() is None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+        cluster.wait_healthy()
+
+
+async def test_watch_moves_off_a_frozen_member_and_wakes_on_the_write(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    """The member carrying the API's watch is SIGSTOPped; a write through another member
+    (another API instance that never talks to the frozen one) must wake the first API's
+    /v1/watch because the watch moved, not because its deadline ran out: the long-poll
+    deadline (110 s) is far beyond the client's own read timeout (30 s)."""
+    prefix = f"/frozen-{uuid.uuid4().hex[:8]}/"
+    settings = make_settings("etcd", tmp_path, etcd_cluster, prefix, long_poll_max_s=120)
+    store = open_store(settings.store)
+    assert isinstance(store, EtcdStore)
+    with ThreadedServer(lambda: create_app(store, settings)) as watched:
+        async with ApiClient([watched.url], OPERATOR) as client:
+            state = await client.put_site("a", SiteSpec(), revision=0)
+            watch_key = prefix.encode() + b"w/"
+            for _ in range(100):  # bounded: 5 s for the stream to open
+                if watch_key in store.gateway.watching:
+                    break
+                await asyncio.sleep(0.05)
+            carrier = etcd_cluster.client_urls.index(store.gateway.watching[watch_key])
+            others = [u for i, u in enumerate(etcd_cluster.client_urls) if i != carrier]
+            writer_settings = make_settings(
+                "etcd",
+                tmp_path,
+                etcd_cluster,
+                prefix,
+                store={"kind": "etcd", "endpoints": others, "prefix": prefix},
+            )
+            failovers = store.gateway.silent_member_failovers
+            writer = ThreadedServer(
+                lambda: create_app(open_store(writer_settings.store), writer_settings)
+            )
+            with writer:
+                async with (
+                    httpx.AsyncClient(base_url=watched.url, timeout=30) as http,
+                    ApiClient([writer.url], OPERATOR) as via_writer,
+                ):
+                    waiter = asyncio.create_task(
+                        http.get(
+                            "/v1/watch",
+                            params={"after_revision": state.revision, "timeout_s": 110},
+                            headers={"Authorization": f"Bearer {OPERATOR}"},
+                        )
+                    )
+                    await asyncio.sleep(0.3)  # parked: only a notification wakes it now
+                    with _frozen(etcd_cluster, carrier):
+                        written = await via_writer.put_site(
+                            "b", SiteSpec(), revision=state.revision
+                        )
+                        answer = await waiter
+            assert answer.status_code == 200
+            assert answer.json()["revision"] == written.revision
+            assert "b" in answer.json()["sites"]
+            # It moved because the member went silent (after the thaw it may come back).
+            assert store.gateway.silent_member_failovers > failovers

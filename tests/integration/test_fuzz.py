@@ -1,56 +1,74 @@
-"""Schemathesis over the served OpenAPI schema: no generated request, valid or not, gets a 5xx
-(against both stores).
+"""Schemathesis over the served OpenAPI document, against both stores: every phase it has
+(examples, coverage, fuzzing, stateful) with `--checks all`, and 0 failures expected.
 
-Bounded: a fixed number of examples per operation, long-polls capped at 0.1 s by the
-server's settings, no shrinking of failures beyond the default.
+So the document describes every answer: each status code a route can return with its real
+body (one error model), required headers required, ETag declared, and links from a read's
+ETag to a write's If-Match that the stateful phase follows. Where this API differs from
+schemathesis' defaults on purpose (412 for a stale If-Match, 428 for a missing one) is said
+in schemathesis.toml next to this file.
+
+Bounded: a time budget per store (fuzzing and stateful repeat until it is spent), a fixed
+number of examples per operation and long-polls capped at 0.1 s by the server's settings.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from tests.integration.conftest import OPERATOR, ApiUnderTest
 
-pytestmark = pytest.mark.timeout(200)
+pytestmark = pytest.mark.timeout(180)
 
-EXAMPLES_PER_OPERATION = 20
+SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+BUDGET_S = 40
+EXAMPLES_PER_OPERATION = 10
 
 
-def test_no_generated_request_gets_a_server_error(api_factory: Any) -> None:
+def test_schemathesis_all_checks_all_phases_find_nothing(api_factory: Any, tmp_path: Path) -> None:
     api: ApiUnderTest = api_factory(long_poll_max_s=0.1)
-    schema = schemathesis.openapi.from_url(api.url + "/openapi.json")
-    failures: list[str] = []
-    statuses: list[int] = []
-    operations = 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        operations += 1
-
-        @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=operation.as_strategy(), token_choice=st.integers(0, 4))
-        def exercise(case: Any, token_choice: int) -> None:
-            headers = {"Authorization": f"Bearer {OPERATOR if token_choice else 'nope'}"}
-            response = case.call(base_url=api.url, headers=headers, timeout=10)
-            statuses.append(response.status_code)
-            if response.status_code >= 500:
-                failures.append(
-                    f"{case.method} {case.formatted_path} -> {response.status_code}: "
-                    f"{response.text[:200]}"
-                )
-
-        exercise()
-    assert operations >= 20
-    assert len(statuses) >= operations * 3  # it really sent requests
-    print("status counts", sorted(Counter(statuses).items()))
-    assert failures == []
+    result = subprocess.run(
+        [
+            SCHEMATHESIS,
+            "--config-file",
+            str(CONFIG),
+            "run",
+            api.url + "/openapi.json",
+            "--checks",
+            "all",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--header",
+            f"Authorization: Bearer {OPERATOR}",
+            "--max-examples",
+            str(EXAMPLES_PER_OPERATION),
+            "--max-time",
+            str(BUDGET_S),
+            "--request-timeout",
+            "10",
+            # One worker: hypothesis' lambda introspection is not thread-safe (with two,
+            # schemathesis itself crashed now and then while drawing a body).
+            "--workers",
+            "1",
+            "--seed",
+            "20261201",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=tmp_path,  # its report directory, if any, goes here
+        check=False,
+    )
+    summary = result.stdout[result.stdout.find("= SUMMARY") :]
+    print(summary)
+    assert "Tested: " in summary, result.stdout[-3000:] + result.stderr[-2000:]
+    # Every phase ran (a crash in one would show as an error, not a pass).
+    for phase in ("Coverage", "Fuzzing", "Stateful"):
+        assert f"✅ {phase}" in summary, result.stdout[-6000:]
+    assert result.returncode == 0, result.stdout[-6000:]

@@ -3,6 +3,7 @@ configured, tokens from the environment, and no secret in its output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -65,12 +66,13 @@ class Served:
 
 
 @pytest.fixture
-def served_api(tmp_path: Path) -> Iterator[Served]:
+def served_api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    log_format = getattr(request, "param", "text")
     cert, key = make_certificate(tmp_path)
     port = free_port()
     config = tmp_path / "gslb.yaml"
     config.write_text(
-        f"port: {port}\n"
+        f"port: {port}\nlog_format: {log_format}\n"
         f"tls: {{cert: {cert}, key: {key}}}\n"
         f"store: {{kind: sqlite, path: {tmp_path / 'gslb.db'}}}\n"
         "tokens:\n"
@@ -130,3 +132,14 @@ async def test_python_m_api_serves_tls_and_never_prints_secrets(served_api: Serv
     assert "Uvicorn running on https://" in text
     assert OPERATOR_SECRET not in text
     assert NODE_SECRET not in text
+
+
+@pytest.mark.parametrize("served_api", ["json"], indirect=True)
+async def test_json_logs_are_one_object_per_line(served_api: Served) -> None:
+    async with ApiClient([served_api.url], OPERATOR_SECRET, verify=str(served_api.cert)) as c:
+        await c.state()
+    lines = served_api.output.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert len(records) >= 3
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    assert any("Uvicorn running on https://" in r["message"] for r in records)

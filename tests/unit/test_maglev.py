@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from edge.maglev import MaglevTable, build_table
 
 SIZE = 4099  # prime; keeps property tests quick
+PRODUCTION_SIZE = 65537
 names = st.lists(
     st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12),
     min_size=2,
@@ -50,16 +51,19 @@ def test_balance(backends: list[str]) -> None:
 @settings(max_examples=30, deadline=None)
 @given(names, st.data())
 def test_removing_one_backend_moves_about_one_nth(backends: list[str], data: st.DataObject) -> None:
+    # The production table size: at 4099 slots an unlucky pair of permutations moves 7.5% of
+    # the survivors' slots (['i5', 'g', 'e2'] minus 'i5'); at 65537, 0.01%.
     gone = data.draw(st.sampled_from(backends))
-    before = build_table(dict.fromkeys(backends, 1), SIZE)
-    after = build_table({b: 1 for b in backends if b != gone}, SIZE)
+    before = build_table(dict.fromkeys(backends, 1), PRODUCTION_SIZE)
+    after = build_table({b: 1 for b in backends if b != gone}, PRODUCTION_SIZE)
+    size = PRODUCTION_SIZE
     moved = sum(1 for x, y in zip(before, after, strict=True) if x != y)
     owned = sum(1 for x in before if x == gone)
     # Every slot of the removed backend moves; few others do.
     assert all(y != gone for y in after)
     assert moved >= owned
-    assert moved - owned <= SIZE * 0.06 + 2
-    assert moved <= SIZE * (1 / len(backends)) * 1.10 + SIZE * 0.06 + 2
+    assert moved - owned <= size * 0.06 + 2
+    assert moved <= size * (1 / len(backends)) * 1.10 + size * 0.06 + 2
 
 
 @settings(max_examples=20, deadline=None)

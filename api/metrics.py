@@ -1,0 +1,180 @@
+"""Prometheus metrics of the GSLB API (GET /metrics), one registry per app.
+
+- requests by route template, method and status, with latency histograms (an ASGI
+  middleware: the route is FastAPI's template, so cardinality is bounded);
+- store calls by operation, with latency histograms and errors (the store's methods are
+  wrapped once at app creation);
+- long-polls open (watches), etcd watch streams open, heartbeats (rate() = per second),
+  nodes by liveness (from the last published snapshot, no store read at scrape time),
+  disruption-budget refusals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.failopen import FailOpen
+from api.store.base import Store, StoreUnavailable
+from api.views import SnapshotCache
+from contract.schemas import Liveness
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Paths whose requests may park (long-polls); counted while in flight.
+_LONG_POLL_PATHS = frozenset({"/v1/watch", "/v1/events"})
+STORE_OPERATIONS = (
+    "read_desired",
+    "write_desired",
+    "record_heartbeat",
+    "read_observed",
+    "sweep_dead",
+    "list_events",
+)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gslb_api_requests", "Requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "gslb_api_request_seconds",
+            "Time to answer (long-polls included)",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.long_polls = Gauge(
+            "gslb_api_long_polls_open", "Long-polls (watches) waiting", ["route"], registry=r
+        )
+        self.store_seconds = Histogram(
+            "gslb_api_store_call_seconds",
+            "Store call latency",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "gslb_api_store_call_errors", "Store calls that failed", ["operation"], registry=r
+        )
+        self.heartbeats = Counter("gslb_api_heartbeats", "Heartbeats recorded", registry=r)
+        self.budget_refusals = Counter(
+            "gslb_api_budget_refusals", "Writes refused by the disruption budget", registry=r
+        )
+
+    def watch_store(self, store: Store) -> None:
+        """Time every store operation (and count its failures)."""
+        for name in STORE_OPERATIONS:
+            setattr(store, name, self._timed(name, getattr(store, name)))
+        gateway = getattr(store, "gateway", None)
+        if gateway is not None:  # etcd
+            streams = Gauge(
+                "gslb_api_etcd_watch_streams", "etcd watch streams open", registry=self.registry
+            )
+            streams.set_function(lambda: len(gateway.watching))
+            failovers = Gauge(
+                "gslb_api_etcd_silent_member_failovers",
+                "Watch streams moved off a member that stopped answering",
+                registry=self.registry,
+            )
+            failovers.set_function(lambda: gateway.silent_member_failovers)
+
+    def watch_snapshots(self, snapshots: SnapshotCache) -> None:
+        self.registry.register(_LivenessCollector(snapshots))
+
+    def watch_fail_open(self, fail_open: FailOpen) -> None:
+        held = Gauge(
+            "gslb_api_fail_open_scopes",
+            "Sites (or the fleet) whose last weights are kept: API starting or panic threshold",
+            registry=self.registry,
+        )
+        held.set_function(lambda: len(fail_open.decision.scopes))
+
+    def _timed(
+        self, name: str, call: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        seconds = self.store_seconds.labels(name)
+        errors = self.store_errors.labels(name)
+        heartbeat = name == "record_heartbeat"
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = await call(*args, **kwargs)
+            except StoreUnavailable:
+                errors.inc()
+                raise
+            finally:
+                seconds.observe(time.perf_counter() - started)
+            if heartbeat:
+                self.heartbeats.inc()
+            return result
+
+        return timed
+
+
+class _LivenessCollector(Collector):
+    def __init__(self, snapshots: SnapshotCache) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gslb_api_nodes", "Nodes by liveness (last published view)", labels=["liveness"]
+        )
+        snapshot = self._snapshots.latest
+        counts = dict.fromkeys(Liveness, 0)
+        if snapshot is not None:
+            for name in snapshot.desired.nodes:
+                observed = snapshot.observed.get(name)
+                counts[observed.liveness if observed else Liveness.UNKNOWN] += 1
+        for liveness, count in counts.items():
+            family.add_metric([str(liveness)], count)
+        yield family
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time every HTTP request by its route template."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        path = scope.get("path", "")
+        gauge = None
+        if path in _LONG_POLL_PATHS or path.endswith("/desired"):
+            template = "/v1/nodes/{node}/desired" if path.endswith("/desired") else path
+            gauge = self.metrics.long_polls.labels(template)
+            gauge.inc()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            if gauge is not None:
+                gauge.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.request_seconds.labels(template, method).observe(
+                time.perf_counter() - started
+            )
