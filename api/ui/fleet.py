@@ -83,6 +83,8 @@ def fleet_model(
                 "name": name,
                 "site": spec.site,
                 "state": str(beat.state) if beat else "unknown",
+                # The drain as the node runs it (its phase), beside the operator's wish.
+                "drain_phase": str(beat.drain.phase) if beat and beat.drain else None,
                 "liveness": str(observed.liveness if observed else Liveness.UNKNOWN),
                 "last_seen_age_s": _age(now, observed.last_seen if observed else None),
                 "admin_state": str(view.admin_state) if view else "active",
@@ -96,6 +98,7 @@ def fleet_model(
                 "bgp": {
                     "established": sum(1 for s in sessions if s.state.lower() == "established"),
                     "peers": len(sessions),
+                    "reason": beat.bgp.reason if beat and beat.bgp else "",
                 },
                 "connections": beat.connections if beat else 0,
                 "backends": {

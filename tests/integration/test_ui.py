@@ -156,6 +156,9 @@ def test_the_page_shows_every_node_and_a_drain_appears_live(fleet: ApiUnderTest)
             assert "ui test: kernel upgrade" in laptop.inner_text('li[data-drain="node:a1"]')
             assert "alice" in laptop.inner_text('li[data-drain="node:a1"]')
             laptop.wait_for_selector('tr[data-node="a1"][data-state="down"]', timeout=30_000)
+            # The drain as a1 runs it (its heartbeat), and why it is down, in its own words.
+            laptop.wait_for_selector('tr[data-node="a1"] [data-drain-phase="done"]')
+            assert "drained: ui test: kernel upgrade" in laptop.inner_text('tr[data-node="a1"]')
             assert laptop.evaluate("window.__notReloaded") is True
             assert "1/2 serving" in laptop.inner_text("#summary")
             events = laptop.inner_text("#events")
