@@ -46,7 +46,6 @@ from bgp.policy import (
     advertisements,
     announced_mbps,
 )
-from bgp.sdnotify import SystemdNotifier
 
 # Bounds how long the drain choreography waits for ExaBGP to confirm an UPDATE was sent.
 SEND_CONFIRM_S = 5.0
@@ -133,8 +132,6 @@ class BgpSpeaker:
         deadline_s = config.loop_stall_deadline_s if watchdog_s is None else watchdog_s
         self.watchdog = LoopWatchdog(deadline_s, self.driver.kill_now) if deadline_s else None
         self.last_drain: DrainReport | None = None
-        # READY=1 and WATCHDOG=1 beats when run under systemd (Type=notify, WatchdogSec).
-        self.notifier = SystemdNotifier()
         # Since when the node has wanted to announce with no session carrying it.
         self._no_session_since: float | None = None
 
@@ -147,7 +144,6 @@ class BgpSpeaker:
             await self.bfd.start()
         if self.watchdog:
             self.watchdog.start()
-        self.notifier.start()
 
     async def stop(self, reason: str | None = None) -> None:
         """Withdraw (bounded), end the sessions with a Cease NOTIFICATION carrying
@@ -158,7 +154,6 @@ class BgpSpeaker:
             if self.last_drain is not None:
                 reason += f" after a drain ({self.last_drain.outcome})"
         self.announcer.close()
-        self.notifier.stop()
         if self.watchdog:
             self.watchdog.stop()
         if self.bfd:

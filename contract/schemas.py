@@ -207,6 +207,26 @@ class BgpReport(Strict):
     deadman_firings: Count = 0
 
 
+class VipRole(enum.StrEnum):
+    ACTIVE = "active"
+    STANDBY = "standby"
+
+
+class VipGroupReport(Strict):
+    """A node's view of its active-passive group (`vip_group:`): whether it owns the VIP,
+    under which election term and fencing token, and why (its last transition)."""
+
+    group: Name
+    vip: Annotated[str, Field(min_length=1, max_length=64)]
+    role: VipRole
+    term: Count = 0
+    #: The etcd revision of the ownership key it holds (None without fencing, or not held).
+    fencing_token: Revision | None = None
+    reason: Annotated[str, Field(max_length=200)] = ""
+    last_transition: Annotated[str, Field(max_length=300)] = ""
+    last_transition_at: datetime | None = None
+
+
 class DrainReport(Strict):
     """The node's own drain (its phase is the node's fact; the GSLB's drain is only a wish)."""
 
@@ -228,6 +248,8 @@ class Heartbeat(Strict):
     bgp: BgpReport | None = None
     #: Absent while the node runs no drain.
     drain: DrainReport | None = None
+    #: Absent on a node in no active-passive group.
+    vip_group: VipGroupReport | None = None
     applied_revision: Revision = 0
 
 

@@ -35,6 +35,7 @@ from edge.ports import AgentExtension, ExtensionSetupError, NodeReport
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
+from edge.sdnotify import SystemdNotifier
 from edge.state import (
     Drain,
     DrainPhase,
@@ -481,6 +482,11 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
         announcer = BgpAnnouncer(config.bgp, config.bgp.runtime_dir / config.node.name)
         extensions.append(announcer)
+    vip = None
+    if config.vip_group is not None:
+        from edge.vip.extension import VipExtension
+
+        vip = VipExtension(config.vip_group, config.node.name)
     if config.control_plane is not None:
         from edge.control import ControlPlaneLink
 
@@ -491,12 +497,11 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
                 bgp_sessions=announcer.sessions if announcer else None,
                 bgp_report=announcer.bgp_report if announcer else None,
+                vip_group=vip.report if vip else None,
             )
         )
-    if config.vip_group is not None:
-        from edge.vip.extension import VipExtension
-
-        extensions.append(VipExtension(config.vip_group, config.node.name))
+    if vip is not None:
+        extensions.append(vip)
     return extensions
 
 
@@ -525,5 +530,11 @@ async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
         config.admin.address,
         config.admin.port,
     )
-    await agent.run_until_stopped()
+    # READY=1, then WATCHDOG=1 from this loop, when systemd runs us (Type=notify).
+    notifier = SystemdNotifier()
+    notifier.start()
+    try:
+        await agent.run_until_stopped()
+    finally:
+        notifier.stop()
     return 0

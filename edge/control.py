@@ -28,6 +28,7 @@ from contract.schemas import (
     HealthSummary,
     Heartbeat,
     NodeDesired,
+    VipGroupReport,
 )
 from edge.config import ControlPlaneConfig
 from edge.ports import NodeControl
@@ -39,6 +40,7 @@ log = logging.getLogger("edge.control")
 LinkBandwidthSink = Callable[[float], None]
 SessionsSource = Callable[[], list[BgpSession]]
 BgpReportSource = Callable[[], BgpReport]
+VipGroupSource = Callable[[], VipGroupReport]
 
 
 class ControlPlaneLink:
@@ -52,10 +54,12 @@ class ControlPlaneLink:
         on_link_bandwidth: LinkBandwidthSink | None = None,
         bgp_sessions: SessionsSource | None = None,
         bgp_report: BgpReportSource | None = None,
+        vip_group: VipGroupSource | None = None,
     ) -> None:
         self._on_link_bandwidth = on_link_bandwidth
         self._bgp_sessions = bgp_sessions
         self._bgp_report = bgp_report
+        self._vip_group = vip_group
         self._node: NodeControl | None = None
         verify: bool | str = str(config.ca_file) if config.ca_file else True
         self.sync = ControlPlaneSync(
@@ -104,6 +108,7 @@ class ControlPlaneLink:
             )
             if report.drain.active
             else None,
+            vip_group=self._vip_group() if self._vip_group else None,
         )
 
     async def _apply(self, view: NodeDesired) -> None:

@@ -191,12 +191,85 @@ class SiteRow:
 
 
 @dataclass(frozen=True)
+class GroupMember:
+    node: str
+    role: str
+    liveness: str
+    term: int
+    fencing_token: int | None
+    reason: str
+    last_transition: str
+    last_transition_at: datetime | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "role": self.role,
+            "liveness": self.liveness,
+            "term": self.term,
+            "fencing_token": self.fencing_token,
+            "reason": self.reason,
+            "last_transition": self.last_transition,
+            "last_transition_at": self.last_transition_at.isoformat()
+            if self.last_transition_at
+            else None,
+        }
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """An active-passive group as its members report it (their heartbeats)."""
+
+    name: str
+    vip: str
+    members: list[GroupMember]
+
+    @property
+    def active(self) -> list[str]:
+        """Live members that say they own the VIP: one, or none during a failover. Two
+        would be a split brain that fencing exists to prevent: shown, never hidden."""
+        return [m.node for m in self.members if m.role == "active" and m.liveness == "alive"]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "vip": self.vip,
+            "active": self.active,
+            "members": [m.as_json() for m in self.members],
+        }
+
+
+def build_groups(observed: Iterable[NodeObserved]) -> list[GroupRow]:
+    groups: dict[str, list[tuple[str, GroupMember]]] = {}
+    for o in sorted(observed, key=lambda o: o.node):
+        report = o.heartbeat.vip_group if o.heartbeat else None
+        if report is None:
+            continue
+        member = GroupMember(
+            node=o.node,
+            role=str(report.role),
+            liveness=str(o.liveness),
+            term=report.term,
+            fencing_token=report.fencing_token,
+            reason=report.reason,
+            last_transition=report.last_transition,
+            last_transition_at=report.last_transition_at,
+        )
+        groups.setdefault(report.group, []).append((report.vip, member))
+    return [
+        GroupRow(name, members[0][0], [m for _, m in members])
+        for name, members in sorted(groups.items())
+    ]
+
+
+@dataclass(frozen=True)
 class Fleet:
     revision: int
     converged: bool
     lagging: list[str]  # every node that has not applied the revision, live or not
     sites: list[SiteRow]
     nodes: list[NodeRow]
+    groups: list[GroupRow] = field(default_factory=list)
 
     @property
     def behind(self) -> list[str]:
@@ -216,6 +289,7 @@ class Fleet:
             "lagging": self.lagging,
             "sites": [s.as_json() for s in self.sites],
             "nodes": [n.as_json() for n in self.nodes],
+            "groups": [g.as_json() for g in self.groups],
         }
 
 
@@ -260,6 +334,7 @@ def build_fleet(
     weights: EffectiveWeights,
     convergence: Convergence,
 ) -> Fleet:
+    observed = list(observed)
     nodes = build_nodes(state, observed, weights)
     site_drains = {d.name: d for d in state.drains if d.kind is DrainKind.SITE}
     sites = [
@@ -284,6 +359,7 @@ def build_fleet(
         lagging=[n.node for n in convergence.lagging],
         sites=sites,
         nodes=nodes,
+        groups=build_groups(observed),
     )
 
 

@@ -116,7 +116,37 @@ def fleet_renderable(fleet: Fleet) -> RenderableType:
             _t(age(n.last_seen)),
             _t(n.drain_reason),
         )
-    return Group(head, sites, nodes)
+    if not fleet.groups:
+        return Group(head, sites, nodes)
+    return Group(head, sites, nodes, groups_table(fleet))
+
+
+def groups_table(fleet: Fleet) -> Table:
+    """Active-passive groups: who owns each VIP, under which term and fencing token."""
+    table = Table(title="active-passive groups", title_justify="left")
+    for column in ("group", "vip", "node", "role", "liveness", "term", "token", "last change"):
+        table.add_column(column)
+    for g in fleet.groups:
+        split = len(g.active) > 1
+        for m in g.members:
+            role = Text(m.role, style="red" if split else _ROLE_STYLE.get(m.role, ""))
+            change = m.last_transition
+            if m.last_transition_at:
+                change += f", {age(m.last_transition_at)}"
+            table.add_row(
+                _t(g.name),
+                _t(g.vip),
+                _t(m.node),
+                role,
+                _styled(m.liveness),
+                _t(m.term),
+                _t("-" if m.fencing_token is None else m.fencing_token),
+                _t(change),
+            )
+    return table
+
+
+_ROLE_STYLE = {"active": "green", "standby": ""}
 
 
 def nodes_table(rows: Sequence[NodeRow]) -> Table:

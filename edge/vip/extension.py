@@ -23,8 +23,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from contract.schemas import VipGroupReport, VipRole
 from edge.config import VipGroupConfig
 from edge.ports import ExtensionSetupError, NodeControl
 from edge.state import SERVING_STATES, NodeState, Transition
@@ -40,6 +42,8 @@ from edge.vip.election import (
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
 from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
 from edge.vip.sessions import SessionTable
+
+_KEEPING = frozenset({str(Action.KEEP), str(Action.REANNOUNCE)})
 
 log = logging.getLogger("edge.vip")
 # httpx logs every request at INFO: the fence makes several a second.
@@ -334,6 +338,27 @@ class VipExtension:
         self.transitions.append(entry)
         level = logging.WARNING if action in (Action.CLAIM, Action.RELEASE) else logging.INFO
         log.log(level, "vip group %s: %s (%s)", self.config.name, action, reason)
+
+    def report(self) -> VipGroupReport:
+        """What the node's heartbeats tell the GSLB of this group."""
+        decision = self.election.last_decision
+        fence = self.election.fence
+        # The last change of role (a claim, a release, going standby), not a reason change
+        # while keeping the VIP.
+        changes = [t for t in self.transitions if t["action"] not in _KEEPING]
+        last = changes[-1] if changes else None
+        return VipGroupReport(
+            group=self.config.name,
+            vip=str(self.config.vip),
+            role=VipRole.ACTIVE if self.election.owning else VipRole.STANDBY,
+            term=self.election.term,
+            fencing_token=fence.token if fence is not None and fence.holds else None,
+            reason=str(decision.reason)[:200] if decision else "",
+            last_transition=""
+            if last is None
+            else f"{last['action']}: {last['reason']} (term {last['term']})"[:300],
+            last_transition_at=None if last is None else datetime.fromtimestamp(last["at"], UTC),
+        )
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

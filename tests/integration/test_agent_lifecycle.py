@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -295,3 +296,34 @@ def test_check_config_command(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.decode().strip() == "anycast-edge: config error: listeners: Field required"
+
+
+def test_the_agent_speaks_systemds_notify_protocol_without_bgp(tmp_path: Path) -> None:
+    """Type=notify with WatchdogSec: a node with no `bgp:` section still says READY=1 once
+    it serves, beats WATCHDOG=1 from its loop, and says STOPPING=1 when it stops. The
+    socket stands in for systemd's (the same datagram protocol)."""
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(0.2)
+    site = Site(tmp_path)
+    got: list[str] = []
+
+    def received(message: str, times: int = 1) -> bool:
+        with contextlib.suppress(TimeoutError):
+            got.append(listener.recv(256).decode())
+        return got.count(message) >= times
+
+    try:
+        site.agent.env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+        site.start()
+        wait_for(lambda: received("READY=1"), 10, what="READY=1")
+        assert site.agent.status()["state"] in {"healthy", "starting"}
+        got.clear()
+        wait_for(lambda: received("WATCHDOG=1", 3), 10, what="three watchdog beats")
+        site.agent.signal(signal.SIGTERM)
+        wait_for(lambda: received("STOPPING=1"), 30, what="STOPPING=1")
+        assert site.agent.wait_exit(30) == 0
+    finally:
+        site.close()
+        listener.close()

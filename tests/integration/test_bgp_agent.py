@@ -42,7 +42,9 @@ def lab() -> Iterator[NetLab]:
         built.close()
 
 
-def start_agent(lab: NetLab, fail_file: Path, **bgp_overrides: Any) -> Any:
+def start_agent(
+    lab: NetLab, fail_file: Path, md5_password: str | None = None, **bgp_overrides: Any
+) -> Any:
     (edge,) = lab.edges
     lab.spawn(
         netns_command(
@@ -59,7 +61,7 @@ def start_agent(lab: NetLab, fail_file: Path, **bgp_overrides: Any) -> Any:
         **bgp_overrides,
     )
     bgp_data = bgp.model_dump(mode="json")
-    bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
+    bgp_data["neighbors"][0]["md5_password"] = md5_password or edge.md5_password
     node = {
         "node": {"name": "edge1", "site": "lab"},
         "listeners": [{"name": "tcp", "kind": "tcp", "address": VIP, "port": 8080}],
@@ -190,3 +192,23 @@ def test_bfd_lost_under_bgp_makes_the_node_degraded_until_repaired() -> None:
         )
     finally:
         built.close()
+
+
+def test_a_node_no_session_carries_is_degraded_and_says_why(lab: NetLab) -> None:
+    """Health passed, the agent wants to announce, but the router refuses the session (a
+    wrong TCP-MD5 password): after the grace period the node state is degraded, with the
+    cause, and nothing is announced; /status tells intent from fact."""
+    start_agent(lab, lab.workdir / "b1.fail", md5_password="wrong-password")
+    status = wait_for(
+        lambda: (s := agent_status(lab))["state"] == "degraded" and s,
+        30,
+        interval=0.2,
+        what="node degraded for want of a session",
+    )
+    assert any(
+        f"no BGP session carries {VIP}/32 (0 of 1 sessions established)" in e["cause"]
+        for e in status["events"]
+    ), status["events"]
+    assert status["bgp"]["reason"].startswith("announce:")  # the intent...
+    assert status["bgp"]["announced"] == []  # ...and the fact
+    assert not announced(lab)

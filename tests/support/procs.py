@@ -95,6 +95,8 @@ class AgentProcess:
         self.admin = f"http://127.0.0.1:{config['admin']['port']}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = tmp / "agent.log"
+        #: Set before start() to add to the agent's environment.
+        self.env: dict[str, str] = {}
 
     def write_config(self, config: dict[str, Any] | None = None) -> None:
         if config is not None:
@@ -110,6 +112,7 @@ class AgentProcess:
             stdout=log,
             stderr=log,
             cwd=self.tmp,
+            env={**os.environ, **self.env},
         )
         wait_for(lambda: self.status(), timeout=15)
         if wait_state:

@@ -165,13 +165,16 @@ class ApLab(NetLab):
         *,
         backends: int = 1,
         sticky_header: str | None = None,
+        relay_ports: list[int] | None = None,
     ) -> ApLab:
         """`etcd_urls`: loopback client URLs of the root namespace's etcd members;
-        `sticky_header`: the nodes balance by maglev on that request header."""
+        `sticky_header`: the nodes balance by maglev on that request header;
+        `relay_ports`: more root-namespace loopback ports the nodes reach on their own
+        loopback (e.g. the GSLB API's)."""
         lab = cls()
         lab.etcd_urls = list(etcd_urls or [])
         lab.backend_count, lab.sticky_header = backends, sticky_header
-        ports = [int(url.rsplit(":", 1)[1]) for url in lab.etcd_urls]
+        ports = [int(url.rsplit(":", 1)[1]) for url in lab.etcd_urls] + list(relay_ports or [])
         try:
             lab._build_segment(node_count, ports)
         except BaseException:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bgp.api_relay import FIRED, WITHDRAW_ALL, Relay
 from bgp.exabgp import DeadmanFired, LoopWatchdog, parse_message
-from bgp.sdnotify import SystemdNotifier, notify_address, watchdog_interval_s
+from edge.sdnotify import SystemdNotifier, notify_address, watchdog_interval_s
 
 
 async def test_stall_fires_once_and_a_healthy_loop_never() -> None:

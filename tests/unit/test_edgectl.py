@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
 
 from contract.schemas import (
     Convergence,
@@ -22,13 +23,17 @@ from contract.schemas import (
     NodeSpec,
     NodeState,
     SiteSpec,
+    VipGroupReport,
+    VipRole,
 )
 from edgectl.core import (
     Change,
     CliError,
     Exit,
+    Fleet,
     affected_nodes,
     build_fleet,
+    build_groups,
     diff_states,
     drain_reasons,
     parse_assignments,
@@ -37,6 +42,7 @@ from edgectl.core import (
     resolve_target,
     wait_progress,
 )
+from edgectl.render import groups_table
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -167,7 +173,7 @@ def test_fleet_view_and_drain_reasons() -> None:
     fleet = build_fleet(s, observed, weights, convergence)
     assert not fleet.converged and fleet.behind == ["a1"] and fleet.silent == ["b1"]
     data = fleet.as_json()
-    assert list(data) == ["revision", "converged", "lagging", "sites", "nodes"]
+    assert list(data) == ["revision", "converged", "lagging", "sites", "nodes", "groups"]
     nodes = {n.name: n.as_json() for n in fleet.nodes}
     assert nodes["a1"]["state"] == "draining" and nodes["a1"]["drained"] is True
     assert nodes["b1"]["state"] == "-" and nodes["b1"]["liveness"] == "unknown"
@@ -205,3 +211,28 @@ def test_drain_wait_verdict() -> None:
     assert wait_progress(8, site_drained, observed, targets, draining=False).done
     observed = [seen("a1", NodeState.HEALTHY, 8)]
     assert wait_progress(8, free, observed, targets, draining=False).done
+
+
+def _member(node: str, role: VipRole, liveness: Liveness = Liveness.ALIVE) -> NodeObserved:
+    report = VipGroupReport(group="g1", vip="198.18.2.100/24", role=role, term=3, fencing_token=41)
+    return NodeObserved(
+        node=node, liveness=liveness, heartbeat=Heartbeat(state=NodeState.HEALTHY, vip_group=report)
+    )
+
+
+def test_groups_show_the_active_member_and_a_split_brain_is_not_hidden() -> None:
+    active, standby = VipRole.ACTIVE, VipRole.STANDBY
+    (g1,) = build_groups([_member("n2", standby), _member("n1", active)])
+    assert g1.active == ["n1"] and [m.node for m in g1.members] == ["n1", "n2"]
+    assert g1.members[0].fencing_token == 41 and g1.as_json()["active"] == ["n1"]
+    # A dead member that last said "active" is not an owner.
+    (g1,) = build_groups([_member("n1", active, Liveness.DEAD), _member("n2", active)])
+    assert g1.active == ["n2"]
+    # Two live owners: both listed, and styled as an alarm.
+    split = build_groups([_member("n1", active), _member("n2", active)])
+    assert split[0].active == ["n1", "n2"]
+    fleet = Fleet(revision=1, converged=True, lagging=[], sites=[], nodes=[], groups=split)
+    console = Console(record=True, width=160)
+    console.print(groups_table(fleet))
+    assert "\x1b[31m" in console.export_text(styles=True)  # red
+    assert build_groups([]) == []

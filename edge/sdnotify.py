@@ -1,9 +1,10 @@
 """systemd's notify protocol from the event loop: `READY=1` once, then `WATCHDOG=1` beats.
 
-With `Type=notify` and `WatchdogSec=` in the unit, systemd kills the whole service (ExaBGP
-and bfdd with it, so the routers drop the routes) when the loop stops beating, and
-restarts it. That covers what the API relay cannot: a freeze of every process of the
-service at once. A few lines over the NOTIFY_SOCKET datagram socket, no dependency.
+The agent sends them (every node, with or without BGP), once its listeners are bound and
+its extensions started. With `Type=notify` and `WatchdogSec=` in the unit, systemd kills
+the whole service (ExaBGP and bfdd with it, so the routers drop the routes) when the loop
+stops beating, and restarts it. That covers what the API relay cannot: a freeze of every
+process of the service at once. A few lines over the NOTIFY_SOCKET datagram socket, no dependency.
 """
 
 from __future__ import annotations
