@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # Debian packages the tests and benchmarks need (installed when missing).
-DEB_TEST := chromium frr bird2 haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux keepalived
+DEB_TEST := chromium frr bird2 haproxy nginx-light wrk etcd-server etcd-client iproute2 nftables procps psmisc util-linux keepalived prometheus
 PYTEST_ARGS ?=
 
 .PHONY: all venv deps lint test test-unit test-integration test-e2e lab lab-down lab-status demo bench-proxy clean

@@ -6,10 +6,8 @@ Bad configuration: one line on stderr naming the field, exit status 2, nothing s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
@@ -18,6 +16,7 @@ from api.app import create_app
 from api.auth import TokenTable
 from api.settings import ConfigError, Settings, check_files, load_settings
 from api.store import open_store
+from contract import logs
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,26 +28,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class JsonLines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
 def _configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # The agent's line format (contract.logs): ts, level, logger, msg, component, fields.
+    logs.configure(logging.INFO, settings.log_format, {"component": "api"})
 
 
 def main(argv: list[str] | None = None) -> int:

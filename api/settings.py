@@ -127,7 +127,8 @@ class Settings(_Config):
     #: Fail open (api/panic.py): when fewer than this share of a site's (or the fleet's)
     #: nodes look alive, keep their last weights. 0 turns it off.
     panic_threshold: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
-    #: `json`: one JSON object per log line (time, level, logger, message), for collectors.
+    #: `json`: one JSON object per log line (contract.logs: ts, level, logger, msg, component),
+    #: for collectors.
     log_format: Literal["text", "json"] = "text"
     #: Unauthenticated reads; for a lab or a demo only.
     allow_anonymous_read: Annotated[bool, Field(strict=True)] = False

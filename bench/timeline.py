@@ -77,7 +77,8 @@ def draw(
         )  # fmt: skip
     top.set_title(title)
     top.set_ylabel("requests/s served")
-    top.legend(loc="upper left", fontsize=8, ncol=4)
+    # Outside the plot, right: the event marks are labelled along the top edge.
+    top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
     top.grid(alpha=0.3)
     bottom.set_ylabel("failed/s")
     bottom.set_xlabel("seconds")

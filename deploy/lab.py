@@ -59,8 +59,12 @@ SITE_NEXT_HOP = {"site-a": "198.18.1.2", "site-b": "198.18.2.2"}
 API_URLS = {"api-a": "http://198.18.10.30:8080", "api-b": "http://198.18.20.30:8080"}
 ETCD = {"etcd1": "198.18.100.11", "etcd2": "198.18.100.12", "etcd3": "198.18.100.13"}
 ROUTERS = ("core", "router-a", "router-b")
+# The lab's Prometheus (deploy/prometheus/), on the mgmt bridge: the host reaches it.
+PROMETHEUS_URL = "http://198.18.100.50:9090"
+# What it scrapes: every edge's metrics listener and both APIs (the prometheus.yml jobs).
+SCRAPE_JOBS = {"anycast-edge": len(NODES), "gslb-api": len(API_URLS), "prometheus": 1}
 # One service per image: building these builds every image of the lab.
-IMAGE_SERVICES = ("etcd1", "client", "core", "backend-a1", "api-a", "edge-a1")
+IMAGE_SERVICES = ("etcd1", "client", "core", "backend-a1", "api-a", "edge-a1", "prometheus")
 # Bridged frames between lab containers whose source is a lab address: Docker's isolation
 # rules for internal networks would drop every packet whose source or destination is
 # outside the bridge's subnet, i.e. all routed traffic between the lab's routers.
@@ -522,6 +526,49 @@ def wait_ready(timeout: float = 180.0) -> None:
     say(f"all four edges alive, announced, BFD up ({time.monotonic() - started:.1f} s)")
 
 
+def prometheus_targets() -> list[dict[str, Any]]:
+    """The lab Prometheus's active scrape targets (job, instance, health, last error)."""
+    answer = httpx.get(f"{PROMETHEUS_URL}/api/v1/targets", params={"state": "active"}, timeout=3)
+    answer.raise_for_status()
+    return [
+        {
+            "job": t["labels"]["job"],
+            "instance": t["labels"]["instance"],
+            "health": t["health"],
+            "error": t["lastError"],
+        }
+        for t in answer.json()["data"]["activeTargets"]
+    ]
+
+
+def prometheus_scrapes_everything() -> bool:
+    """Every target of every job (SCRAPE_JOBS) was scraped and answered."""
+    try:
+        targets = prometheus_targets()
+    except httpx.HTTPError:
+        return False
+    jobs = {job: [t for t in targets if t["job"] == job] for job in SCRAPE_JOBS}
+    counted = all(len(jobs[job]) == count for job, count in SCRAPE_JOBS.items())
+    return counted and all(t["health"] == "up" for t in targets)
+
+
+def wait_prometheus(timeout: float = 60.0) -> None:
+    """Until Prometheus scrapes every target (bounded). The lab serves without it: a target
+    still down after the wait is a warning naming it and its scrape error, not a failure."""
+    try:
+        wait_for(prometheus_scrapes_everything, timeout, "Prometheus scraping every edge and API")
+        say(f"Prometheus scrapes every edge and API: {PROMETHEUS_URL}/targets")
+    except LabError:
+        try:
+            down = [t for t in prometheus_targets() if t["health"] != "up"]
+        except httpx.HTTPError as exc:
+            say(f"warning: Prometheus at {PROMETHEUS_URL} does not answer: {exc}")
+            return
+        for target in down:
+            say(f"warning: Prometheus cannot scrape {target['job']} {target['instance']}: "
+                f"{target['error'] or target['health']}")  # fmt: skip
+
+
 def status() -> dict[str, Any]:
     result: dict[str, Any] = {"containers": containers()}
     if not result["containers"]:
@@ -603,6 +650,7 @@ def up(build: bool = True, burst_count: int = 200) -> None:
     run(*compose_command(), "up", "-d", "--no-build", timeout=300)
     wait_ready()
     say(f"lab up in {time.monotonic() - started:.1f} s")
+    wait_prometheus()
     print_status(status())
     print_burst(burst(burst_count))
     path = write_context()
@@ -612,6 +660,7 @@ def up(build: bool = True, burst_count: int = 200) -> None:
         "edgectl status",
         "edgectl drain edge-a1 --reason 'trying the lab' --wait",
         f"the status page: {first}/ui (sign in with the token in {path})",
+        f"Prometheus (targets, alerts): {PROMETHEUS_URL}/alerts",
     ):
         print(f"    {line}")
 

@@ -185,35 +185,33 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class AdminServer:
-    def __init__(self, agent: AdminTarget, host: str, port: int) -> None:
+class _Listener:
+    """One uvicorn server in the agent's loop, bound by us first."""
+
+    def __init__(self, app: Starlette, field: str, host: str, port: int) -> None:
         config = uvicorn.Config(
-            create_admin_app(agent),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
         )
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
-        self._host, self._port = host, port
+        self._field, self._host, self._port = field, host, port
 
     async def start(self) -> None:
         # Bind here, so a port in use is our clear error and not uvicorn's exit.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self._host, self._port))
         except OSError as error:
             sock.close()
             where = f"{self._host}:{self._port}"
-            raise OSError(f"admin.port: cannot bind {where}: {error.strerror}") from None
+            raise OSError(f"{self._field}: cannot bind {where}: {error.strerror}") from None
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises the bind error
-                raise OSError("admin endpoint stopped during start")
+                raise OSError(f"{self._field}: endpoint stopped during start")
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -222,3 +220,27 @@ class AdminServer:
         if self._task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 2)
+
+
+class AdminServer:
+    """The admin endpoint on loopback and, when configured, the read-only /metrics listener
+    (`metrics:` in node.yaml) for a Prometheus elsewhere; both read one registry."""
+
+    def __init__(
+        self, agent: AdminTarget, host: str, port: int, metrics: tuple[str, int] | None = None
+    ) -> None:
+        admin = create_admin_app(agent)
+        self._listeners = [_Listener(admin, "admin.port", host, port)]
+        if metrics is not None:
+            scrape = Starlette(
+                routes=[r for r in admin.routes if getattr(r, "path", "") == "/metrics"]
+            )
+            self._listeners.append(_Listener(scrape, "metrics.port", *metrics))
+
+    async def start(self) -> None:
+        for listener in self._listeners:
+            await listener.start()
+
+    async def stop(self) -> None:
+        for listener in self._listeners:
+            await listener.stop()

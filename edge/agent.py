@@ -153,7 +153,13 @@ class Agent:
         self.sweeper.start()
         try:
             await self._open_listeners()
-            self._admin = AdminServer(self, self.config.admin.address, self.config.admin.port)
+            metrics = self.config.metrics
+            self._admin = AdminServer(
+                self,
+                self.config.admin.address,
+                self.config.admin.port,
+                (metrics.address, metrics.port) if metrics is not None else None,
+            )
             await self._admin.start()
         except OSError:
             await self._close_listeners()
@@ -286,6 +292,13 @@ class Agent:
             transition.new,
             transition.drain.phase,
             transition.cause,
+            extra={
+                "event": "state",
+                "state": str(transition.new),
+                "old_state": str(transition.old),
+                "drain": str(transition.drain.phase),
+                "reason": transition.cause,
+            },
         )
         self._event(
             "state",
@@ -375,8 +388,8 @@ class Agent:
 
     async def apply_config(self, new: NodeConfig) -> None:
         old = self.config
-        if new.admin != old.admin:
-            log.warning("admin endpoint changes take effect at the next restart")
+        if new.admin != old.admin or new.metrics != old.metrics:
+            log.warning("admin and metrics endpoint changes take effect at the next restart")
         if new.bgp != old.bgp:
             log.warning("bgp changes take effect at the next restart")
         if [s.name for s in new.service_list()] != list(self.services):

@@ -167,7 +167,20 @@ class BgpAnnouncer:
             serving=wanted, link_bandwidth_mbps=changed_mbps, group_serving=groups
         )
         self._applied = self._wanted
-        log.info("bgp: %s -> %s: %s; services %s", self._why, wanted, reason, groups)
+        log.info(
+            "bgp: %s -> %s: %s; services %s",
+            self._why,
+            wanted,
+            reason,
+            groups,
+            extra={
+                "event": "announcement",
+                "why": self._why,
+                "serving": str(wanted),
+                "link_bandwidth_mbps": mbps,
+                "reason": str(reason),
+            },
+        )
 
     async def _apply_held(self) -> None:
         """Planned changes, in order: hold, then hand the latest wanted state over."""
@@ -208,5 +221,10 @@ class BgpAnnouncer:
         assert node is not None, "started before a drain"
         await self._idle.wait()  # the draining announcement may still be held
         report = await self.speaker.wait_traffic_moved(lambda: node.report().accepted_total)
-        log.info("bgp drain: %s after %.1f s", report.outcome, report.waited_s)
+        log.info(
+            "bgp drain: %s after %.1f s",
+            report.outcome,
+            report.waited_s,
+            extra={"event": "drain", "outcome": str(report.outcome), "waited_s": report.waited_s},
+        )
         return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from importlib.metadata import version as package_version
@@ -11,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from contract import logs
+from contract.logs import LogFormat
 from edge.config import ConfigError, NodeConfig, load_config
 
 app = typer.Typer(
@@ -76,15 +77,22 @@ def _load(config: Path) -> NodeConfig:
     return node
 
 
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        help="text (the default) or json: one object per line; overrides log_format in the config",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def run(config: ConfigOption) -> None:
+def run(config: ConfigOption, log_format: LogFormatOption = None) -> None:
     """Run the edge node agent."""
     node = _load(config)
-    logging.basicConfig(
-        level=node.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    static = {"component": "agent", "node": node.node.name, "site": node.node.site}
+    logs.configure(node.log_level.upper(), log_format or node.log_format, static)
     import uvloop
 
     from edge.agent import run_agent

@@ -235,6 +235,16 @@ class AdminConfig(_Model):
         return value
 
 
+class MetricsConfig(_Model):
+    """A read-only listener that serves only GET /metrics, on any address: for a Prometheus
+    on another host. The admin endpoint (which can drain the node) stays on loopback."""
+
+    address: str
+    port: Port = 9902
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
 class NodeIdentity(_Model):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     site: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -504,8 +514,12 @@ class NodeConfig(_Model):
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig | None = None
     retry_idempotent: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: for a terminal; json: one object per line (contract.logs) for a log shipper.
+    # `anycast-edge run --log-format` overrides it.
+    log_format: Literal["text", "json"] = "text"
     bgp: BgpConfig | None = None
     control_plane: ControlPlaneConfig | None = None
     vip_group: VipGroupConfig | None = None

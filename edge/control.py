@@ -128,6 +128,13 @@ class ControlPlaneLink:
             view.revision,
             view.admin_state,
             view.link_bandwidth_mbps,
+            extra={
+                "event": "desired",
+                "revision": view.revision,
+                "admin_state": str(view.admin_state),
+                "link_bandwidth_mbps": view.link_bandwidth_mbps,
+                "reason": view.drain_reason,
+            },
         )
 
     def status(self) -> dict[str, Any]:

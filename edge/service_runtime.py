@@ -157,7 +157,19 @@ class ServiceRuntime:
         if change.new is not BackendHealth.UP:
             self.ctx.idle_upstreams.close_backend(backend)
         level = logging.WARNING if change.new is not BackendHealth.UP else logging.INFO
-        log.log(level, "%s: %s", self.name, change.cause)
+        log.log(
+            level,
+            "%s: %s",
+            self.name,
+            change.cause,
+            extra={
+                "event": "backend",
+                "service": self.name,
+                "backend": change.backend,
+                "health": str(change.new),
+                "reason": change.cause,
+            },
+        )
         self._event(
             "backend", change.cause, service=self.name, backend=change.backend, health=change.new
         )

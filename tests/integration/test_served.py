@@ -141,5 +141,7 @@ async def test_json_logs_are_one_object_per_line(served_api: Served) -> None:
     lines = served_api.output.read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line parses
     assert len(records) >= 3
-    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
-    assert any("Uvicorn running on https://" in r["message"] for r in records)
+    # The agent's format (contract.logs), the process named.
+    assert all(set(r) >= {"ts", "level", "logger", "msg"} for r in records)
+    assert all(r["component"] == "api" and "color_message" not in r for r in records)
+    assert any("Uvicorn running on https://" in r["msg"] for r in records)

@@ -103,11 +103,12 @@ class AgentProcess:
             self.config = config
         self.config_path.write_text(yaml.safe_dump(self.config))
 
-    def start(self, wait_state: str | None = "healthy") -> AgentProcess:
+    def start(self, wait_state: str | None = "healthy", args: tuple[str, ...] = ()) -> AgentProcess:
+        """`args`: more `anycast-edge run` options (e.g. `--log-format json`)."""
         self.write_config()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "anycast-edge"), "run", "--config", str(self.config_path)],
+            [str(BIN / "anycast-edge"), "run", "--config", str(self.config_path), *args],
             stdout=log,
             stderr=log,
             cwd=self.tmp,

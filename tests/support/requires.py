@@ -28,6 +28,10 @@ PARTS: dict[str, tuple[Callable[[], bool], str]] = {
     "nft": (lambda: shutil.which("nft") is not None, "needs nftables (Debian package nftables)"),
     "openssl": (lambda: shutil.which("openssl") is not None, "needs openssl"),
     "haproxy": (lambda: shutil.which("haproxy") is not None, "needs haproxy"),
+    "promtool": (
+        lambda: shutil.which("promtool") is not None,
+        "needs promtool (Debian package prometheus)",
+    ),
     "chromium": (
         lambda: Path(CHROMIUM).exists(),
         f"needs Chromium at {CHROMIUM} (Debian package chromium)",

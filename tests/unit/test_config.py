@@ -42,6 +42,10 @@ def test_minimal_config_is_valid_with_defaults() -> None:
             "health.active: timeout must not exceed interval",
         ),
         ({"admin": {"address": "0.0.0.0"}}, "admin.address: must be a loopback address"),
+        ({"metrics": {"address": "nope"}}, "metrics.address: "),
+        ({"metrics": {"port": 9902}}, "metrics.address: Field required"),
+        ({"metrics": {"address": "0.0.0.0", "port": 0}}, "metrics.port: Input should be greater"),
+        ({"log_format": "xml"}, "log_format: Input should be 'text' or 'json'"),
         ({"pool": {"maglev_table_size": 65536}}, "pool.maglev_table_size: must be a prime number"),
         (
             {"pool": {"algorithm": "maglev", "hash_key": {"kind": "header"}}},
