@@ -326,6 +326,9 @@ class VipGroupConfig(_Model):
     port: Port = 5405
     advert_interval: Annotated[float, Field(ge=0.02, le=10)] = 0.1
     dead_after: Annotated[int, Field(ge=2, le=100)] = 3
+    # The VIP guard (edge.vip.guard, a process beside the agent) removes the VIP and
+    # revokes the fencing lease when the agent's loop has not beaten for this long (s).
+    guard_bound: Annotated[float, Field(ge=0.05, le=10)] = 0.3
     # Read by the active, which yields to a higher-ranked peer (live and eligible for
     # preempt_delay seconds): give every member the same values.
     preempt: bool = True

@@ -26,6 +26,9 @@ The rules, in the order `step` applies them:
    hand the key to another node. The address gets a kernel lifetime that ends before the
    lease can (see `address_lifetime`), so even a frozen or killed process loses the VIP in
    time: the kernel removes it.
+6. The VIP guard (a process of its own, `edge.vip.guard`) undid the ownership while this
+   node was silent (`guard_fired`): whatever it knew before is stale; it releases and
+   listens again for one dead interval, as after a pause (GUARD_FIRED).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Reason(enum.StrEnum):
     STORE_UNREACHABLE = "store_unreachable"
     WAITING_FOR_KEY = "waiting_for_key"
     LEASE_EXPIRING = "lease_expiring"
+    GUARD_FIRED = "guard_fired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,8 @@ class Election:
     # A peer came back (first heard, or heard again after it was dead): if we own the VIP,
     # its clients may sit on its MAC (a healed link cut, a failback): announce again.
     peer_returned: bool = False
+    # The guard removed the VIP and revoked the lease: the next step releases (GUARD_FIRED).
+    guard_undid: bool = False
 
     def __post_init__(self) -> None:
         if self.config.fenced and self.fence is None:
@@ -183,6 +189,15 @@ class Election:
 
     def fence_changed(self, fence: FenceView) -> None:
         self.fence = fence
+
+    def guard_fired(self, now: float) -> None:
+        """The guard took the VIP and the lease away: not the owner any more, and listen
+        for one dead interval before claiming again."""
+        self.owning = False
+        self.guard_undid = True
+        self.listen_until = max(self.listen_until, now + self.config.dead_interval_s)
+        if self.fence is not None:
+            self.fence = FenceView(self.fence.reachable)
 
     # -- the decision ------------------------------------------------------------------
     def _live(self, peer: Peer, now: float) -> bool:
@@ -212,6 +227,9 @@ class Election:
         listening = now < self.listen_until
         self.eligible = healthy and not listening and reachable
 
+        if self.guard_undid:
+            self.guard_undid = False
+            return Decision(Action.RELEASE, Reason.GUARD_FIRED, False)
         if woke:
             return self._without(Reason.WOKE)
         if not healthy:

@@ -12,7 +12,11 @@ health, heartbeats and the fence, and applies what it returns:
   the fence changes the picture), applies the decision to the address, and sends a
   heartbeat to every other member;
 - with fencing, a second loop renews or acquires the ownership key (what the election
-  wants) and feeds the resulting view back.
+  wants) and feeds the resulting view back;
+- a third beats to the VIP guard (`edge.vip.guard`, a process of its own started here)
+  every 100 ms and reads what it says: the guard is armed (VIP and lease id) before the
+  VIP is added and disarmed after it is removed; when it fired (this loop was silent for
+  `guard_bound`), the election goes through again (`Election.guard_fired`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +57,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 HANDOVER_TIMEOUT_S = 3.0
 STOP_RELEASE_BUDGET_S = 1.0
+GUARD_BEAT_S = 0.1
+GUARD_START_TIMEOUT_S = 10.0
 
 
 class VipSetupError(ExtensionSetupError):
@@ -122,6 +130,13 @@ class VipExtension:
         self.heartbeats_sent = 0
         self.heartbeats_accepted = 0
         self.crash_leftover_removed = False
+        self._guard: asyncio.subprocess.Process | None = None
+        self._guard_reader: asyncio.StreamReader | None = None
+        self._guard_writer: asyncio.StreamWriter | None = None
+        self._guard_armed: int | None = None  # the lease id the guard holds (None: disarmed)
+        self._last_guard_beat = float("-inf")
+        self.guard_fired_total = 0
+        self.guard_lost = False
 
     # -- life cycle --------------------------------------------------------------------
     async def start(self, node: NodeControl | None = None) -> None:
@@ -142,6 +157,7 @@ class VipExtension:
             lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
         )
         self._transport = transport
+        await self._start_guard()
         if self.config.fencing is not None:
             f = self.config.fencing
             client = EtcdLeaseClient(f.endpoints, f.request_timeout)
@@ -149,6 +165,8 @@ class VipExtension:
             self.fence = EtcdFence(client, key, self.node_id, f.lease_ttl)
             self._tasks.append(loop.create_task(self._fence_loop()))
         self._tasks.append(loop.create_task(self._tick_loop()))
+        self._tasks.append(loop.create_task(self._guard_beat_loop()))
+        self._tasks.append(loop.create_task(self._guard_read_loop()))
         log.info(
             "vip group %s: %s on %s as %s (priority %d)%s",
             self.config.name,
@@ -180,6 +198,7 @@ class VipExtension:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.fence.release(), STOP_RELEASE_BUDGET_S)
             await self.fence.client.close()
+        await self._stop_guard()
         if self._transport is not None:
             self._transport.close()
         if self.announcer is not None:
@@ -207,6 +226,105 @@ class VipExtension:
         log.warning("drain: no peer took the VIP within %.0f s", HANDOVER_TIMEOUT_S)
         return False
 
+    # -- the guard ---------------------------------------------------------------------
+    async def _start_guard(self) -> None:
+        ours, theirs = socket.socketpair()
+        f = self.config.fencing
+        endpoints = [a for e in (f.endpoints if f else []) for a in ("--endpoint", str(e))]
+        # fmt: off
+        command = [
+            sys.executable, "-m", "edge.vip.guard", "--fd", str(theirs.fileno()),
+            "--interface", self.config.interface, "--vip", self.config.vip,
+            "--bound-ms", str(round(self.config.guard_bound * 1000)), *endpoints,
+        ]
+        # fmt: on
+        try:
+            self._guard = await asyncio.create_subprocess_exec(
+                *command, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self._guard_reader, self._guard_writer = reader, writer
+        try:
+            async with asyncio.timeout(GUARD_START_TIMEOUT_S):
+                ready = await reader.readline()
+        except TimeoutError:
+            ready = b""
+        if not ready.startswith(b"#guard ready"):
+            await self._stop_guard()
+            raise VipSetupError("vip_group: the VIP guard (edge.vip.guard) did not start")
+        self._beat_guard()
+
+    async def _stop_guard(self) -> None:
+        if self._guard_writer is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._guard_writer.write(b"bye\n")
+                self._guard_writer.close()
+        if self._guard is not None and self._guard.returncode is None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._guard.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._guard.kill()
+                await self._guard.wait()
+        self._guard = None
+
+    def _tell_guard(self, line: bytes) -> None:
+        if self._guard_writer is not None and not self._guard_writer.is_closing():
+            self._guard_writer.write(line + b"\n")
+
+    def _beat_guard(self) -> None:
+        self._tell_guard(b"#beat")
+        self._last_guard_beat = time.monotonic()
+
+    def _guard_current(self) -> bool:
+        """The guard cannot have fired: we beat to it well within its bound. Checked just
+        before the kernel is asked to (re)add the VIP."""
+        if self.guard_lost:
+            return True  # no guard any more: the lease and the address lifetime as without one
+        return time.monotonic() - self._last_guard_beat < self.config.guard_bound / 2
+
+    def _arm_guard(self) -> None:
+        lease = self.fence.lease_id if self.fence is not None else 0
+        if self._guard_armed != lease:
+            self._tell_guard(f"arm {lease}".encode())
+            self._guard_armed = lease
+
+    def _disarm_guard(self) -> None:
+        if self._guard_armed is not None:
+            self._tell_guard(b"disarm")
+            self._guard_armed = None
+
+    async def _guard_beat_loop(self) -> None:
+        while True:
+            self._beat_guard()
+            await asyncio.sleep(GUARD_BEAT_S)
+
+    async def _guard_read_loop(self) -> None:
+        assert self._guard_reader is not None
+        while True:
+            line = await self._guard_reader.readline()
+            if not line:
+                break
+            if line.startswith(b"#guard fired"):
+                self.guard_fired_total += 1
+                self._guard_armed = None
+                log.warning("vip group %s: %s", self.config.name, line.decode().strip())
+                if self.fence is not None:
+                    self.fence.lost()
+                self.election.guard_fired(time.monotonic())
+                self._wake.set()
+        # the guard died: undo as if it fired (it may have), then run without one
+        log.error("vip group %s: the VIP guard exited", self.config.name)
+        self.guard_lost = True
+        self._guard_armed = None
+        if self.fence is not None and self.election.owning:
+            self.fence.lost()
+        self.election.guard_fired(time.monotonic())
+        self._wake.set()
+
     # -- the loops ---------------------------------------------------------------------
     async def _tick_loop(self) -> None:
         while True:
@@ -232,7 +350,9 @@ class VipExtension:
             self.election.fence_changed(view)
             if (view.holds, view.reachable) != (before.holds, before.reachable):
                 self._wake.set()
-            pause = renew_every if view.holds else (0.1 if want else 0.5)
+            # a standby that wants the key asks every 50 ms: it is free as soon as the
+            # active's guard revoked the lease
+            pause = renew_every if view.holds else (0.05 if want else 0.5)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._fence_wake.wait()
@@ -255,9 +375,14 @@ class VipExtension:
         if decision.owning:
             assert decision.lifetime_s is not None
             decided, fence = decision.lifetime_s, self.election.fence
-            if not await self.vip.put(
-                lambda: min(decided, address_lifetime(fence, time.monotonic()))
-            ):
+            self._arm_guard()  # before the VIP is in the kernel
+
+            def lifetime() -> int:
+                if not self._guard_current():
+                    return 0  # the guard may be firing: wait for its word
+                return min(decided, address_lifetime(fence, time.monotonic()))
+
+            if not await self.vip.put(lifetime):
                 log.warning("vip group %s: no lease time left to refresh the VIP", self.config.name)
             if decision.action is Action.CLAIM:
                 self.claims_total += 1
@@ -268,6 +393,9 @@ class VipExtension:
                 self._burst()
         elif decision.action is Action.RELEASE or await self.vip.present():
             await self.vip.remove()
+            self._disarm_guard()
+        else:
+            self._disarm_guard()
 
     def _burst(self) -> None:
         """`garp_count` announcements, the first now, each only while we still own it."""
@@ -406,10 +534,18 @@ class VipExtension:
             "heartbeats_accepted": self.heartbeats_accepted,
             "heartbeats_refused": {str(k): v for k, v in self.receiver.refused.items()},
             "crash_leftover_removed": self.crash_leftover_removed,
+            "guard": {
+                "bound_s": self.config.guard_bound,
+                "armed": self._guard_armed is not None,
+                "fired_total": self.guard_fired_total,
+                "lost": self.guard_lost,
+            },
             "sessions": None if self.sessions is None else len(self.sessions.entries),
         }
 
     def degraded_reason(self) -> str | None:
+        if self.guard_lost:
+            return f"vip group {self.config.name}: the VIP guard exited"
         if self.fence is not None and self.fence.last_error is not None:
             return f"vip group {self.config.name}: fencing store unreachable"
         return None

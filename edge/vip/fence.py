@@ -157,6 +157,11 @@ class EtcdFence:
         kvs = reply.get("kvs", [])
         self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
 
+    def lost(self) -> None:
+        """The VIP guard revoked our lease (the key went with it): hold nothing."""
+        self.lease_id = 0
+        self.view = FenceView(self.view.reachable)
+
     async def release(self) -> None:
         """Delete the key only if it is still the one we wrote (its token), then revoke."""
         token = self.view.token

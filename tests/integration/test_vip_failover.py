@@ -525,3 +525,50 @@ def test_a_vip_left_on_the_interface_is_removed_at_start(lab: ApLab) -> None:
     first_seen = observer.samples[0][0]
     assert observer.last_time_held_by("n1", before=first_seen + 60) is not None  # it was there
     assert lab.vip_status(n2)["role"] == "active" and not lab.holds_vip(n1)
+
+
+def test_kill_9_the_guard_removes_the_vip_and_frees_the_key_at_once(lab: ApLab) -> None:
+    """The agent is killed alone: its guard (a process of its own) sees the pipe close,
+    removes the VIP from the kernel and revokes the lease, before the address lifetime
+    (>= 1 s) or the lease (2 s) could have ended it."""
+    n1, n2 = start_pair(lab)
+    with Observer(lab) as observer:
+        wait_for(lambda: observer.holders_now() == {"n1"}, 5, what="the observer sees n1")
+        killed = time.monotonic()
+        lab.signal_node(n1, signal.SIGKILL)
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+    gone = observer.last_time_held_by("n1", before=time.monotonic())
+    taken = observer.first_time_held_by("n2", after=killed)
+    assert gone is not None and taken is not None and gone < taken
+    # the kernel lifetime could not have removed it this early: the guard did
+    assert gone - killed < 0.9, f"n1 held the VIP {gone - killed:.3f} s after the kill"
+    assert observer.dual_owner_samples() == 0
+    assert n1.log is not None
+    assert "vip guard: fired (agent_gone" in n1.log.read_text(errors="replace")
+    assert "revoked" in n1.log.read_text(errors="replace")
+    assert lab.vip_status(n2)["fencing"]["holds_key"]
+
+
+def test_sigstop_of_the_agent_alone_the_guard_fires_and_the_woken_agent_reelects(
+    lab: ApLab,
+) -> None:
+    n1, n2 = start_pair(lab, preempt_delay=30)
+    with Observer(lab) as observer:
+        wait_for(lambda: observer.holders_now() == {"n1"}, 5, what="the observer sees n1")
+        frozen = time.monotonic()
+        lab.signal_node(n1, signal.SIGSTOP)  # the agent's pid only, not its guard
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+        gone = observer.last_time_held_by("n1", before=time.monotonic())
+        assert gone is not None and gone - frozen < 0.9  # the guard, not the lifetime
+        woke = time.monotonic()
+        lab.signal_node(n1, signal.SIGCONT)
+        lab.wait_role(n1, "standby")
+        time.sleep(2.0)  # long enough for any wrong reclaim to show
+    assert observer.first_time_held_by("n1", after=woke) is None
+    assert observer.dual_owner_samples() == 0
+    status = lab.vip_status(n1)
+    assert status["guard"]["fired_total"] >= 1 and not status["guard"]["lost"]
+    assert "guard_fired" in [t["reason"] for t in status["transitions"]]
+    assert lab.vip_status(n2)["role"] == "active"
