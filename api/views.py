@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.gslb import NodeDrain, NodeHealth, Shares, admin_state, drained_nodes, shares
@@ -39,6 +39,9 @@ class Snapshot:
     drained: dict[str, NodeDrain]
     generation: int
     built_at: float
+    #: node -> its desired view, derived once per snapshot (a snapshot never changes, and a
+    #: thousand heartbeats a second, or long-polls woken together, ask for the same views).
+    views: dict[str, NodeDesired] = field(default_factory=dict, compare=False, repr=False)
 
 
 def build_snapshot(
@@ -66,6 +69,15 @@ def build_snapshot(
 
 
 def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
+    view = snapshot.views.get(node)
+    if view is None:
+        view = _derive_node_view(snapshot, node)
+        if view is not None:
+            snapshot.views[node] = view
+    return view
+
+
+def _derive_node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
     spec = snapshot.desired.nodes.get(node)
     if spec is None:
         return None
