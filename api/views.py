@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from contract.schemas import (
     NodeDesired,
     NodeObserved,
 )
+
+log = logging.getLogger(__name__)
 
 #: Even without a change notification, a snapshot older than this is rebuilt: the bound on
 #: staleness if a notification is ever missed (e.g. an etcd watch that stalls silently).
@@ -157,6 +160,8 @@ class SnapshotCache:
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._last_build_s = 0.0
+        self._last_started = 0.0  # when the reads of the newest snapshot began
+        self._refresh: asyncio.Task[Snapshot] | None = None
 
     @property
     def latest(self) -> Snapshot | None:
@@ -177,13 +182,28 @@ class SnapshotCache:
         if fresh:
             return None
         snapshot = self._snapshot
-        if (
-            allow_stale
-            and snapshot is not None
-            and time.monotonic() - snapshot.built_at < SNAPSHOT_MAX_AGE_S
-        ):
-            return snapshot
+        if allow_stale and snapshot is not None:
+            age = time.monotonic() - snapshot.built_at
+            if age < SNAPSHOT_MAX_AGE_S:
+                if age >= SNAPSHOT_MAX_AGE_S / 2:
+                    self._refresh_soon()
+                return snapshot
         return self._fresh(self._store.changes.generation)
+
+    def _refresh_soon(self) -> None:
+        """Rebuild in the background while the snapshot is still young enough to serve:
+        heartbeats then never wait for a rebuild (at a thousand a second, the ones that
+        arrived during each rebuild were the slowest)."""
+        if self._refresh is not None or self._lock.locked():
+            return
+        self._refresh = asyncio.create_task(self.get(fresh=True), name="snapshot-refresh")
+        self._refresh.add_done_callback(self._refreshed)
+
+    def _refreshed(self, task: asyncio.Task[Snapshot]) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is not None:
+            # The store is unavailable: the next caller past the age bound reads and fails.
+            log.debug("snapshot refresh failed: %s", task.exception())
 
     async def get(self, *, fresh: bool = False, allow_stale: bool = False) -> Snapshot:
         """The cached snapshot, or a new one if the store changed since (or `fresh`).
@@ -194,18 +214,23 @@ class SnapshotCache:
         cached = self._usable(fresh=fresh, allow_stale=allow_stale)
         if cached is not None:
             return cached
+        asked = time.monotonic()
         async with self._lock:
-            # Another waiter may have rebuilt it while we queued for the lock.
+            # Another waiter may have rebuilt it while we queued for the lock; for `fresh`,
+            # a snapshot whose reads began after we asked is fresh (a burst of such callers
+            # shares one rebuild instead of queueing one each).
             cached = self._usable(fresh=fresh, allow_stale=allow_stale)
             if cached is not None:
                 return cached
+            if fresh and self._snapshot is not None and self._last_started >= asked:
+                return self._snapshot
             latest = self._snapshot
             if latest is not None and not fresh:
                 pause = latest.built_at + 2 * self._last_build_s - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
             generation = self._store.changes.generation
-            started = time.monotonic()
+            started = self._last_started = time.monotonic()
             desired = await self._store.read_desired()
             observed = await self._store.read_observed(datetime.now(UTC))
             weigh_from = self._weigh_from(desired, observed) if self._weigh_from else None

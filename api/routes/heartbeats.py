@@ -54,8 +54,12 @@ async def heartbeat(
     snapshot = await ctx.snapshots.get(allow_stale=True)
     view = node_view(snapshot, node)
     if view is None:
-        # The cached snapshot may predate the node's creation: look at the store itself
-        # (one read, so a node heartbeating under an unknown name costs little).
+        # The stale snapshot may predate the node's creation: first the current one (one
+        # rebuild shared by every heartbeat that missed, e.g. a fleet just added), then the
+        # store itself, which a change made through another instance may not have reached
+        # in a notification yet (one read, so an unknown name costs little).
+        view = node_view(await ctx.snapshots.get(), node)
+    if view is None:
         if node not in (await ctx.store.read_desired()).nodes:
             raise ApiError(422, f"unknown node {node!r}", "node")
         view = node_view(await ctx.snapshots.get(fresh=True), node)
