@@ -185,7 +185,10 @@ class SnapshotCache:
         if allow_stale and snapshot is not None:
             age = time.monotonic() - snapshot.built_at
             if age < SNAPSHOT_MAX_AGE_S:
-                if age >= SNAPSHOT_MAX_AGE_S / 2:
+                # Early enough that the rebuild ends before the bound (it may take a while
+                # with thousands of nodes), late enough to rebuild about once per bound.
+                lead_s = min(SNAPSHOT_MAX_AGE_S / 2, 2 * self._last_build_s + 0.05)
+                if age >= SNAPSHOT_MAX_AGE_S - lead_s:
                     self._refresh_soon()
                 return snapshot
         return self._fresh(self._store.changes.generation)
