@@ -38,7 +38,15 @@ from api.routes import (
     status,
     weights,
 )
-from api.routes.common import ApiError, AppContext, Reader, answers, problem_response
+from api.routes.common import (
+    ApiError,
+    AppContext,
+    Reader,
+    answers,
+    api_error_response,
+    problem_response,
+    store_unavailable_response,
+)
 from api.settings import Settings
 from api.store.base import Store, StoreUnavailable
 from api.views import SnapshotCache
@@ -130,7 +138,7 @@ def _methods_for(app: FastAPI, path: str) -> list[str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return problem_response(exc.status, exc.detail, exc.field, exc.headers, exc.budget)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,8 +151,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("store unavailable: %s", exc)
-        return problem_response(503, "state store unavailable, retry", None, {"Retry-After": "1"})
+        return store_unavailable_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -281,6 +288,8 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
         """Prometheus text format (needs a viewer or operator token, like every read)."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Innermost: sees only what BodyLimit let through, and RequestMetrics counts it.
+    app.add_middleware(heartbeats.HeartbeatFastPath, ctx=ctx)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from api.gslb import NodeDrain, NodeHealth, Shares, admin_state, drained_nodes, shares
@@ -24,6 +25,8 @@ from contract.schemas import (
     NodeDesired,
     NodeObserved,
 )
+
+log = logging.getLogger(__name__)
 
 #: Even without a change notification, a snapshot older than this is rebuilt: the bound on
 #: staleness if a notification is ever missed (e.g. an etcd watch that stalls silently).
@@ -39,6 +42,9 @@ class Snapshot:
     drained: dict[str, NodeDrain]
     generation: int
     built_at: float
+    #: node -> its desired view, derived once per snapshot (a snapshot never changes, and a
+    #: thousand heartbeats a second, or long-polls woken together, ask for the same views).
+    views: dict[str, NodeDesired] = field(default_factory=dict, compare=False, repr=False)
 
 
 def build_snapshot(
@@ -66,6 +72,15 @@ def build_snapshot(
 
 
 def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
+    view = snapshot.views.get(node)
+    if view is None:
+        view = _derive_node_view(snapshot, node)
+        if view is not None:
+            snapshot.views[node] = view
+    return view
+
+
+def _derive_node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
     spec = snapshot.desired.nodes.get(node)
     if spec is None:
         return None
@@ -145,6 +160,8 @@ class SnapshotCache:
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._last_build_s = 0.0
+        self._last_started = 0.0  # when the reads of the newest snapshot began
+        self._refresh: asyncio.Task[Snapshot] | None = None
 
     @property
     def latest(self) -> Snapshot | None:
@@ -165,13 +182,31 @@ class SnapshotCache:
         if fresh:
             return None
         snapshot = self._snapshot
-        if (
-            allow_stale
-            and snapshot is not None
-            and time.monotonic() - snapshot.built_at < SNAPSHOT_MAX_AGE_S
-        ):
-            return snapshot
+        if allow_stale and snapshot is not None:
+            age = time.monotonic() - snapshot.built_at
+            if age < SNAPSHOT_MAX_AGE_S:
+                # Early enough that the rebuild ends before the bound (it may take a while
+                # with thousands of nodes), late enough to rebuild about once per bound.
+                lead_s = min(SNAPSHOT_MAX_AGE_S / 2, 2 * self._last_build_s + 0.05)
+                if age >= SNAPSHOT_MAX_AGE_S - lead_s:
+                    self._refresh_soon()
+                return snapshot
         return self._fresh(self._store.changes.generation)
+
+    def _refresh_soon(self) -> None:
+        """Rebuild in the background while the snapshot is still young enough to serve:
+        heartbeats then never wait for a rebuild (at a thousand a second, the ones that
+        arrived during each rebuild were the slowest)."""
+        if self._refresh is not None or self._lock.locked():
+            return
+        self._refresh = asyncio.create_task(self.get(fresh=True), name="snapshot-refresh")
+        self._refresh.add_done_callback(self._refreshed)
+
+    def _refreshed(self, task: asyncio.Task[Snapshot]) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is not None:
+            # The store is unavailable: the next caller past the age bound reads and fails.
+            log.debug("snapshot refresh failed: %s", task.exception())
 
     async def get(self, *, fresh: bool = False, allow_stale: bool = False) -> Snapshot:
         """The cached snapshot, or a new one if the store changed since (or `fresh`).
@@ -182,18 +217,23 @@ class SnapshotCache:
         cached = self._usable(fresh=fresh, allow_stale=allow_stale)
         if cached is not None:
             return cached
+        asked = time.monotonic()
         async with self._lock:
-            # Another waiter may have rebuilt it while we queued for the lock.
+            # Another waiter may have rebuilt it while we queued for the lock; for `fresh`,
+            # a snapshot whose reads began after we asked is fresh (a burst of such callers
+            # shares one rebuild instead of queueing one each).
             cached = self._usable(fresh=fresh, allow_stale=allow_stale)
             if cached is not None:
                 return cached
+            if fresh and self._snapshot is not None and self._last_started >= asked:
+                return self._snapshot
             latest = self._snapshot
             if latest is not None and not fresh:
                 pause = latest.built_at + 2 * self._last_build_s - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
             generation = self._store.changes.generation
-            started = time.monotonic()
+            started = self._last_started = time.monotonic()
             desired = await self._store.read_desired()
             observed = await self._store.read_observed(datetime.now(UTC))
             weigh_from = self._weigh_from(desired, observed) if self._weigh_from else None

@@ -15,7 +15,14 @@
    freeze) answering with it is measured (p50/max over n rounds; the API's watch must notice
    the silent member and move: about one watch_probe_s plus one request timeout).
 
-The API runs as its own process (`python -m api`), etcd as a real 3-member cluster, all on
+5. simulation: 10,000 nodes across three API instances on one (fresh) etcd cluster, each
+   node heartbeating once per --sim-period (1/s for all of them is more than two shared
+   cores serve; the offered rate is in the result): p50/p99, errors, each instance's CPU,
+   the CPU per heartbeat of the APIs and of etcd, and what etcd applies per second
+   (transactions, puts, raft proposals, from a member's /metrics). Bounded in count and time.
+
+The load generator runs on uvloop, like the API. The API runs as its own process
+(`python -m api`), etcd as a real 3-member cluster, all on
 loopback, everything stopped at the end.
 """
 
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 import yaml
 
 from contract.client import ApiClient, ApiError
@@ -52,7 +60,8 @@ from contract.schemas import (
 from tests.support.etcd_cluster import LocalEtcdCluster, free_port
 
 TOKEN = "bench-operator-token"
-#: Heartbeats of the first seconds (every node's first contact is an event) are not counted.
+#: Heartbeats of the first seconds (every node's first contact is an event) are not counted
+#: (at least one heartbeat period).
 WARMUP_S = 2.0
 
 
@@ -192,31 +201,35 @@ class RawConnection:
 
 
 async def heartbeats(
-    url: str, pid: int, nodes: int, duration_s: float, etcd_pids: Sequence[int] = ()
+    urls: Sequence[str],
+    api_pids: Sequence[int],
+    nodes: int,
+    duration_s: float,
+    etcd_pids: Sequence[int] = (),
+    period_s: float = 1.0,
 ) -> dict[str, Any]:
-    await seed(url, nodes)
+    """`nodes` simulated nodes, each heartbeating once per `period_s`, node i against
+    `urls[i % len(urls)]` (one keep-alive connection each). CPU is measured from the end of
+    the warm-up to the last answer; `api_cpu_pct` is the sum over the API processes."""
+    await seed(urls[0], nodes)
     latencies: list[float] = []
     errors = 0
+    failures: dict[str, int] = {}  # status or exception -> count
     body = Heartbeat(state=NodeState.HEALTHY, connections=10).model_dump_json().encode()
-    host, port = url.removeprefix("http://").split(":")
-    connections = [RawConnection(host, int(port)) for _ in range(nodes)]
+    addresses = [url.removeprefix("http://").split(":") for url in urls]
+    connections = [
+        RawConnection(host, int(port))
+        for host, port in (addresses[i % len(addresses)] for i in range(nodes))
+    ]
     start = time.monotonic() + 1.0
-
-    async def measure_cpu() -> tuple[float, float]:
-        await asyncio.sleep(max(0.0, start + WARMUP_S - time.monotonic()))
-        api_before = cpu_seconds(pid)
-        etcd_before = sum(cpu_seconds(p) for p in etcd_pids)
-        await asyncio.sleep(duration_s)
-        return (
-            cpu_seconds(pid) - api_before,
-            sum(cpu_seconds(p) for p in etcd_pids) - etcd_before,
-        )
+    measured_from = start + max(WARMUP_S, period_s)
+    end = measured_from + duration_s
 
     async def node_loop(i: int) -> None:
         nonlocal errors
-        # Spread the nodes over the second, as real fleets are.
-        tick = start + (i / nodes)
-        while tick < start + WARMUP_S + duration_s:
+        # Spread the nodes over the period, as real fleets are.
+        tick = start + period_s * (i / nodes)
+        while tick < end:
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
             sent = time.perf_counter()
             try:
@@ -228,22 +241,29 @@ async def heartbeats(
                 )
                 if status != 200:
                     errors += 1
-            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                    failures[str(status)] = failures.get(str(status), 0) + 1
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
                 errors += 1
+                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                 connections[i].close()
-            if tick >= start + WARMUP_S:
+            if tick >= measured_from:
                 latencies.append(time.perf_counter() - sent)
-            tick += 1.0
+            tick += period_s
 
-    cpu_task = asyncio.create_task(measure_cpu())
+    await asyncio.sleep(max(0.0, measured_from - time.monotonic()))
+    api_before = [cpu_seconds(pid) for pid in api_pids]
+    etcd_before = sum(cpu_seconds(p) for p in etcd_pids)
+    started_at = time.monotonic()
+    loops = [asyncio.create_task(node_loop(i)) for i in range(nodes)]
     try:
-        await asyncio.gather(*(node_loop(i) for i in range(nodes)))
+        await asyncio.gather(*loops)
     finally:
         for connection in connections:
             connection.close()
-    cpu, etcd_cpu = await cpu_task
     # When the box cannot keep up, the last heartbeats go out late: rates use the real time.
-    elapsed = time.monotonic() - start - WARMUP_S
+    elapsed = time.monotonic() - started_at
+    api_cpu = [cpu_seconds(pid) - before for pid, before in zip(api_pids, api_before, strict=True)]
+    etcd_cpu = sum(cpu_seconds(p) for p in etcd_pids) - etcd_before
     return {
         "nodes": nodes,
         "duration_s": duration_s,
@@ -253,8 +273,98 @@ async def heartbeats(
         "p50_ms": 1000 * percentile(latencies, 0.5),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "errors": errors,
-        "api_cpu_pct": 100 * cpu / duration_s,
-        "etcd_cpu_pct": 100 * etcd_cpu / duration_s,
+        "errors_by_cause": failures,
+        "api_cpu_pct": 100 * sum(api_cpu) / elapsed,
+        "etcd_cpu_pct": 100 * etcd_cpu / elapsed,
+        "api_cpu_ms_per_heartbeat": 1000 * sum(api_cpu) / max(1, len(latencies)),
+        "etcd_cpu_ms_per_heartbeat": 1000 * etcd_cpu / max(1, len(latencies)),
+        "api_cpu_pct_per_instance": [100 * c / elapsed for c in api_cpu],
+    }
+
+
+def etcd_counters(client_url: str) -> dict[str, float]:
+    """What one member has applied so far (every member applies every committed entry)."""
+    wanted = {
+        "etcd_server_proposals_committed_total": "proposals",
+        "etcd_mvcc_txn_total": "txns",
+        "etcd_mvcc_put_total": "puts",
+        "etcd_mvcc_range_total": "ranges",
+    }
+    counters = dict.fromkeys(wanted.values(), 0.0)
+    for line in httpx.get(client_url + "/metrics", timeout=5).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            counters[wanted[name]] = float(value)
+    return counters
+
+
+def simulation(
+    workdir: Path,
+    cluster: LocalEtcdCluster,
+    nodes: int,
+    instances: int,
+    period_s: float,
+    duration_s: float,
+) -> dict[str, Any]:
+    """`nodes` nodes across `instances` API processes on one etcd cluster (each instance
+    lists the members starting at a different one). Each node heartbeats once per
+    `period_s`: 10,000 nodes at 1/s is more than two shared cores serve, so the offered
+    rate is `nodes / period_s`, and the costs per heartbeat say what 1/s would take."""
+    urls = cluster.client_urls
+    settings = {
+        "max_body_bytes": 4 << 20,
+        # A node is dead after missing three periods, as with 1 s heartbeats and the default.
+        "heartbeat_ttl_s": max(5.0, 3 * period_s),
+    }
+    apis = [
+        ApiProcess(
+            workdir,
+            # Each snapshot reads every node's record: megabytes at this size.
+            {"kind": "etcd", "endpoints": urls[i:] + urls[:i], "request_timeout_s": 2.0},
+            **settings,
+        )
+        for i in range(instances)
+    ]
+    try:
+        for api in apis:
+            api.start()
+        pids = [api.process.pid for api in apis if api.process]
+        before = etcd_counters(urls[0])
+        started = time.monotonic()
+        result = asyncio.run(
+            heartbeats(
+                [api.url for api in apis],
+                pids,
+                nodes,
+                duration_s,
+                [m.process.pid for m in cluster.members if m.process],
+                period_s=period_s,
+            )
+        )
+        elapsed = time.monotonic() - started
+        after = etcd_counters(urls[0])
+    finally:
+        for api in apis:
+            api.stop()
+    return {
+        "nodes": nodes,
+        "api_instances": instances,
+        "period_s": period_s,
+        "offered_per_s": nodes / period_s,
+        "rate_per_s": result["rate_per_s"],
+        "heartbeats": result["heartbeats"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+        "errors": result["errors"],
+        "errors_by_cause": result["errors_by_cause"],
+        # per instance: each API process's share of one core
+        "api_cpu_pct": result["api_cpu_pct_per_instance"],
+        # the three members together
+        "etcd_cpu_pct": result["etcd_cpu_pct"],
+        "api_cpu_ms_per_heartbeat": result["api_cpu_ms_per_heartbeat"],
+        "etcd_cpu_ms_per_heartbeat": result["etcd_cpu_ms_per_heartbeat"],
+        # what etcd sees per second (the whole run, seeding and warm-up included)
+        "etcd_per_s": {k: (after[k] - before[k]) / elapsed for k in after},
     }
 
 
@@ -360,6 +470,24 @@ def table(results: dict[str, Any]) -> str:
                 "p99 <= 50 ms, 0 errors",
             )
         )
+    sim = results.get("simulation_10000")
+    if sim:
+        per_s = sim["etcd_per_s"]
+        rows.append(
+            (
+                f"simulation: {sim['nodes']} nodes / {sim['api_instances']} APIs, one heartbeat"
+                f" per {sim['period_s']:g} s each ({sim['offered_per_s']:.0f}/s offered)",
+                f"{sim['rate_per_s']:.0f}/s p50 {sim['p50_ms']:.1f} ms p99 {sim['p99_ms']:.1f} ms,"
+                f" {sim['errors']} errors; API CPU "
+                + "/".join(f"{c:.0f}" for c in sim["api_cpu_pct"])
+                + f"% (per instance), {sim['api_cpu_ms_per_heartbeat']:.2f} ms/heartbeat;"
+                f" etcd CPU {sim['etcd_cpu_pct']:.0f}% (3 members),"
+                f" {sim['etcd_cpu_ms_per_heartbeat']:.2f} ms/heartbeat; etcd sees"
+                f" {per_s['txns']:.0f} txn/s, {per_s['puts']:.0f} put/s,"
+                f" {per_s['proposals']:.0f} proposals/s",
+                "0 errors; costs per heartbeat",
+            )
+        )
     f = results.get("watch_frozen_member")
     if f:
         rows.append(
@@ -386,6 +514,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    uvloop.install()  # the load generator's own CPU per request, halved
     # One socket per simulated node: make room for a thousand of them.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
@@ -396,6 +525,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--kill-duration", type=float, default=9.0)
     parser.add_argument("--frozen-rounds", type=int, default=6)
+    parser.add_argument("--sim-nodes", type=int, default=10_000)
+    parser.add_argument("--sim-instances", type=int, default=3)
+    parser.add_argument(
+        "--sim-period", type=float, default=10.0, help="seconds between a node's heartbeats"
+    )
+    parser.add_argument("--sim-duration", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path("bench-results/api.json"))
     args = parser.parse_args()
     results: dict[str, Any] = {
@@ -423,7 +558,7 @@ def main() -> int:
                 print(f"heartbeats: {nodes} nodes for {args.duration} s...", file=sys.stderr)
                 assert sqlite_api.process is not None
                 result = asyncio.run(
-                    heartbeats(sqlite_api.url, sqlite_api.process.pid, nodes, args.duration)
+                    heartbeats([sqlite_api.url], [sqlite_api.process.pid], nodes, args.duration)
                 )
                 results["heartbeats"].append({"store": "sqlite", **result})
             sqlite_api.stop()
@@ -446,8 +581,8 @@ def main() -> int:
                 assert etcd_api.process is not None
                 result = asyncio.run(
                     heartbeats(
-                        etcd_api.url,
-                        etcd_api.process.pid,
+                        [etcd_api.url],
+                        [etcd_api.process.pid],
                         nodes,
                         args.duration,
                         [m.process.pid for m in cluster.members if m.process],
@@ -461,6 +596,24 @@ def main() -> int:
             print("etcd leader kill...", file=sys.stderr)
             results["leader_kill"] = asyncio.run(
                 leader_kill(etcd_api.url, cluster, args.kill_duration)
+            )
+            etcd_api.stop()
+            cluster.stop()
+            # Its own cluster: ten thousand nodes' records would weigh on the rows above.
+            cluster = LocalEtcdCluster(workdir / "etcd-simulation")
+            cluster.start()
+            print(
+                f"simulation: {args.sim_nodes} nodes, {args.sim_instances} APIs, one per "
+                f"{args.sim_period} s, {args.sim_duration} s...",
+                file=sys.stderr,
+            )
+            results["simulation_10000"] = simulation(
+                workdir,
+                cluster,
+                args.sim_nodes,
+                args.sim_instances,
+                args.sim_period,
+                args.sim_duration,
             )
         finally:
             for api in apis:

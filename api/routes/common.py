@@ -11,6 +11,7 @@ request is a client bug, answered 422, never the first request's result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Callable
@@ -28,10 +29,11 @@ from api.budget import alive_states, describe, judge
 from api.failopen import FailOpen
 from api.metrics import ApiMetrics
 from api.settings import Settings
-from api.store.base import EventDraft, RevisionConflict, Store
+from api.store.base import EventDraft, RevisionConflict, Store, StoreUnavailable
 from api.views import SnapshotCache
 from contract.schemas import REVISION_MISMATCH, BudgetBreach, DesiredSpec, DesiredState, Problem
 
+log = logging.getLogger("api")
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 ETAG_PATTERN = r'^(?:W/)?"?(\d{1,18})"?$'
@@ -86,6 +88,15 @@ def problem_response(
 ) -> JSONResponse:
     problem = Problem(detail=detail, field=field, budget=budget)
     return JSONResponse(problem_json(problem), status_code=status, headers=headers)
+
+
+def api_error_response(exc: ApiError) -> JSONResponse:
+    return problem_response(exc.status, exc.detail, exc.field, exc.headers, exc.budget)
+
+
+def store_unavailable_response(exc: StoreUnavailable) -> JSONResponse:
+    log.warning("store unavailable: %s", exc)
+    return problem_response(503, "state store unavailable, retry", None, {"Retry-After": "1"})
 
 
 def problem_json(problem: Problem) -> dict[str, Any]:
@@ -344,4 +355,5 @@ def require_node(state: DesiredState, node: str, field: str) -> None:
         raise ApiError(422, f"unknown node {node!r}", field)
 
 
-NamePath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", max_length=63)]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+NamePath = Annotated[str, Path(pattern=NAME_PATTERN, max_length=63)]

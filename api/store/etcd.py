@@ -96,12 +96,12 @@ def _event_json(event: EventDraft, now: datetime, desired: bool) -> str:
 
 
 def _record_json(record: ObservedRecord) -> str:
-    return json.dumps(
-        {
-            "heartbeat": record.heartbeat.model_dump(mode="json"),
-            "last_seen": record.last_seen.isoformat(),
-            "dead_reported": record.dead_reported,
-        }
+    # Written a thousand times a second: pydantic serialises the heartbeat straight to JSON
+    # (no dict of it first, no second pass through json.dumps).
+    return (
+        f'{{"heartbeat":{record.heartbeat.model_dump_json()},'
+        f'"last_seen":"{record.last_seen.isoformat()}",'
+        f'"dead_reported":{"true" if record.dead_reported else "false"}}}'
     )
 
 
@@ -153,6 +153,9 @@ class EtcdStore(Store):
         self._in_flight: set[str] = set()
         # node -> (mod_revision of o/<node>, record) as last written or read here.
         self._observed_cache: dict[str, tuple[int, ObservedRecord | None]] = {}
+        # Read from etcd once; after that a node missing from it is new, and if it is not
+        # (another instance wrote it), its compare-and-swap fails and the retry reads it.
+        self._observed_cache_filled = False
         self._watch_tasks: list[asyncio.Task[None]] = []
         # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
         self._known_dead: dict[bytes, int] = {}
@@ -272,9 +275,10 @@ class EtcdStore(Store):
             # per transaction); both callers learn the outcome.
             pending.heartbeat, pending.now, pending.author = heartbeat, now, author
             pending.futures.append(future)
-        self._flushers = {task for task in self._flushers if not task.done()}
         if len(self._flushers) < HEARTBEAT_TRANSACTIONS_IN_FLIGHT:
-            self._flushers.add(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
+            task = asyncio.create_task(self._flush_heartbeats(), name="heartbeats")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
         await future
 
     async def _flush_heartbeats(self) -> None:
@@ -314,10 +318,9 @@ class EtcdStore(Store):
         self, batch: dict[str, _PendingHeartbeat]
     ) -> dict[str, _PendingHeartbeat]:
         """One transaction for the batch; returns the nodes to retry (their CAS failed)."""
-        if any(node not in self._observed_cache for node in batch):
+        if not self._observed_cache_filled:
             await self._fill_observed_cache()
-            for node in batch:
-                self._observed_cache.setdefault(node, (0, None))  # never heard of before
+            self._observed_cache_filled = True
         lease = await self._current_lease(max(p.ttl_s for p in batch.values()))
         operations: list[dict[str, Any]] = []
         records: dict[str, ObservedRecord] = {}
@@ -436,7 +439,7 @@ class EtcdStore(Store):
             marked = ObservedRecord(record.heartbeat, record.last_seen, dead_reported=True)
             event = dead_event(node, record, ttl_s)
             # Several API instances sweep: the compare on o/<node> lets exactly one report it.
-            ok, _, _ = await self._call(
+            ok, revision, _ = await self._call(
                 self.gateway.txn(
                     [_mod_equals(kv.key, kv.mod_revision)],
                     [
@@ -450,7 +453,7 @@ class EtcdStore(Store):
                 )
             )
             if ok:
-                self._observed_cache.pop(node, None)
+                self._observed_cache[node] = (revision, marked)
                 dead.append(node)
         return dead
 

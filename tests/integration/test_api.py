@@ -8,14 +8,18 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from api.routes.heartbeats import HeartbeatFastPath
 from contract.client import ApiClient, Conflict, Forbidden, InvalidRequest
 from contract.schemas import (
+    NODE_CONTRACT_VERSION,
     AdminState,
     DesiredSpec,
     DrainKind,
     Heartbeat,
     Liveness,
+    NodeDesired,
     NodeSpec,
     NodeState,
     SiteSpec,
@@ -367,3 +371,58 @@ async def test_a_restarted_api_keeps_live_nodes_weights_for_one_ttl(
     assert after.link_bandwidth_mbps == before.link_bandwidth_mbps
     assert observed["a1"].liveness is Liveness.DEAD  # shown as it is, only not acted on
     assert [(s["scope"], s["trust"]) for s in status["fail_open"]] == [("fleet", "starting")]
+
+
+async def test_heartbeat_fast_path_answers_as_the_route_does(api: ApiUnderTest) -> None:
+    """A well-formed heartbeat is answered by HeartbeatFastPath, without FastAPI: same
+    status, headers and bytes as the route (which answers a request with another content
+    type); every refusal is still the route's own."""
+    await seed(api)
+    body = Heartbeat(state=NodeState.HEALTHY, connections=3).model_dump_json()
+    path = f"/v1/nodes/a1/heartbeat?contract={NODE_CONTRACT_VERSION}"
+    json_type = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=api.url, headers=auth(NODE_A1)) as http:
+        fast = await http.post(path, content=body, headers=json_type)
+        routed = await http.post(
+            path, content=body, headers={"Content-Type": "application/json; charset=utf-8"}
+        )
+        for answer in (fast, routed):
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            # FastAPI's serialisation of the view, byte for byte
+            view = NodeDesired.model_validate_json(answer.content)
+            assert answer.content == view.model_dump_json().encode()
+            assert view.node == "a1"
+        refusals = (
+            (NODE_B1, body, 403),
+            ("not-a-token", body, 401),
+            (NODE_A1, '{"state": "sleepy"}', 422),
+            (NODE_A1, "{", 400),
+        )
+        for token, content, status in refusals:
+            r = await http.post(path, content=content, headers={**json_type, **auth(token)})
+            assert r.status_code == status, r.text
+            assert r.json()["detail"]
+        metrics = (await http.get("/metrics", headers=auth(VIEWER))).text
+    # both 200s counted under the route's template
+    assert (
+        'gslb_api_requests_total{method="POST",route="/v1/nodes/{node}/heartbeat",status="200"}'
+        " 2.0" in metrics
+    )
+
+    # In process: a well-formed heartbeat never reaches FastAPI.
+    async def fastapi(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the heartbeat fell through to FastAPI")
+
+    ctx = api.make_app().state.ctx
+    await ctx.store.start()
+    try:
+        transport = httpx.ASGITransport(app=HeartbeatFastPath(fastapi, ctx))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth(NODE_A1)
+        ) as in_process:
+            r = await in_process.post(path, content=body, headers=json_type)
+    finally:
+        await ctx.store.close()
+    assert r.status_code == 200
+    assert NodeDesired.model_validate_json(r.content).node == "a1"
