@@ -8,6 +8,7 @@ is its own ARP entry (`ip -n client neigh`) and which node answers its HTTP requ
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import signal
@@ -353,6 +354,7 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
     budget_s = float(os.environ.get("VIP_CHAOS_BUDGET_S", "90"))
     start_pair(lab)
     done: list[str] = []
+    started: list[float] = []  # when each injection began
     began = time.monotonic()
     with Observer(lab, arp=True) as observer:
         for _ in range(injections):
@@ -363,6 +365,7 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
             fault = rng.choice(FAULTS)
             hold = rng.uniform(0.3, 2.5)
             done.append(f"{fault} {victim.name} {hold:.1f}s")
+            started.append(time.monotonic())
             if fault == "kill":
                 lab.signal_node(victim, signal.SIGKILL)
                 time.sleep(hold)
@@ -388,7 +391,13 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
                 lab.wait_vip(node, "eligible", True, 20)
     print(f"{len(done)} fault injections in {time.monotonic() - began:.0f} s:", ", ".join(done))
     assert len(done) >= min(injections, 5), done
-    assert observer.dual_owner_samples() == 0, done
+    # Which injection each two-owner sample fell in, and how far into it.
+    injection = [max(bisect.bisect_right(started, t) - 1, 0) for t in observer.dual_times]
+    during = [
+        f"{done[i]} +{t - started[i]:.2f}s"
+        for i, t in zip(injection, observer.dual_times, strict=True)
+    ]
+    assert observer.dual_owner_samples() == 0, (during, done)
     assert observer.dual_arp_answers() == 0, done
     assert len(observer.samples) > 100 * (time.monotonic() - began) * 0.3  # it did sample
     assert sum(1 for macs in observer.arp_answers if macs) > len(observer.arp_answers) / 2
