@@ -232,7 +232,7 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     metrics.watch_store(store)
     fail_open = FailOpen(store, settings.panic_threshold, settings.heartbeat_ttl_s)
     snapshots = SnapshotCache(store, fail_open.weigh_from)
-    metrics.watch_snapshots(snapshots)
+    metrics.watch_snapshots(snapshots, settings.budget.budget())
     metrics.watch_fail_open(fail_open)
     ctx = AppContext(
         store=store,

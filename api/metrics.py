@@ -5,8 +5,9 @@
 - store calls by operation, with latency histograms and errors (the store's methods are
   wrapped once at app creation);
 - long-polls open (watches), etcd watch streams open, heartbeats (rate() = per second),
-  nodes by liveness (from the last published snapshot, no store read at scrape time),
-  disruption-budget refusals.
+  nodes by liveness and live nodes behind the current revision (from the last published
+  snapshot, no store read at scrape time), disruption-budget refusals and, per site and for
+  the fleet, the share of healthy capacity in service beside the budget's floor for it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.budget import FLEET, Budget, Tally, alive_states, tallies
 from api.failopen import FailOpen
 from api.store.base import Store, StoreUnavailable
-from api.views import SnapshotCache
+from api.views import Snapshot, SnapshotCache, convergence_view
 from contract.schemas import Liveness
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -87,8 +89,8 @@ class ApiMetrics:
             )
             failovers.set_function(lambda: gateway.silent_member_failovers)
 
-    def watch_snapshots(self, snapshots: SnapshotCache) -> None:
-        self.registry.register(_LivenessCollector(snapshots))
+    def watch_snapshots(self, snapshots: SnapshotCache, budget: Budget) -> None:
+        self.registry.register(_SnapshotCollector(snapshots, budget))
 
     def watch_fail_open(self, fail_open: FailOpen) -> None:
         held = Gauge(
@@ -121,15 +123,29 @@ class ApiMetrics:
         return timed
 
 
-class _LivenessCollector(Collector):
-    def __init__(self, snapshots: SnapshotCache) -> None:
+class _SnapshotCollector(Collector):
+    """Series computed from the last published snapshot at scrape time."""
+
+    def __init__(self, snapshots: SnapshotCache, budget: Budget) -> None:
         self._snapshots = snapshots
+        self._budget = budget
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self._snapshots.latest
+        yield self._liveness(snapshot)
+        lagging = GaugeMetricFamily(
+            "gslb_api_nodes_lagging",
+            "Live nodes that have not applied the current desired revision",
+        )
+        behind = convergence_view(snapshot).lagging if snapshot is not None else []
+        lagging.add_metric([], sum(1 for n in behind if n.liveness is Liveness.ALIVE))
+        yield lagging
+        yield from self._budget_shares(snapshot)
+
+    def _liveness(self, snapshot: Snapshot | None) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
             "gslb_api_nodes", "Nodes by liveness (last published view)", labels=["liveness"]
         )
-        snapshot = self._snapshots.latest
         counts = dict.fromkeys(Liveness, 0)
         if snapshot is not None:
             for name in snapshot.desired.nodes:
@@ -137,7 +153,32 @@ class _LivenessCollector(Collector):
                 counts[observed.liveness if observed else Liveness.UNKNOWN] += 1
         for liveness, count in counts.items():
             family.add_metric([str(liveness)], count)
-        yield family
+        return family
+
+    def _budget_shares(self, snapshot: Snapshot | None) -> Iterator[GaugeMetricFamily]:
+        share = GaugeMetricFamily(
+            "gslb_api_budget_in_service_share",
+            "Capacity in service over healthy capacity (1 when nothing is healthy), as the "
+            "disruption budget counts it",
+            labels=["scope"],
+        )
+        floor = GaugeMetricFamily(
+            "gslb_api_budget_min_share",
+            "The disruption budget's floor for that share",
+            labels=["scope"],
+        )
+        counted = (
+            tallies(snapshot.desired, alive_states(snapshot.observed))
+            if snapshot is not None
+            else {FLEET: Tally()}
+        )
+        for scope, tally in sorted(counted.items()):
+            limits = self._budget.fleet if scope == FLEET else self._budget.site
+            value = tally.in_service_mbps / tally.healthy_mbps if tally.healthy_mbps else 1.0
+            share.add_metric([scope], value)
+            floor.add_metric([scope], limits.min_share)
+        yield share
+        yield floor
 
 
 class RequestMetrics:

@@ -57,3 +57,35 @@ async def test_metrics_show_requests_store_calls_heartbeats_liveness_and_refusal
     assert value("gslb_api_nodes", liveness="dead") == 0
     if api.kind == "etcd":
         assert value("gslb_api_etcd_watch_streams") == 2
+
+
+async def test_metrics_show_nodes_behind_the_revision_and_the_budget_headroom(
+    api_factory: Any,
+) -> None:
+    """Three live nodes of one site, one drained: two thirds of the healthy capacity is in
+    service (the floor is gslb.yaml's 0.5); the nodes that have not reported the current
+    revision are counted as lagging, and one that reports it stops being counted."""
+    api: ApiUnderTest = api_factory(budget=DEFAULT_BUDGET)
+    async with ApiClient([api.url], OPERATOR) as client:
+        state = await client.put_site("a", SiteSpec(), revision=0)
+        for name in ("a1", "a2", "a3"):
+            state = await client.put_node(name, NodeSpec(site="a"), revision=state.revision)
+        for name in ("a1", "a2", "a3"):
+            await client.heartbeat(name, Heartbeat(state=NodeState.HEALTHY))
+        state = await client.drain(DrainKind.NODE, "a3", "maintenance", revision=state.revision)
+        await client.heartbeat(
+            "a1", Heartbeat(state=NodeState.HEALTHY, applied_revision=state.revision)
+        )
+        await client.node_desired("a1")  # a snapshot is published
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        response = await http.get("/metrics", headers={"Authorization": f"Bearer {VIEWER}"})
+    got = samples(response.text)
+
+    def value(name: str, **labels: str) -> float:
+        return got[(name, tuple(sorted(labels.items())))]
+
+    assert value("gslb_api_nodes_lagging") == 2  # a2 and a3 run an older revision
+    assert value("gslb_api_budget_in_service_share", scope="a") == pytest.approx(2 / 3)
+    assert value("gslb_api_budget_in_service_share", scope="fleet") == pytest.approx(2 / 3)
+    assert value("gslb_api_budget_min_share", scope="a") == 0.5
+    assert value("gslb_api_budget_min_share", scope="fleet") == 0.5
