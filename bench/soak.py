@@ -123,12 +123,25 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
     return b""
 
 
-async def l4_client_fin_first(port: int) -> None:
+async def _send_then_read_to_end(port: int, data: bytes, *, fin: bool) -> None:
+    """Send `data` (then a FIN when `fin`), read until the other side closes, close."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"echo\nhello")
-    writer.write_eof()
+    writer.write(data)
+    if fin:
+        writer.write_eof()
     await _read_all(reader)
     writer.close()
+
+
+async def _send_then_rst(port: int, data: bytes) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await asyncio.sleep(0)
+    _rst(writer)
+
+
+async def l4_client_fin_first(port: int) -> None:
+    await _send_then_read_to_end(port, b"echo\nhello", fin=True)
 
 
 async def l4_backend_fin_first(port: int) -> None:
@@ -141,25 +154,15 @@ async def l4_backend_fin_first(port: int) -> None:
 
 
 async def l4_client_rst(port: int) -> None:
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"hold\nsome")
-    await asyncio.sleep(0)
-    _rst(writer)
+    await _send_then_rst(port, b"hold\nsome")
 
 
 async def l4_backend_rst(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"rst\n")
-    await _read_all(reader)
-    writer.close()
+    await _send_then_read_to_end(port, b"rst\n", fin=False)
 
 
 async def l4_client_fin_backend_rst(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"rstfin\n")
-    writer.write_eof()
-    await _read_all(reader)
-    writer.close()
+    await _send_then_read_to_end(port, b"rstfin\n", fin=True)
 
 
 GET = b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n"
@@ -175,32 +178,21 @@ async def l7_keep_alive_then_close(port: int) -> None:
 
 
 async def l7_connection_close(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
-    await _read_all(reader)
-    writer.close()
+    request = b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
+    await _send_then_read_to_end(port, request, fin=False)
 
 
 async def l7_client_rst(port: int) -> None:
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(GET)
-    await asyncio.sleep(0)
-    _rst(writer)
+    await _send_then_rst(port, GET)
 
 
 async def l7_backend_closes(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /close HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
-    await _read_all(reader)
-    writer.close()
+    request = b"GET /close HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
+    await _send_then_read_to_end(port, request, fin=False)
 
 
 async def l7_half_close(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(GET)
-    writer.write_eof()
-    await _read_all(reader)
-    writer.close()
+    await _send_then_read_to_end(port, GET, fin=True)
 
 
 L4_PATTERNS = [
