@@ -170,7 +170,10 @@ class Nodes:
 
 
 @pytest.fixture
-def fleet(api: ApiUnderTest) -> Iterator[ApiUnderTest]:
+def fleet(api_factory: Callable[..., ApiUnderTest]) -> Iterator[ApiUnderTest]:
+    # A heartbeat stays alive for a minute: each edgectl call is a process start, and a few
+    # of them on a loaded machine outlast the default test TTL of 2 s.
+    api = api_factory(heartbeat_ttl_s=60)
     seed(api)
     yield api
 
