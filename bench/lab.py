@@ -174,20 +174,31 @@ _STATUS = (
 )
 
 
-def edge_bgp_status(node: str) -> dict[str, Any]:
-    """One edge's /status "bgp" section, read inside its container (admin is loopback)."""
+def edge_status(node: str) -> dict[str, Any]:
+    """One edge's /status, read inside its container (admin listens on loopback)."""
     out = lab.dexec(node, "/opt/venv/bin/python", "-c", _STATUS, timeout=10)
-    section: dict[str, Any] = json.loads(out)["bgp"]
-    return section
+    status: dict[str, Any] = json.loads(out)
+    return status
 
 
-def _holds_now() -> dict[str, tuple[int, float]]:
-    """Per edge: flap-budget hold-downs so far, and its last planned-change hold (s)."""
-    now: dict[str, tuple[int, float]] = {}
+# A planned-change hold this long or longer is recorded with the flow-sharing peers'
+# sequence numbers, to say whom it waited for.
+SLOW_HOLD_S = 0.5
+
+
+def _holds_now() -> dict[str, tuple[int, float, dict[str, Any]]]:
+    """Per edge: flap-budget hold-downs so far, its last planned-change hold (s), and its
+    flow-sharing peers (connected, live, sent and acknowledged sequence numbers)."""
+    now: dict[str, tuple[int, float, dict[str, Any]]] = {}
     for node in lab.NODES:
-        bgp = edge_bgp_status(node)
+        status = edge_status(node)
+        bgp = status["bgp"]
         hold = bgp.get("planned_change_holds") or {}
-        now[node] = (int(bgp["flap_holddowns"]), float(hold.get("last_s", 0.0)))
+        peers = {
+            name: [p["connected"], p["live"], p["sent_seq"], p["acked_seq"]]
+            for name, p in ((status.get("flowshare") or {}).get("peers") or {}).items()
+        }
+        now[node] = (int(bgp["flap_holddowns"]), float(hold.get("last_s", 0.0)), peers)
     return now
 
 
@@ -213,6 +224,7 @@ def bench_weight_change(reps: int) -> dict[str, Any]:
     missed = 0
     holddowns = 0
     hold_max_s = 0.0
+    slow_holds: list[dict[str, Any]] = []
     try:
         time.sleep(0.5)
         for index in range(reps):
@@ -239,6 +251,11 @@ def bench_weight_change(reps: int) -> dict[str, Any]:
             after = _holds_now()
             holddowns += sum(after[n][0] - before[n][0] for n in lab.NODES)
             hold_max_s = max(hold_max_s, *(after[n][1] for n in lab.NODES))
+            slow_holds += [
+                {"change": index, "node": n, "hold_s": after[n][1], "peers": after[n][2]}
+                for n in lab.NODES
+                if after[n][1] >= SLOW_HOLD_S
+            ]
             time.sleep(10.0)
     finally:
         monitor.kill()
@@ -248,6 +265,7 @@ def bench_weight_change(reps: int) -> dict[str, Any]:
         "missed": missed,
         "flap_holddowns": holddowns,
         "planned_change_hold_max_s": hold_max_s,
+        "slow_planned_change_holds": slow_holds,
     }
 
 
