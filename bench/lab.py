@@ -9,8 +9,9 @@
    dead edge costs a 1 s retransmission).
 3. GSLB weight change -> the core router's kernel next-hop weights changed, measured from
    the API's acknowledgement to the line `ip monitor route` prints in the core; changes
-   10 s apart, inside the agents' flap budget (bgp.flap), which would otherwise hold
-   re-announcements down.
+   10 s apart. Beside it, the flap-budget hold-downs the edges counted during the changes
+   (a weight change is no flap: bgp.flap passes it at once, so the target is 0) and the
+   longest planned-change hold (flow sharing's barrier, bounded by its barrier_timeout).
 4. measured share of new connections at 3:1 site weights vs the 75% target.
 5. `lab up` time with the images built.
 
@@ -121,6 +122,9 @@ def bench_outage(
     asn = {"site-a": 65010, "site-b": 65020}[site]
     fib_s: list[float] = []
     gaps: list[float] = []
+    # How long the docker command itself took (kill, pause): part of fib_removed_s, and
+    # on a loaded host the engine's share, not the network's.
+    action_s: list[float] = []
     failed = 0
     picture = ""
     for rep in range(reps):
@@ -131,6 +135,7 @@ def bench_outage(
                 time.sleep(2)
                 event = time.time()
                 action(node)
+                action_s.append(time.time() - event)
                 fib_s.append(_wait_gone(router, address, event))
                 records = running.result()
         finally:
@@ -151,6 +156,7 @@ def bench_outage(
             )
     return {
         "fib_removed_s": _percentiles(fib_s),
+        "docker_command_s": _percentiles(action_s),
         "gap_s": _percentiles(gaps),
         "failed": failed,
         "timeline_png": picture,
@@ -161,7 +167,46 @@ def _vtysh_bgp(router: str, asn: int, command: str) -> None:
     lab.dexec(router, "vtysh", "-c", "configure terminal", "-c", f"router bgp {asn}", "-c", command)
 
 
+_STATUS = (
+    "import sys, urllib.request; "
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9901/status', timeout=3)"
+    ".read().decode())"
+)
+
+
+def edge_status(node: str) -> dict[str, Any]:
+    """One edge's /status, read inside its container (admin listens on loopback)."""
+    out = lab.dexec(node, "/opt/venv/bin/python", "-c", _STATUS, timeout=10)
+    status: dict[str, Any] = json.loads(out)
+    return status
+
+
+# A planned-change hold this long or longer is recorded with the flow-sharing peers'
+# sequence numbers, to say whom it waited for.
+SLOW_HOLD_S = 0.5
+
+
+def _holds_now() -> dict[str, tuple[int, float, dict[str, Any]]]:
+    """Per edge: flap-budget hold-downs so far, its last planned-change hold (s), and its
+    flow-sharing peers (connected, live, sent and acknowledged sequence numbers)."""
+    now: dict[str, tuple[int, float, dict[str, Any]]] = {}
+    for node in lab.NODES:
+        status = edge_status(node)
+        bgp = status["bgp"]
+        hold = bgp.get("planned_change_holds") or {}
+        peers = {
+            name: [p["connected"], p["live"], p["sent_seq"], p["acked_seq"]]
+            for name, p in ((status.get("flowshare") or {}).get("peers") or {}).items()
+        }
+        now[node] = (int(bgp["flap_holddowns"]), float(hold.get("last_s", 0.0)), peers)
+    return now
+
+
 def bench_weight_change(reps: int) -> dict[str, Any]:
+    """Each change: API acknowledged -> the core's kernel next-hop weights. A change not
+    seen within 30 s counts as missed (not silently dropped). Beside each delay, what the
+    edges report: flap-budget hold-downs during the change, and their longest planned-
+    change hold (flow sharing's barrier), which is where a delay would come from."""
     monitor = subprocess.Popen(
         ["docker", "exec", lab.container("core"), "ip", "-o", "monitor", "route"],
         stdout=subprocess.PIPE,
@@ -176,6 +221,10 @@ def bench_weight_change(reps: int) -> dict[str, Any]:
 
     threading.Thread(target=read, daemon=True).start()
     delays: list[float] = []
+    missed = 0
+    holddowns = 0
+    hold_max_s = 0.0
+    slow_holds: list[dict[str, Any]] = []
     try:
         time.sleep(0.5)
         for index in range(reps):
@@ -185,24 +234,39 @@ def bench_weight_change(reps: int) -> dict[str, Any]:
             want = "weight 75" if index % 2 == 0 else "weight 50"
             while not lines.empty():
                 lines.get_nowait()
+            before = _holds_now()
             lab.set_site_weights(weights)
             acked = time.time()
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
+            seen = False
+            while time.monotonic() < deadline and not seen:
                 try:
                     stamp, line = lines.get(timeout=1)
                 except queue.Empty:
                     continue
                 if lab.VIP in line and want in line:
                     delays.append(stamp - acked)
-                    break
-            # The agent's flap budget (bgp.flap: 6 re-announcements a minute) would hold
-            # the next change down: stay well inside it.
+                    seen = True
+            missed += not seen
+            after = _holds_now()
+            holddowns += sum(after[n][0] - before[n][0] for n in lab.NODES)
+            hold_max_s = max(hold_max_s, *(after[n][1] for n in lab.NODES))
+            slow_holds += [
+                {"change": index, "node": n, "hold_s": after[n][1], "peers": after[n][2]}
+                for n in lab.NODES
+                if after[n][1] >= SLOW_HOLD_S
+            ]
             time.sleep(10.0)
     finally:
         monitor.kill()
         monitor.wait(10)
-    return _percentiles(delays)
+    return {
+        **_percentiles(delays),
+        "missed": missed,
+        "flap_holddowns": holddowns,
+        "planned_change_hold_max_s": hold_max_s,
+        "slow_planned_change_holds": slow_holds,
+    }
 
 
 def bench_share() -> dict[str, Any]:
@@ -263,8 +327,14 @@ def print_table(r: dict[str, Any]) -> None:
     ):
         o = r[key]
         print(f"{label + ': FIB removed':42} {ms(o['fib_removed_s'])}")
+        print(f"{label + ': of which the docker command':42} {ms(o['docker_command_s'])}")
         print(f"{label + ': new requests hurt for':42} {ms(o['gap_s'])}  failed {o['failed']}")
-    print(f"{'weight change -> core FIB weights':42} {ms(r['weight_change_to_core_fib_s'])}")
+    w = r["weight_change_to_core_fib_s"]
+    print(
+        f"{'weight change -> core FIB weights':42} {ms(w)}  missed {w.get('missed', 0)}; "
+        f"flap hold-downs {w.get('flap_holddowns')}; "
+        f"longest planned-change hold {w.get('planned_change_hold_max_s', 0) * 1000:.0f} ms"
+    )
     s = r["site_share"]
     print(
         f"{'site share at 3:1 (1000 new connections)':42} "

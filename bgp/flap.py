@@ -1,9 +1,18 @@
 """Flap budget: a flapping node must not make the routers churn.
 
-Pure: the caller passes the clock. Changes that take traffic away (withdraws, starting a
-drain) always pass at once: damping them would keep sending traffic to a node that said
-it cannot take it. Only changes that attract traffic (announces, re-announces, attribute
-changes) spend the budget: at most N a minute, beyond that an exponential hold-down.
+Pure: the caller passes the clock. The budget damps flaps of reachability, nothing else:
+
+* Changes that take traffic away (withdraws, starting a drain) always pass at once:
+  damping them would keep sending traffic to a node that said it cannot take it. They
+  count, so that a node going away and back repeatedly is seen flapping.
+* Changes that bring a prefix back (an announce, leaving a drain) spend the budget: at
+  most N a minute, beyond that an exponential hold-down.
+* Changes of attributes only (the link bandwidth the GSLB's share sets, the reduced
+  bandwidth of a DEGRADED node, a MED) on prefixes that stay as reachable as they were
+  are no flap: they pass at once and do not count. Each has its own owner that damps it
+  (the GSLB computes shares from leased heartbeats; the node's health has its rise/fall
+  dampener), and holding one here would keep routers splitting traffic by a share the
+  operator already changed.
 """
 
 from __future__ import annotations
@@ -23,24 +32,31 @@ class ChangeKind(enum.StrEnum):
     NONE = "none"
     # Takes traffic away: prefixes withdrawn, or GRACEFUL_SHUTDOWN added. Never delayed.
     RETREAT = "retreat"
-    # Attracts traffic or reshapes it: damped by the budget.
+    # Brings a prefix back: announced again, or GRACEFUL_SHUTDOWN removed. Damped.
     ADVANCE = "advance"
+    # The same prefixes, each as reachable as before (GRACEFUL_SHUTDOWN neither added nor
+    # removed); only attributes such as the link bandwidth differ. Never delayed, not
+    # counted.
+    RESHAPE = "reshape"
 
 
 def classify_change(current: Set[Advertisement], desired: Set[Advertisement]) -> ChangeKind:
+    """The strongest kind among the per-prefix changes: ADVANCE over RETREAT over RESHAPE."""
     if current == desired:
         return ChangeKind.NONE
     current_by_prefix = {adv.prefix: adv for adv in current}
+    desired_prefixes = {adv.prefix for adv in desired}
+    retreat = not current_by_prefix.keys() <= desired_prefixes  # something withdrawn
     for adv in desired:
         before = current_by_prefix.get(adv.prefix)
         if before is None:
             return ChangeKind.ADVANCE
-        entering_drain = (
-            GRACEFUL_SHUTDOWN in adv.communities and GRACEFUL_SHUTDOWN not in before.communities
-        )
-        if before != adv and not entering_drain:
+        draining_now = GRACEFUL_SHUTDOWN in adv.communities
+        draining_before = GRACEFUL_SHUTDOWN in before.communities
+        if draining_before and not draining_now:
             return ChangeKind.ADVANCE
-    return ChangeKind.RETREAT
+        retreat = retreat or (draining_now and not draining_before)
+    return ChangeKind.RETREAT if retreat else ChangeKind.RESHAPE
 
 
 @dataclass
@@ -67,7 +83,7 @@ class FlapDamper:
         return self._backoff_s
 
     def admit(self, kind: ChangeKind, now: float) -> float:
-        if kind is ChangeKind.NONE:
+        if kind in (ChangeKind.NONE, ChangeKind.RESHAPE):
             return 0.0
         self._forget_old(now)
         if kind is ChangeKind.RETREAT:

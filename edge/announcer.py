@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,11 @@ class BgpAnnouncer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._worker: asyncio.Task[None] | None = None
+        # The planned-change holds awaited: how many, and the last one's and the longest
+        # wait (for /status: a slow hold delays every weight change that goes through it).
+        self._holds = 0
+        self._hold_last_s = 0.0
+        self._hold_max_s = 0.0
 
     async def start(self, node: NodeControl) -> None:
         self._node = node
@@ -189,10 +195,14 @@ class BgpAnnouncer:
             await self._wake.wait()
             self._wake.clear()
             if self._wanted != self._applied:
+                started = time.monotonic()
                 try:
                     await self._before_change(f"{self._why} -> {self._wanted[0]}")
                 except Exception:
                     log.exception("bgp: the hold before a route change failed; going ahead")
+                self._holds += 1
+                self._hold_last_s = time.monotonic() - started
+                self._hold_max_s = max(self._hold_max_s, self._hold_last_s)
                 if self._wanted != self._applied:
                     self._apply()
             if not self._wake.is_set():
@@ -202,7 +212,12 @@ class BgpAnnouncer:
         return self.speaker.degraded_reason()
 
     def status(self) -> dict[str, Any]:
-        return self.speaker.status()
+        holds = {
+            "count": self._holds,
+            "last_s": round(self._hold_last_s, 4),
+            "max_s": round(self._hold_max_s, 4),
+        }
+        return {**self.speaker.status(), "planned_change_holds": holds}
 
     def bgp_report(self) -> BgpReport:
         status = self.speaker.status()

@@ -25,6 +25,7 @@ from bgp.config import BgpConfig
 from bgp.drain import DrainOutcome, drain
 from bgp.exabgp import ExaBgpDriver
 from bgp.policy import PolicyInputs, Serving, advertisements
+from bgp.speaker import BgpSpeaker
 from tests.support.bgp_checks import (
     RouterView,
     freeze_agent_alone,
@@ -264,6 +265,51 @@ async def test_weights_become_kernel_nexthop_weights_and_traffic_shares(
     assert served.get(1, 0) / total == pytest.approx(0.5, abs=0.07)
     assert served.get(2, 0) / total == pytest.approx(1 / 6, abs=0.07)
     assert served.get(3, 0) / total == pytest.approx(1 / 3, abs=0.07)
+
+
+async def test_weight_changes_are_no_flaps_but_a_reannounce_still_is(
+    labs: list[NetLab],
+) -> None:
+    """The whole speaker (policy, flap budget, ExaBGP) with a budget of one change and a
+    one-hour hold-down: every link-bandwidth change after it still reaches FRR (the
+    router shows each new value, in order, and nothing was held), while a withdraw and
+    re-announce of the same route is damped (the re-announce never reaches ExaBGP)."""
+    lab = make_lab(labs, 1)
+    (edge,) = lab.edges
+    router = lab.router
+    assert router
+    flap = {"max_changes_per_minute": 1, "initial_backoff_s": 3600, "max_backoff_s": 3600}
+    config = edge_config(edge, capacity_mbps=1000, flap=flap)
+    speaker = BgpSpeaker(config, lab.workdir / "speaker", netns=edge.netns, watchdog_s=0)
+    await speaker.start()
+    try:
+        await asyncio.wait_for(speaker.driver.wait_established(), 30)
+        speaker.update(serving=Serving.FULL, link_bandwidth_mbps=100)  # spends the budget
+        await until(lambda: router.link_bandwidth_mbps(str(edge.address)) == 100, "100 Mbit/s")
+        for mbps in (200.0, 300.0, 50.0, 400.0):  # GSLB shares, DEGRADED's half: no flaps
+            speaker.update(link_bandwidth_mbps=mbps)
+            assert speaker.announcer.held_until == 0.0, f"{mbps} Mbit/s held by the budget"
+
+            def shown(want: float = mbps) -> bool:
+                return router.link_bandwidth_mbps(str(edge.address)) == pytest.approx(want)
+
+            await until(shown, f"FRR showing {mbps} Mbit/s from the edge")
+        speaker.update(serving=Serving.REDUCED)
+        await until(lambda: router.link_bandwidth_mbps(str(edge.address)) == 200, "DEGRADED half")
+        assert speaker.announcer.holddowns == 0
+
+        # Reachability flapping is still damped: the withdraw goes at once, the
+        # re-announce is held (one hour) and is never handed to ExaBGP.
+        speaker.update(serving=Serving.STOPPED)
+        await until(lambda: path_from(lab, edge) is None, "the withdraw at the router")
+        speaker.update(serving=Serving.FULL)
+        assert speaker.announcer.holddowns == 1
+        assert speaker.announcer.held_until > 0
+        assert speaker.driver.desired == frozenset()
+        speaker.update(link_bandwidth_mbps=500)  # a new share does not jump the hold
+        assert speaker.driver.desired == frozenset()
+    finally:
+        await speaker.stop()
 
 
 # -- failure: agent, ExaBGP, frozen edge --------------------------------------------------

@@ -34,7 +34,47 @@ def test_classify() -> None:
     assert classify_change(up, down) is ChangeKind.RETREAT
     assert classify_change(up, ads(Serving.LEAVING)) is ChangeKind.RETREAT
     assert classify_change(ads(Serving.LEAVING), up) is ChangeKind.ADVANCE
-    assert classify_change(up, ads(Serving.FULL, 0.5)) is ChangeKind.ADVANCE
+    # A new share (or DEGRADED's reduced bandwidth) on a prefix that stays announced is
+    # no flap of its reachability.
+    assert classify_change(up, ads(Serving.FULL, 0.5)) is ChangeKind.RESHAPE
+    assert classify_change(up, ads(Serving.REDUCED)) is ChangeKind.RESHAPE
+    assert classify_change(ads(Serving.LEAVING), ads(Serving.LEAVING, 0.3)) is ChangeKind.RESHAPE
+    # Mixed with a change of reachability, the reachability decides.
+    assert classify_change(down, ads(Serving.FULL, 0.5)) is ChangeKind.ADVANCE
+    assert classify_change(ads(Serving.LEAVING), ads(Serving.FULL, 0.5)) is ChangeKind.ADVANCE
+    assert classify_change(up, ads(Serving.LEAVING, 0.5)) is ChangeKind.RETREAT
+
+
+SERVINGS = st.sampled_from(list(Serving))
+FRACTIONS = st.floats(min_value=0.01, max_value=1.0)
+
+
+@given(SERVINGS, FRACTIONS, SERVINGS, FRACTIONS)
+def test_bandwidth_alone_never_decides_the_kind(
+    s1: Serving, f1: float, s2: Serving, f2: float
+) -> None:
+    """The kind of a change depends on what is reachable (and drained), not on the link
+    bandwidth: the same two servings give the same kind whatever the bandwidths, and
+    the same serving at two bandwidths is a RESHAPE (or nothing)."""
+    with_bandwidth = classify_change(ads(s1, f1), ads(s2, f2))
+    at_one = classify_change(ads(s1), ads(s2))
+    if at_one is ChangeKind.NONE:
+        assert with_bandwidth in (ChangeKind.NONE, ChangeKind.RESHAPE)
+    else:
+        assert with_bandwidth is at_one
+
+
+@given(st.lists(st.floats(min_value=0, max_value=5), max_size=100), st.integers(1, 10))
+def test_reshapes_pass_and_spend_no_budget(gaps: Sequence[float], budget: int) -> None:
+    """Any number of attribute changes, at any rate, pass at once and leave the whole
+    budget for the next re-announces."""
+    damper = FlapDamper(FlapBudget(max_changes_per_minute=budget))
+    now = 0.0
+    for gap in gaps:
+        now += gap
+        assert damper.admit(ChangeKind.RESHAPE, now) == 0.0
+    for _ in range(budget):
+        assert damper.admit(ChangeKind.ADVANCE, now) == 0.0
 
 
 def test_budget_then_exponential_hold() -> None:
