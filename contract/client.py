@@ -307,13 +307,21 @@ class ApiClient:
         *,
         revision: int,
         override: str | None = None,
+        service: str | None = None,
     ) -> DesiredState:
-        """`override`: drain even though the disruption budget refuses it (the reason why)."""
-        request = DrainRequest(kind=kind, name=name, reason=reason)
+        """`override`: drain even though the disruption budget refuses it (the reason why);
+        `service`: drain only that service on the node or site."""
+        request = DrainRequest(kind=kind, name=name, reason=reason, service=service)
         return await self._write("POST", "/v1/drains", revision, request, override=override)
 
-    async def undrain(self, kind: DrainKind, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision)
+    async def undrain(
+        self, kind: DrainKind, name: str, *, revision: int, service: str | None = None
+    ) -> DesiredState:
+        """`service`: end only that service's drain of the node or site."""
+        path = f"/v1/drains/{kind}/{name}"
+        if service is not None:
+            path += f"?service={service}"
+        return await self._write("DELETE", path, revision)
 
     async def drains(self) -> list[Drain]:
         return await self._get("/v1/drains", TypeAdapter(list[Drain]))
