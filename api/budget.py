@@ -37,9 +37,12 @@ from contract.schemas import (
     Liveness,
     NodeObserved,
     NodeState,
+    ServiceState,
 )
 
 FLEET = "fleet"
+#: The one implicit service of a node of the single-service shape (api.gslb's too).
+IMPLICIT_SERVICE = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,28 +84,73 @@ def alive_states(observed: Mapping[str, NodeObserved]) -> dict[str, NodeState]:
     }
 
 
-def site_out_as_a_whole(state: DesiredState, site: str) -> bool:
+def alive_services(observed: Mapping[str, NodeObserved]) -> dict[str, dict[str, ServiceState]]:
+    """Per node alive to the GSLB that reports services of its own, their states."""
+    result = {}
+    for name, o in observed.items():
+        if o.liveness is Liveness.ALIVE and o.heartbeat is not None:
+            reported = {s.name: s.state for s in o.heartbeat.services}
+            if set(reported) - {IMPLICIT_SERVICE}:
+                result[name] = reported
+    return result
+
+
+def _drained(state: DesiredState, kind: DrainKind, name: str, service: str | None) -> bool:
+    return any(d.kind is kind and d.name == name and d.service == service for d in state.drains)
+
+
+def site_out_as_a_whole(state: DesiredState, site: str, service: str | None = None) -> bool:
+    """The site takes no traffic (of `service`, when given) by the operator's will."""
     spec = state.sites.get(site)
-    drained = any(d.kind is DrainKind.SITE and d.name == site for d in state.drains)
-    return spec is None or spec.weight == 0 or drained
+    if spec is None or spec.weight == 0 or _drained(state, DrainKind.SITE, site, None):
+        return True
+    if service is None:
+        return False
+    own = state.service_weights.get(service)
+    weight = own.sites.get(site, spec.weight) if own else spec.weight
+    return weight == 0 or _drained(state, DrainKind.SITE, site, service)
 
 
-def in_service(state: DesiredState, node: str, alive: Mapping[str, NodeState]) -> bool:
+def in_service(
+    state: DesiredState, node: str, alive: Mapping[str, NodeState], service: str | None = None
+) -> bool:
     spec = state.nodes.get(node)
     if spec is None or alive.get(node) not in _SERVING or spec.weight == 0:
         return False
-    if site_out_as_a_whole(state, spec.site):
+    if site_out_as_a_whole(state, spec.site, service):
         return False
-    return not any(d.kind is DrainKind.NODE and d.name == node for d in state.drains)
+    if _drained(state, DrainKind.NODE, node, None):
+        return False
+    if service is None:
+        return True
+    own = state.service_weights.get(service)
+    if own is not None and own.nodes.get(node, spec.weight) == 0:
+        return False
+    return not _drained(state, DrainKind.NODE, node, service)
 
 
-def tallies(state: DesiredState, alive: Mapping[str, NodeState]) -> dict[str, Tally]:
-    """Per site name and for FLEET: healthy capacity, capacity in service, nodes out."""
+def _healthy_for(
+    node: str, service: str | None, services: Mapping[str, Mapping[str, ServiceState]]
+) -> bool:
+    if service is None or node not in services:
+        return True
+    own = services[node].get(service)
+    return own is not None and own.serving
+
+
+def tallies(
+    state: DesiredState,
+    alive: Mapping[str, NodeState],
+    service: str | None = None,
+    services: Mapping[str, Mapping[str, ServiceState]] | None = None,
+) -> dict[str, Tally]:
+    """Per site name and for FLEET: healthy capacity, capacity in service, nodes out (of
+    one service, when given; `services`: what the nodes report of theirs)."""
     result: dict[str, Tally] = {FLEET: Tally()}
     for name, spec in state.nodes.items():
-        if alive.get(name) not in _HEALTHY:
+        if alive.get(name) not in _HEALTHY or not _healthy_for(name, service, services or {}):
             continue
-        serving = in_service(state, name, alive)
+        serving = in_service(state, name, alive, service)
         result[spec.site] = result.get(spec.site, Tally()).plus(spec.capacity_mbps, serving)
         result[FLEET] = result[FLEET].plus(spec.capacity_mbps, serving)
     return result
@@ -143,17 +191,48 @@ def _withdrawn_services(before: DesiredState, after: DesiredState) -> list[str]:
     return sorted(before.services)
 
 
-def judge(
-    before: DesiredState, after: DesiredState, alive: Mapping[str, NodeState], budget: Budget
-) -> list[BudgetBreach]:
-    """Every bound the change from `before` to `after` would break; empty: allowed."""
-    was, will = tallies(before, alive), tallies(after, alive)
-    breaches: list[BudgetBreach] = []
+def _judge_scopes(
+    after: DesiredState,
+    was: Mapping[str, Tally],
+    will: Mapping[str, Tally],
+    budget: Budget,
+    service: str | None,
+) -> dict[str, list[BudgetBreach]]:
+    """Per node-level scope (FLEET, "site <name>"), the breaches found there (of `service`'s
+    scopes, when given)."""
+    prefix = "" if service is None else f"service {service} "
+    found: dict[str, list[BudgetBreach]] = {}
     for site in sorted(set(will) - {FLEET}):
-        if site_out_as_a_whole(after, site):
+        if site_out_as_a_whole(after, site, service):
             continue
-        breaches += _breaches_of(f"site {site}", was.get(site, Tally()), will[site], budget.site)
-    breaches += _breaches_of(FLEET, was[FLEET], will[FLEET], budget.fleet)
+        scope = f"site {site}"
+        found[scope] = list(
+            _breaches_of(prefix + scope, was.get(site, Tally()), will[site], budget.site)
+        )
+    fleet_scope = FLEET if service is None else f"service {service}"
+    found[FLEET] = list(_breaches_of(fleet_scope, was[FLEET], will[FLEET], budget.fleet))
+    return found
+
+
+def judge(
+    before: DesiredState,
+    after: DesiredState,
+    alive: Mapping[str, NodeState],
+    budget: Budget,
+    services: Mapping[str, Mapping[str, ServiceState]] | None = None,
+) -> list[BudgetBreach]:
+    """Every bound the change from `before` to `after` would break; empty: allowed.
+    `services`: per node, the states of the services it reports (`alive_services`)."""
+    was, will = tallies(before, alive), tallies(after, alive)
+    node_level = _judge_scopes(after, was, will, budget, None)
+    breaches = [b for found in node_level.values() for b in found]
+    for service in sorted(set(before.services) | set(after.services)):
+        service_was = tallies(before, alive, service, services)
+        service_will = tallies(after, alive, service, services)
+        found = _judge_scopes(after, service_was, service_will, budget, service)
+        for scope, scope_breaches in found.items():
+            already = {b.bound for b in node_level.get(scope, [])}
+            breaches += [b for b in scope_breaches if b.bound not in already]
     fleet_after = will[FLEET]
     for service in _withdrawn_services(before, after):
         if was[FLEET].in_service_mbps > 0:

@@ -23,6 +23,17 @@ Rules (each has a property test in tests/unit/test_gslb.py):
 * Each node's share is computed as if that node were serving (other nodes' drains and
   health count, its own do not), so the number it holds is right the moment it serves
   again, and it needs nothing else while it drains or while no API answers.
+
+Per service (`service_shares`), the same rules on the service's own inputs:
+
+* The service's weights are its own where the operator set them (`service_weights`), the
+  site's and node's elsewhere.
+* A node carries the service when it reports it in its heartbeats, or reports no services
+  of its own (an agent older than services, or today's one implicit service: it announces
+  everything by its node state). A node that does not carry it counts for nothing.
+* A node serves the service when it serves (as above) and reports the service serving.
+* Drains: a node drain and a site drain apply to every service; a service drain (of a
+  node or of a site) only to its service.
 """
 
 from __future__ import annotations
@@ -37,10 +48,13 @@ from contract.schemas import (
     DrainKind,
     Liveness,
     NodeState,
+    ServiceState,
 )
 
 #: The reported states in which a node takes traffic.
 SERVING_STATES = frozenset({NodeState.HEALTHY, NodeState.DEGRADED})
+#: The name of the one implicit service of a node of the single-service shape.
+IMPLICIT_SERVICE = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,21 @@ class NodeHealth:
 
     liveness: Liveness
     state: NodeState | None
+    #: Each service's own state as the node reports it; None (or only the implicit
+    #: service): the node carries every service, by its node state.
+    services: Mapping[str, ServiceState] | None = None
+
+    def for_service(self, service: str) -> NodeHealth | None:
+        """The node's health as seen by one service (a node that serves but whose service
+        does not is down for it); None when the node does not carry the service."""
+        if self.services is None or set(self.services) <= {IMPLICIT_SERVICE}:
+            return NodeHealth(self.liveness, self.state)
+        own = self.services.get(service)
+        if own is None:
+            return None
+        if self.state in SERVING_STATES and not own.serving:
+            return NodeHealth(self.liveness, NodeState.DOWN)
+        return NodeHealth(self.liveness, self.state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +107,39 @@ class Shares:
         return totals
 
 
+def _drains_of(desired: DesiredState, kind: DrainKind, service: str | None) -> dict[str, str]:
+    return {d.name: d.reason for d in desired.drains if d.kind is kind and d.service == service}
+
+
 def drained_nodes(desired: DesiredState) -> dict[str, NodeDrain]:
-    """Node name -> its drain, for nodes drained directly or through their site."""
-    node_drains = {d.name: d.reason for d in desired.drains if d.kind is DrainKind.NODE}
-    site_drains = {d.name: d.reason for d in desired.drains if d.kind is DrainKind.SITE}
+    """Node name -> its drain, for nodes drained directly or through their site (drains of
+    one service only are not among them: `service_drained_nodes`)."""
+    node_drains = _drains_of(desired, DrainKind.NODE, None)
+    site_drains = _drains_of(desired, DrainKind.SITE, None)
     drained: dict[str, NodeDrain] = {}
     for name, node in desired.nodes.items():
         if name in node_drains:
             drained[name] = NodeDrain(DrainKind.NODE, node_drains[name])
         elif node.site in site_drains:
             reason = f"site {node.site} drained: {site_drains[node.site]}"
+            drained[name] = NodeDrain(DrainKind.SITE, reason)
+    return drained
+
+
+def service_drained_nodes(desired: DesiredState, service: str) -> dict[str, NodeDrain]:
+    """Node name -> its drain for one service: its node or site drain (they apply to every
+    service, and win), else the service's drain of the node, else of its site."""
+    drained = drained_nodes(desired)
+    node_drains = _drains_of(desired, DrainKind.NODE, service)
+    site_drains = _drains_of(desired, DrainKind.SITE, service)
+    for name, node in desired.nodes.items():
+        if name in drained:
+            continue
+        if name in node_drains:
+            reason = f"service {service} drained: {node_drains[name]}"
+            drained[name] = NodeDrain(DrainKind.NODE, reason)
+        elif node.site in site_drains:
+            reason = f"service {service} drained on site {node.site}: {site_drains[node.site]}"
             drained[name] = NodeDrain(DrainKind.SITE, reason)
     return drained
 
@@ -122,7 +174,52 @@ def serving_nodes(
 
 
 def shares(desired: DesiredState, health: Mapping[str, NodeHealth]) -> Shares:
-    serving = serving_nodes(desired, health, drained_nodes(desired))
+    return _shares(desired, health, drained_nodes(desired))
+
+
+def service_health(health: Mapping[str, NodeHealth], service: str) -> dict[str, NodeHealth]:
+    """The health of the nodes that may carry `service`, as that service sees it."""
+    result = {}
+    for name, observed in health.items():
+        own = observed.for_service(service)
+        if own is not None:
+            result[name] = own
+    return result
+
+
+def service_weighted(
+    desired: DesiredState, health: Mapping[str, NodeHealth], service: str
+) -> DesiredState:
+    """The desired state with the service's own weights in force; a node known not to carry
+    the service weighs 0 (it counts for nothing in its site's capacity)."""
+    own = desired.service_weights.get(service)
+    sites = dict(desired.sites)
+    nodes = dict(desired.nodes)
+    if own is not None:
+        for name, weight in own.sites.items():
+            if name in sites:
+                sites[name] = sites[name].model_copy(update={"weight": weight})
+        for name, weight in own.nodes.items():
+            if name in nodes:
+                nodes[name] = nodes[name].model_copy(update={"weight": weight})
+    for name, observed in health.items():
+        if name in nodes and observed.for_service(service) is None:
+            nodes[name] = nodes[name].model_copy(update={"weight": 0})
+    return desired.model_copy(update={"sites": sites, "nodes": nodes})
+
+
+def service_shares(desired: DesiredState, health: Mapping[str, NodeHealth], service: str) -> Shares:
+    """One service's shares (module docstring: per service)."""
+    weighted = service_weighted(desired, health, service)
+    return _shares(
+        weighted, service_health(health, service), service_drained_nodes(desired, service)
+    )
+
+
+def _shares(
+    desired: DesiredState, health: Mapping[str, NodeHealth], drained: Mapping[str, NodeDrain]
+) -> Shares:
+    serving = serving_nodes(desired, health, drained)
     capacity = {n: spec.weight * spec.capacity_mbps for n, spec in desired.nodes.items()}
 
     full: dict[str, float] = dict.fromkeys(desired.sites, 0.0)

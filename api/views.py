@@ -14,9 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from api.gslb import NodeDrain, NodeHealth, Shares, admin_state, drained_nodes, shares
+from api.gslb import (
+    NodeDrain,
+    NodeHealth,
+    Shares,
+    admin_state,
+    drained_nodes,
+    service_drained_nodes,
+    service_health,
+    service_shares,
+    shares,
+)
 from api.store.base import Store
 from contract.schemas import (
+    NODE_CONTRACT_VERSION,
     Convergence,
     ConvergenceNode,
     DesiredState,
@@ -24,6 +35,8 @@ from contract.schemas import (
     Liveness,
     NodeDesired,
     NodeObserved,
+    ServiceDesired,
+    ServiceShares,
 )
 
 log = logging.getLogger(__name__)
@@ -42,9 +55,16 @@ class Snapshot:
     drained: dict[str, NodeDrain]
     generation: int
     built_at: float
-    #: node -> its desired view, derived once per snapshot (a snapshot never changes, and a
-    #: thousand heartbeats a second, or long-polls woken together, ask for the same views).
-    views: dict[str, NodeDesired] = field(default_factory=dict, compare=False, repr=False)
+    #: Per service of the GSLB: its shares, its drains, and the health its nodes report.
+    service_shares: dict[str, Shares]
+    service_drained: dict[str, dict[str, NodeDrain]]
+    service_health: dict[str, dict[str, NodeHealth]]
+    #: (node, contract version) -> its desired view, derived once per snapshot (a snapshot
+    #: never changes, and a thousand heartbeats a second, or long-polls woken together, ask
+    #: for the same views).
+    views: dict[tuple[str, int], NodeDesired] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 def build_snapshot(
@@ -57,7 +77,13 @@ def build_snapshot(
     """`weigh_from`: the observed view the weights are computed from, when it differs from
     what is shown (fail-open, api/panic.py)."""
     health = {
-        name: NodeHealth(o.liveness, o.heartbeat.state if o.heartbeat else None)
+        name: NodeHealth(
+            o.liveness,
+            o.heartbeat.state if o.heartbeat else None,
+            {s.name: s.state for s in o.heartbeat.services}
+            if o.heartbeat and o.heartbeat.services
+            else None,
+        )
         for name, o in (observed if weigh_from is None else weigh_from).items()
     }
     return Snapshot(
@@ -68,24 +94,45 @@ def build_snapshot(
         drained=drained_nodes(desired),
         generation=generation,
         built_at=built_at,
+        service_shares={s: service_shares(desired, health, s) for s in desired.services},
+        service_drained={s: service_drained_nodes(desired, s) for s in desired.services},
+        service_health={s: service_health(health, s) for s in desired.services},
     )
 
 
-def node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
-    view = snapshot.views.get(node)
+def _service_desired(snapshot: Snapshot, node: str) -> dict[str, ServiceDesired]:
+    result = {}
+    for service, service_shares_ in snapshot.service_shares.items():
+        drain = snapshot.service_drained[service].get(node)
+        result[service] = ServiceDesired(
+            admin_state=admin_state(drain, snapshot.service_health[service].get(node)),
+            drain_source=drain.source if drain else None,
+            drain_reason=drain.reason if drain else "",
+            link_bandwidth_mbps=round(service_shares_.link_bandwidth_mbps.get(node, 0.0), 3),
+        )
+    return result
+
+
+def node_view(
+    snapshot: Snapshot, node: str, contract: int = NODE_CONTRACT_VERSION
+) -> NodeDesired | None:
+    """The node's desired view in the shape of its contract version (2: no per-service
+    fields; `NodeDesired.service_desired`)."""
+    view = snapshot.views.get((node, contract))
     if view is None:
-        view = _derive_node_view(snapshot, node)
+        view = _derive_node_view(snapshot, node, contract)
         if view is not None:
-            snapshot.views[node] = view
+            snapshot.views[(node, contract)] = view
     return view
 
 
-def _derive_node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
+def _derive_node_view(snapshot: Snapshot, node: str, contract: int) -> NodeDesired | None:
     spec = snapshot.desired.nodes.get(node)
     if spec is None:
         return None
     drain = snapshot.drained.get(node)
     fields = {
+        "contract_version": contract,
         "revision": snapshot.desired.revision,
         "node": node,
         "site": spec.site,
@@ -97,16 +144,26 @@ def _derive_node_view(snapshot: Snapshot, node: str) -> NodeDesired | None:
         "link_bandwidth_mbps": round(snapshot.shares.link_bandwidth_mbps.get(node, 0.0), 3),
         "services": snapshot.desired.services,
     }
+    if contract >= 3:
+        fields["service_desired"] = _service_desired(snapshot, node)
     canonical = NodeDesired.model_validate({**fields, "fingerprint": ""}).model_dump_json()
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     return NodeDesired.model_validate({**fields, "fingerprint": fingerprint})
 
 
 def weights_view(snapshot: Snapshot) -> EffectiveWeights:
+    def rounded(values: dict[str, float]) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in values.items()}
+
+    desired = snapshot.desired
     return EffectiveWeights(
-        revision=snapshot.desired.revision,
-        nodes={n: round(w, 3) for n, w in snapshot.shares.nodes.items()},
-        sites={s: round(w, 3) for s, w in snapshot.shares.sites(snapshot.desired).items()},
+        revision=desired.revision,
+        nodes=rounded(snapshot.shares.nodes),
+        sites=rounded(snapshot.shares.sites(desired)),
+        services={
+            service: ServiceShares(nodes=rounded(s.nodes), sites=rounded(s.sites(desired)))
+            for service, s in snapshot.service_shares.items()
+        },
     )
 
 

@@ -110,6 +110,9 @@ class PolicyInputs:
     # serving (a group not named here has not risen yet: NOT_READY).
     groups: tuple[PrefixGroup, ...] = ()
     group_serving: Mapping[str, Serving] = field(default_factory=dict)
+    # A group's own link bandwidth at full health, in Mbit/s (the GSLB's share of this node
+    # for that service); a group not named here announces the node's.
+    group_link_bandwidth_mbps: Mapping[str, float] = field(default_factory=dict)
 
     def effective_groups(self) -> tuple[PrefixGroup, ...]:
         if self.groups:
@@ -120,6 +123,9 @@ class PolicyInputs:
         if not self.groups:
             return Serving.FULL
         return self.group_serving.get(group.name, Serving.NOT_READY)
+
+    def link_bandwidth_of(self, group: PrefixGroup) -> float:
+        return self.group_link_bandwidth_mbps.get(group.name, self.link_bandwidth_mbps)
 
 
 def transitive_link_bandwidth(local_asn: int, bytes_per_s: float) -> str:
@@ -164,10 +170,17 @@ def group_decision(inputs: PolicyInputs, group: PrefixGroup) -> tuple[bool, Reas
     if not announce:
         return announce, reason
     own = inputs.serving_of(group)
-    if own in (Serving.STOPPED, Serving.LEFT):
+    if own is Serving.LEFT:
+        return False, Reason.WITHDRAW_DRAINED
+    if own is Serving.STOPPED:
         return False, Reason.WITHDRAW_SERVICE_DOWN
     if own is Serving.NOT_READY:
         return False, Reason.WITHDRAW_SERVICE_STARTING
+    bandwidth = inputs.link_bandwidth_of(group)
+    if not (math.isfinite(bandwidth) and bandwidth >= 0):
+        return False, Reason.WITHDRAW_INVALID_BANDWIDTH
+    if bandwidth == 0:
+        return False, Reason.WITHDRAW_ZERO_BANDWIDTH
     if own is Serving.LEAVING and reason is not Reason.ANNOUNCE_DRAINING:
         return True, Reason.ANNOUNCE_DRAINING
     if own is Serving.REDUCED and reason is Reason.ANNOUNCE_HEALTHY:
@@ -180,12 +193,15 @@ def group_reasons(inputs: PolicyInputs) -> dict[str, Reason]:
     return {group.name: group_decision(inputs, group)[1] for group in inputs.effective_groups()}
 
 
-def announced_mbps(inputs: PolicyInputs, reason: Reason | None = None) -> float:
-    """The bandwidth on the wire: the desired one, reduced while the node (or, given its
-    reason, the group) is degraded."""
+def announced_mbps(
+    inputs: PolicyInputs, reason: Reason | None = None, group: PrefixGroup | None = None
+) -> float:
+    """The bandwidth on the wire: the desired one (the group's own, given one that has its
+    own), reduced while the node (or, given its reason, the group) is degraded."""
     reduced = inputs.serving is Serving.REDUCED or reason is Reason.ANNOUNCE_SERVICE_DEGRADED
     factor = inputs.config.degraded_bandwidth_factor if reduced else 1.0
-    return inputs.link_bandwidth_mbps * factor
+    mbps = inputs.link_bandwidth_mbps if group is None else inputs.link_bandwidth_of(group)
+    return mbps * factor
 
 
 def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reason]:
@@ -202,7 +218,7 @@ def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reas
         communities = list(dict.fromkeys((*config.communities, *group.communities)))
         if draining and GRACEFUL_SHUTDOWN not in communities:
             communities.append(GRACEFUL_SHUTDOWN)
-        bandwidth = link_bandwidth_bytes_per_s(announced_mbps(inputs, reason))
+        bandwidth = link_bandwidth_bytes_per_s(announced_mbps(inputs, reason, group))
         result.update(
             Advertisement(
                 prefix=prefix,

@@ -87,11 +87,16 @@ class Announcer:
         serving: Serving | None = None,
         link_bandwidth_mbps: float | None = None,
         group_serving: Mapping[str, Serving] | None = None,
+        group_link_bandwidth_mbps: Mapping[str, float] | None = None,
     ) -> Reason:
         given = (
             ("serving", serving),
             ("link_bandwidth_mbps", link_bandwidth_mbps),
             ("group_serving", None if group_serving is None else dict(group_serving)),
+            (
+                "group_link_bandwidth_mbps",
+                None if group_link_bandwidth_mbps is None else dict(group_link_bandwidth_mbps),
+            ),
         )
         changes: dict[str, Any] = {key: value for key, value in given if value is not None}
         self.inputs = dataclasses.replace(self.inputs, **changes)
@@ -181,9 +186,13 @@ class BgpSpeaker:
         serving: Serving | None = None,
         link_bandwidth_mbps: float | None = None,
         group_serving: Mapping[str, Serving] | None = None,
+        group_link_bandwidth_mbps: Mapping[str, float] | None = None,
     ) -> Reason:
         return self.announcer.update(
-            serving=serving, link_bandwidth_mbps=link_bandwidth_mbps, group_serving=group_serving
+            serving=serving,
+            link_bandwidth_mbps=link_bandwidth_mbps,
+            group_serving=group_serving,
+            group_link_bandwidth_mbps=group_link_bandwidth_mbps,
         )
 
     async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:

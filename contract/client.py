@@ -236,12 +236,13 @@ class ApiClient:
         revision: int,
         body: BaseModel | None = None,
         override: str | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> DesiredState:
         """`override`: the reason to write even though the disruption budget refuses it."""
         headers = {"If-Match": f'"{revision}"', "Idempotency-Key": uuid.uuid4().hex}
         if override is not None:
             headers["Budget-Override"] = override
-        response = await self._request(method, path, body=body, headers=headers)
+        response = await self._request(method, path, body=body, headers=headers, params=params)
         return _parse(response, DesiredState)
 
     # --- desired state -----------------------------------------------------------------
@@ -307,13 +308,19 @@ class ApiClient:
         *,
         revision: int,
         override: str | None = None,
+        service: str | None = None,
     ) -> DesiredState:
-        """`override`: drain even though the disruption budget refuses it (the reason why)."""
-        request = DrainRequest(kind=kind, name=name, reason=reason)
+        """`override`: drain even though the disruption budget refuses it (the reason why);
+        `service`: drain only that service on the node or site."""
+        request = DrainRequest(kind=kind, name=name, reason=reason, service=service)
         return await self._write("POST", "/v1/drains", revision, request, override=override)
 
-    async def undrain(self, kind: DrainKind, name: str, *, revision: int) -> DesiredState:
-        return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision)
+    async def undrain(
+        self, kind: DrainKind, name: str, *, revision: int, service: str | None = None
+    ) -> DesiredState:
+        """`service`: end only that service's drain of the node or site."""
+        params = {"service": service} if service is not None else None
+        return await self._write("DELETE", f"/v1/drains/{kind}/{name}", revision, params=params)
 
     async def drains(self) -> list[Drain]:
         return await self._get("/v1/drains", TypeAdapter(list[Drain]))

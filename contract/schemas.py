@@ -34,9 +34,13 @@ FLEET_LINK_BANDWIDTH_MBPS = 1000.0
 
 #: The version of the node contract (NodeDesired and the heartbeat exchange). Version 1
 #: published one folded `effective_weight`; version 2 publishes the admin state and the share
-#: apart. An agent sends it as the `contract` query parameter; a mismatch on either side is
-#: a clear error (426 from the API, ContractMismatch in the client), never a misread number.
-NODE_CONTRACT_VERSION: Final = 2
+#: apart; version 3 adds each service's admin state and share (`NodeDesired.service_desired`).
+#: An agent sends it as the `contract` query parameter. The API answers the versions in
+#: NODE_CONTRACT_VERSIONS, each in its own shape (a version-2 agent gets no per-service
+#: fields, which its strict schema would refuse); anything else is a clear error (426 from
+#: the API, ContractMismatch in the client), never a misread number.
+NODE_CONTRACT_VERSION: Final = 3
+NODE_CONTRACT_VERSIONS: Final = frozenset({2, 3})
 
 
 def _text_not_number(value: object) -> object:
@@ -151,11 +155,23 @@ class ServiceSpec(Strict):
 
 
 class Drain(Strict):
+    """A node or a site out of traffic; with `service`, only that service on it (its other
+    services keep serving)."""
+
     kind: DrainKind
     name: Name
     reason: Reason
     author: str
     since: datetime
+    service: Name | None = None
+
+
+class ServiceWeights(Strict):
+    """One service's own operator weights, where they differ from the site's and node's
+    (a site or node not named here weighs for the service what it weighs for all)."""
+
+    sites: dict[Name, Weight] = Field(default_factory=dict)
+    nodes: dict[Name, Weight] = Field(default_factory=dict)
 
 
 class DesiredState(Strict):
@@ -170,17 +186,30 @@ class DesiredState(Strict):
     nodes: dict[Name, NodeSpec] = Field(default_factory=dict)
     services: dict[Name, ServiceSpec] = Field(default_factory=dict)
     drains: list[Drain] = Field(default_factory=list)
+    #: Per service, its own weights (changed through /v1/weights, like drains: kept by a
+    #: PUT /v1/state for the service, sites and nodes that still exist).
+    service_weights: dict[Name, ServiceWeights] = Field(default_factory=dict)
     write_id: str = ""
 
 
 # --- request bodies -------------------------------------------------------------------
 
 
+class ServiceWeightsUpdate(Strict):
+    """One service's weights to set; null clears the service's own weight (the site's or
+    node's applies again)."""
+
+    sites: dict[Name, Weight | None] = Field(default_factory=dict, max_length=1000)
+    nodes: dict[Name, Weight | None] = Field(default_factory=dict, max_length=10000)
+
+
 class WeightsUpdate(Strict):
-    """Set several operator weights in one revision (e.g. `site-a=3 site-b=1`)."""
+    """Set several operator weights in one revision (e.g. `site-a=3 site-b=1`), for all
+    services or (`services`) for one service only."""
 
     sites: dict[Name, Weight] = Field(default_factory=dict, max_length=1000)
     nodes: dict[Name, Weight] = Field(default_factory=dict, max_length=10000)
+    services: dict[Name, ServiceWeightsUpdate] = Field(default_factory=dict, max_length=1000)
 
 
 class DesiredSpec(Strict):
@@ -196,6 +225,8 @@ class DrainRequest(Strict):
     kind: DrainKind
     name: Name
     reason: Reason
+    #: Drain only this service on the node or site.
+    service: Name | None = None
 
 
 class BgpSession(Strict):
@@ -293,6 +324,17 @@ class NodeObserved(Strict):
     heartbeat: Heartbeat | None = None
 
 
+class ServiceDesired(Strict):
+    """One service's part of a node's desired view (contract 3): whether the service serves
+    on this node and how much, by the same rules as the node's own fields. A node drain or
+    site drain shows here too (it applies to every service)."""
+
+    admin_state: AdminState
+    drain_source: DrainKind | None = None
+    drain_reason: str = ""
+    link_bandwidth_mbps: Annotated[float, Field(ge=0)]
+
+
 class NodeDesired(Strict):
     """What the control plane publishes to one node: whether to serve, and how much.
 
@@ -304,11 +346,15 @@ class NodeDesired(Strict):
       so that works with no API). During a drain it is the bandwidth the node keeps while
       its GRACEFUL_SHUTDOWN announcement moves traffic away.
 
+    * `service_desired` (contract 3): per service of the GSLB, its own admin state and share.
+      An agent of contract 2 is answered without it (and keeps applying the node's fields to
+      all its services).
+
     `fingerprint` changes whenever anything in this view changes, including shares moved by
     other nodes' health, which does not bump the desired revision.
     """
 
-    contract_version: Literal[2] = NODE_CONTRACT_VERSION
+    contract_version: Literal[2, 3] = NODE_CONTRACT_VERSION
     revision: Revision
     node: str
     site: str
@@ -318,17 +364,27 @@ class NodeDesired(Strict):
     operator_weight: Weight
     link_bandwidth_mbps: Annotated[float, Field(ge=0)]
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
+    service_desired: dict[str, ServiceDesired] = Field(default_factory=dict)
     fingerprint: str
+
+
+class ServiceShares(Strict):
+    """One service's shares, in the same unit and by the same rules as the node's."""
+
+    nodes: dict[str, float]
+    sites: dict[str, float]
 
 
 class EffectiveWeights(Strict):
     """The fleet's shares as the routers see them: per serving node the link-bandwidth
     (Mbit/s) it is asked to announce (before its own DEGRADED reduction; 0 for a node that
-    does not serve), per site the sum of its nodes'."""
+    does not serve), per site the sum of its nodes'; per service of the GSLB, the same for
+    that service's prefixes."""
 
     revision: Revision
     nodes: dict[str, float]
     sites: dict[str, float]
+    services: dict[str, ServiceShares] = Field(default_factory=dict)
 
 
 class Event(Strict):

@@ -471,6 +471,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 config.control_plane,
                 config.node.name,
                 on_link_bandwidth=announcer.set_link_bandwidth if announcer else None,
+                on_service_desired=announcer.set_service_desired if announcer else None,
                 bgp_sessions=announcer.sessions if announcer else None,
                 bgp_report=announcer.bgp_report if announcer else None,
                 vip_group=vip.report if vip else None,

@@ -11,6 +11,13 @@ has already put out GRACEFUL_SHUTDOWN and prepends; this waits until that was se
 the node's own accepted-connection rate is quiet. The agent then moves the drain to
 "closing connections", which this maps to a withdraw.
 
+The GSLB may also speak per service (`set_service_desired`): a service drained there
+announces only its own prefixes with GRACEFUL_SHUTDOWN and prepends (routers move its new
+flows to other nodes; its other prefixes, and the node's other services, are untouched,
+and with no other node to go to the traffic stays rather than fail), and each service
+announces its own link bandwidth. A service the GSLB does not name announces by the
+node's fields alone.
+
 A planned change (anything but a withdraw because the node is down) can be held: the
 composition root may wire a `BeforeRouteChange` (flow sharing: peers hold this node's
 flows) that the announcer awaits before it hands the change to the speaker. Changes are
@@ -31,7 +38,7 @@ from typing import Any
 from bgp.config import BgpConfig
 from bgp.policy import PrefixGroup, Serving
 from bgp.speaker import BgpSpeaker
-from contract.schemas import BgpReport, BgpSession
+from contract.schemas import AdminState, BgpReport, BgpSession, ServiceDesired
 from edge.config import ServiceConfig
 from edge.ports import BeforeRouteChange, NodeControl
 from edge.services import ServiceState
@@ -64,10 +71,14 @@ def serving(state: NodeState, drain: Drain) -> Serving:
     return _BY_STATE[state]
 
 
-def service_serving(state: ServiceState) -> Serving:
-    """What the routers are told of one service's prefixes, by its own state (the policy
-    combines it with the node's)."""
-    return _BY_SERVICE_STATE[state]
+def service_serving(state: ServiceState, admin: AdminState = AdminState.ACTIVE) -> Serving:
+    """What the routers are told of one service's prefixes, by its own state and the GSLB's
+    admin state for it (the policy combines it with the node's): a drained service that
+    would serve is LEAVING (GRACEFUL_SHUTDOWN), and stays so while the drain is in force."""
+    own = _BY_SERVICE_STATE[state]
+    if admin is not AdminState.ACTIVE and own in (Serving.FULL, Serving.REDUCED):
+        return Serving.LEAVING
+    return own
 
 
 def prefix_groups(services: Sequence[ServiceConfig]) -> tuple[PrefixGroup, ...]:
@@ -91,7 +102,8 @@ def is_held(wanted: Serving) -> bool:
     return wanted is not Serving.STOPPED
 
 
-_Wanted = tuple[Serving, float | None, dict[str, Serving] | None]
+# The node's serving, its link bandwidth, each service's serving and link bandwidth.
+_Wanted = tuple[Serving, float | None, dict[str, Serving] | None, dict[str, float]]
 
 
 class BgpAnnouncer:
@@ -110,8 +122,10 @@ class BgpAnnouncer:
         self._before_change = before_change
         # What the node wants announced (node, link bandwidth, each service), and what
         # the speaker was last given.
-        self._wanted: _Wanted = (Serving.NOT_READY, None, None)
-        self._applied: _Wanted = (Serving.NOT_READY, None, None)
+        self._wanted: _Wanted = (Serving.NOT_READY, None, None, {})
+        self._applied: _Wanted = (Serving.NOT_READY, None, None, {})
+        # The GSLB's per-service view (services of this node it names).
+        self._service_desired: dict[str, ServiceDesired] = {}
         self._why = ""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -141,6 +155,20 @@ class BgpAnnouncer:
         """The GSLB's share for this node, in Mbit/s (what it announces at full health)."""
         self._want(self._wanted[0], mbps, f"link bandwidth {mbps:.1f} Mbit/s")
 
+    def set_service_desired(self, services: dict[str, ServiceDesired]) -> None:
+        """The GSLB's admin state and share per service (contract 3); services of this node
+        it does not name go by the node's fields."""
+        mine = {g.name for g in self.groups}
+        wanted = {name: view for name, view in services.items() if name in mine}
+        if wanted == self._service_desired:
+            return
+        self._service_desired = wanted
+        summary = ", ".join(
+            f"{name} {view.admin_state} {view.link_bandwidth_mbps:.1f} Mbit/s"
+            for name, view in sorted(wanted.items())
+        )
+        self._want(self._wanted[0], None, f"services: {summary or 'none named'}")
+
     def on_transition(self, transition: Transition) -> None:
         state, drain = transition.new, transition.drain
         self._want(serving(state, drain), None, f"node {state} (drain {drain.phase})")
@@ -148,7 +176,9 @@ class BgpAnnouncer:
     def _want(self, wanted: Serving, mbps: float | None, why: str) -> None:
         groups = self._group_serving()
         before = self._applied[2] or {}
-        self._wanted = (wanted, mbps if mbps is not None else self._wanted[1], groups)
+        group_mbps = {n: v.link_bandwidth_mbps for n, v in self._service_desired.items()}
+        node_mbps = mbps if mbps is not None else self._wanted[1]
+        self._wanted = (wanted, node_mbps, groups, group_mbps)
         self._why = why
         # A service going down withdraws its prefixes at once, like a node going down.
         service_lost = any(
@@ -164,13 +194,20 @@ class BgpAnnouncer:
     def _group_serving(self) -> dict[str, Serving] | None:
         if not self.groups or self._node is None:
             return None
-        return {name: service_serving(s) for name, s in self._node.service_states().items()}
+        admin = {n: v.admin_state for n, v in self._service_desired.items()}
+        return {
+            name: service_serving(s, admin.get(name, AdminState.ACTIVE))
+            for name, s in self._node.service_states().items()
+        }
 
     def _apply(self) -> None:
-        wanted, mbps, groups = self._wanted
+        wanted, mbps, groups, group_mbps = self._wanted
         changed_mbps = mbps if mbps != self._applied[1] else None
         reason = self.speaker.update(
-            serving=wanted, link_bandwidth_mbps=changed_mbps, group_serving=groups
+            serving=wanted,
+            link_bandwidth_mbps=changed_mbps,
+            group_serving=groups,
+            group_link_bandwidth_mbps=group_mbps,
         )
         self._applied = self._wanted
         log.info(
@@ -184,6 +221,7 @@ class BgpAnnouncer:
                 "why": self._why,
                 "serving": str(wanted),
                 "link_bandwidth_mbps": mbps,
+                "service_link_bandwidth_mbps": group_mbps,
                 "reason": str(reason),
             },
         )

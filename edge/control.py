@@ -3,9 +3,11 @@
 Desired view in, heartbeats out. The view says two things, kept apart: whether to serve
 (`admin_state`, acted on through `NodeControl` as a drain whose source is the GSLB) and how
 much (`link_bandwidth_mbps`, handed as it is to whoever announces it, wired by the
-composition root). Neither is changed on the way: the GSLB computes the share as if this
-node were serving, so it is right the moment the node serves again, during a drain, and
-while no API answers; the node's own health never reaches it (the BGP policy acts on it).
+composition root); and the same per service (`service_desired`, handed as it is to the
+announcer, which drains and weighs only that service's prefixes). Neither is changed on the
+way: the GSLB computes the share as if this node were serving, so it is right the moment
+the node serves again, during a drain, and while no API answers; the node's own health
+never reaches it (the BGP policy acts on it).
 
 Static stability lives in `edge.sync.ControlPlaneSync`: it keeps the last known good view
 in memory and on disk and only ever hands this link a view to apply. Losing every API
@@ -28,6 +30,7 @@ from contract.schemas import (
     HealthSummary,
     Heartbeat,
     NodeDesired,
+    ServiceDesired,
     VipGroupReport,
 )
 from edge.config import ControlPlaneConfig
@@ -38,6 +41,7 @@ from edge.sync import ControlPlaneSync
 log = logging.getLogger("edge.control")
 
 LinkBandwidthSink = Callable[[float], None]
+ServiceDesiredSink = Callable[[dict[str, ServiceDesired]], None]
 SessionsSource = Callable[[], list[BgpSession]]
 BgpReportSource = Callable[[], BgpReport]
 VipGroupSource = Callable[[], VipGroupReport]
@@ -52,11 +56,13 @@ class ControlPlaneLink:
         node_name: str,
         *,
         on_link_bandwidth: LinkBandwidthSink | None = None,
+        on_service_desired: ServiceDesiredSink | None = None,
         bgp_sessions: SessionsSource | None = None,
         bgp_report: BgpReportSource | None = None,
         vip_group: VipGroupSource | None = None,
     ) -> None:
         self._on_link_bandwidth = on_link_bandwidth
+        self._on_service_desired = on_service_desired
         self._bgp_sessions = bgp_sessions
         self._bgp_report = bgp_report
         self._vip_group = vip_group
@@ -118,6 +124,8 @@ class ControlPlaneLink:
         # The sync records the view as in force once this returns; announce from it now.
         if self._on_link_bandwidth is not None:
             self._on_link_bandwidth(view.link_bandwidth_mbps)
+        if self._on_service_desired is not None:
+            self._on_service_desired(dict(view.service_desired))
         if view.admin_state is AdminState.ACTIVE:
             # Ends only a drain the GSLB started (the state machine's rule); a local one stays.
             await node.undrain(DrainSource.GSLB, "undrained by the GSLB")
@@ -155,5 +163,9 @@ class ControlPlaneLink:
                 "admin_state": str(desired.admin_state),
                 "drain_reason": desired.drain_reason,
                 "link_bandwidth_mbps": desired.link_bandwidth_mbps,
+                "services": {
+                    name: view.model_dump(mode="json")
+                    for name, view in desired.service_desired.items()
+                },
             },
         }

@@ -111,9 +111,11 @@ def affected_nodes(state: DesiredState, kind: DrainKind, name: str) -> list[str]
 
 
 def drain_reasons(state: DesiredState) -> dict[str, str]:
-    """node -> why it is drained (its own drain first, else its site's)."""
-    site_drains = {d.name: d for d in state.drains if d.kind is DrainKind.SITE}
-    node_drains = {d.name: d for d in state.drains if d.kind is DrainKind.NODE}
+    """node -> why it is drained (its own drain first, else its site's; a drain of one
+    service leaves the node in traffic)."""
+    whole = [d for d in state.drains if d.service is None]
+    site_drains = {d.name: d for d in whole if d.kind is DrainKind.SITE}
+    node_drains = {d.name: d for d in whole if d.kind is DrainKind.NODE}
     reasons: dict[str, str] = {}
     for node, spec in state.nodes.items():
         if node in node_drains:
@@ -463,7 +465,19 @@ def diff_states(before: DesiredState, after: DesiredState) -> list[Change]:
     """What changed between two revisions, as far as weights and drains go."""
 
     def drains(state: DesiredState) -> dict[str, str]:
-        return {f"{d.kind} {d.name}": f"{d.reason} ({d.author})" for d in state.drains}
+        return {
+            f"{d.kind} {d.name}" + (f" service {d.service}" if d.service else ""): (
+                f"{d.reason} ({d.author})"
+            )
+            for d in state.drains
+        }
+
+    def service_weights(state: DesiredState, kind: str) -> dict[str, str]:
+        return {
+            f"{name} (service {service})": str(weight)
+            for service, own in state.service_weights.items()
+            for name, weight in (own.sites if kind == "site" else own.nodes).items()
+        }
 
     return (
         _diff_maps(
@@ -476,15 +490,23 @@ def diff_states(before: DesiredState, after: DesiredState) -> list[Change]:
             {n: str(s.weight) for n, s in before.nodes.items()},
             {n: str(s.weight) for n, s in after.nodes.items()},
         )
+        + _diff_maps("site", service_weights(before, "site"), service_weights(after, "site"))
+        + _diff_maps("node", service_weights(before, "node"), service_weights(after, "node"))
         + _diff_maps("drain", drains(before), drains(after))
     )
 
 
 def planned_changes(
-    state: DesiredState, sites: Mapping[str, int], nodes: Mapping[str, int]
+    state: DesiredState,
+    sites: Mapping[str, int],
+    nodes: Mapping[str, int],
+    service: str | None = None,
 ) -> list[Change]:
-    """The weight changes that `weights set` would make on `state` (unchanged ones omitted);
-    CliError if a name is unknown or in the wrong place."""
+    """The weight changes that `weights set` would make on `state` (unchanged ones omitted),
+    of one service's own weights when `service` is given; CliError if a name is unknown or
+    in the wrong place."""
+    if service is not None and service not in state.services:
+        raise CliError(Exit.NOT_FOUND, f"no service named {service!r}")
     for name in sites:
         if name not in state.sites:
             if name in state.nodes:
@@ -497,15 +519,18 @@ def planned_changes(
             if name in state.sites:
                 raise CliError(Exit.USAGE, f"{name!r} is a site, not a node: drop --node")
             raise CliError(Exit.NOT_FOUND, f"no node named {name!r}")
+    own = state.service_weights.get(service) if service is not None else None
+    site_now = {n: s.weight for n, s in state.sites.items()} | (own.sites if own else {})
+    node_now = {n: s.weight for n, s in state.nodes.items()} | (own.nodes if own else {})
     changes = [
-        Change("site", n, str(state.sites[n].weight), str(w))
+        Change("site", n, str(site_now[n]), str(w))
         for n, w in sorted(sites.items())
-        if state.sites[n].weight != w
+        if site_now[n] != w
     ]
     changes += [
-        Change("node", n, str(state.nodes[n].weight), str(w))
+        Change("node", n, str(node_now[n]), str(w))
         for n, w in sorted(nodes.items())
-        if state.nodes[n].weight != w
+        if node_now[n] != w
     ]
     return changes
 

@@ -35,7 +35,7 @@ from contract.client import (
     Unauthorized,
     Unavailable,
 )
-from contract.schemas import DesiredState, DrainKind, WeightsUpdate
+from contract.schemas import DesiredState, DrainKind, ServiceWeightsUpdate, WeightsUpdate
 from edgectl import contexts, render
 from edgectl.core import (
     EXIT_CODES_HELP,
@@ -490,6 +490,14 @@ def weights_set(
     node: Annotated[
         list[str] | None, typer.Option("--node", metavar="NODE=WEIGHT", help="Repeatable.")
     ] = None,
+    service: Annotated[
+        str | None,
+        typer.Option(
+            "--service",
+            metavar="NAME",
+            help="Set these weights for this service only (its other services keep theirs).",
+        ),
+    ] = None,
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Never ask: on a conflict exit 3 instead.")
     ] = False,
@@ -497,22 +505,28 @@ def weights_set(
     api: ApiOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Set operator weights in one revision, e.g. `weights set site-a=3 site-b=1 --node a1=2`.
-    Written with If-Match: if the state changed since it was read, shows what changed and asks
-    whether to apply on top of it (with --yes: exit 3, nothing written)."""
+    """Set operator weights in one revision, e.g. `weights set site-a=3 site-b=1 --node a1=2`;
+    with --service NAME, that service's own weights. Written with If-Match: if the state
+    changed since it was read, shows what changed and asks whether to apply on top of it
+    (with --yes: exit 3, nothing written)."""
+
+    def as_update(changes: list[Change]) -> WeightsUpdate:
+        sites = {c.name: int(str(c.after)) for c in changes if c.kind == "site"}
+        nodes = {c.name: int(str(c.after)) for c in changes if c.kind == "node"}
+        if service is None:
+            return WeightsUpdate(sites=sites, nodes=nodes)
+        own = ServiceWeightsUpdate(sites=dict(sites), nodes=dict(nodes))
+        return WeightsUpdate(services={service: own})
 
     async def work(client: ApiClient) -> None:
         base = await client.state()
-        changes = planned_changes(base, site_weights, node_weights)
+        changes = planned_changes(base, site_weights, node_weights, service)
         if changes:
             _pause_before_write(base.revision)
         for _ in range(5):
             if not changes:
                 break
-            update = WeightsUpdate(
-                sites={c.name: int(str(c.after)) for c in changes if c.kind == "site"},
-                nodes={c.name: int(str(c.after)) for c in changes if c.kind == "node"},
-            )
+            update = as_update(changes)
             try:
                 new = await client.set_weights(update, revision=base.revision)
             except Conflict as conflict:
@@ -531,18 +545,21 @@ def weights_set(
                         Exit.CONFLICT, f"the state changed meanwhile ({where}); nothing written"
                     ) from None
                 base = conflict.current
-                changes = planned_changes(base, site_weights, node_weights)
+                changes = planned_changes(base, site_weights, node_weights, service)
                 continue
             if json:
                 render.print_json(
                     {
                         "revision": new.revision,
                         "previous_revision": base.revision,
+                        "service": service,
                         "changed": [c.as_json() for c in changes],
                     }
                 )
             else:
                 title = f"revision {base.revision} -> {new.revision}"
+                if service is not None:
+                    title += f", service {service}"
                 _out().print(render.changes_table(title, changes))
             return
         else:
@@ -577,11 +594,29 @@ TimeoutOpt = Annotated[
 ]
 
 
-def _drain_entry(state: DesiredState, kind: DrainKind, name: str) -> str | None:
+ServiceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--service",
+        metavar="NAME",
+        help="Only this service on the node or site (its other services keep serving); "
+        "--wait then waits until the fleet applied it.",
+    ),
+]
+
+
+def _drain_entry(
+    state: DesiredState, kind: DrainKind, name: str, service: str | None = None
+) -> str | None:
     for d in state.drains:
-        if d.kind is kind and d.name == name:
+        if d.kind is kind and d.name == name and d.service == service:
             return f"{d.reason} ({d.author})"
     return None
+
+
+def _require_service(state: DesiredState, service: str | None) -> None:
+    if service is not None and service not in state.services:
+        raise CliError(Exit.NOT_FOUND, f"no service named {service!r}")
 
 
 async def _wait(
@@ -640,6 +675,7 @@ async def _drain_write(
     kind: DrainKind | None,
     write: Callable[[DrainKind, DesiredState], Awaitable[DesiredState]],
     check: Callable[[DesiredState, DrainKind], None],
+    service: str | None = None,
 ) -> tuple[DrainKind, DesiredState]:
     """Read, check, write with If-Match. A conflict caused by someone else's change to this
     very drain is reported (exit 3); any other concurrent change is not ours to overwrite
@@ -652,8 +688,8 @@ async def _drain_write(
         try:
             return resolved, await write(resolved, state)
         except Conflict as conflict:
-            before = _drain_entry(state, resolved, target)
-            now = _drain_entry(conflict.current, resolved, target)
+            before = _drain_entry(state, resolved, target, service)
+            now = _drain_entry(conflict.current, resolved, target, service)
             if before != now:
                 what = f"drained: {now}" if now else "not drained"
                 raise CliError(
@@ -681,28 +717,34 @@ def drain(
             "event with --reason and your name.",
         ),
     ] = False,
+    service: ServiceOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 120.0,
     json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Take a node or a whole site out of traffic (announce GSHUT, then withdraw). Refused
-    (exit 3, one line) when it would break the disruption budget, unless --force."""
+    """Take a node or a whole site out of traffic (announce GSHUT, then withdraw), or with
+    --service only that service's prefixes (GSHUT). Refused (exit 3, one line) when it
+    would break the disruption budget, unless --force."""
 
     async def work(client: ApiClient) -> None:
-        def check(_: DesiredState, __: DrainKind) -> None:
-            return None
+        def check(state: DesiredState, __: DrainKind) -> None:
+            _require_service(state, service)
 
         async def write(k: DrainKind, state: DesiredState) -> DesiredState:
             override = reason if force else None
-            return await client.drain(k, target, reason, revision=state.revision, override=override)
+            return await client.drain(
+                k, target, reason, revision=state.revision, override=override, service=service
+            )
 
-        k, new = await _drain_write(client, target, kind, write, check)
+        k, new = await _drain_write(client, target, kind, write, check, service)
         targets = affected_nodes(new, k, target)
         if wait:
-            await _wait(client, new.revision, targets, draining=True, limit_s=timeout)
-        _report(json, "drained", k, target, new.revision, targets, wait)
+            # A service drain leaves the nodes' own state alone: wait for the fleet only.
+            waited = [] if service else targets
+            await _wait(client, new.revision, waited, draining=True, limit_s=timeout)
+        _report(json, "drained", k, target, new.revision, targets, wait, service)
 
     with reporting("drain"):
         if not reason.strip() or len(reason) > 500:
@@ -715,18 +757,23 @@ def undrain(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(metavar="NODE|SITE")],
     kind: KindOpt = None,
+    service: ServiceOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 120.0,
     json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Put a drained node or site back into traffic."""
+    """Put a drained node or site back into traffic (with --service: end that service's
+    drain of it; each drain is ended by its own undrain)."""
 
     async def work(client: ApiClient) -> None:
         def check(state: DesiredState, k: DrainKind) -> None:
-            if _drain_entry(state, k, target) is not None:
+            _require_service(state, service)
+            if _drain_entry(state, k, target, service) is not None:
                 return
+            if service is not None:
+                raise CliError(Exit.NOT_FOUND, f"service {service} is not drained on {k} {target}")
             site = state.nodes[target].site if k is DrainKind.NODE else ""
             if site and _drain_entry(state, DrainKind.SITE, site) is not None:
                 raise CliError(
@@ -736,26 +783,35 @@ def undrain(
             raise CliError(Exit.NOT_FOUND, f"{k} {target} is not drained")
 
         async def write(k: DrainKind, state: DesiredState) -> DesiredState:
-            return await client.undrain(k, target, revision=state.revision)
+            return await client.undrain(k, target, revision=state.revision, service=service)
 
-        k, new = await _drain_write(client, target, kind, write, check)
+        k, new = await _drain_write(client, target, kind, write, check, service)
         targets = affected_nodes(new, k, target)
         if wait:
-            await _wait(client, new.revision, targets, draining=False, limit_s=timeout)
-        _report(json, "undrained", k, target, new.revision, targets, wait)
+            waited = [] if service else targets
+            await _wait(client, new.revision, waited, draining=False, limit_s=timeout)
+        _report(json, "undrained", k, target, new.revision, targets, wait, service)
 
     with reporting("undrain"):
         _run(ctx, api, token, work)
 
 
 def _report(
-    json: bool, verb: str, kind: DrainKind, name: str, revision: int, nodes: list[str], waited: bool
+    json: bool,
+    verb: str,
+    kind: DrainKind,
+    name: str,
+    revision: int,
+    nodes: list[str],
+    waited: bool,
+    service: str | None = None,
 ) -> None:
     if json:
         render.print_json(
             {
                 "kind": str(kind),
                 "name": name,
+                "service": service,
                 verb: True,
                 "revision": revision,
                 "nodes": nodes,
@@ -764,10 +820,9 @@ def _report(
         )
         return
     done = ", fleet converged" if waited else ""
+    what = f"service {service} on {kind} {name}" if service else f"{kind} {name}"
     _out().print(
-        Text(
-            f"{kind} {name} {verb} at revision {revision}{done} (nodes: {', '.join(nodes) or '-'})"
-        )
+        Text(f"{what} {verb} at revision {revision}{done} (nodes: {', '.join(nodes) or '-'})")
     )
 
 

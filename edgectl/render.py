@@ -231,7 +231,36 @@ def weights_json(state: DesiredState, weights: EffectiveWeights) -> dict[str, ob
             n: {"site": s.site, "weight": s.weight, "effective_weight": weights.nodes.get(n, 0.0)}
             for n, s in sorted(state.nodes.items())
         },
+        "services": {
+            service: {
+                "sites": {
+                    n: {
+                        "weight": _service_weight(state, service, "site", n),
+                        "effective_weight": shares.sites.get(n, 0.0),
+                    }
+                    for n in sorted(state.sites)
+                },
+                "nodes": {
+                    n: {
+                        "weight": _service_weight(state, service, "node", n),
+                        "effective_weight": shares.nodes.get(n, 0.0),
+                    }
+                    for n in sorted(state.nodes)
+                },
+            }
+            for service, shares in sorted(weights.services.items())
+        },
     }
+
+
+def _service_weight(state: DesiredState, service: str, kind: str, name: str) -> int:
+    """A site's (or node's) weight for one service: its own for the service, else its own."""
+    own = state.service_weights.get(service)
+    if kind == "site":
+        fallback = state.sites[name].weight
+        return own.sites.get(name, fallback) if own else fallback
+    fallback = state.nodes[name].weight
+    return own.nodes.get(name, fallback) if own else fallback
 
 
 def weights_renderable(state: DesiredState, weights: EffectiveWeights) -> RenderableType:
@@ -245,7 +274,15 @@ def weights_renderable(state: DesiredState, weights: EffectiveWeights) -> Render
         nodes.add_column(column)
     for n, spec in sorted(state.nodes.items()):
         nodes.add_row(_t(n), _t(spec.site), _t(spec.weight), _t(f"{weights.nodes.get(n, 0.0):g}"))
-    return Group(Text(f"revision {state.revision}"), sites, nodes)
+    per_service = Table(title="per service", title_justify="left")
+    for column in ("service", "node", "weight", "effective"):
+        per_service.add_column(column)
+    for service, shares in sorted(weights.services.items()):
+        for n in sorted(state.nodes):
+            weight = _service_weight(state, service, "node", n)
+            per_service.add_row(_t(service), _t(n), _t(weight), _t(f"{shares.nodes.get(n, 0.0):g}"))
+    tables = [sites, nodes, per_service] if weights.services else [sites, nodes]
+    return Group(Text(f"revision {state.revision}"), *tables)
 
 
 def changes_table(title: str, changes: Sequence[Change]) -> Table:

@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api.auth import Identity, TokenTable
-from api.budget import alive_states, describe, judge
+from api.budget import alive_services, alive_states, describe, judge
 from api.failopen import FailOpen
 from api.metrics import ApiMetrics
 from api.settings import Settings
@@ -239,8 +239,10 @@ async def _within_budget(
     """Refuse (409) a change the disruption budget does not allow, unless overridden; an
     override is an event. Judged against `current`, the state the write's compare-and-swap
     is on, so two racing changes are never both judged against the same before."""
-    alive = alive_states(await ctx.store.read_observed(datetime.now(UTC)))
-    breaches = judge(current, new, alive, ctx.settings.budget.budget())
+    observed = await ctx.store.read_observed(datetime.now(UTC))
+    breaches = judge(
+        current, new, alive_states(observed), ctx.settings.budget.budget(), alive_services(observed)
+    )
     if not breaches:
         return []
     summary = "; ".join(describe(b) for b in breaches)
@@ -353,6 +355,11 @@ def require_site(state: DesiredState | DesiredSpec, site: str, field: str) -> No
 def require_node(state: DesiredState, node: str, field: str) -> None:
     if node not in state.nodes:
         raise ApiError(422, f"unknown node {node!r}", field)
+
+
+def require_service(state: DesiredState, service: str, field: str) -> None:
+    if service not in state.services:
+        raise ApiError(422, f"unknown service {service!r}", field)
 
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"

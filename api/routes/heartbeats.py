@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +31,12 @@ from api.routes.common import (
 )
 from api.store.base import StoreUnavailable
 from api.views import node_view
-from contract.schemas import NODE_CONTRACT_VERSION, Heartbeat, NodeDesired
+from contract.schemas import (
+    NODE_CONTRACT_VERSION,
+    NODE_CONTRACT_VERSIONS,
+    Heartbeat,
+    NodeDesired,
+)
 
 router = APIRouter(prefix="/v1/nodes", tags=["heartbeats"])
 
@@ -44,15 +50,24 @@ def _may_act_for(who: Identity, node: str) -> None:
         raise ApiError(403, f"token {who.name!r} may not act for node {node!r}", "node")
 
 
-def _check_contract(contract: int | None) -> None:
-    if contract != NODE_CONTRACT_VERSION:
+def _check_contract(contract: int | None) -> int:
+    if contract not in NODE_CONTRACT_VERSIONS:
         spoken = "1 (no contract parameter)" if contract is None else str(contract)
+        versions = " and ".join(str(v) for v in sorted(NODE_CONTRACT_VERSIONS))
         raise ApiError(
             426,
-            f"this GSLB API publishes node contract version {NODE_CONTRACT_VERSION}; "
+            f"this GSLB API publishes node contract versions {versions}; "
             f"the client speaks version {spoken}: upgrade the agent (README: Upgrading)",
             "contract",
         )
+    return contract
+
+
+def _answer(view: NodeDesired) -> NodeDesired | JSONResponse:
+    """A view of contract 2 goes out without the fields that agent's schema does not know."""
+    if view.contract_version >= NODE_CONTRACT_VERSION:
+        return view
+    return JSONResponse(view.model_dump(mode="json", exclude={"service_desired"}))
 
 
 @router.post(
@@ -62,11 +77,11 @@ def _check_contract(contract: int | None) -> None:
 )
 async def heartbeat(
     ctx: Ctx, who: AnyIdentity, node: NamePath, body: Heartbeat, contract: ContractQuery = None
-) -> NodeDesired:
+) -> NodeDesired | JSONResponse:
     """Record the node's heartbeat; answers with the node's desired view (up to a second old:
     the long-poll is authoritative). A heartbeat of an older contract is still recorded (the
     node is alive and its state counts for the others' shares), then answered 426."""
-    return await accept_heartbeat(ctx, who, node, body, contract)
+    return _answer(await accept_heartbeat(ctx, who, node, body, contract))
 
 
 async def accept_heartbeat(
@@ -77,17 +92,20 @@ async def accept_heartbeat(
     # A snapshot up to a second old is fine here: the view in the answer is a backstop, the
     # long-poll is what delivers changes promptly. Rebuilding per heartbeat would not scale.
     snapshot = await ctx.snapshots.get(allow_stale=True)
-    view = node_view(snapshot, node)
+    # The view is built in the newest shape; an unknown contract is refused below, after
+    # the heartbeat is recorded.
+    version = contract if contract in NODE_CONTRACT_VERSIONS else NODE_CONTRACT_VERSION
+    view = node_view(snapshot, node, version)
     if view is None:
         # The stale snapshot may predate the node's creation: first the current one (one
         # rebuild shared by every heartbeat that missed, e.g. a fleet just added), then the
         # store itself, which a change made through another instance may not have reached
         # in a notification yet (one read, so an unknown name costs little).
-        view = node_view(await ctx.snapshots.get(), node)
+        view = node_view(await ctx.snapshots.get(), node, version)
     if view is None:
         if node not in (await ctx.store.read_desired()).nodes:
             raise ApiError(422, f"unknown node {node!r}", "node")
-        view = node_view(await ctx.snapshots.get(fresh=True), node)
+        view = node_view(await ctx.snapshots.get(fresh=True), node, version)
         if view is None:
             raise ApiError(422, f"unknown node {node!r}", "node")
     await ctx.store.record_heartbeat(
@@ -196,18 +214,18 @@ async def node_desired(
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
     timeout_s: Annotated[float, Query(ge=0, le=300)] = 25.0,
     contract: ContractQuery = None,
-) -> NodeDesired:
+) -> NodeDesired | JSONResponse:
     """The node's desired view. Long-poll: with `after_revision` and/or `fingerprint`, it
     answers as soon as the revision is above `after_revision` or the view's fingerprint
     differs (effective weights move with other nodes' health without a new revision), or
     with the unchanged view when `timeout_s` (capped by the server) runs out."""
     if not (who.can_read() or who.may_act_for_node(node)):
         _may_act_for(who, node)
-    _check_contract(contract)
+    version = _check_contract(contract)
     deadline = time.monotonic() + min(timeout_s, ctx.settings.long_poll_max_s)
     while True:
         generation = ctx.store.changes.generation
-        view = node_view(await ctx.snapshots.get(), node)
+        view = node_view(await ctx.snapshots.get(), node, version)
         if view is None:
             raise ApiError(404, f"no node {node!r}", "node")
         changed = (after_revision is not None and view.revision > after_revision) or (
@@ -215,5 +233,5 @@ async def node_desired(
         )
         remaining = deadline - time.monotonic()
         if changed or (after_revision is None and fingerprint is None) or remaining <= 0:
-            return view
+            return _answer(view)
         await ctx.store.changes.wait(generation, remaining)

@@ -56,7 +56,13 @@ async def delete_service(
         if name not in state.services:
             raise ApiError(404, f"no service {name!r}", "name")
         services = {k: v for k, v in state.services.items() if k != name}
-        return state.model_copy(update={"services": services}), [
+        # Its drains and weights go with it.
+        update = {
+            "services": services,
+            "drains": [d for d in state.drains if d.service != name],
+            "service_weights": {k: v for k, v in state.service_weights.items() if k != name},
+        }
+        return state.model_copy(update=update), [
             EventDraft("service-deleted", name, "service deleted", who.name)
         ]
 

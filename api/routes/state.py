@@ -21,7 +21,7 @@ from api.routes.common import (
     state_response,
 )
 from api.store.base import EventDraft
-from contract.schemas import DesiredSpec, DesiredState, DrainKind
+from contract.schemas import DesiredSpec, DesiredState, DrainKind, ServiceWeights
 
 router = APIRouter(prefix="/v1", tags=["desired state"])
 READ_STATE_DOCS = answers(*READ_ERRORS, etag=True)
@@ -39,7 +39,8 @@ async def put_state(
     body: DesiredSpec,
     write: Write,
 ) -> JSONResponse:
-    """Replace sites, nodes and services in one revision (declarative apply)."""
+    """Replace sites, nodes and services in one revision (declarative apply). Drains and
+    per-service weights are kept where their targets still exist."""
 
     def mutate(state: DesiredState) -> tuple[DesiredState, list[EventDraft]]:
         for name, node in body.nodes.items():
@@ -47,9 +48,20 @@ async def put_state(
         drains = [
             d
             for d in state.drains
-            if (d.kind is DrainKind.NODE and d.name in body.nodes)
-            or (d.kind is DrainKind.SITE and d.name in body.sites)
+            if (
+                (d.kind is DrainKind.NODE and d.name in body.nodes)
+                or (d.kind is DrainKind.SITE and d.name in body.sites)
+            )
+            and (d.service is None or d.service in body.services)
         ]
+        service_weights = {}
+        for service, own in state.service_weights.items():
+            kept = ServiceWeights(
+                sites={n: w for n, w in own.sites.items() if n in body.sites},
+                nodes={n: w for n, w in own.nodes.items() if n in body.nodes},
+            )
+            if service in body.services and (kept.sites or kept.nodes):
+                service_weights[service] = kept
         cause = (
             f"state applied: {len(body.sites)} sites, {len(body.nodes)} nodes, "
             f"{len(body.services)} services"
@@ -60,6 +72,7 @@ async def put_state(
                 "nodes": body.nodes,
                 "services": body.services,
                 "drains": drains,
+                "service_weights": service_weights,
             }
         )
         return new, [EventDraft("state-applied", "state", cause, who.name)]

@@ -337,7 +337,7 @@ async def test_an_agent_of_the_previous_node_contract_gets_a_clear_426(api: ApiU
     async with httpx.AsyncClient(base_url=api.url, headers=headers) as old_agent:
         r = await old_agent.post("/v1/nodes/a1/heartbeat", json={"state": "healthy"})
         assert r.status_code == 426
-        assert "node contract version 2" in r.json()["detail"]
+        assert "node contract versions 2 and 3" in r.json()["detail"]
         assert "upgrade the agent" in r.json()["detail"]
         r = await old_agent.get("/v1/nodes/a1/desired")
         assert r.status_code == 426

@@ -34,8 +34,10 @@ class RecordingSpeaker:
         serving: Serving | None = None,
         link_bandwidth_mbps: float | None = None,
         group_serving: object = None,
+        group_link_bandwidth_mbps: object = None,
     ) -> Reason:
         assert group_serving is None  # no services: the node's own prefixes
+        assert not group_link_bandwidth_mbps
         self.updates.append((serving, link_bandwidth_mbps))
         return Reason.ANNOUNCE_HEALTHY
 

@@ -16,6 +16,7 @@ from contract.schemas import (
     NodeSpec,
     NodeState,
     ServiceSpec,
+    ServiceState,
     SiteSpec,
 )
 
@@ -211,3 +212,72 @@ def test_the_fleet_cannot_be_emptied_one_drain_at_a_time(
             state = after
     if start.in_service_mbps > 0:
         assert tallies(state, healthy)[FLEET].in_service_mbps > 0
+
+
+# -- per service ------------------------------------------------------------------------
+
+
+def with_services(state: DesiredState, *drains: Drain) -> DesiredState:
+    services = {
+        "web": ServiceSpec(prefix="198.51.100.10/32"),
+        "dns": ServiceSpec(prefix="198.51.100.53/32"),
+    }
+    return state.model_copy(update={"services": services, "drains": [*state.drains, *drains]})
+
+
+def service_drain(kind: DrainKind, name: str, service: str) -> Drain:
+    return Drain(kind=kind, name=name, reason="test", author="t", since=NOW, service=service)
+
+
+def test_service_drains_count_against_that_services_budget_only() -> None:
+    one = with_services(fleet(), service_drain(DrainKind.NODE, "a1", "web"))
+    assert judge(with_services(fleet()), one, ALL, DEFAULT) == []
+    two = with_services(
+        fleet(),
+        service_drain(DrainKind.NODE, "a1", "web"),
+        service_drain(DrainKind.NODE, "a2", "web"),
+    )
+    breaches = judge(one, two, ALL, DEFAULT)
+    # Site a would serve web with 0 of its 2000 Mbit/s (and the fleet with 1000 of 3000);
+    # dns and the nodes themselves are untouched.
+    assert [(b.scope, b.bound) for b in breaches] == [
+        ("service web site a", BudgetBound.MIN_SHARE),
+        ("service web", BudgetBound.MIN_SHARE),
+    ]
+    assert (breaches[0].in_service_mbps, breaches[0].would_leave_mbps) == (1000, 0)
+    other = with_services(
+        fleet(),
+        service_drain(DrainKind.NODE, "a1", "web"),
+        service_drain(DrainKind.NODE, "a2", "dns"),
+    )
+    assert judge(one, other, ALL, DEFAULT) == []
+
+
+def test_a_service_site_drain_is_judged_by_the_services_fleet_bound() -> None:
+    drained = with_services(fleet(), service_drain(DrainKind.SITE, "a", "web"))
+    [breach] = judge(with_services(fleet()), drained, ALL, DEFAULT)
+    assert (breach.scope, breach.would_leave_mbps, breach.healthy_mbps) == (
+        "service web",
+        1000,
+        3000,
+    )
+
+
+def test_a_node_drain_is_one_breach_not_one_per_service() -> None:
+    before = with_services(fleet(a1=DrainKind.NODE))
+    after = with_services(fleet(a1=DrainKind.NODE, a2=DrainKind.NODE))
+    assert [b.scope for b in judge(before, after, ALL, DEFAULT)] == ["site a", FLEET]
+
+
+def test_a_service_counts_only_the_nodes_that_serve_it() -> None:
+    # b1 does not carry web: web's healthy capacity is site a's 2000, and a1 alone may go.
+    services = {
+        "a1": {"web": ServiceState.HEALTHY, "dns": ServiceState.HEALTHY},
+        "a2": {"web": ServiceState.HEALTHY, "dns": ServiceState.HEALTHY},
+        "b1": {"dns": ServiceState.HEALTHY},
+    }
+    web = tallies(with_services(fleet()), ALL, "web", services)
+    assert (web[FLEET].healthy_mbps, web[FLEET].in_service_mbps) == (2000, 2000)
+    one = with_services(fleet(), service_drain(DrainKind.NODE, "a1", "web"))
+    [breach] = judge(with_services(fleet()), one, ALL, Budget(site=Limits(min_share=0.6)), services)
+    assert breach.scope == "service web site a"

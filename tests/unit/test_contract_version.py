@@ -26,7 +26,7 @@ OLD_VIEW = {
 
 
 def old_api(request: httpx.Request) -> httpx.Response:
-    assert request.url.params.get("contract") == "2"  # the new client always says its version
+    assert request.url.params.get("contract") == "3"  # the new client always says its version
     return httpx.Response(200, json=OLD_VIEW)
 
 
