@@ -105,7 +105,7 @@ class FlowShareExtension:
                 self.verifier,
                 self.refused,
                 self._on_ack,
-                user_timeout_ms=int(cfg.peer_timeout * 1000),
+                cfg.peer_timeout,
             )
             for peer in cfg.peers
         }
@@ -117,6 +117,7 @@ class FlowShareExtension:
             self.refused,
             self._on_data,
             self._wait_flushed,
+            cfg.peer_timeout,
         )
 
     # -- life cycle ------------------------------------------------------------------------
@@ -263,6 +264,8 @@ class FlowShareExtension:
             "peers": {
                 name: {
                     "connected": link.connected,
+                    "connects": link.connects,
+                    "dead_streams": link.dead_streams,
                     "live": name in self.directory.live,
                     "flows_held": len(self.directory.table(name)),
                     "frames_received": self.inbound.frames[name],
@@ -432,7 +435,9 @@ class FlowShareExtension:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             now = time.monotonic()
+            self.inbound.check(now)
             for link in self.outbound.values():
+                link.check(now)
                 link.heartbeat()
             for name in self.outbound:
                 heard = self.inbound.last_heard.get(name)

@@ -1,8 +1,10 @@
 """The streams among peers: TCP between the edges' own addresses, length-prefixed frames.
 
 Each node keeps one outbound connection per peer carrying its own flows (a snapshot on
-every connect, then deltas, a heartbeat when idle), and reads the peer's acks on it; it
-serves inbound connections from its peers, applies their frames and acks each one. A
+every connect, then deltas, a heartbeat when idle or unanswered), and reads the peer's
+acks and keepalives on it; it serves inbound connections from its peers, applies their
+frames and acks each one, and answers each heartbeat at once. A stream the keepalive
+rule (`keepalive`) finds dead is aborted: the sender reconnects with a snapshot. A
 frame that fails `wire.decode` or the replay check, or whose sender is not the peer at
 that address, is counted, logged (rate-limited) and ignored; a stream that stops making
 sense (a length beyond the bound) is closed.
@@ -21,8 +23,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge.flowshare import wire
-from edge.flowshare.wire import Ack, Delta, FlowKey, Frame, FrameError, Kind, Op, Verifier
+from edge.flowshare import keepalive, wire
+from edge.flowshare.keepalive import Stream, Verdict
+from edge.flowshare.wire import (
+    Ack,
+    Delta,
+    FlowKey,
+    Frame,
+    FrameError,
+    Keepalive,
+    Op,
+    Verifier,
+)
 
 log = logging.getLogger("edge.flowshare.link")
 
@@ -91,10 +103,10 @@ class Outbound:
         verifier: Verifier,
         refused: Refusals,
         on_ack: Callable[[str, Ack], None],
-        user_timeout_ms: int = 0,
+        timeout_s: float,
     ) -> None:
         self.ident, self.peer, self.address = ident, peer, address
-        self._user_timeout_ms = user_timeout_ms
+        self.timeout_s = timeout_s  # no answer this long: the stream is dead
         self.local_address = local_address
         self._snapshot, self._verifier, self._refused = snapshot, verifier, refused
         self._on_ack = on_ack
@@ -103,7 +115,11 @@ class Outbound:
         self.holding = 0  # what the peer says it holds from us
         self.connected = False
         self._sent_since_heartbeat = False
+        self._heard_since_heartbeat = False
+        self.waiting_since: float | None = None  # monotonic; see keepalive.outbound
         self.connects = 0
+        self.dead_streams = 0  # streams the keepalive found dead (and aborted)
+        self._writer: asyncio.StreamWriter | None = None
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -165,9 +181,10 @@ class Outbound:
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
             backoff = RECONNECT_S[0]
-            no_delay(writer, self._user_timeout_ms)
+            no_delay(writer, int(self.timeout_s * 1000))
             self.connects += 1
             self._queue = asyncio.Queue()
+            self.waiting_since, self._writer = None, writer
             self.connected = True
             self._queue_snapshot()
             acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
@@ -176,7 +193,7 @@ class Outbound:
             except (OSError, ConnectionError):
                 pass
             finally:
-                self.connected = False
+                self.connected, self._writer = False, None
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await acks
@@ -184,10 +201,26 @@ class Outbound:
             await asyncio.sleep(RECONNECT_S[0])
 
     def heartbeat(self) -> None:
-        """An empty delta when nothing was queued since the last call (peers see us live)."""
-        if self.connected and self._queue.empty() and not self._sent_since_heartbeat:
+        """An empty delta when nothing was sent (peers see us live) or nothing was heard
+        (the peer is asked to answer) since the last call."""
+        wanted = keepalive.wants_heartbeat(self._sent_since_heartbeat, self._heard_since_heartbeat)
+        if self.connected and self._queue.empty() and wanted:
             self._queue.put_nowait(self._frame(Delta(())))
-        self._sent_since_heartbeat = False
+        self._sent_since_heartbeat = self._heard_since_heartbeat = False
+
+    def check(self, now: float) -> Verdict:
+        """The keepalive rule at monotonic `now`; a dead stream is aborted (the writer
+        ends, the stream reconnects and starts over with a snapshot)."""
+        verdict = keepalive.outbound(now, self.waiting_since, self.timeout_s)
+        if verdict.stream is Stream.DEAD and self.connected and self._writer is not None:
+            self.dead_streams += 1
+            log.warning(
+                "flowshare: stream to %s (%s) %s: reconnecting", self.peer, self.address[0], verdict
+            )
+            self.connected, self.waiting_since = False, None
+            self._writer.transport.abort()
+            self._queue.put_nowait(b"")
+        return verdict
 
     async def _write(self, writer: asyncio.StreamWriter) -> None:
         # One writer, frames in seq order (no wait_for on the queue: on 3.11 its timeout
@@ -199,6 +232,8 @@ class Outbound:
                     return
                 writer.write(data)
             self._sent_since_heartbeat = True
+            if self.waiting_since is None:
+                self.waiting_since = time.monotonic()
             await writer.drain()
 
     async def _read_acks(self, reader: asyncio.StreamReader) -> None:
@@ -213,13 +248,16 @@ class Outbound:
             while True:
                 try:
                     frame = wire.decode(await read_frame(reader), self.ident.key)
-                    if frame.sender != self.peer or not isinstance(frame.body, Ack):
-                        raise FrameError("not an ack from this peer")
+                    if frame.sender != self.peer or not isinstance(frame.body, Ack | Keepalive):
+                        raise FrameError("not an ack or keepalive from this peer")
                     self._verifier.check(frame, now_ms())
                 except FrameError as error:
                     self._refused(origin, str(error))
                     if str(error).startswith("a frame of"):
                         return
+                    continue
+                self.waiting_since, self._heard_since_heartbeat = None, True
+                if isinstance(frame.body, Keepalive):
                     continue
                 self.acked = max(self.acked, frame.body.acked)
                 self.holding = frame.body.holding
@@ -242,15 +280,19 @@ class Inbound:
         refused: Refusals,
         on_data: DataHandler,
         flushed: Callable[[int], Awaitable[None]],
+        timeout_s: float,
     ) -> None:
         self.ident, self.bind, self.peers = ident, bind, peers
+        self.timeout_s = timeout_s  # a stream silent this long is dead
         self._verifier, self._refused, self._on_data = verifier, refused, on_data
         self._flushed = flushed
         self._server: asyncio.Server | None = None
         self._ack_seq: dict[str, int] = {}
         self.last_heard: dict[str, float] = {}  # monotonic
         self.frames: Counter[str] = Counter()
+        self.dead_streams: Counter[str] = Counter()  # by peer address
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._stream_heard: dict[asyncio.StreamWriter, float] = {}  # monotonic
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, *self.bind, reuse_address=True)
@@ -271,13 +313,28 @@ class Inbound:
         self._handlers[task] = writer
         address = str(writer.get_extra_info("peername")[0])
         no_delay(writer)
+        self._stream_heard[writer] = time.monotonic()
         try:
             await self._stream(address, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
             self._handlers.pop(task, None)
+            self._stream_heard.pop(writer, None)
             writer.close()
+
+    def check(self, now: float) -> None:
+        """The keepalive rule at monotonic `now` for every stream served: a silent one (its
+        sender frozen, or replaced by a new process whose stream is another one) is
+        aborted, so nothing waits on it."""
+        for writer, heard in list(self._stream_heard.items()):
+            verdict = keepalive.inbound(now, heard, self.timeout_s)
+            if verdict.stream is Stream.DEAD:
+                address = str(writer.get_extra_info("peername")[0])
+                self.dead_streams[address] += 1
+                log.warning("flowshare: stream from %s %s: closed", address, verdict)
+                del self._stream_heard[writer]
+                writer.transport.abort()
 
     async def _stream(
         self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -285,14 +342,18 @@ class Inbound:
         acks: asyncio.Queue[tuple[str, int, int, int]] = asyncio.Queue()
         acker = asyncio.get_running_loop().create_task(self._ack(acks, writer))
         try:
-            await self._read(address, reader, acks)
+            await self._read(address, reader, writer, acks)
         finally:
             acker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acker
 
     async def _read(
-        self, address: str, reader: asyncio.StreamReader, acks: asyncio.Queue[Any]
+        self,
+        address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        acks: asyncio.Queue[Any],
     ) -> None:
         while True:
             try:
@@ -304,15 +365,17 @@ class Inbound:
                 frame = wire.decode(data, self.ident.key)
                 if self.peers.get(frame.sender) != address:
                     raise FrameError(f"sender {frame.sender!r} is not the peer at {address}")
-                if frame.kind is Kind.ACK:
-                    raise FrameError("an ack on a data stream")
+                if wire.channel(frame.kind) != "data":
+                    raise FrameError("an ack or keepalive on a data stream")
                 fresh = self._verifier.is_new_incarnation(frame)
                 self._verifier.check(frame, now_ms())
             except FrameError as error:
                 self._refused(address, str(error))
                 continue
             self.frames[frame.sender] += 1
-            self.last_heard[frame.sender] = time.monotonic()
+            self.last_heard[frame.sender] = self._stream_heard[writer] = time.monotonic()
+            if isinstance(frame.body, Delta) and not frame.body.events:  # a heartbeat
+                self._answer(writer, frame.sender, Keepalive(frame.seq))
             holding, flush_round = self._on_data(frame, fresh)
             acks.put_nowait((frame.sender, frame.seq, holding, flush_round))
 
@@ -326,8 +389,12 @@ class Inbound:
                 items.append(acks.get_nowait())
             await self._flushed(max(item[3] for item in items))
             sender, acked, holding, _ = items[-1]
-            seq = self._ack_seq.get(sender, 0) + 1
-            self._ack_seq[sender] = seq
-            ack = Frame(self.ident.me, sender, self.ident.boot, seq, now_ms(), Ack(acked, holding))
-            writer.write(framed(wire.encode(ack, self.ident.key)))
+            self._answer(writer, sender, Ack(acked, holding))
             await writer.drain()
+
+    def _answer(self, writer: asyncio.StreamWriter, sender: str, body: Ack | Keepalive) -> None:
+        """Acks and keepalives share one seq per sender: allocated and written in one step."""
+        seq = self._ack_seq.get(sender, 0) + 1
+        self._ack_seq[sender] = seq
+        frame = Frame(self.ident.me, sender, self.ident.boot, seq, now_ms(), body)
+        writer.write(framed(wire.encode(frame, self.ident.key)))

@@ -14,7 +14,8 @@ or whose time is outside the window: replays and forgeries are refused, garbage 
 refused, sizes are bounded. Flows of a frame are always the sender's own flows.
 
 Bodies: DELTA `count u32` + entries (op u8: 1 accept, 2 close; key); SNAPSHOT
-`as_of u64 | part u32 | parts u32 | count u32` + keys; ACK `acked u64 | holding u32`.
+`as_of u64 | part u32 | parts u32 | count u32` + keys; ACK `acked u64 | holding u32`;
+KEEPALIVE `heard u64` (the data seq just read, answered before it is applied).
 A key is `family u8 (4|6) | client addr | client port u16 | vip addr | vip port u16`.
 Pure: no I/O; the caller passes the clock.
 """
@@ -46,6 +47,7 @@ class Kind(enum.IntEnum):
     DELTA = 1
     SNAPSHOT = 2
     ACK = 3
+    KEEPALIVE = 4  # the receiver answering a heartbeat at once (see `keepalive`)
 
 
 class Op(enum.IntEnum):
@@ -95,7 +97,12 @@ class Ack:
     holding: int  # flows the acking node holds for the stream's sender
 
 
-Body = Delta | Snapshot | Ack
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    heard: int  # the data seq the receiver just read (not necessarily applied yet)
+
+
+Body = Delta | Snapshot | Ack | Keepalive
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,8 @@ class Frame:
             return Kind.DELTA
         if isinstance(self.body, Snapshot):
             return Kind.SNAPSHOT
+        if isinstance(self.body, Keepalive):
+            return Kind.KEEPALIVE
         return Kind.ACK
 
 
@@ -168,6 +177,8 @@ def _encode_body(body: Body) -> bytes:
     if isinstance(body, Snapshot):
         head = struct.pack("!QIII", body.as_of, body.part, body.parts, len(body.keys))
         return head + b"".join(_pack_key(key) for key in body.keys)
+    if isinstance(body, Keepalive):
+        return struct.pack("!Q", body.heard)
     return struct.pack("!QI", body.acked, body.holding)
 
 
@@ -177,6 +188,11 @@ def _decode_body(kind: Kind, data: bytes) -> Body:
             raise FrameError("malformed ack")
         acked, holding = struct.unpack("!QI", data)
         return Ack(acked, holding)
+    if kind is Kind.KEEPALIVE:
+        if len(data) != 8:
+            raise FrameError("malformed keepalive")
+        (heard,) = struct.unpack("!Q", data)
+        return Keepalive(heard)
     if kind is Kind.DELTA:
         count, offset = _count(data, 0), 4
         events = []
@@ -271,8 +287,9 @@ def decode(data: bytes, key: bytes) -> Frame:
 
 
 def channel(kind: Kind) -> str:
-    """Data (deltas and snapshots, one ordered stream) or acks."""
-    return "ack" if kind is Kind.ACK else "data"
+    """Data (deltas and snapshots, one ordered stream) or answers (acks and keepalives,
+    one ordered stream back)."""
+    return "ack" if kind in (Kind.ACK, Kind.KEEPALIVE) else "data"
 
 
 @dataclass

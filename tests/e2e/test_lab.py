@@ -19,6 +19,7 @@ import pytest
 from contract.client import ApiClient, ApiError
 from contract.schemas import DrainKind, ServiceSpec
 from deploy import lab
+from tests.support.netlab import LongLivedClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.usefixtures("lab_ok")]
 
@@ -264,6 +265,7 @@ def test_an_etcd_leader_kill_loses_no_acknowledged_write() -> None:
 def test_edgectl_finds_the_lab_by_itself(tmp_path: lab.Path) -> None:
     """What `make lab` leaves behind: a current `lab` context, so `edgectl status` needs no flag."""
     import os
+    import subprocess
     import sys
 
     config = lab.write_context(tmp_path / "edgectl.yaml")
@@ -291,3 +293,94 @@ def _flowshare_sections() -> dict[str, dict[str, Any]]:
     return {
         node: json.loads(lab.dexec(node, "python", "-c", fetch))["flowshare"] for node in lab.NODES
     }
+
+
+def _flows_in_sync() -> bool:
+    """Every edge's streams to its peers are up and acknowledged, and every edge holds each
+    peer's flows as that peer counts them (after the chaos tests, a replaced or frozen
+    edge's streams were found dead by the keepalive and started over with a snapshot)."""
+    sections = _flowshare_sections()
+    return all(
+        peer["connected"]
+        and peer["live"]
+        and peer["acked_seq"] >= peer["sent_seq"]
+        and peer["flows_held"] == sections[name]["own_flows"]
+        for section in sections.values()
+        for name, peer in section["peers"].items()
+    )
+
+
+def test_long_lived_connections_survive_planned_changes() -> None:
+    """200 keep-alive connections from the client to the VIP's HTTP listener, each sending
+    a request and expecting its response every 200 ms, across a site weight change, a node
+    drain and its undrain and a site drain: none is reset (a draining node may end one
+    gracefully, `Connection: close` after a whole response: counted apart, not broken). Each change is counted from just before it until its routes settled
+    and 2.5 s more (a broken connection shows within the client's 2 s patience), before a
+    drained node's own deadline closes what is left on it."""
+    sections = _flowshare_sections()
+    assert all(s["forwarding"] == "on" and s["overlay"]["up"] for s in sections.values()), sections
+    process = subprocess.Popen(
+        ["docker", "exec", "-i", lab.container("client"), "python", "-c",
+         LongLivedClient.code(port=80, period=0.2, http=True)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    client = LongLivedClient(process)
+    changes: list[tuple[str, Any, Any]] = [
+        (
+            "site weights 3:1",
+            lambda: lab.set_site_weights({"site-a": 300, "site-b": 100}),
+            lambda: abs(lab.site_shares_at_core()["site-a"] - 0.75) < 0.02,
+        ),
+        (
+            "drain edge-a1",
+            lambda: lab.drain(DrainKind.NODE, "edge-a1", "e2e: long-lived"),
+            lambda: _fib_lacks("router-a", lab.EDGE_ADDRESS["edge-a1"]),
+        ),
+        (
+            "undrain edge-a1",
+            lab.undrain_all,
+            lambda: lab.EDGE_ADDRESS["edge-a1"] in lab.fib_nexthops("router-a"),
+        ),
+        (
+            "drain site-b",
+            lambda: lab.drain(DrainKind.SITE, "site-b", "e2e: long-lived"),
+            lambda: _fib_lacks("core", lab.SITE_NEXT_HOP["site-b"]),
+        ),
+    ]
+    broken: dict[str, int] = {}
+    try:
+        for name, change, settled in changes:
+            # A drained node closes what is left on it at its deadline: start each change
+            # from a full pool on serving nodes.
+            lab.wait_for(_settled, 60, f"the fleet settled before: {name}")
+            lab.wait_for(_flows_in_sync, 30, f"the flow tables in sync before: {name}")
+            missing = LONG_LIVED - client.report()["open"]
+            if missing > 0:
+                client.open(missing, f"refill-{len(broken)}")
+            before = client.report()
+            assert before["open"] >= LONG_LIVED, before
+            change()
+            lab.wait_for(settled, 60, f"the routes after: {name}")
+            lab.wait_for(_settled, 60, f"the fleet settled after: {name}")
+            time.sleep(2.5)
+            after = client.report()
+            broken[name] = sum(after["broken"].values()) - sum(before["broken"].values())
+            closed = sum(after["closed"].values()) - sum(before["closed"].values())
+            print(f"\n{name}: {broken[name]} of {before['open']} long-lived connections broken,"
+                  f" {closed} closed gracefully")  # fmt: skip
+    finally:
+        process.kill()
+        process.wait(10)
+    sections = _flowshare_sections()
+    forwarded = sum(
+        peer["packets_forwarded"]
+        for section in sections.values()
+        for peer in section["peers"].values()
+    )
+    print(f"packets forwarded to their owners: {forwarded}")
+    held = {
+        node: {name: (p["connected"], p["flows_held"]) for name, p in section["peers"].items()}
+        for node, section in sections.items()
+    }
+    assert broken == {name: 0 for name, _, _ in changes}, held
+    assert forwarded > 0  # the changes did move flows

@@ -234,6 +234,50 @@ def test_forged_flow_announcements_are_refused(
     assert not [key for key in map_before if key[1] == claimed.client_port]
 
 
+def test_a_frozen_peer_is_noticed_reconnected_and_resynced(
+    fleet_on: tuple[FlowFleet, LongLivedClient, list[dict[str, Any]]],
+) -> None:
+    """kill -STOP edge 2's agent: its kernel still acknowledges TCP, so the streams look
+    "up" to the kernel (TCP_USER_TIMEOUT cannot fire) and only the keepalive can tell.
+    Edge 1 finds its stream to edge 2 unanswered and aborts it, and edge 2's stream to it
+    silent (edge 2's flows are no longer forwarded to it). After SIGCONT the streams are
+    back on new connections, and each side holds the other's flows whole again."""
+    fleet, _, _ = fleet_on
+    agent = fleet.agents[2]
+
+    def peer(index: int, name: str) -> dict[str, Any]:
+        return dict(fleet.status(index)["flowshare"]["peers"][name])
+
+    before = peer(1, "edge2")
+    assert before["connected"] and before["live"], before
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: peer(1, "edge2")["dead_streams"] > before["dead_streams"],
+            20,
+            what="edge 1 finds its stream to the frozen edge 2 dead",
+        )
+        frozen = peer(1, "edge2")
+        assert not frozen["live"], frozen
+    finally:
+        agent.send_signal(signal.SIGCONT)
+
+    def resynced() -> bool:
+        one, two = fleet.status(1)["flowshare"], fleet.status(2)["flowshare"]
+        to_two, to_one = one["peers"]["edge2"], two["peers"]["edge1"]
+        return bool(
+            to_two["connected"]
+            and to_two["live"]
+            and to_two["connects"] > before["connects"]
+            and to_two["acked_seq"] >= to_two["sent_seq"]
+            and to_one["flows_held"] == one["own_flows"]
+            and to_two["flows_held"] == two["own_flows"]
+        )
+
+    wait_for(resynced, 30, what="edge 1 and edge 2 hold each other's flows again")
+    assert "stream to edge2" in fleet.agent_log(1) and "unanswered for" in fleet.agent_log(1)
+
+
 # -- life cycle in the kernel -----------------------------------------------------------------
 
 

@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.flowshare import wire
-from edge.flowshare.wire import Ack, Delta, Frame, FrameError, Op, Snapshot, Verifier, flow_key
+from edge.flowshare.wire import (
+    Ack,
+    Delta,
+    Frame,
+    FrameError,
+    Keepalive,
+    Op,
+    Snapshot,
+    Verifier,
+    flow_key,
+)
 
 KEY = b"k" * 32
 NOW = 1_800_000_000_000
@@ -30,6 +40,7 @@ bodies = (
         st.lists(keys, max_size=20),
     )
     | st.builds(Ack, st.integers(0, 2**63), st.integers(0, 2**32 - 1))
+    | st.builds(Keepalive, st.integers(0, 2**63))
 )
 frames = st.builds(
     Frame,
@@ -141,3 +152,13 @@ def test_only_strictly_rising_sequences_pass(seqs: list[int]) -> None:
         else:
             with pytest.raises(FrameError):
                 verifier.check(_frame(seq), NOW)
+
+
+def test_keepalives_and_acks_share_one_answer_stream() -> None:
+    """A keepalive's seq follows the acks' (one ordered stream back): a replayed one is
+    refused like a replayed ack."""
+    verifier = Verifier("edge1", 1000)
+    verifier.check(Frame("edge2", "edge1", 1, 1, NOW, Ack(1, 0)), NOW)
+    verifier.check(Frame("edge2", "edge1", 1, 2, NOW, Keepalive(3)), NOW)
+    with pytest.raises(FrameError, match="replayed"):
+        verifier.check(Frame("edge2", "edge1", 1, 2, NOW, Ack(3, 0)), NOW)
