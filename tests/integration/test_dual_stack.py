@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bgp.config import BgpConfig
 from tests.support.netlab import (
     CLIENT_ADDRESS6,
     VIP,
@@ -63,6 +64,28 @@ def _backend(lab: NetLab, edge: Edge, host: str, port: int, name: str, fail: Pat
     )  # fmt: skip
 
 
+def two_service_node(edge: Edge, bgp: BgpConfig) -> dict[str, Any]:
+    """node.yaml for edge1: services web4 (IPv4) and web6 (IPv6), each with its own
+    backend, and `bgp` with the edge's IPv6 router as a second neighbor (both with MD5)."""
+    bgp_data = bgp.model_dump(mode="json")
+    bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
+    bgp_data["neighbors"].append(
+        {
+            "peer_address": str(edge.router_address6),
+            "peer_asn": bgp_data["neighbors"][0]["peer_asn"],
+            "md5_password": edge.md5_password,
+        }
+    )
+    return {
+        "node": {"name": "edge1", "site": "lab"},
+        "services": [
+            _service("web4", f"{VIP}/32", VIP, "127.0.0.1", PORT4),
+            _service("web6", f"{VIP6}/128", VIP6, "::1", PORT6),
+        ],
+        "bgp": bgp_data,
+    }
+
+
 def _service(name: str, prefix: str, vip: str, backend: str, port: int) -> dict[str, Any]:
     return {
         "name": name,
@@ -89,24 +112,7 @@ def _start_agent(lab: NetLab, edge: Edge, fail4: Path, fail6: Path) -> None:
         drain_deadline_s=10,
         bfd={"enabled": True},
     )
-    bgp_data = bgp.model_dump(mode="json")
-    bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
-    bgp_data["neighbors"].append(
-        {
-            "peer_address": str(edge.router_address6),
-            "peer_asn": bgp_data["neighbors"][0]["peer_asn"],
-            "md5_password": edge.md5_password,
-        }
-    )
-    node = {
-        "node": {"name": "edge1", "site": "lab"},
-        "services": [
-            _service("web4", f"{VIP}/32", VIP, "127.0.0.1", PORT4),
-            _service("web6", f"{VIP6}/128", VIP6, "::1", PORT6),
-        ],
-        "drain": {"deadline": 2},
-        "bgp": bgp_data,
-    }
+    node = {**two_service_node(edge, bgp), "drain": {"deadline": 2}}
     config_path = lab.workdir / "node.yaml"
     config_path.write_text(yaml.safe_dump(node))
     agent_bin = str(Path(sys.executable).parent / "anycast-edge")

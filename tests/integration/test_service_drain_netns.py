@@ -20,7 +20,7 @@ import yaml
 
 from contract.client import ApiClient
 from contract.schemas import NodeSpec, ServiceSpec, SiteSpec
-from tests.integration.test_dual_stack import PORT4, PORT6, _backend, _routes, _service
+from tests.integration.test_dual_stack import PORT4, PORT6, _backend, _routes, two_service_node
 from tests.integration.test_edge_control_plane_bgp import OPERATOR, in_netns, start_api
 from tests.support.netlab import (
     VIP,
@@ -56,22 +56,8 @@ def _start_agent(lab: NetLab, edge: Edge, api_url: str) -> None:
     _backend(lab, edge, "::1", PORT6, "b6", lab.workdir / "fail6")
     assert edge.router_address6 is not None
     bgp = edge_bgp_config(edge, prefixes=[], runtime_dir=str(lab.workdir / "run"))
-    bgp_data = bgp.model_dump(mode="json")
-    bgp_data["neighbors"][0]["md5_password"] = edge.md5_password
-    bgp_data["neighbors"].append(
-        {
-            "peer_address": str(edge.router_address6),
-            "peer_asn": bgp_data["neighbors"][0]["peer_asn"],
-            "md5_password": edge.md5_password,
-        }
-    )
     node = {
-        "node": {"name": "edge1", "site": "lab"},
-        "services": [
-            _service("web4", f"{VIP}/32", VIP, "127.0.0.1", PORT4),
-            _service("web6", f"{VIP6}/128", VIP6, "::1", PORT6),
-        ],
-        "bgp": bgp_data,
+        **two_service_node(edge, bgp),
         "control_plane": {
             "endpoints": [api_url],
             "token": "node-token-1",
