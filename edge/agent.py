@@ -131,7 +131,7 @@ class Agent:
             service,
             self.flows,
             self.sweeper,
-            is_draining=lambda: self.machine.drain.active,
+            is_draining=self.machine.draining,
             on_health=self.evaluate,
             event=self._event,
         )

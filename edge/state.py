@@ -99,6 +99,10 @@ class NodeStateMachine:
     #: Why the node is in its state, as last derived (kept current between transitions).
     cause: str = "not started"
 
+    def draining(self) -> bool:
+        """Whether a drain is under way (read per request by the proxy: one call)."""
+        return self.drain.phase is not DrainPhase.NONE
+
     def observe(self, observation: Observation) -> Transition | None:
         self.last_observation = observation
         return self._move(*self._derive(observation))

@@ -242,10 +242,6 @@ class ProxyContext:
     def __post_init__(self) -> None:
         self.update_config(self.config)
 
-    @property
-    def draining(self) -> bool:
-        return self.is_draining()
-
     def update_config(self, config: NodeConfig) -> None:
         self.config = config
         self.via_line = b"\r\nVia: 1.1 %b" % self.node_label.encode()

@@ -495,7 +495,7 @@ class L7ClientProtocol(asyncio.Protocol):
         self.out.append(data)
 
     def keep_alive_allowed(self) -> bool:
-        return not self._closing and not self.ctx.draining
+        return not self._closing and not self.ctx.is_draining()
 
     def response_head(self, ex: Exchange, status: int) -> None:
         backend = ex.backend
@@ -530,7 +530,7 @@ class L7ClientProtocol(asyncio.Protocol):
             elif nxt.state is ExchangeState.PARSING:
                 self.deadline = time.monotonic() + self.ctx.config.timeouts.client_header
         else:
-            idle = 1.0 if self.ctx.draining else self.ctx.config.timeouts.keep_alive_idle
+            idle = 1.0 if self.ctx.is_draining() else self.ctx.config.timeouts.keep_alive_idle
             self.deadline = time.monotonic() + idle
         if len(queue) <= 1:
             self._gate.resume(flow_control.PIPELINE)

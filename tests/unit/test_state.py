@@ -62,8 +62,10 @@ def test_the_node_state_is_defined_once() -> None:
 def test_drain_cycle_goes_through_its_phases() -> None:
     sm = NodeStateMachine()
     sm.observe(obs(4))
+    assert not sm.draining()
     t = sm.request_drain(DrainSource.LOCAL, "maintenance")
     assert t is not None and t.new is NodeState.DRAINING and "maintenance" in t.cause
+    assert sm.draining()  # what the proxy reads per request
     assert t.drain.phase is DrainPhase.MOVING_TRAFFIC and t.drain.source is DrainSource.LOCAL
     # Health changes while draining do not end the drain.
     assert sm.observe(obs(2)) is None
@@ -77,7 +79,7 @@ def test_drain_cycle_goes_through_its_phases() -> None:
     assert t.drain.phase is DrainPhase.DONE
     t = sm.cancel_drain(DrainSource.LOCAL, "done")
     assert t is not None and t.new is NodeState.DEGRADED and "undrained: done" in t.cause
-    assert not sm.drain.active
+    assert not sm.drain.active and not sm.draining()
 
 
 def test_phases_only_move_forward() -> None:
