@@ -73,6 +73,8 @@ T = TypeVar("T")
 
 #: Nodes per heartbeat transaction (etcd refuses more than 128 operations per transaction).
 HEARTBEAT_BATCH = 100
+#: Every this many seconds a read of the nodes' records reads them all, not only the changed.
+RECORDS_FULL_READ_S = 30.0
 #: Heartbeat transactions in flight at once per API instance.
 HEARTBEAT_TRANSACTIONS_IN_FLIGHT = 3
 
@@ -184,6 +186,11 @@ class EtcdStore(Store):
         # (another instance wrote it), its compare-and-swap fails and the retry reads it.
         self._observed_cache_filled = False
         self._watch_tasks: list[asyncio.Task[None]] = []
+        # node -> (mod_revision, record) of o/<node> as of the newest read, and that read's
+        # store revision (read_observed fetches only what changed since).
+        self._records: dict[str, tuple[int, ObservedRecord]] = {}
+        self._records_revision = 0
+        self._records_full_at = 0.0
         # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
         self._known_dead: dict[bytes, int] = {}
 
@@ -482,23 +489,48 @@ class EtcdStore(Store):
             if node not in self._observed_cache:
                 self._observed_cache[node] = (kv.mod_revision, _record_from(kv.value))
 
-    async def _observed_and_alive(self) -> tuple[list[KeyValue], set[str]]:
-        _, records = await self._call(self.gateway.range(self._key("o", ""), prefix=True))
-        alive_prefix = self._key("a", "")
-        _, alive = await self._call(self.gateway.range(alive_prefix, prefix=True, keys_only=True))
-        return records, {kv.key[len(alive_prefix) :].decode() for kv in alive}
+    async def _read_records(self) -> dict[str, tuple[int, ObservedRecord]]:
+        """Every node's record, as of a linearizable read: only the records written since
+        the previous read are fetched and parsed (etcd's min_mod_revision; o/ keys are never
+        deleted by the API), and every RECORDS_FULL_READ_S the whole prefix is read again
+        (a key removed by hand disappears then). With ten thousand nodes, reading and
+        parsing every record for each snapshot cost more than a second per read."""
+        prefix = self._key("o", "")
+        now = time.monotonic()
+        full = self._records_revision == 0 or now - self._records_full_at >= RECORDS_FULL_READ_S
+        revision, kvs = await self._call(
+            self.gateway.range(
+                prefix, prefix=True, min_mod_revision=0 if full else self._records_revision + 1
+            )
+        )
+        records = {} if full else self._records
+        for kv in kvs:
+            node = kv.key[len(prefix) :].decode()
+            self._seen_record(node, kv.mod_revision)
+            if kv.mod_revision > records.get(node, (0, None))[0]:  # never an older answer's
+                records[node] = (kv.mod_revision, _record_from(kv.value))
+        if full:
+            # A concurrent incremental read may have stored a newer record meanwhile.
+            for node, (mod_revision, record) in self._records.items():
+                if mod_revision > records.get(node, (0, None))[0]:
+                    records[node] = (mod_revision, record)
+            self._records, self._records_full_at = records, now
+        self._records_revision = max(self._records_revision, revision)
+        return records
 
     async def read_observed(self, now: datetime) -> dict[str, NodeObserved]:
-        records, alive = await self._observed_and_alive()
-        observed_prefix = len(self._key("o", ""))
+        records = await self._read_records()
+        alive_prefix = self._key("a", "")
+        _, alive_keys = await self._call(
+            self.gateway.range(alive_prefix, prefix=True, keys_only=True)
+        )
+        alive = {kv.key[len(alive_prefix) :].decode() for kv in alive_keys}
         result: dict[str, NodeObserved] = {}
-        for kv in records:
-            node = kv.key[observed_prefix:].decode()
-            record = _record_from(kv.value)
-            self._seen_record(node, kv.mod_revision)
-            result[node] = NodeObserved(
+        for node, (_, record) in records.items():
+            liveness = Liveness.ALIVE if node in alive else Liveness.DEAD
+            result[node] = NodeObserved.model_construct(
                 node=node,
-                liveness=Liveness.ALIVE if node in alive else Liveness.DEAD,
+                liveness=liveness,
                 last_seen=record.last_seen,
                 heartbeat=record.heartbeat,
             )
