@@ -386,6 +386,7 @@ def simulation(
         "etcd_cpu_pct": result["etcd_cpu_pct"],
         "api_cpu_ms_per_heartbeat": result["api_cpu_ms_per_heartbeat"],
         "etcd_cpu_ms_per_heartbeat": result["etcd_cpu_ms_per_heartbeat"],
+        "p99_ms_by_second": result["p99_ms_by_second"],
         # what etcd sees per second (the whole run, seeding and warm-up included)
         "etcd_per_s": {k: (after[k] - before[k]) / elapsed for k in after},
     }
