@@ -12,7 +12,10 @@ health, heartbeats and the fence, and applies what it returns:
   the fence changes the picture), applies the decision to the address, and sends a
   heartbeat to every other member;
 - with fencing, a second loop renews or acquires the ownership key (what the election
-  wants) and feeds the resulting view back;
+  wants) and feeds the resulting view back, and a watch on the key feeds the election
+  what the store shows of it as soon as it changes (election rule 7);
+- with an `arp_monitor`, a loop probes its targets by ARP every `interval` and tells the
+  election whether this node is cut off from the segment (`edge.vip.track`, rule 8);
 - a third beats to the VIP guard (`edge.vip.guard`, a process of its own started here)
   every 100 ms and reads what it says: the guard is armed (VIP and lease id) before the
   VIP is added and disarmed after it is removed; when it fired (this loop was silent for
@@ -36,7 +39,7 @@ from contract.schemas import VipGroupReport, VipRole
 from edge.config import VipGroupConfig
 from edge.ports import ExtensionSetupError, NodeControl
 from edge.state import SERVING_STATES, NodeState, Transition
-from edge.vip.address import Announcer, VipAddress, check_vip_interface
+from edge.vip.address import Announcer, ArpProber, VipAddress, check_vip_interface
 from edge.vip.election import (
     Action,
     Decision,
@@ -48,6 +51,7 @@ from edge.vip.election import (
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
 from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
 from edge.vip.sessions import SessionTable
+from edge.vip.track import ReachTrack
 
 _KEEPING = frozenset({str(Action.KEEP), str(Action.REANNOUNCE)})
 
@@ -137,6 +141,10 @@ class VipExtension:
         self._last_guard_beat = float("-inf")
         self.guard_fired_total = 0
         self.guard_lost = False
+        self.prober: ArpProber | None = None
+        monitor = config.arp_monitor
+        self.track = ReachTrack(monitor.missed, monitor.interval) if monitor else None
+        self._was_isolated = False
 
     # -- life cycle --------------------------------------------------------------------
     async def start(self, node: NodeControl | None = None) -> None:
@@ -164,6 +172,11 @@ class VipExtension:
             key = f"{f.prefix}{self.config.name}/owner"
             self.fence = EtcdFence(client, key, self.node_id, f.lease_ttl)
             self._tasks.append(loop.create_task(self._fence_loop()))
+            self._tasks.append(loop.create_task(self.fence.watch(self._key_changed)))
+        if self.config.arp_monitor is not None:
+            targets = self.config.arp_monitor.targets
+            self.prober = ArpProber(self.config.interface, self.vip.mac, self.address, targets)
+            self._tasks.append(loop.create_task(self._arp_loop()))
         self._tasks.append(loop.create_task(self._tick_loop()))
         self._tasks.append(loop.create_task(self._guard_beat_loop()))
         self._tasks.append(loop.create_task(self._guard_read_loop()))
@@ -203,6 +216,8 @@ class VipExtension:
             self._transport.close()
         if self.announcer is not None:
             self.announcer.close()
+        if self.prober is not None:
+            self.prober.close()
         if self.vip is not None:
             self.vip.close()
 
@@ -350,19 +365,54 @@ class VipExtension:
             self.election.fence_changed(view)
             if (view.holds, view.reachable) != (before.holds, before.reachable):
                 self._wake.set()
-            # a standby that wants the key asks every 50 ms: it is free as soon as the
-            # active's guard revoked the lease
-            pause = renew_every if view.holds else (0.05 if want else 0.5)
+            # a standby that wants the key asks every 50 ms, or, while the watch shows
+            # another holder, when the watch sees the key go (it wakes this loop)
+            held_elsewhere = self.fence.watching and view.key_token != 0
+            pause = renew_every if view.holds else (0.05 if want and not held_elsewhere else 0.5)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._fence_wake.wait()
             self._fence_wake.clear()
 
+    def _key_changed(self) -> None:
+        """The watch saw the ownership key change holder: decide now (rule 7)."""
+        assert self.fence is not None
+        self.election.fence_changed(self.fence.view)
+        self._wake.set()
+        self._fence_wake.set()
+
+    def _isolated(self, now: float) -> bool:
+        if self.track is None:
+            return False
+        return self.track.isolated(now, self.election.last_peer_heard())
+
+    async def _arp_loop(self) -> None:
+        assert self.prober is not None and self.track is not None
+        interval = self.track.interval_s
+        while True:
+            if self.prober.answers():
+                self.track.answered()
+            self.track.new_round()
+            self.prober.send()
+            isolated = self._isolated(time.monotonic())
+            if isolated != self._was_isolated:
+                self._was_isolated = isolated
+                log.warning(
+                    "vip group %s: %s",
+                    self.config.name,
+                    "cut off: no ARP target and no peer answers"
+                    if isolated
+                    else "the segment answers again",
+                )
+                self._wake.set()
+            await asyncio.sleep(interval)
+
     async def _step(self) -> None:
         state = self.health()
         healthy = state in SERVING_STATES and not self._handing_over
         before = self.election.last_decision
-        decision = self.election.step(time.monotonic(), healthy)
+        now = time.monotonic()
+        decision = self.election.step(now, healthy, self._isolated(now))
         await self._apply(decision)
         if before is None or before.want_key != decision.want_key:
             self._fence_wake.set()
@@ -511,6 +561,19 @@ class VipExtension:
                 "lease_left_s": round(fence.lease_deadline - now, 3) if fence.holds else None,
                 "owner": self.fence.owner,
                 "last_error": self.fence.last_error,
+                "watching": self.fence.watching,
+                "watch_events": self.fence.watch_events,
+                "seen_revision": fence.seen_revision,
+                "key_token": fence.key_token,
+            },
+            "arp_monitor": None
+            if self.track is None or self.prober is None
+            else {
+                "targets": sorted(self.prober.targets),
+                "isolated": self._isolated(now),
+                "unanswered_rounds": self.track.unanswered,
+                "sent": self.prober.sent_total,
+                "answered": self.prober.answered_total,
             },
             "peers": [
                 {

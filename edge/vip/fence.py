@@ -10,18 +10,32 @@ Why its own small client rather than the API's `EtcdGateway`: a fencing call mus
 inside one renewal period (a fraction of the lease), one attempt per endpoint, whereas the
 API's gateway retries for seconds by design; and `edge` may not import `api` (import-linter
 layers). The wire is the same: etcd's v3 JSON gateway over httpx (docs/design/etcd-client.md).
+
+Besides its own key, the fence reports what the store showed of the ownership key and at
+which revision (`FenceView.seen_revision`, `key_token`): every read, txn and the watch
+(`watch()`: a v3 watch on the key, streamed) feed it, never backwards. That is what lets a
+standby see within milliseconds that the active's key is gone (its guard revoked the lease,
+it gave it back) and stop waiting out the dead interval (election rule 7).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
+import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
 
 from edge.vip.election import FenceView
+
+log = logging.getLogger("edge.vip")
+WATCH_RETRY_S = 0.2
 
 
 class FenceUnavailable(Exception):
@@ -38,10 +52,20 @@ class EtcdLeaseClient:
     def __init__(self, endpoints: Sequence[str], request_timeout_s: float) -> None:
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self._current = 0
+        self.request_timeout_s = request_timeout_s
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s))
+        # the watch stream: no read timeout (an idle key sends nothing)
+        self._stream = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, read=None))
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self._stream.aclose()
+
+    def stream(
+        self, path: str, body: dict[str, Any]
+    ) -> AbstractAsyncContextManager[httpx.Response]:
+        """A streamed POST to the endpoint that answered last (a watch)."""
+        return self._stream.stream("POST", self.endpoints[self._current] + path, json=body)
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
@@ -70,9 +94,40 @@ class EtcdFence:
         self.node_id = node_id
         self.lease_ttl_s = lease_ttl_s
         self.lease_id = 0
-        self.view = FenceView(reachable=False)
+        self._view = FenceView(reachable=False)
         self.owner: str | None = None  # who holds the key, as last read
         self.last_error: str | None = None
+        # what the store showed of the key, true at seen_revision (0: never seen)
+        self.seen_revision = 0
+        self.key_token = 0
+        self.watching = False  # a watch stream is open
+        self.watch_events = 0
+
+    @property
+    def view(self) -> FenceView:
+        return dataclasses.replace(
+            self._view, seen_revision=self.seen_revision, key_token=self.key_token
+        )
+
+    @view.setter
+    def view(self, view: FenceView) -> None:
+        self._view = view
+
+    def observe(self, revision: int, kv: dict[str, Any] | None) -> bool:
+        """The key as the store showed it at `revision` (kv None: no key). True when that
+        changed what is known (never goes back to an older revision)."""
+        if revision < self.seen_revision:
+            return False
+        token = int(kv.get("mod_revision", 0)) if kv else 0
+        changed = token != self.key_token
+        self.seen_revision, self.key_token = revision, token
+        self.owner = base64.b64decode(kv.get("value", "")).decode() if kv else None
+        return changed
+
+    def _observe_reply(self, reply: dict[str, Any], kvs: list[dict[str, Any]]) -> None:
+        revision = int(reply.get("header", {}).get("revision", 0))
+        if revision:
+            self.observe(revision, kvs[0] if kvs else None)
 
     async def update(self, want_key: bool) -> FenceView:
         """One round: renew or acquire when wanted, give back when not."""
@@ -111,6 +166,7 @@ class EtcdFence:
         token = self.view.token
         reply = await self.client.call("/v3/kv/range", {"key": _b64(self.key)})
         kvs = reply.get("kvs", [])
+        self._observe_reply(reply, kvs)
         mine = (
             bool(kvs)
             and int(kvs[0].get("mod_revision", 0)) == token
@@ -144,18 +200,62 @@ class EtcdFence:
             },
         )
         if reply.get("succeeded"):
-            self.owner = self.node_id
             token = int(reply["header"]["revision"])
+            self.observe(token, {"mod_revision": token, "value": _b64(self.node_id)})
+            self.owner = self.node_id
             self.view = FenceView(True, True, token, deadline)
             return
         kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
         self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        self._observe_reply(reply, kvs)
         self.view = FenceView(True)
 
     async def _read_owner(self) -> None:
         reply = await self.client.call("/v3/kv/range", {"key": _b64(self.key)})
         kvs = reply.get("kvs", [])
         self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        self._observe_reply(reply, kvs)
+
+    async def watch(self, on_change: Callable[[], None]) -> None:
+        """Follow the key until cancelled: read it, then stream its changes from the next
+        revision (an etcd watch over the JSON gateway); `on_change` when the key's holder
+        changed. Any error: the next endpoint, after WATCH_RETRY_S."""
+        key = _b64(self.key)
+        while True:
+            try:
+                reply = await self.client.call("/v3/kv/range", {"key": key})
+                kvs = reply.get("kvs", [])
+                revision = int(reply["header"]["revision"])
+                if self.observe(revision, kvs[0] if kvs else None):
+                    on_change()
+                body = {"create_request": {"key": key, "start_revision": str(revision + 1)}}
+                async with self.client.stream("/v3/watch", body) as response:
+                    if response.status_code != 200:
+                        raise FenceUnavailable(f"watch: HTTP {response.status_code}")
+                    self.watching = True
+                    async for line in response.aiter_lines():
+                        if self._watch_message(line):
+                            on_change()
+            except (httpx.HTTPError, FenceUnavailable, KeyError, ValueError) as error:
+                log.debug("fence watch: %s", error)
+            finally:
+                self.watching = False
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    def _watch_message(self, line: str) -> bool:
+        """One streamed watch response; True when it changed the key's holder."""
+        if not line.strip():
+            return False
+        result = json.loads(line).get("result", {})
+        if result.get("canceled") or int(result.get("compact_revision", 0) or 0):
+            raise FenceUnavailable("watch canceled")
+        changed = False
+        for event in result.get("events", []):
+            kv = event.get("kv", {})
+            self.watch_events += 1
+            gone = event.get("type") == "DELETE"
+            changed |= self.observe(int(kv.get("mod_revision", 0)), None if gone else kv)
+        return changed
 
     def lost(self) -> None:
         """The VIP guard revoked our lease (the key went with it): hold nothing."""
