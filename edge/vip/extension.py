@@ -368,18 +368,19 @@ class VipExtension:
             # a standby that wants the key asks every 50 ms, or, while the watch shows
             # another holder, when the watch sees the key go (it wakes this loop)
             held_elsewhere = self.fence.watching and view.key_token != 0
-            pause = renew_every if view.holds else (0.05 if want and not held_elsewhere else 0.5)
+            # (a standby also keeps its own lease alive: within fence.LEASE_FRESH_S)
+            pause = renew_every if view.holds else (0.05 if want and not held_elsewhere else 0.25)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._fence_wake.wait()
             self._fence_wake.clear()
 
     def _key_changed(self) -> None:
-        """The watch saw the ownership key change holder: decide now (rule 7)."""
+        """The watch saw the ownership key change holder: decide now (rule 7). The fence
+        loop is woken by the step, once it decided whether it wants the key."""
         assert self.fence is not None
         self.election.fence_changed(self.fence.view)
         self._wake.set()
-        self._fence_wake.set()
 
     def _isolated(self, now: float) -> bool:
         if self.track is None:

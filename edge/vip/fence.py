@@ -36,6 +36,9 @@ from edge.vip.election import FenceView
 
 log = logging.getLogger("edge.vip")
 WATCH_RETRY_S = 0.2
+#: A standby keeps a lease of its own alive (no key on it): acquiring then takes one txn,
+#: not a grant first, while its last keep-alive left at least the TTL minus this.
+LEASE_FRESH_S = 0.4
 
 
 class FenceUnavailable(Exception):
@@ -94,6 +97,7 @@ class EtcdFence:
         self.node_id = node_id
         self.lease_ttl_s = lease_ttl_s
         self.lease_id = 0
+        self._lease_deadline = 0.0  # conservative, of lease_id (held key or not)
         self._view = FenceView(reachable=False)
         self.owner: str | None = None  # who holds the key, as last read
         self.last_error: str | None = None
@@ -139,6 +143,7 @@ class EtcdFence:
             elif want_key:
                 await self._acquire()
             else:
+                await self._keepalive_or_grant()  # ready for a claim: one txn away
                 await self._read_owner()
                 self.view = FenceView(reachable=True)
             self.last_error = None
@@ -155,11 +160,20 @@ class EtcdFence:
             reply = await self.client.call("/v3/lease/keepalive", {"ID": str(self.lease_id)})
             ttl = int(reply.get("result", {}).get("TTL", 0))
             if ttl > 0:
-                return sent + ttl
+                self._lease_deadline = sent + ttl
+                return self._lease_deadline
         sent = time.monotonic()
         reply = await self.client.call("/v3/lease/grant", {"TTL": str(self.lease_ttl_s)})
         self.lease_id = int(reply["ID"])
-        return sent + int(reply["TTL"])
+        self._lease_deadline = sent + int(reply["TTL"])
+        return self._lease_deadline
+
+    async def _fresh_lease(self) -> float:
+        """The standby's lease as it is when it was kept alive recently, else renewed."""
+        left = self._lease_deadline - time.monotonic()
+        if self.lease_id and left >= self.lease_ttl_s - LEASE_FRESH_S:
+            return self._lease_deadline
+        return await self._keepalive_or_grant()
 
     async def _renew(self) -> None:
         deadline = await self._keepalive_or_grant()
@@ -179,7 +193,7 @@ class EtcdFence:
             self.view = FenceView(True)
 
     async def _acquire(self) -> None:
-        deadline = await self._keepalive_or_grant()
+        deadline = await self._fresh_lease()
         key = _b64(self.key)
         reply = await self.client.call(
             "/v3/kv/txn",
@@ -259,7 +273,7 @@ class EtcdFence:
 
     def lost(self) -> None:
         """The VIP guard revoked our lease (the key went with it): hold nothing."""
-        self.lease_id = 0
+        self.lease_id, self._lease_deadline = 0, 0.0
         self.view = FenceView(self.view.reachable)
 
     async def release(self) -> None:
@@ -279,6 +293,6 @@ class EtcdFence:
                 },
             )
         if self.lease_id:
-            lease, self.lease_id = self.lease_id, 0
+            lease, self.lease_id, self._lease_deadline = self.lease_id, 0, 0.0
             await self.client.call("/v3/lease/revoke", {"ID": str(lease)})
         self.view = FenceView(True)
