@@ -63,6 +63,9 @@ HANDOVER_TIMEOUT_S = 3.0
 STOP_RELEASE_BUDGET_S = 1.0
 GUARD_BEAT_S = 0.1
 GUARD_START_TIMEOUT_S = 10.0
+#: A gap between two beats of this share of guard_bound while armed: the guard may have
+#: fired (it fires only when it saw no beat for the whole bound).
+GUARD_SUSPECT = 0.8
 
 
 class VipSetupError(ExtensionSetupError):
@@ -139,6 +142,7 @@ class VipExtension:
         self._guard_writer: asyncio.StreamWriter | None = None
         self._guard_armed: int | None = None  # the lease id the guard holds (None: disarmed)
         self._last_guard_beat = float("-inf")
+        self._guard_suspect = False  # silent for ~the bound while armed (see _beat_guard)
         self.guard_fired_total = 0
         self.guard_lost = False
         self.prober: ArpProber | None = None
@@ -291,14 +295,32 @@ class VipExtension:
             self._guard_writer.write(line + b"\n")
 
     def _beat_guard(self) -> None:
+        now = time.monotonic()
+        gap = now - self._last_guard_beat
+        if self._guard_armed is not None and gap >= GUARD_SUSPECT * self.config.guard_bound:
+            # This loop was silent for about the guard's bound: the guard may have fired
+            # (removed the VIP, revoked the lease) and its word may still be on the way. A
+            # beat now does not undo that: never put the VIP back on this ownership, step
+            # down as if it fired (a standby may hold the key already).
+            if not self._guard_suspect:
+                log.warning(
+                    "vip group %s: silent %.0f ms while owning: stepping down",
+                    self.config.name,
+                    gap * 1000,
+                )
+            self._guard_suspect = True
+            self.election.guard_fired(now)
+            self._wake.set()
         self._tell_guard(b"#beat")
-        self._last_guard_beat = time.monotonic()
+        self._last_guard_beat = now
 
     def _guard_current(self) -> bool:
         """The guard cannot have fired: we beat to it well within its bound. Checked just
         before the kernel is asked to (re)add the VIP."""
         if self.guard_lost:
             return True  # no guard any more: the lease and the address lifetime as without one
+        if self._guard_suspect:
+            return False  # it may have fired: not before the VIP was removed and disarmed
         return time.monotonic() - self._last_guard_beat < self.config.guard_bound / 2
 
     def _arm_guard(self) -> None:
@@ -308,6 +330,7 @@ class VipExtension:
             self._guard_armed = lease
 
     def _disarm_guard(self) -> None:
+        self._guard_suspect = False
         if self._guard_armed is not None:
             self._tell_guard(b"disarm")
             self._guard_armed = None

@@ -144,7 +144,11 @@ class EtcdFence:
                 await self._acquire()
             else:
                 await self._keepalive_or_grant()  # ready for a claim: one txn away
-                await self._read_owner()
+                kv = await self._read_owner()
+                if kv is not None and self._on_our_lease(kv):
+                    # a txn of ours that succeeded while its answer was lost (a cut): the
+                    # key would live as long as this standby's lease; give it back
+                    await self.release_lease()
                 self.view = FenceView(reachable=True)
             self.last_error = None
         except (FenceUnavailable, KeyError, ValueError) as error:
@@ -222,13 +226,27 @@ class EtcdFence:
         kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
         self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
         self._observe_reply(reply, kvs)
+        if kvs and self._on_our_lease(kvs[0]):
+            # an earlier txn of ours succeeded but its answer was lost: the key is ours
+            self.view = FenceView(True, True, int(kvs[0]["mod_revision"]), deadline)
+            return
         self.view = FenceView(True)
 
-    async def _read_owner(self) -> None:
+    def _on_our_lease(self, kv: dict[str, Any]) -> bool:
+        return bool(self.lease_id) and int(kv.get("lease", 0)) == self.lease_id
+
+    async def release_lease(self) -> None:
+        """Revoke our lease (and with it any key on it)."""
+        if self.lease_id:
+            lease, self.lease_id, self._lease_deadline = self.lease_id, 0, 0.0
+            await self.client.call("/v3/lease/revoke", {"ID": str(lease)})
+
+    async def _read_owner(self) -> dict[str, Any] | None:
         reply = await self.client.call("/v3/kv/range", {"key": _b64(self.key)})
-        kvs = reply.get("kvs", [])
+        kvs: list[dict[str, Any]] = reply.get("kvs", [])
         self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
         self._observe_reply(reply, kvs)
+        return kvs[0] if kvs else None
 
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Follow the key until cancelled: read it, then stream its changes from the next
@@ -292,7 +310,5 @@ class EtcdFence:
                     "failure": [],
                 },
             )
-        if self.lease_id:
-            lease, self.lease_id, self._lease_deadline = self.lease_id, 0, 0.0
-            await self.client.call("/v3/lease/revoke", {"ID": str(lease)})
+        await self.release_lease()
         self.view = FenceView(True)

@@ -372,7 +372,14 @@ def _wait_owner(lab: ApLab, timeout: float = 20.0) -> Node:
         if (owner := _owner(lab)) is not None:
             return owner
         time.sleep(0.05)
-    raise TimeoutError("no single owner")
+    views = []
+    for node in lab.nodes:
+        try:
+            v = lab.vip_status(node)
+            views.append(f"{node.name}: {v['role']} {v['reason']} {v['fencing']} {v['peers']}")
+        except (OSError, ValueError, KeyError) as error:
+            views.append(f"{node.name}: {error!r}")
+    raise TimeoutError(f"no single owner: {views}")
 
 
 @pytest.mark.timeout(420)
@@ -428,6 +435,10 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
         f"{done[i]} +{t - started[i]:.2f}s"
         for i, t in zip(injection, observer.dual_times, strict=True)
     ]
+    if observer.dual_owner_samples():
+        for node in lab.nodes:  # what each node said around it
+            assert node.log is not None
+            print(f"--- {node.name}", node.log.read_text(errors="replace")[-6000:])
     assert observer.dual_owner_samples() == 0, (during, done)
     assert observer.dual_arp_answers() == 0, done
     assert len(observer.samples) > 100 * (time.monotonic() - began) * 0.3  # it did sample
