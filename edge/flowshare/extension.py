@@ -22,9 +22,10 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from contract.schemas import FlowSharePeerReport, FlowShareReport
 from edge.config import FlowShareConfig, NodeConfig
 from edge.flows import FlowEvent, FlowSubscription, FlowTable
-from edge.flowshare import kernel, render
+from edge.flowshare import barrier, kernel, render
 from edge.flowshare.kernel import KernelError
 from edge.flowshare.link import Identity, Inbound, Outbound, Refusals
 from edge.flowshare.table import Directory, map_changes
@@ -211,30 +212,47 @@ class FlowShareExtension:
         log.log(level, "flowshare before %s: %s%s", change, report, without)
 
     async def hold_current_flows(self, bound_s: float | None = None) -> BarrierReport:
-        """Returns once every peer acknowledged this node's flows as of now (bounded by
-        `bound_s`, default flowshare.barrier_timeout); the report names who did not."""
+        """Returns once every peer that can answer acknowledged this node's flows as of now
+        (bounded by `bound_s`, default flowshare.barrier_timeout); the report names who did
+        not. A peer connected now must acknowledge what was sent up to now; one not
+        connected yet (a fresh start) the snapshot its next connect sends; one whose
+        stream tried and failed is not waited for (`edge.flowshare.barrier`)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._publish_pending()
-        targets = {name: link.seq for name, link in self.outbound.items() if link.connected}
+        at_start = {
+            name: (link.connected, link.seq, link.connects) for name, link in self.outbound.items()
+        }
+
+        def done(name: str) -> bool:
+            link = self.outbound[name]
+            connected, seq, connects = at_start[name]
+            if link.connects > connects:  # reconnected since: its snapshot has our flows
+                return link.acked >= link.connect_seq
+            return connected and link.acked >= seq
+
         deadline = started + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
-        while loop.time() < deadline and any(
-            self.outbound[name].acked < seq for name, seq in targets.items()
-        ):
+        while True:
+            peers = {n: barrier.Peer(link.attempt, done(n)) for n, link in self.outbound.items()}
+            if not barrier.waiting_for(peers) or loop.time() >= deadline:
+                break
             await asyncio.sleep(0.002)
-        acked = tuple(n for n, seq in targets.items() if self.outbound[n].acked >= seq)
-        missing = tuple(sorted(set(self.outbound) - set(acked)))
-        return BarrierReport(acked, missing, loop.time() - started)
+        acked = tuple(n for n, peer in peers.items() if peer.done)
+        return BarrierReport(acked, tuple(barrier.missing(peers)), loop.time() - started)
 
     async def wait_peers_synced(self, bound_s: float | None = None) -> list[str]:
-        """Before this node announces (a join): waits until every peer's snapshot is in
-        (bounded); returns the peers whose flows it does not hold."""
+        """Before this node announces (a join) and before a planned change: waits until
+        this node holds the snapshot of every peer that can answer (bounded); returns the
+        peers whose flows it does not hold."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
         while True:
-            missing = [n for n in self.outbound if self.directory.table(n).floor < 0]
-            if not missing or loop.time() >= deadline:
-                return missing
+            peers = {
+                name: barrier.Peer(link.attempt, self.directory.table(name).floor >= 0)
+                for name, link in self.outbound.items()
+            }
+            if not barrier.waiting_for(peers) or loop.time() >= deadline:
+                return barrier.missing(peers)
             await asyncio.sleep(0.01)
 
     # -- views -------------------------------------------------------------------------------
@@ -244,6 +262,37 @@ class FlowShareExtension:
     def in_sync(self) -> bool:
         """Every connected peer acknowledged everything sent to it."""
         return all(link.acked >= link.seq for link in self.outbound.values() if link.connected)
+
+    def _synced(self, peer: str) -> bool:
+        """The peer acknowledged everything sent to it and this node holds its flows."""
+        link = self.outbound[peer]
+        table = self.directory.table(peer)
+        return (
+            link.connected
+            and link.acked >= link.seq
+            and table.floor >= 0
+            and peer in self.directory.live
+        )
+
+    def _lag_ms(self, peer: str, now: float) -> float:
+        """How long the oldest batch of our flows has waited for the peer's ack."""
+        for _, batch in self._batch_seqs[peer]:
+            entry = self._batches.get(batch)
+            if entry is not None:
+                return max(0.0, (now - entry[0]) * 1000)
+        return 0.0
+
+    def report(self) -> FlowShareReport:
+        """The heartbeat's flow-sharing report, for the GSLB's weight-change gate."""
+        sharing = bool(self._tasks) and (self.overlay is None or self._overlay_up)
+        now = time.monotonic()
+        peers = [
+            FlowSharePeerReport(
+                peer=name, synced=self._synced(name), lag_ms=round(self._lag_ms(name, now), 3)
+            )
+            for name in self.outbound
+        ]
+        return FlowShareReport(forwarding=str(self.forwarding), peers=peers if sharing else [])
 
     def status(self) -> dict[str, Any]:
         lags = sorted(self.lags_ms)
@@ -264,6 +313,8 @@ class FlowShareExtension:
             "peers": {
                 name: {
                     "connected": link.connected,
+                    "attempt": str(link.attempt),
+                    "synced": self._synced(name),
                     "connects": link.connects,
                     "dead_streams": link.dead_streams,
                     "live": name in self.directory.live,

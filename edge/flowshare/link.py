@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.flowshare import keepalive, wire
+from edge.flowshare.barrier import Attempt, on_attempt
 from edge.flowshare.keepalive import Stream, Verdict
 from edge.flowshare.wire import (
     Ack,
@@ -41,6 +43,11 @@ log = logging.getLogger("edge.flowshare.link")
 _LENGTH = struct.Struct("!I")
 RECONNECT_S = (0.1, 1.0)
 MAX_QUEUED = 10_000  # frames waiting for one peer
+CONNECT_TIMEOUT_S = 2.0
+
+
+def _timed_out(error: OSError | TimeoutError) -> bool:
+    return isinstance(error, TimeoutError) or error.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH)
 
 
 def now_ms() -> int:
@@ -114,6 +121,8 @@ class Outbound:
         self.acked = 0
         self.holding = 0  # what the peer says it holds from us
         self.connected = False
+        self.attempt = Attempt.NOT_TRIED  # the stream's last attempt (edge.flowshare.barrier)
+        self.connect_seq = 0  # the last seq of the snapshot sent on the latest connect
         self._sent_since_heartbeat = False
         self._heard_since_heartbeat = False
         self.waiting_since: float | None = None  # monotonic; see keepalive.outbound
@@ -171,12 +180,14 @@ class Outbound:
     async def _run(self) -> None:
         backoff = RECONNECT_S[0]
         while True:
+            self.attempt = on_attempt(self.attempt)
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(*self.address, local_addr=(self.local_address, 0)),
-                    2.0,
+                    CONNECT_TIMEOUT_S,
                 )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as error:
+                self.attempt = Attempt.TIMED_OUT if _timed_out(error) else Attempt.REFUSED
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
@@ -185,8 +196,9 @@ class Outbound:
             self.connects += 1
             self._queue = asyncio.Queue()
             self.waiting_since, self._writer = None, writer
-            self.connected = True
+            self.connected, self.attempt = True, Attempt.CONNECTED
             self._queue_snapshot()
+            self.connect_seq = self.seq
             acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
             try:
                 await self._write(writer)
@@ -194,6 +206,8 @@ class Outbound:
                 pass
             finally:
                 self.connected, self._writer = False, None
+                if self.attempt is Attempt.CONNECTED:  # not found dead by the keepalive
+                    self.attempt = Attempt.CLOSED
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await acks
@@ -218,6 +232,7 @@ class Outbound:
                 "flowshare: stream to %s (%s) %s: reconnecting", self.peer, self.address[0], verdict
             )
             self.connected, self.waiting_since = False, None
+            self.attempt = Attempt.DEAD
             self._writer.transport.abort()
             self._queue.put_nowait(b"")
         return verdict
