@@ -9,7 +9,9 @@ yet. So the outbound stream's last attempt tells the two apart:
 - not tried yet, connecting, connected, or a stream that just ended (the reconnect is
   under way): the peer may answer, it is waited for;
 - refused, timed out, or found dead by the keepalive (`keepalive`): it tried and failed,
-  it is not waited for, and stays so through its retries until one connects.
+  it is not waited for, and stays so through its retries until one connects; unless the
+  peer was heard since (its own stream to this node brought a frame after the failure:
+  it is back, and the next retry will reach it).
 """
 
 from __future__ import annotations
@@ -46,17 +48,22 @@ def on_attempt(previous: Attempt) -> Attempt:
 class Peer:
     attempt: Attempt
     done: bool  # what the barrier waits for from this peer has happened
+    heard_since_failure: bool = False  # a frame came from the peer after the attempt failed
+
+    @property
+    def can_answer(self) -> bool:
+        return not self.attempt.failed or self.heard_since_failure
 
 
 def waiting_for(peers: Mapping[str, Peer]) -> list[str]:
     """The peers the barrier still waits for: not done, and able to answer."""
-    return sorted(name for name, peer in peers.items() if not peer.done and not peer.attempt.failed)
+    return sorted(name for name, peer in peers.items() if not peer.done and peer.can_answer)
 
 
 def missing(peers: Mapping[str, Peer]) -> list[str]:
     """The peers not done, each with why when it was not waited for ("b (refused)")."""
     return [
-        f"{name} ({peer.attempt})" if peer.attempt.failed else name
+        name if peer.can_answer else f"{name} ({peer.attempt})"
         for name, peer in sorted(peers.items())
         if not peer.done
     ]

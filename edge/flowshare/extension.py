@@ -233,7 +233,7 @@ class FlowShareExtension:
 
         deadline = started + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
         while True:
-            peers = {n: barrier.Peer(link.attempt, done(n)) for n, link in self.outbound.items()}
+            peers = {n: self._barrier_peer(n, done(n)) for n in self.outbound}
             if not barrier.waiting_for(peers) or loop.time() >= deadline:
                 break
             await asyncio.sleep(0.002)
@@ -248,12 +248,17 @@ class FlowShareExtension:
         deadline = loop.time() + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
         while True:
             peers = {
-                name: barrier.Peer(link.attempt, self.directory.table(name).floor >= 0)
-                for name, link in self.outbound.items()
+                n: self._barrier_peer(n, self.directory.table(n).floor >= 0) for n in self.outbound
             }
             if not barrier.waiting_for(peers) or loop.time() >= deadline:
                 return barrier.missing(peers)
             await asyncio.sleep(0.01)
+
+    def _barrier_peer(self, name: str, done: bool) -> barrier.Peer:
+        link = self.outbound[name]
+        heard = self.inbound.last_heard.get(name)
+        since = heard is not None and link.failed_at is not None and heard > link.failed_at
+        return barrier.Peer(link.attempt, done, since)
 
     # -- views -------------------------------------------------------------------------------
     def degraded_reason(self) -> str | None:

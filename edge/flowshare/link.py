@@ -123,6 +123,7 @@ class Outbound:
         self.connected = False
         self.attempt = Attempt.NOT_TRIED  # the stream's last attempt (edge.flowshare.barrier)
         self.connect_seq = 0  # the last seq of the snapshot sent on the latest connect
+        self.failed_at: float | None = None  # monotonic, when `attempt` last became a failure
         self._sent_since_heartbeat = False
         self._heard_since_heartbeat = False
         self.waiting_since: float | None = None  # monotonic; see keepalive.outbound
@@ -187,7 +188,7 @@ class Outbound:
                     CONNECT_TIMEOUT_S,
                 )
             except (OSError, TimeoutError) as error:
-                self.attempt = Attempt.TIMED_OUT if _timed_out(error) else Attempt.REFUSED
+                self._failed(Attempt.TIMED_OUT if _timed_out(error) else Attempt.REFUSED)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
@@ -214,6 +215,11 @@ class Outbound:
                 writer.close()
             await asyncio.sleep(RECONNECT_S[0])
 
+    def _failed(self, attempt: Attempt) -> None:
+        if not self.attempt.failed:
+            self.failed_at = time.monotonic()
+        self.attempt = attempt
+
     def heartbeat(self) -> None:
         """An empty delta when nothing was sent (peers see us live) or nothing was heard
         (the peer is asked to answer) since the last call."""
@@ -232,7 +238,7 @@ class Outbound:
                 "flowshare: stream to %s (%s) %s: reconnecting", self.peer, self.address[0], verdict
             )
             self.connected, self.waiting_since = False, None
-            self.attempt = Attempt.DEAD
+            self._failed(Attempt.DEAD)
             self._writer.transport.abort()
             self._queue.put_nowait(b"")
         return verdict

@@ -1,7 +1,7 @@
 """Whom a planned change's barrier waits for (edge/flowshare/barrier.py): a peer that can
 still answer (not tried yet, connecting, connected, a stream that just ended) is waited
 for, so a fresh start keeps its coverage; one that tried and failed (refused, timed out,
-keepalive-dead) is not, until one of its retries connects."""
+keepalive-dead) is not, until one of its retries connects or it is heard from again."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from edge.flowshare.barrier import FAILED, Attempt, Peer, missing, on_attempt, w
 
 attempts = st.sampled_from(list(Attempt))
 peers = st.dictionaries(
-    st.sampled_from(["a1", "a2", "b1", "b2"]), st.builds(Peer, attempts, st.booleans())
+    st.sampled_from(["a1", "a2", "b1", "b2"]),
+    st.builds(Peer, attempts, st.booleans(), st.booleans()),
 )
 
 
@@ -33,6 +34,11 @@ def test_failed_peers_are_not_waited_for_and_named_with_why() -> None:
     assert waiting_for({"a2": Peer(Attempt.CLOSED, False)}) == ["a2"]  # reconnecting
 
 
+def test_a_failed_peer_heard_from_again_is_back() -> None:
+    back = {"b1": Peer(Attempt.REFUSED, False, heard_since_failure=True)}
+    assert waiting_for(back) == ["b1"] and missing(back) == ["b1"]
+
+
 def test_a_failed_peer_stays_failed_through_its_retries() -> None:
     assert on_attempt(Attempt.NOT_TRIED) is Attempt.CONNECTING
     assert on_attempt(Attempt.CLOSED) is Attempt.CONNECTING
@@ -44,7 +50,8 @@ def test_a_failed_peer_stays_failed_through_its_retries() -> None:
 def test_waits_only_for_peers_not_done_that_can_answer(view: dict[str, Peer]) -> None:
     waited = set(waiting_for(view))
     for name, peer in view.items():
-        assert (name in waited) == (not peer.done and peer.attempt not in FAILED)
+        can_answer = peer.attempt not in FAILED or peer.heard_since_failure
+        assert (name in waited) == (not peer.done and can_answer)
 
 
 @given(peers)
