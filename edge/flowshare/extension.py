@@ -38,6 +38,7 @@ log = logging.getLogger("edge.flowshare")
 MAX_BATCH = 50_000
 LAG_SAMPLES = 10_000
 BATCH_GIVE_UP_S = 10.0
+COUNTERS_EVERY_S = 1.0  # the packet counters in /status are read this often
 
 
 class Forwarding(enum.StrEnum):
@@ -488,6 +489,7 @@ class FlowShareExtension:
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.cfg.snapshot_interval
+        next_counters = loop.time()
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             now = time.monotonic()
@@ -509,7 +511,8 @@ class FlowShareExtension:
             for seqs in self._batch_seqs.values():  # a peer that never acked: forget
                 while seqs and seqs[0][1] not in self._batches:
                     seqs.popleft()
-            if self.forwarding is Forwarding.ON:
+            if self.forwarding is Forwarding.ON and loop.time() >= next_counters:
+                next_counters = loop.time() + COUNTERS_EVERY_S
                 with contextlib.suppress(KernelError, ValueError):
                     self.counters = await kernel.table_counters()
 

@@ -44,7 +44,8 @@ class KernelError(Exception):
 
 class _LibNftables:
     """libnftables (what `nft` itself runs on) through ctypes: a change costs a netlink
-    transaction, not a process. One context, one caller at a time."""
+    transaction, not a process. One context, one caller at a time: the map's updates have a
+    context of their own, so a read (the counters) never holds one up."""
 
     JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 
@@ -85,14 +86,15 @@ class _LibNftables:
         return out
 
 
-_nft: _LibNftables | None = None
+_contexts: dict[str, _LibNftables] = {}
 
 
-def _lib() -> _LibNftables:
-    global _nft
-    if _nft is None:
-        _nft = _LibNftables()
-    return _nft
+def _lib(use: str = "changes") -> _LibNftables:
+    """"changes" (the map's updates, the ruleset) or "reads" (listings, counters)."""
+    context = _contexts.get(use)
+    if context is None:
+        context = _contexts[use] = _LibNftables()
+    return context
 
 
 async def nft(script: str, *, check: bool = False) -> str:
@@ -102,7 +104,7 @@ async def nft(script: str, *, check: bool = False) -> str:
 
 
 async def nft_json(*words: str) -> dict[str, Any]:
-    out = await asyncio.to_thread(_lib().run, " ".join(words), as_json=True)
+    out = await asyncio.to_thread(_lib("reads").run, " ".join(words), as_json=True)
     data: dict[str, Any] = json.loads(out or "{}")
     return data
 
