@@ -90,7 +90,7 @@ _contexts: dict[str, _LibNftables] = {}
 
 
 def _lib(use: str = "changes") -> _LibNftables:
-    """"changes" (the map's updates, the ruleset) or "reads" (listings, counters)."""
+    """ "changes" (the map's updates, the ruleset) or "reads" (listings, counters)."""
     context = _contexts.get(use)
     if context is None:
         context = _contexts[use] = _LibNftables()
