@@ -39,6 +39,7 @@ MAX_BATCH = 50_000
 LAG_SAMPLES = 10_000
 BATCH_GIVE_UP_S = 10.0
 COUNTERS_EVERY_S = 1.0  # the packet counters in /status are read this often
+INLINE_CHANGES = 256  # map updates up to this many elements run on the event loop
 
 
 class Forwarding(enum.StrEnum):
@@ -467,7 +468,10 @@ class FlowShareExtension:
             if not deletes and not adds:
                 return
             try:
-                await kernel.nft(render.element_commands(deletes, adds))
+                await kernel.nft(
+                    render.element_commands(deletes, adds),
+                    inline=len(deletes) + len(adds) <= INLINE_CHANGES,
+                )
             except KernelError as error:
                 log.warning("flowshare: map update failed (%s); rebuilding the table", error)
                 await self._rebuild_map()
