@@ -435,8 +435,33 @@ class FlowShareExtension:
         if not changed or self.forwarding is not Forwarding.ON:
             return len(table), 0
         self._pending |= changed
+        if self._flush_inline():
+            return len(table), 0  # the kernel's map holds it already: ack at once
         self._flush_wanted.set()
         return len(table), self._rounds_started + 1
+
+    def _flush_inline(self) -> bool:
+        """Everything pending into the map now, on the loop, when no flush round is running
+        and it is small: the ack then needs no trip through the flusher task (under a burst
+        of accepts every loop iteration is long). False leaves it to the flusher."""
+        if self._map_lock.locked() or len(self._pending) > INLINE_CHANGES:
+            return False
+        wanted = {
+            key: self.marks[peer] if peer is not None else None
+            for key, peer in self.directory.forwarded(self._pending).items()
+        }
+        deletes, adds = map_changes(self.installed, wanted)
+        if deletes or adds:
+            try:
+                if kernel.nft_now(render.element_commands(deletes, adds)) is None:
+                    return False  # the context is busy (a thread's call)
+            except KernelError:
+                return False  # the flusher retries and rebuilds the table if need be
+            for key in deletes:
+                self.installed.pop(key, None)
+            self.installed.update(adds)
+        self._pending = set()
+        return True
 
     async def _wait_flushed(self, flush_round: int) -> None:
         async with self._round_done:

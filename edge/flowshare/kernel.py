@@ -123,6 +123,12 @@ async def nft(script: str, *, check: bool = False, inline: bool = False) -> str:
     return await asyncio.to_thread(lib.run, script, check=check)
 
 
+def nft_now(script: str) -> str | None:
+    """Runs an nft script on the caller's thread (the event loop) if the changes' context
+    is free; None if it is not. Raises KernelError like `nft`."""
+    return _lib().try_run(script)
+
+
 async def nft_json(*words: str) -> dict[str, Any]:
     out = await asyncio.to_thread(_lib("reads").run, " ".join(words), as_json=True)
     data: dict[str, Any] = json.loads(out or "{}")

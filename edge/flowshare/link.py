@@ -44,6 +44,7 @@ _LENGTH = struct.Struct("!I")
 RECONNECT_S = (0.1, 1.0)
 MAX_QUEUED = 10_000  # frames waiting for one peer
 CONNECT_TIMEOUT_S = 2.0
+DIRECT_WRITE_BYTES = 64 * 1024  # beyond this much unsent, frames wait in the queue
 
 
 def _timed_out(error: OSError | TimeoutError) -> bool:
@@ -130,6 +131,7 @@ class Outbound:
         self.connects = 0
         self.dead_streams = 0  # streams the keepalive found dead (and aborted)
         self._writer: asyncio.StreamWriter | None = None
+        self._writer_idle = False  # the writer task waits for the queue (see _emit)
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -160,10 +162,27 @@ class Outbound:
             self._queue_snapshot()
             return self.seq
         for start in range(0, len(events), wire.MAX_FLOWS_PER_FRAME):
-            self._queue.put_nowait(
-                self._frame(Delta(tuple(events[start : start + wire.MAX_FLOWS_PER_FRAME])))
-            )
+            self._emit(self._frame(Delta(tuple(events[start : start + wire.MAX_FLOWS_PER_FRAME]))))
         return self.seq
+
+    def _emit(self, data: bytes) -> None:
+        """A frame goes out at once when the writer task is idle and nothing waits before
+        it (seq order holds: every earlier frame is in the transport already); otherwise
+        it waits in the queue for the writer."""
+        writer = self._writer
+        if (
+            writer is None
+            or not self._writer_idle
+            or not self._queue.empty()
+            or writer.transport.is_closing()
+            or writer.transport.get_write_buffer_size() > DIRECT_WRITE_BYTES
+        ):
+            self._queue.put_nowait(data)
+            return
+        writer.write(data)
+        self._sent_since_heartbeat = True
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
 
     def send_snapshot(self) -> int | None:
         if not self.connected:
@@ -246,7 +265,14 @@ class Outbound:
     async def _write(self, writer: asyncio.StreamWriter) -> None:
         # One writer, frames in seq order (no wait_for on the queue: on 3.11 its timeout
         # can race a completed get, and a frame would go out after a later one).
-        while data := await self._queue.get():  # b"": the ack reader saw the end
+        while True:
+            self._writer_idle = True
+            try:
+                data = await self._queue.get()
+            finally:
+                self._writer_idle = False
+            if not data:  # b"": the ack reader saw the end
+                return
             writer.write(data)
             while not self._queue.empty():
                 if not (data := self._queue.get_nowait()):
@@ -398,7 +424,12 @@ class Inbound:
             if isinstance(frame.body, Delta) and not frame.body.events:  # a heartbeat
                 self._answer(writer, frame.sender, Keepalive(frame.seq))
             holding, flush_round = self._on_data(frame, fresh)
-            acks.put_nowait((frame.sender, frame.seq, holding, flush_round))
+            if flush_round == 0 and acks.empty():
+                # The map holds everything received so far: the ack goes now (cumulative,
+                # so an older one the acker still sends later changes nothing).
+                self._answer(writer, frame.sender, Ack(frame.seq, holding))
+            else:
+                acks.put_nowait((frame.sender, frame.seq, holding, flush_round))
 
     async def _ack(
         self, acks: asyncio.Queue[tuple[str, int, int, int]], writer: asyncio.StreamWriter
