@@ -172,6 +172,8 @@ def changes(connections: int) -> tuple[list[dict[str, Any]], dict[str, Any], dic
         "p50": max(s["p50"] for s in sections if s["p50"] is not None),
         "p99": max(s["p99"] for s in sections if s["p99"] is not None),
         "samples": sum(s["samples"] for s in sections),
+        # Per agent (three per fleet, within a site then across sites): p50, p99, samples.
+        "agents": [[s["p50"], s["p99"], s["samples"]] for s in sections],
     }
     return results, lag, cpu
 
@@ -283,6 +285,8 @@ def main() -> None:
         )
     print(f"\nsync lag accept -> every peer's map: p50 {lag['p50']} ms, p99 {lag['p99']} ms"
           f" ({lag['samples']} samples, worst agent; target p99 <= 100 ms)")  # fmt: skip
+    print("  per agent p50/p99 ms (samples): " + ", ".join(
+        f"{a[0]}/{a[1]} ({a[2]})" for a in lag["agents"]))  # fmt: skip
     print(f"forwarding edge's CPU per forwarded packet: {cpu['cpu_per_forwarded_packet_us']} us"
           f" (sent to the owner directly {cpu['direct_us_per_packet']} us/packet, through"
           f" the forwarding edge {cpu['via_forwarding_edge_us_per_packet']} us/packet,"
