@@ -174,6 +174,11 @@ def changes(connections: int) -> tuple[list[dict[str, Any]], dict[str, Any], dic
         "samples": sum(s["samples"] for s in sections),
         # Per agent (three per fleet, within a site then across sites): p50, p99, samples.
         "agents": [[s["p50"], s["p99"], s["samples"]] for s in sections],
+        # The slowest batches of all agents: lag, of it before the streams had the batch
+        # (the accepting agent's own loop), the last peer to ack, seconds since its start.
+        "slowest": sorted(
+            (x for s in sections for x in s.get("slowest", [])), key=lambda x: -x["lag"]
+        )[:8],
     }
     return results, lag, cpu
 
@@ -287,6 +292,9 @@ def main() -> None:
           f" ({lag['samples']} samples, worst agent; target p99 <= 100 ms)")  # fmt: skip
     print("  per agent p50/p99 ms (samples): " + ", ".join(
         f"{a[0]}/{a[1]} ({a[2]})" for a in lag["agents"]))  # fmt: skip
+    print("  slowest batches (ms, of it before sent, last ack from, s after start): " + ", ".join(
+        f"{x['lag']} ({x['before_sent']}, {x['last_ack_from']}, {x['at_s']})"
+        for x in lag["slowest"]))  # fmt: skip
     print(f"forwarding edge's CPU per forwarded packet: {cpu['cpu_per_forwarded_packet_us']} us"
           f" (sent to the owner directly {cpu['direct_us_per_packet']} us/packet, through"
           f" the forwarding edge {cpu['via_forwarding_edge_us_per_packet']} us/packet,"

@@ -39,6 +39,7 @@ MAX_BATCH = 50_000
 LAG_SAMPLES = 10_000
 BATCH_GIVE_UP_S = 10.0
 COUNTERS_EVERY_S = 1.0  # the packet counters in /status are read this often
+SLOWEST = 5
 INLINE_CHANGES = 256  # map updates up to this many elements run on the event loop
 
 
@@ -89,7 +90,12 @@ class FlowShareExtension:
         self._flush_wanted = asyncio.Event()
         self._rounds_started = self._rounds_done = 0  # map flush rounds
         self._round_done = asyncio.Condition()
-        self._batches: dict[int, tuple[float, set[str]]] = {}
+        # batch -> (first accept, peers yet to ack, when it was handed to the streams)
+        self._batches: dict[int, tuple[float, set[str], float]] = {}
+        # The slowest batches: (lag ms, of it before the streams had it ms, last peer to
+        # ack, s since start), for /status: where a lag comes from.
+        self._slowest: list[tuple[float, float, str, float]] = []
+        self._started_at = time.monotonic()
         self._batch_seqs: dict[str, deque[tuple[int, int]]] = {p.name: deque() for p in cfg.peers}
         self._next_batch = 0
         self._dropped_seen = 0
@@ -316,6 +322,15 @@ class FlowShareExtension:
                 "samples": len(lags),
                 "p50": round(statistics.median(lags), 3) if lags else None,
                 "p99": round(lags[int(0.99 * (len(lags) - 1))], 3) if lags else None,
+                "slowest": [
+                    {
+                        "lag": round(lag, 1),
+                        "before_sent": round(local, 1),
+                        "last_ack_from": last,
+                        "at_s": round(at, 1),
+                    }
+                    for lag, local, last, at in self._slowest
+                ],
             },
             "peers": {
                 name: {
@@ -406,7 +421,7 @@ class FlowShareExtension:
                 sent.add(name)
                 self._batch_seqs[name].append((seq, batch))
         if sent:
-            self._batches[batch] = (first_at, sent)
+            self._batches[batch] = (first_at, sent, time.monotonic())
 
     def _on_ack(self, peer: str, ack: Ack) -> None:
         pending = self._batch_seqs[peer]
@@ -419,7 +434,12 @@ class FlowShareExtension:
             entry[1].discard(peer)
             if not entry[1]:
                 del self._batches[batch]
-                self.lags_ms.append((now - entry[0]) * 1000)
+                lag = (now - entry[0]) * 1000
+                self.lags_ms.append(lag)
+                if len(self._slowest) < SLOWEST or lag > self._slowest[-1][0]:
+                    local = (entry[2] - entry[0]) * 1000
+                    self._slowest.append((lag, local, peer, entry[0] - self._started_at))
+                    self._slowest = sorted(self._slowest, reverse=True)[:SLOWEST]
 
     # -- peers' flows -> the map -------------------------------------------------------------------
     def _on_data(self, frame: Frame, new_incarnation: bool) -> tuple[int, int]:
@@ -535,7 +555,8 @@ class FlowShareExtension:
                 next_snapshot = loop.time() + self.cfg.snapshot_interval
                 for link in self.outbound.values():
                     link.send_snapshot()
-            for batch in [b for b, (at, _) in self._batches.items() if now - at > BATCH_GIVE_UP_S]:
+            old = [b for b, entry in self._batches.items() if now - entry[0] > BATCH_GIVE_UP_S]
+            for batch in old:
                 del self._batches[batch]
             for seqs in self._batch_seqs.values():  # a peer that never acked: forget
                 while seqs and seqs[0][1] not in self._batches:
