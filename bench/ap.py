@@ -3,7 +3,8 @@
 The same L2 segment of namespaces as the tests (tests/support/vip_lab.py): a client, two
 nodes, a backend, and for the fenced runs the real 3-member etcd. On every node the same
 agent serves the client through the backend; what differs is who moves the VIP:
-- `anycast-edge`: `anycast-edge run` (the agent with its vip_group extension), fenced by etcd;
+- `anycast-edge`: `anycast-edge run` (the agent with its vip_group extension), fenced by etcd,
+  with an ARP monitor on the segment's gateway (the bridge's address);
 - `anycast-edge-unfenced`: the same without a store (VRRP-like);
 - `keepalived`: the plain agent plus keepalived 2.2 with unicast VRRP and its default 1 s
   adverts (the reference, in the same run).
@@ -256,6 +257,7 @@ class Bench:
 
     def start(self, system: str) -> None:
         self.system = system
+        self.lab.arp_monitor = system != "keepalived"
         self.start_node(self.n1)
         time.sleep(0.5)
         self.start_node(self.n2)

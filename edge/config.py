@@ -314,6 +314,23 @@ class VipFencingConfig(_Model):
         return self
 
 
+class VipArpMonitorConfig(_Model):
+    """ARP targets on the segment (its gateway or router), probed every `interval`: a node
+    that hears neither them nor any peer for `missed` rounds is cut off and steps down."""
+
+    targets: Annotated[list[str], Field(min_length=1, max_length=8)]
+    interval: Annotated[float, Field(ge=0.01, le=5)] = 0.03
+    missed: Annotated[int, Field(ge=2, le=100)] = 4
+
+    @field_validator("targets")
+    @classmethod
+    def _ipv4(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            if not isinstance(ipaddress.ip_address(target), ipaddress.IPv4Address):
+                raise ValueError(f"{target!r} is not an IPv4 address (ARP)")
+        return targets
+
+
 class VipGroupConfig(_Model):
     name: _VipName
     interface: Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")]
@@ -342,6 +359,7 @@ class VipGroupConfig(_Model):
     key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     key_file: Path | None = None
     fencing: VipFencingConfig | None = None
+    arp_monitor: VipArpMonitorConfig | None = None
 
     @field_validator("vip")
     @classmethod

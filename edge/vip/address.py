@@ -208,3 +208,74 @@ class Announcer:
 
     def close(self) -> None:
         self._sock.close()
+
+
+ETH_P_ARP = 0x0806
+
+
+def arp_request_frame(mac: str, source: str, target: str) -> bytes:
+    """A broadcast ARP request from `source` (this node's own address, never the VIP) for
+    `target`: built by hand, 42 bytes."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    return (
+        b"\xff" * 6
+        + hw
+        + ETH_P_ARP.to_bytes(2, "big")
+        + bytes.fromhex("0001080006040001")  # Ethernet, IPv4, 6, 4, request
+        + hw
+        + socket.inet_aton(source)
+        + b"\x00" * 6
+        + socket.inet_aton(target)
+    )
+
+
+def arp_reply_sender(frame: bytes, source: str) -> str | None:
+    """The IPv4 sender of an ARP reply addressed to `source`, else None."""
+    arp = frame[14:42]
+    if len(arp) < 28 or arp[6:8] != b"\x00\x02" or arp[24:28] != socket.inet_aton(source):
+        return None
+    return socket.inet_ntoa(arp[14:18])
+
+
+class ArpProber:
+    """ARP requests to the monitor's targets from this node's own address; `answers()`
+    drains the replies that arrived (non-blocking: the socket only queues ARP frames)."""
+
+    def __init__(self, interface: str, mac: str, source: str, targets: list[str]) -> None:
+        self.source = source
+        self.targets = frozenset(targets)
+        self.frames = [arp_request_frame(mac, source, t) for t in targets]
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        self._sock.bind((interface, ETH_P_ARP))
+        self._sock.setblocking(False)
+        self.sent_total = 0
+        self.answered_total = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self) -> None:
+        for frame in self.frames:
+            try:
+                self._sock.send(frame)
+                self.sent_total += 1
+            except (BlockingIOError, OSError):
+                pass  # a full queue or a link going away: the next round tries again
+
+    def answers(self) -> int:
+        """Replies from a target since the last call."""
+        count = 0
+        while True:
+            try:
+                frame = self._sock.recv(128)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if arp_reply_sender(frame, self.source) in self.targets:
+                count += 1
+        self.answered_total += count
+        return count
+
+    def close(self) -> None:
+        self._sock.close()

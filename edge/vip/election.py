@@ -29,6 +29,18 @@ The rules, in the order `step` applies them:
 6. The VIP guard (a process of its own, `edge.vip.guard`) undid the ownership while this
    node was silent (`guard_fired`): whatever it knew before is stale; it releases and
    listens again for one dead interval, as after a pause (GUARD_FIRED).
+7. Fencing on: a peer's claim (its last heartbeat said active, with fencing token T) is
+   void once the store was seen, at a revision >= T, without that key: free (the peer's
+   guard revoked its lease, the peer gave it back) or held with another token. A void
+   claimant counts as not live, so a standby stops waiting out the dead interval and asks
+   for the key at once, and an owner does not yield to a stale claim. It still claims only
+   holding the key (rule 5): the rule only moves *when* a node asks for the key, never
+   what holding it takes, so it cannot make two owners. The observation is stamped with
+   the store revision it is true at, so a stale one cannot void a newer claim.
+8. A node that hears neither any peer nor any of its ARP targets (the segment's gateway)
+   for the tracking window is cut off from the segment: it releases and is not eligible
+   (ISOLATED), so a link cut that leaves the carrier up moves the VIP as fast as a kill.
+   Only losing both counts: a dead gateway alone, or silent peers alone, changes nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +85,7 @@ class Reason(enum.StrEnum):
     WAITING_FOR_KEY = "waiting_for_key"
     LEASE_EXPIRING = "lease_expiring"
     GUARD_FIRED = "guard_fired"
+    ISOLATED = "isolated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +125,11 @@ class FenceView:
     token: int = 0
     # Monotonic time before which the lease is certainly alive in the store.
     lease_deadline: float = 0.0
+    # What the store showed of the ownership key, and at which revision that was true (a
+    # read's header revision, a watch event's revision; 0: never seen): the key's mod
+    # revision (the holder's fencing token), 0 when the key did not exist.
+    seen_revision: int = 0
+    key_token: int = 0
 
 
 @dataclass(slots=True)
@@ -197,7 +215,10 @@ class Election:
         self.guard_undid = True
         self.listen_until = max(self.listen_until, now + self.config.dead_interval_s)
         if self.fence is not None:
-            self.fence = FenceView(self.fence.reachable)
+            f = self.fence
+            self.fence = FenceView(
+                f.reachable, seen_revision=f.seen_revision, key_token=f.key_token
+            )
 
     # -- the decision ------------------------------------------------------------------
     def _live(self, peer: Peer, now: float) -> bool:
@@ -206,8 +227,22 @@ class Election:
     def live_peers(self, now: float) -> list[Peer]:
         return [p for p in self.peers.values() if self._live(p, now)]
 
-    def step(self, now: float, healthy: bool) -> Decision:
-        decision = self._decide(now, healthy)
+    def void_claim(self, report: PeerReport) -> bool:
+        """Rule 7: the store was seen, at a revision >= the peer's token, without its key."""
+        fence = self.fence
+        return (
+            fence is not None
+            and report.active
+            and report.token > 0
+            and fence.seen_revision >= report.token
+            and fence.key_token != report.token
+        )
+
+    def last_peer_heard(self) -> float | None:
+        return max((p.last_heard for p in self.peers.values()), default=None)
+
+    def step(self, now: float, healthy: bool, isolated: bool = False) -> Decision:
+        decision = self._decide(now, healthy, isolated)
         if not decision.owning:
             self.peer_returned = False
         if decision.action is Action.CLAIM:
@@ -216,7 +251,7 @@ class Election:
         self.last_decision = decision
         return decision
 
-    def _decide(self, now: float, healthy: bool) -> Decision:
+    def _decide(self, now: float, healthy: bool, isolated: bool) -> Decision:
         cfg = self.config
         woke = self.last_step is not None and now - self.last_step > cfg.dead_interval_s
         if self.last_step is None or woke:
@@ -225,7 +260,7 @@ class Election:
         fence = self.fence
         reachable = fence is None or fence.reachable
         listening = now < self.listen_until
-        self.eligible = healthy and not listening and reachable
+        self.eligible = healthy and not listening and reachable and not isolated
 
         if self.guard_undid:
             self.guard_undid = False
@@ -234,11 +269,13 @@ class Election:
             return self._without(Reason.WOKE)
         if not healthy:
             return self._without(Reason.UNHEALTHY)
+        if isolated:
+            return self._without(Reason.ISOLATED)
         if listening:
             return self._without(Reason.LISTENING)
 
         me = rank(cfg.priority, cfg.node_id)
-        live = self.live_peers(now)
+        live = [p for p in self.live_peers(now) if not self.void_claim(p.report)]
         claimants = [p for p in live if p.report.active]
         higher_eligible = [
             p for p in live if p.report.eligible and rank(p.report.priority, p.report.node_id) > me

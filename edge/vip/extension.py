@@ -12,7 +12,10 @@ health, heartbeats and the fence, and applies what it returns:
   the fence changes the picture), applies the decision to the address, and sends a
   heartbeat to every other member;
 - with fencing, a second loop renews or acquires the ownership key (what the election
-  wants) and feeds the resulting view back;
+  wants) and feeds the resulting view back, and a watch on the key feeds the election
+  what the store shows of it as soon as it changes (election rule 7);
+- with an `arp_monitor`, a loop probes its targets by ARP every `interval` and tells the
+  election whether this node is cut off from the segment (`edge.vip.track`, rule 8);
 - a third beats to the VIP guard (`edge.vip.guard`, a process of its own started here)
   every 100 ms and reads what it says: the guard is armed (VIP and lease id) before the
   VIP is added and disarmed after it is removed; when it fired (this loop was silent for
@@ -36,7 +39,7 @@ from contract.schemas import VipGroupReport, VipRole
 from edge.config import VipGroupConfig
 from edge.ports import ExtensionSetupError, NodeControl
 from edge.state import SERVING_STATES, NodeState, Transition
-from edge.vip.address import Announcer, VipAddress, check_vip_interface
+from edge.vip.address import Announcer, ArpProber, VipAddress, check_vip_interface
 from edge.vip.election import (
     Action,
     Decision,
@@ -48,6 +51,7 @@ from edge.vip.election import (
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
 from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
 from edge.vip.sessions import SessionTable
+from edge.vip.track import ReachTrack
 
 _KEEPING = frozenset({str(Action.KEEP), str(Action.REANNOUNCE)})
 
@@ -59,6 +63,9 @@ HANDOVER_TIMEOUT_S = 3.0
 STOP_RELEASE_BUDGET_S = 1.0
 GUARD_BEAT_S = 0.1
 GUARD_START_TIMEOUT_S = 10.0
+#: A gap between two beats of this share of guard_bound while armed: the guard may have
+#: fired (it fires only when it saw no beat for the whole bound).
+GUARD_SUSPECT = 0.8
 
 
 class VipSetupError(ExtensionSetupError):
@@ -135,8 +142,13 @@ class VipExtension:
         self._guard_writer: asyncio.StreamWriter | None = None
         self._guard_armed: int | None = None  # the lease id the guard holds (None: disarmed)
         self._last_guard_beat = float("-inf")
+        self._guard_suspect = False  # silent for ~the bound while armed (see _beat_guard)
         self.guard_fired_total = 0
         self.guard_lost = False
+        self.prober: ArpProber | None = None
+        monitor = config.arp_monitor
+        self.track = ReachTrack(monitor.missed, monitor.interval) if monitor else None
+        self._was_isolated = False
 
     # -- life cycle --------------------------------------------------------------------
     async def start(self, node: NodeControl | None = None) -> None:
@@ -164,6 +176,11 @@ class VipExtension:
             key = f"{f.prefix}{self.config.name}/owner"
             self.fence = EtcdFence(client, key, self.node_id, f.lease_ttl)
             self._tasks.append(loop.create_task(self._fence_loop()))
+            self._tasks.append(loop.create_task(self.fence.watch(self._key_changed)))
+        if self.config.arp_monitor is not None:
+            targets = self.config.arp_monitor.targets
+            self.prober = ArpProber(self.config.interface, self.vip.mac, self.address, targets)
+            self._tasks.append(loop.create_task(self._arp_loop()))
         self._tasks.append(loop.create_task(self._tick_loop()))
         self._tasks.append(loop.create_task(self._guard_beat_loop()))
         self._tasks.append(loop.create_task(self._guard_read_loop()))
@@ -203,6 +220,8 @@ class VipExtension:
             self._transport.close()
         if self.announcer is not None:
             self.announcer.close()
+        if self.prober is not None:
+            self.prober.close()
         if self.vip is not None:
             self.vip.close()
 
@@ -276,14 +295,32 @@ class VipExtension:
             self._guard_writer.write(line + b"\n")
 
     def _beat_guard(self) -> None:
+        now = time.monotonic()
+        gap = now - self._last_guard_beat
+        if self._guard_armed is not None and gap >= GUARD_SUSPECT * self.config.guard_bound:
+            # This loop was silent for about the guard's bound: the guard may have fired
+            # (removed the VIP, revoked the lease) and its word may still be on the way. A
+            # beat now does not undo that: never put the VIP back on this ownership, step
+            # down as if it fired (a standby may hold the key already).
+            if not self._guard_suspect:
+                log.warning(
+                    "vip group %s: silent %.0f ms while owning: stepping down",
+                    self.config.name,
+                    gap * 1000,
+                )
+            self._guard_suspect = True
+            self.election.guard_fired(now)
+            self._wake.set()
         self._tell_guard(b"#beat")
-        self._last_guard_beat = time.monotonic()
+        self._last_guard_beat = now
 
     def _guard_current(self) -> bool:
         """The guard cannot have fired: we beat to it well within its bound. Checked just
         before the kernel is asked to (re)add the VIP."""
         if self.guard_lost:
             return True  # no guard any more: the lease and the address lifetime as without one
+        if self._guard_suspect:
+            return False  # it may have fired: not before the VIP was removed and disarmed
         return time.monotonic() - self._last_guard_beat < self.config.guard_bound / 2
 
     def _arm_guard(self) -> None:
@@ -293,6 +330,7 @@ class VipExtension:
             self._guard_armed = lease
 
     def _disarm_guard(self) -> None:
+        self._guard_suspect = False
         if self._guard_armed is not None:
             self._tell_guard(b"disarm")
             self._guard_armed = None
@@ -350,19 +388,55 @@ class VipExtension:
             self.election.fence_changed(view)
             if (view.holds, view.reachable) != (before.holds, before.reachable):
                 self._wake.set()
-            # a standby that wants the key asks every 50 ms: it is free as soon as the
-            # active's guard revoked the lease
-            pause = renew_every if view.holds else (0.05 if want else 0.5)
+            # a standby that wants the key asks every 50 ms, or, while the watch shows
+            # another holder, when the watch sees the key go (it wakes this loop)
+            held_elsewhere = self.fence.watching and view.key_token != 0
+            # (a standby also keeps its own lease alive: within fence.LEASE_FRESH_S)
+            pause = renew_every if view.holds else (0.05 if want and not held_elsewhere else 0.25)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._fence_wake.wait()
             self._fence_wake.clear()
 
+    def _key_changed(self) -> None:
+        """The watch saw the ownership key change holder: decide now (rule 7). The fence
+        loop is woken by the step, once it decided whether it wants the key."""
+        assert self.fence is not None
+        self.election.fence_changed(self.fence.view)
+        self._wake.set()
+
+    def _isolated(self, now: float) -> bool:
+        if self.track is None:
+            return False
+        return self.track.isolated(now, self.election.last_peer_heard())
+
+    async def _arp_loop(self) -> None:
+        assert self.prober is not None and self.track is not None
+        interval = self.track.interval_s
+        while True:
+            if self.prober.answers():
+                self.track.answered()
+            self.track.new_round()
+            self.prober.send()
+            isolated = self._isolated(time.monotonic())
+            if isolated != self._was_isolated:
+                self._was_isolated = isolated
+                log.warning(
+                    "vip group %s: %s",
+                    self.config.name,
+                    "cut off: no ARP target and no peer answers"
+                    if isolated
+                    else "the segment answers again",
+                )
+                self._wake.set()
+            await asyncio.sleep(interval)
+
     async def _step(self) -> None:
         state = self.health()
         healthy = state in SERVING_STATES and not self._handing_over
         before = self.election.last_decision
-        decision = self.election.step(time.monotonic(), healthy)
+        now = time.monotonic()
+        decision = self.election.step(now, healthy, self._isolated(now))
         await self._apply(decision)
         if before is None or before.want_key != decision.want_key:
             self._fence_wake.set()
@@ -511,6 +585,19 @@ class VipExtension:
                 "lease_left_s": round(fence.lease_deadline - now, 3) if fence.holds else None,
                 "owner": self.fence.owner,
                 "last_error": self.fence.last_error,
+                "watching": self.fence.watching,
+                "watch_events": self.fence.watch_events,
+                "seen_revision": fence.seen_revision,
+                "key_token": fence.key_token,
+            },
+            "arp_monitor": None
+            if self.track is None or self.prober is None
+            else {
+                "targets": sorted(self.prober.targets),
+                "isolated": self._isolated(now),
+                "unanswered_rounds": self.track.unanswered,
+                "sent": self.prober.sent_total,
+                "answered": self.prober.answered_total,
             },
             "peers": [
                 {

@@ -148,8 +148,9 @@ def test_cut_heartbeats_with_the_store_reachable_leave_exactly_one_owner(lab: Ap
 
 
 def test_a_cut_link_makes_the_active_unhealthy_and_the_standby_takes_over(lab: ApLab) -> None:
-    """The whole link of the active blackholed (its backend unreachable too): it goes down by
-    its own health checks, releases, and the standby claims; never two owners."""
+    """The whole link of the active blackholed, carrier up (its backend unreachable too), no
+    ARP monitor: it goes down by its own health checks, releases, and the standby claims;
+    never two owners."""
     n1, n2 = start_pair(lab)
     with Observer(lab) as observer:
         lab.cut_link(n1)
@@ -159,6 +160,32 @@ def test_a_cut_link_makes_the_active_unhealthy_and_the_standby_takes_over(lab: A
         lab.wait_role(n1, "active", 20)  # failback once healthy (preemption)
         client_follows(lab, n1)
     assert observer.dual_owner_samples() == 0
+    assert "unhealthy" in [t["reason"] for t in lab.vip_status(n1)["transitions"]]
+
+
+def test_a_cut_link_isolates_the_active_by_its_arp_monitor(lab: ApLab) -> None:
+    """With an ARP monitor on the gateway: the cut active hears neither the gateway nor its
+    peer, steps down as isolated (before its health checks could say anything) and gives
+    the key back; the standby, which still reaches the gateway, sees the key go through its
+    watch and claims. The standby is not isolated meanwhile (it hears the gateway)."""
+    lab.arp_monitor = True
+    n1, n2 = start_pair(lab)
+    with Observer(lab) as observer:
+        cut_at = time.time()
+        lab.cut_link(n1)
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+        status = lab.vip_status(n1)
+        assert status["arp_monitor"]["isolated"] is True
+        assert lab.vip_status(n2)["arp_monitor"]["isolated"] is False
+        lab.heal_link(n1)
+        lab.wait_vip(n1, "eligible", True, 20)
+        lab.wait_role(n1, "active", 20)  # failback (preemption)
+        client_follows(lab, n1)
+    assert observer.dual_owner_samples() == 0
+    after_cut = [t for t in lab.vip_status(n1)["transitions"] if t["at"] >= cut_at]
+    assert (after_cut[0]["action"], after_cut[0]["reason"]) == ("release", "isolated")
+    assert lab.vip_status(n1)["arp_monitor"]["answered"] > 0
 
 
 def test_a_node_cut_from_the_store_steps_down_before_its_lease_can_expire(lab: ApLab) -> None:
@@ -345,13 +372,24 @@ def _wait_owner(lab: ApLab, timeout: float = 20.0) -> Node:
         if (owner := _owner(lab)) is not None:
             return owner
         time.sleep(0.05)
-    raise TimeoutError("no single owner")
+    views = []
+    for node in lab.nodes:
+        try:
+            v = lab.vip_status(node)
+            views.append(f"{node.name}: {v['role']} {v['reason']} {v['fencing']} {v['peers']}")
+        except (OSError, ValueError, KeyError) as error:
+            views.append(f"{node.name}: {error!r}")
+    raise TimeoutError(f"no single owner: {views}")
 
 
+@pytest.mark.timeout(420)
 def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
+    """At least 50 injections (the issue), fixed seed, bounded: the loop stops at the time
+    budget and the test then fails if fewer than 50 were done."""
     rng = random.Random(14)
-    injections = int(os.environ.get("VIP_CHAOS_INJECTIONS", "30"))
-    budget_s = float(os.environ.get("VIP_CHAOS_BUDGET_S", "90"))
+    injections = int(os.environ.get("VIP_CHAOS_INJECTIONS", "50"))
+    budget_s = float(os.environ.get("VIP_CHAOS_BUDGET_S", "300"))
+    lab.arp_monitor = True
     start_pair(lab)
     done: list[str] = []
     started: list[float] = []  # when each injection began
@@ -363,7 +401,7 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
             owner = _wait_owner(lab)
             victim = owner if rng.random() < 0.8 else rng.choice(lab.nodes)
             fault = rng.choice(FAULTS)
-            hold = rng.uniform(0.3, 2.5)
+            hold = rng.uniform(0.2, 1.5)
             done.append(f"{fault} {victim.name} {hold:.1f}s")
             started.append(time.monotonic())
             if fault == "kill":
@@ -390,13 +428,17 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
             for node in lab.nodes:  # everyone back and talking before the next fault
                 lab.wait_vip(node, "eligible", True, 20)
     print(f"{len(done)} fault injections in {time.monotonic() - began:.0f} s:", ", ".join(done))
-    assert len(done) >= min(injections, 5), done
+    assert len(done) >= injections, f"only {len(done)} injections within {budget_s:.0f} s"
     # Which injection each two-owner sample fell in, and how far into it.
     injection = [max(bisect.bisect_right(started, t) - 1, 0) for t in observer.dual_times]
     during = [
         f"{done[i]} +{t - started[i]:.2f}s"
         for i, t in zip(injection, observer.dual_times, strict=True)
     ]
+    if observer.dual_owner_samples():
+        for node in lab.nodes:  # what each node said around it
+            assert node.log is not None
+            print(f"--- {node.name}", node.log.read_text(errors="replace")[-6000:])
     assert observer.dual_owner_samples() == 0, (during, done)
     assert observer.dual_arp_answers() == 0, done
     assert len(observer.samples) > 100 * (time.monotonic() - began) * 0.3  # it did sample
@@ -556,7 +598,10 @@ def test_kill_9_the_guard_removes_the_vip_and_frees_the_key_at_once(lab: ApLab) 
     assert n1.log is not None
     assert "vip guard: fired (agent_gone" in n1.log.read_text(errors="replace")
     assert "revoked" in n1.log.read_text(errors="replace")
-    assert lab.vip_status(n2)["fencing"]["holds_key"]
+    fencing = lab.vip_status(n2)["fencing"]
+    assert fencing["holds_key"]
+    # the standby followed the key with its watch: the revoke reached it as an event
+    assert fencing["watching"] and fencing["watch_events"] >= 2
 
 
 def test_sigstop_of_the_agent_alone_the_guard_fires_and_the_woken_agent_reelects(

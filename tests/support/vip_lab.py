@@ -2,14 +2,15 @@
 
     client ─┐
     node 1 ─┤ bridge (its own namespace)   198.18.2.0/24, VIP 198.18.2.100
-    node 2 ─┤
+    node 2 ─┤ gateway 198.18.2.254 (the bridge's own address: the nodes' ARP target)
     backend ┘
 
 Names start with `ae-` plus a random suffix (tests/support/netlab.py), and `close()` kills
 every process and deletes every namespace. The nodes reach the real etcd cluster of the
 tests (loopback of the root namespace) through a relay that listens on the same loopback
-ports inside each node's namespace: `cut_store(node)` blackholes that relay (bytes are
-dropped, no FIN, no RST), the way a cut link would. An `Observer` samples every 10 ms which
+ports inside each node's namespace (a process per node, tests/support/store_relay.py):
+`cut_store(node)` blackholes that relay (bytes are dropped, no FIN, no RST), the way a cut
+link would. An `Observer` samples every 10 ms which
 namespaces hold the VIP in their kernel.
 """
 
@@ -44,6 +45,7 @@ VIP = f"{SUBNET}.100"
 VIP_CIDR = f"{VIP}/24"
 CLIENT = f"{SUBNET}.50"
 BACKEND = f"{SUBNET}.20"
+GATEWAY = f"{SUBNET}.254"
 BACKEND_PORT = 8081
 SERVICE_PORT = 8080
 ADMIN_PORT = 9901
@@ -151,11 +153,13 @@ class ApLab(NetLab):
         self.client_netns = ""
         self.backend_netns = ""
         self.switch_netns = ""
-        self.relay: StoreRelay | None = None
+        self.relays: dict[str, subprocess.Popen[bytes]] = {}
         self.key = secrets.token_hex(24)
         self.etcd_urls: list[str] = []
         self.backend_count = 1
         self.sticky_header: str | None = None
+        # node_config gives every node an arp_monitor on the gateway
+        self.arp_monitor = False
 
     @classmethod
     def create_segment(
@@ -195,6 +199,7 @@ class ApLab(NetLab):
         self.switch_netns = self._add_netns("sw")
         run("ip", "-n", self.switch_netns, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.switch_netns, "link", "set", "br0", "up")
+        run("ip", "-n", self.switch_netns, "addr", "add", f"{GATEWAY}/24", "dev", "br0")
         self.client_netns, _, _ = self._port("c", CLIENT)
         self.backend_netns, _, _ = self._port("b", BACKEND)
         for index in range(1, node_count + 1):
@@ -204,10 +209,17 @@ class ApLab(NetLab):
             link = json.loads(run("ip", "-n", netns, "-j", "link", "show", "dev", inner))
             node.mac = link[0]["address"]
             self.nodes.append(node)
-        if etcd_ports:
-            self.relay = StoreRelay(etcd_ports)
-            for node in self.nodes:
-                self.relay.add(node)
+        for node in self.nodes if etcd_ports else []:
+            relay = self.spawn(
+                [sys.executable, "-m", "tests.support.store_relay", node.netns]
+                + [str(p) for p in etcd_ports],
+                stdout=subprocess.PIPE,
+                stdin_pipe=True,
+            )
+            assert relay.stdout is not None
+            if relay.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the store relay of {node.name} did not start")
+            self.relays[node.name] = relay
         for index in range(1, self.backend_count + 1):
             # fmt: off
             self.spawn(
@@ -239,6 +251,8 @@ class ApLab(NetLab):
             "key": self.key,
             **group,
         }
+        if self.arp_monitor:
+            vip_group.setdefault("arp_monitor", {"targets": [GATEWAY]})
         if etcd:
             vip_group["fencing"] = {"endpoints": etcd, "prefix": prefix or f"/t-{self.suffix}/"}
         return {
@@ -397,15 +411,21 @@ class ApLab(NetLab):
             check=False,
         )
 
+    def _relay(self, node: Node, command: bytes) -> None:
+        relay = self.relays[node.name]
+        assert relay.stdin is not None and relay.stdout is not None
+        relay.stdin.write(command + b"\n")
+        relay.stdin.flush()
+        if relay.stdout.readline().strip() != b"ok":  # in force once it said so
+            raise RuntimeError(f"the store relay of {node.name} refused {command!r}")
+
     def cut_store(self, node: Node) -> None:
-        node.store_cut.set()
+        self._relay(node, b"cut")
 
     def heal_store(self, node: Node) -> None:
-        node.store_cut.clear()
+        self._relay(node, b"heal")
 
     def close(self) -> None:
-        if self.relay is not None:
-            self.relay.close()
         for node in self.nodes:  # a frozen node would not die of SIGKILL before SIGCONT
             if node.process is not None:
                 with contextlib.suppress(ProcessLookupError):

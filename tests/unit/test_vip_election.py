@@ -1,6 +1,8 @@
 """The active-passive election: rules one by one, then a simulated group of 2-3 nodes with a
-model store and the kernel's address lifetimes, under random heartbeat loss, link cuts,
-store cuts, freezes and health flaps: with fencing, never two owners at one instant."""
+model store (lease expiry, revisions, a watch that lags), the kernel's address lifetimes and
+the VIP guard, under random heartbeat loss, link cuts (isolation by the ARP monitor's
+rule), store cuts, freezes with and without the guard, kills and health flaps: with
+fencing, never two owners at one instant, and nobody claims without holding the key."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from edge.vip.election import (
     KERNEL_EXPIRY_LATENESS_S,
     MIN_LEASE_MARGIN_S,
     Action,
+    Decision,
     Election,
     ElectionConfig,
     FenceView,
@@ -20,6 +23,7 @@ from edge.vip.election import (
     Reason,
     address_lifetime,
 )
+from edge.vip.track import ReachTrack
 
 TICK = 0.1
 
@@ -210,9 +214,95 @@ def test_a_packet_with_our_own_id_is_never_a_peer() -> None:
     assert not e.peers
 
 
-# -- a simulated group: nodes, a model store, the kernel's lifetimes -------------------
+# -- rule 7: a claim the store contradicts ----------------------------------------------
+
+
+def fenced_standby(now: float = 0.0) -> tuple[Election, float]:
+    """b (priority 100, fenced) past its listening interval, the store reachable."""
+    e = election("b", 100, fenced=True)
+    e.fence_changed(FenceView(reachable=True, seen_revision=5, key_token=5))
+    return e, run_until(e, now, now + 0.4)
+
+
+def active_a(token: int = 5) -> PeerReport:
+    return PeerReport("a", 200, eligible=True, active=True, term=1, token=token)
+
+
+def test_a_claim_whose_key_the_store_shows_gone_is_void_and_the_standby_asks_at_once() -> None:
+    e, now = fenced_standby()
+    e.heard(active_a(5), now)
+    assert e.step(now, True).reason is Reason.PEER_ACTIVE
+    # a's guard revoked its lease: the watch saw the delete (revision 6), a's heartbeat
+    # (heard 10 ms ago, live for another 290 ms) is not waited out
+    e.fence_changed(FenceView(reachable=True, seen_revision=6, key_token=0))
+    d = e.step(now + 0.01, True)
+    assert (d.action, d.reason, d.want_key) == (Action.STANDBY, Reason.WAITING_FOR_KEY, True)
+    # it claims only once it holds the key
+    e.fence_changed(
+        FenceView(True, True, token=7, lease_deadline=now + 2, seen_revision=7, key_token=7)
+    )
+    assert e.step(now + 0.02, True).action is Action.CLAIM
+
+
+def test_a_claim_held_by_another_token_is_void_too() -> None:
+    e, now = fenced_standby()
+    e.heard(active_a(5), now)
+    e.fence_changed(FenceView(reachable=True, seen_revision=9, key_token=8))  # c holds it
+    assert e.step(now, True).reason is Reason.WAITING_FOR_KEY
+
+
+def test_an_older_observation_never_voids_a_newer_claim() -> None:
+    e, now = fenced_standby()
+    # the store was seen free at revision 6, a acquired at 7 since: its claim stands
+    e.fence_changed(FenceView(reachable=True, seen_revision=6, key_token=0))
+    e.heard(active_a(7), now)
+    assert e.step(now, True).reason is Reason.PEER_ACTIVE
+    # seen with the key a holds: still a claim
+    e.fence_changed(FenceView(reachable=True, seen_revision=12, key_token=7))
+    assert e.step(now + 0.01, True).reason is Reason.PEER_ACTIVE
+
+
+def test_an_owner_does_not_yield_to_a_stale_claim_of_a_higher_peer() -> None:
+    e, now = fenced_standby()
+    e.fence_changed(
+        FenceView(True, True, token=7, lease_deadline=now + 2, seen_revision=7, key_token=7)
+    )
+    assert e.step(now, True).action is Action.CLAIM
+    e.heard(active_a(5), now + 0.01)  # a's last word before it noticed it lost the key
+    d = e.step(now + 0.02, True)
+    assert d.owning and d.reason is not Reason.PEER_OUTRANKS
+
+
+def test_unfenced_nothing_is_void() -> None:
+    e = election("b", 100)
+    now = run_until(e, 0.0, 0.4)
+    e.heard(active_a(5), now)
+    assert e.step(now, True).reason is Reason.PEER_ACTIVE
+
+
+# -- rule 8: isolated ----------------------------------------------------------------
+
+
+def test_an_isolated_owner_releases_and_is_not_eligible() -> None:
+    e = election()
+    now = run_until(e, 0.0, 0.5)
+    assert e.owning
+    d = e.step(now, True, isolated=True)
+    assert (d.action, d.reason, d.want_key, e.eligible) == (
+        Action.RELEASE,
+        Reason.ISOLATED,
+        False,
+        False,
+    )
+    assert e.step(now + 0.1, True, isolated=True).action is Action.STANDBY
+    assert e.step(now + 0.2, True).action is Action.CLAIM
+
+
+# -- a simulated group: nodes, a model store, the kernel's lifetimes, the guard ----------
 
 TTL = 2.0
+GUARD_BOUND = 0.3
+WATCH_LAGS = (0.0, 0.0, 0.05, 0.3)  # how old the store state a node last saw can be
 
 
 @dataclass
@@ -220,22 +310,58 @@ class Store:
     holder: str | None = None
     expiry: float = 0.0
     revision: int = 0
+    token: int = 0  # the key's mod revision (0: no key)
+    history: list[tuple[float, int, int]] = field(default_factory=lambda: [(0.0, 0, 0)])
 
-    def free(self, now: float) -> bool:
-        return self.holder is None or now >= self.expiry
+    def sweep(self, now: float) -> None:
+        """etcd expires the lease (and deletes the key) once its TTL has run out."""
+        if self.holder is not None and now >= self.expiry:
+            self._delete(self.expiry)
+
+    def _delete(self, at: float) -> None:
+        self.holder, self.token = None, 0
+        self.revision += 1
+        self.history.append((at, self.revision, 0))
+
+    def acquire(self, who: str, now: float) -> int:
+        self.revision += 1
+        self.holder, self.expiry, self.token = who, now + TTL, self.revision
+        self.history.append((now, self.revision, self.token))
+        return self.token
+
+    def release(self, who: str, now: float) -> None:
+        if self.holder == who:
+            self._delete(now)
+
+    def seen(self, at: float) -> tuple[int, int]:
+        """(revision, key token) as they were at `at` (what a lagging watch shows)."""
+        revision, token = 0, 0
+        for t, r, k in self.history:
+            if t > at:
+                break
+            revision, token = r, k
+        return revision, token
 
 
 @dataclass
 class SimNode:
     election: Election
     frozen: bool = False
+    dead: bool = False
+    guard_at: float | None = None  # frozen alone (not its guard): when the guard fires
+    guard_fired: bool = False
     store_cut: bool = False
     healthy: bool = True
     vip_expiry: float = 0.0  # the kernel's view: the address exists while now < this
     fence: FenceView = field(default_factory=lambda: FenceView(reachable=False))
+    track: ReachTrack = field(default_factory=lambda: ReachTrack(missed=2, interval_s=TICK))
+
+    @property
+    def asleep(self) -> bool:
+        return self.frozen or self.dead
 
 
-FAULTS = ("freeze", "store_cut", "link_cut", "sick", "heal_all")
+FAULTS = ("freeze", "freeze_agent", "kill", "store_cut", "link_cut", "sick", "heal_all")
 
 
 @st.composite
@@ -253,28 +379,81 @@ def scenarios(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, str, int]], i
     return priorities, sorted(faults), seed, loss
 
 
+def fresh(node_id: str, priority: int, fenced: bool, kind: type[Election] = Election) -> Election:
+    return kind(ElectionConfig(node_id=node_id, priority=priority, fenced=fenced))
+
+
+def guard_fires(node: SimNode, store: Store, now: float) -> None:
+    """The VIP guard: the address goes first, then the lease (when the store answers)."""
+    node.vip_expiry = min(node.vip_expiry, now)
+    if not node.store_cut:
+        store.release(node.election.config.node_id, now)
+    node.guard_at, node.guard_fired = None, True
+
+
 def simulate(
-    priorities: list[int], faults: list[tuple[int, str, int]], seed: int, loss: float, fenced: bool
+    priorities: list[int],
+    faults: list[tuple[int, str, int]],
+    seed: int,
+    loss: float,
+    fenced: bool,
+    kinds: list[type[Election]] | None = None,
 ) -> tuple[list[SimNode], int, list[int]]:
     import random
 
     rng = random.Random(seed)
-    nodes = [
-        SimNode(Election(ElectionConfig(node_id=f"n{i}", priority=p, fenced=fenced)))
-        for i, p in enumerate(priorities)
-    ]
+    kinds = kinds or [Election] * len(priorities)
+    nodes = [SimNode(fresh(f"n{i}", p, fenced, kinds[i])) for i, p in enumerate(priorities)]
     store = Store()
     cut_links: set[int] = set()
     owners_over_time: list[int] = []
     max_owners = 0
     pending = list(faults)
     ticks = 220  # faults stop at 150: 7 s after the last one for the group to settle
+
+    def revive(node: SimNode) -> None:
+        e = node.election
+        node.election = fresh(e.config.node_id, e.config.priority, fenced, type(e))
+        node.dead, node.fence = False, FenceView(reachable=False)
+
+    def wake(node: SimNode, now: float) -> None:
+        node.frozen, node.guard_at = False, None
+        if node.guard_fired:
+            node.guard_fired = False
+            node.election.guard_fired(now)
+            node.fence = FenceView(reachable=not node.store_cut)
+
+    def heal(now: float) -> None:
+        for n in nodes:
+            wake(n, now)
+            if n.dead:
+                revive(n)
+            n.store_cut = False
+            n.healthy = True
+        cut_links.clear()
+
     for tick in range(ticks):
+        at = tick * TICK
         while pending and pending[0][0] == tick:
             _, fault, i = pending.pop(0)
             node = nodes[i]
             if fault == "freeze":
-                node.frozen = not node.frozen
+                if node.frozen:
+                    wake(node, at)
+                else:
+                    node.frozen = True  # with its guard: nothing of the node runs
+            elif fault == "freeze_agent":
+                if node.frozen:
+                    wake(node, at)
+                else:
+                    node.frozen, node.guard_at = True, at + GUARD_BOUND
+            elif fault == "kill":
+                if node.dead:
+                    revive(node)
+                else:
+                    node.dead = True
+                    node.frozen, node.guard_at = False, None
+                    guard_fires(node, store, at)  # the pipe closed
             elif fault == "store_cut":
                 node.store_cut = not node.store_cut
             elif fault == "link_cut":
@@ -282,39 +461,47 @@ def simulate(
             elif fault == "sick":
                 node.healthy = not node.healthy
             else:
-                for n in nodes:
-                    n.frozen = n.store_cut = False
-                    n.healthy = True
-                cut_links.clear()
+                heal(at)
         if tick == 150:  # everything heals for the settle phase
-            for n in nodes:
-                n.frozen = n.store_cut = False
-                n.healthy = True
-            cut_links.clear()
+            heal(at)
         # each node steps once per tick, at a jittered instant, in time order
-        times = sorted((tick * TICK + rng.uniform(0, 0.03), i) for i in range(len(nodes)))
+        times = sorted((at + rng.uniform(0, 0.03), i) for i in range(len(nodes)))
         for now, i in times:
+            store.sweep(now)
+            for n in nodes:
+                if n.guard_at is not None and now >= n.guard_at:
+                    guard_fires(n, store, now)
             node = nodes[i]
-            if node.frozen:
+            if node.asleep:
                 continue
             e = node.election
+            # the ARP monitor: a round per step, the targets answer unless the link is cut
+            if i not in cut_links:
+                node.track.answered()
+            node.track.new_round()
+            isolated = node.track.isolated(now, e.last_peer_heard())
             if fenced:
-                node.fence = renew(node, store, now)
+                node.fence = renew(node, store, now, rng)
                 e.fence_changed(node.fence)
-            d = e.step(now, node.healthy)
+            d = e.step(now, node.healthy, isolated)
+            if fenced and d.action is Action.CLAIM and type(e) is Election:
+                # a standby claims only holding the key
+                assert store.holder == e.config.node_id and now < store.expiry
             if d.owning:
                 assert d.lifetime_s is not None and d.lifetime_s >= 1
                 node.vip_expiry = now + d.lifetime_s + KERNEL_EXPIRY_LATENESS_S
             else:
                 node.vip_expiry = min(node.vip_expiry, now)
             if fenced and not d.want_key and node.fence.holds and not node.store_cut:
-                if store.holder == e.config.node_id:
-                    store.holder = None
+                store.release(e.config.node_id, now)
                 node.fence = FenceView(reachable=True)
                 e.fence_changed(node.fence)
-            report = PeerReport(e.config.node_id, e.config.priority, e.eligible, e.owning, e.term)
+            token = node.fence.token if node.fence.holds else 0
+            report = PeerReport(
+                e.config.node_id, e.config.priority, e.eligible, e.owning, e.term, token
+            )
             for j, other in enumerate(nodes):
-                if j == i or other.frozen or i in cut_links or j in cut_links:
+                if j == i or other.asleep or i in cut_links or j in cut_links:
                     continue
                 if rng.random() < loss:
                     continue
@@ -322,24 +509,37 @@ def simulate(
             # the invariant, checked at every instant something can change
             owners = sum(1 for n in nodes if n.vip_expiry > now)
             max_owners = max(max_owners, owners)
-        owners_over_time.append(sum(1 for n in nodes if n.vip_expiry > tick * TICK + 0.05))
+        owners_over_time.append(sum(1 for n in nodes if n.vip_expiry > at + 0.05))
     return nodes, max_owners, owners_over_time
 
 
-def renew(node: SimNode, store: Store, now: float) -> FenceView:
-    """The fencing driver against the model store: renew when held, acquire when wanted."""
+def renew(node: SimNode, store: Store, now: float, rng: object) -> FenceView:
+    """The fencing driver against the model store: renew when held, acquire when wanted;
+    what it shows of the key lags (a watch, a poll) but never goes back."""
+    import random
+
+    assert isinstance(rng, random.Random)
     me = node.election.config.node_id
+    old = node.fence
     if node.store_cut:
-        return FenceView(False, node.fence.holds, node.fence.token, node.fence.lease_deadline)
-    if store.holder == me and now < store.expiry:
+        return (
+            old
+            if not old.reachable
+            else FenceView(
+                False, old.holds, old.token, old.lease_deadline, old.seen_revision, old.key_token
+            )
+        )
+    revision, key = store.seen(now - rng.choice(WATCH_LAGS))
+    if revision < old.seen_revision:
+        revision, key = old.seen_revision, old.key_token
+    if store.holder == me and now < store.expiry and old.holds and old.token == store.token:
         store.expiry = now + TTL
-        return FenceView(True, True, node.fence.token, now + TTL)
+        return FenceView(True, True, old.token, now + TTL, store.revision, store.token)
     wants = node.election.last_decision is not None and node.election.last_decision.want_key
-    if wants and store.free(now):
-        store.holder, store.expiry = me, now + TTL
-        store.revision += 1
-        return FenceView(True, True, store.revision, now + TTL)
-    return FenceView(True)
+    if wants and store.holder is None:
+        token = store.acquire(me, now)
+        return FenceView(True, True, token, now + TTL, token, token)
+    return FenceView(True, seen_revision=revision, key_token=key)
 
 
 @settings(max_examples=300, deadline=None)
@@ -364,3 +564,23 @@ def test_unfenced_group_settles_on_the_best_node_once_healed(
     assert owners[-1] == 1
     best = max(nodes, key=lambda n: (n.election.config.priority, n.election.config.node_id))
     assert best.election.owning
+
+
+class ClaimsOnSight(Election):
+    """A wrong election: a standby that asks for the key claims at once, without it."""
+
+    def _decide(self, now: float, healthy: bool, isolated: bool) -> Decision:
+        d = super()._decide(now, healthy, isolated)
+        if d.reason is Reason.WAITING_FOR_KEY:
+            return Decision(Action.CLAIM, Reason.ELECTED, True, 1)
+        return d
+
+
+def test_the_simulation_can_fail() -> None:
+    """The model finds two owners when a standby claims without holding the key: the
+    active frozen with its guard (its address lives on, its lease runs)."""
+    kinds: list[type[Election]] = [Election, ClaimsOnSight]
+    _nodes, max_owners, _ = simulate([2, 1], [(30, "freeze", 0)], 1, 0.0, True, kinds)
+    assert max_owners == 2
+    _nodes, max_owners, _ = simulate([2, 1], [(30, "freeze", 0)], 1, 0.0, True)
+    assert max_owners == 1
