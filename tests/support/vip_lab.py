@@ -292,10 +292,15 @@ class ApLab(NetLab):
             [*command, "-c", str(path)], capture_output=True, text=True, timeout=30, check=False
         )
 
-    def signal_node(self, node: Node, sig: signal.Signals) -> None:
+    def signal_node(self, node: Node, sig: signal.Signals, *, whole: bool = False) -> None:
+        """`sig` to the node's agent; `whole`: to its process group (the agent and its VIP
+        guard, as a frozen host would be)."""
         assert node.process is not None
         with contextlib.suppress(ProcessLookupError):
-            os.kill(node.process.pid, sig)
+            if whole:
+                os.killpg(node.process.pid, sig)  # spawned in a session of its own
+            else:
+                os.kill(node.process.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.process.wait(timeout=10)
@@ -429,7 +434,7 @@ class ApLab(NetLab):
         for node in self.nodes:  # a frozen node would not die of SIGKILL before SIGCONT
             if node.process is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(node.process.pid, signal.SIGCONT)
+                    os.killpg(node.process.pid, signal.SIGCONT)
         super().close()
 
 
@@ -527,6 +532,23 @@ class Observer:
 
     def holders_now(self) -> frozenset[str]:
         return self.samples[-1][1] if self.samples else frozenset()
+
+    def wait_sees(self, holders: set[str], timeout: float = 10.0) -> None:
+        """Until a sample shows exactly `holders`. On a loaded host the sampler can lag the
+        nodes by far more than its interval: a test that reasons about what it saw waits for
+        it to have seen the state the nodes reported."""
+        wanted = frozenset(holders)
+        what = f"the observer to see {sorted(wanted)} holding the VIP"
+        wait_for(lambda: self.holders_now() == wanted, timeout, 0.01, what=what)
+
+    def wait_sampled_after(self, moment: float, timeout: float = 10.0) -> None:
+        """Until a sample was taken after `moment` (monotonic): what it saw covers it."""
+        wait_for(
+            lambda: bool(self.samples) and self.samples[-1][0] > moment,
+            timeout,
+            0.01,
+            what="the observer to sample",
+        )
 
     def first_time_held_by(self, name: str, after: float) -> float | None:
         for t, held in self.samples:
