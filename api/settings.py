@@ -56,6 +56,9 @@ class EtcdStoreSettings(_Config):
     #: A watch stream quiet this long makes its member prove it is alive (a status request
     #: answered within request_timeout_s) or the watch moves to another member.
     watch_probe_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 1.0
+    #: "changes": a heartbeat is written when its content changed or TTL/3 after the node's
+    #: last write (api/heartbeat_writes.py); "every": each heartbeat is written.
+    heartbeat_writes: Literal["changes", "every"] = "changes"
 
 
 class TlsSettings(_Config):

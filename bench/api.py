@@ -17,9 +17,14 @@
 
 5. simulation: 10,000 nodes across three API instances on one (fresh) etcd cluster, each
    node heartbeating once per --sim-period (1/s for all of them is more than two shared
-   cores serve; the offered rate is in the result): p50/p99, errors, each instance's CPU,
-   the CPU per heartbeat of the APIs and of etcd, and what etcd applies per second
-   (transactions, puts, raft proposals, from a member's /metrics). Bounded in count and time.
+   cores serve; the offered rate is in the result) with a TTL of 5 periods (the default
+   5 s TTL at 1/s): p50/p99, errors, each instance's CPU, the CPU per heartbeat of the APIs
+   and of etcd, and what etcd applies per second (transactions, puts, raft proposals, from
+   a member's /metrics). Bounded in count and time.
+
+The reference, in the same run: rows 2 (etcd) and 5 again with the etcd write rule off
+(`store.heartbeat_writes: every`, each heartbeat written; api/heartbeat_writes.py), in
+`heartbeats_every_write` and `simulation_10000_every_write`.
 
 The load generator runs on uvloop, like the API. The API runs as its own process
 (`python -m api`), etcd as a real 3-member cluster, all on
@@ -213,6 +218,7 @@ async def heartbeats(
     the warm-up to the last answer; `api_cpu_pct` is the sum over the API processes."""
     await seed(urls[0], nodes)
     latencies: list[float] = []
+    by_second: dict[int, list[float]] = {}  # second of the measurement -> its latencies
     errors = 0
     failures: dict[str, int] = {}  # status or exception -> count
     body = Heartbeat(state=NodeState.HEALTHY, connections=10).model_dump_json().encode()
@@ -248,6 +254,7 @@ async def heartbeats(
                 connections[i].close()
             if tick >= measured_from:
                 latencies.append(time.perf_counter() - sent)
+                by_second.setdefault(int(tick - measured_from), []).append(latencies[-1])
             tick += period_s
 
     await asyncio.sleep(max(0.0, measured_from - time.monotonic()))
@@ -272,6 +279,10 @@ async def heartbeats(
         "rate_per_s": len(latencies) / elapsed,
         "p50_ms": 1000 * percentile(latencies, 0.5),
         "p99_ms": 1000 * percentile(latencies, 0.99),
+        # where the tail is: each second's p99, by when the heartbeats were due
+        "p99_ms_by_second": [
+            round(1000 * percentile(by_second[s], 0.99), 1) for s in sorted(by_second)
+        ],
         "errors": errors,
         "errors_by_cause": failures,
         "api_cpu_pct": 100 * sum(api_cpu) / elapsed,
@@ -305,6 +316,8 @@ def simulation(
     instances: int,
     period_s: float,
     duration_s: float,
+    heartbeat_writes: str = "changes",
+    prefix: str = "/anycast-edge/",
 ) -> dict[str, Any]:
     """`nodes` nodes across `instances` API processes on one etcd cluster (each instance
     lists the members starting at a different one). Each node heartbeats once per
@@ -313,14 +326,21 @@ def simulation(
     urls = cluster.client_urls
     settings = {
         "max_body_bytes": 4 << 20,
-        # A node is dead after missing three periods, as with 1 s heartbeats and the default.
-        "heartbeat_ttl_s": max(5.0, 3 * period_s),
+        # TTL = 5 periods, as the default 5 s TTL at 1 heartbeat/s: the write rule then
+        # skips what it skips at 1/s (it refreshes a record TTL/3 after its last write).
+        "heartbeat_ttl_s": max(5.0, 5 * period_s),
     }
     apis = [
         ApiProcess(
             workdir,
             # Each snapshot reads every node's record: megabytes at this size.
-            {"kind": "etcd", "endpoints": urls[i:] + urls[:i], "request_timeout_s": 2.0},
+            {
+                "kind": "etcd",
+                "endpoints": urls[i:] + urls[:i],
+                "request_timeout_s": 2.0,
+                "heartbeat_writes": heartbeat_writes,
+                "prefix": prefix,
+            },
             **settings,
         )
         for i in range(instances)
@@ -330,6 +350,7 @@ def simulation(
             api.start()
         pids = [api.process.pid for api in apis if api.process]
         before = etcd_counters(urls[0])
+        load = os.getloadavg()[0]
         started = time.monotonic()
         result = asyncio.run(
             heartbeats(
@@ -349,6 +370,8 @@ def simulation(
     return {
         "nodes": nodes,
         "api_instances": instances,
+        "heartbeat_writes": heartbeat_writes,
+        "load_average": load,
         "period_s": period_s,
         "offered_per_s": nodes / period_s,
         "rate_per_s": result["rate_per_s"],
@@ -363,6 +386,7 @@ def simulation(
         "etcd_cpu_pct": result["etcd_cpu_pct"],
         "api_cpu_ms_per_heartbeat": result["api_cpu_ms_per_heartbeat"],
         "etcd_cpu_ms_per_heartbeat": result["etcd_cpu_ms_per_heartbeat"],
+        "p99_ms_by_second": result["p99_ms_by_second"],
         # what etcd sees per second (the whole run, seeding and warm-up included)
         "etcd_per_s": {k: (after[k] - before[k]) / elapsed for k in after},
     }
@@ -459,24 +483,30 @@ def table(results: dict[str, Any]) -> str:
                 "<= 50 ms",
             )
         )
-    for r in results["heartbeats"]:
+    for r in results["heartbeats"] + results.get("heartbeats_every_write", []):
+        writes = " every write" if r.get("heartbeat_writes") == "every" else ""
         rows.append(
             (
-                f"{r['nodes']} nodes x 1 heartbeat/s, {r['duration_s']:.0f} s ({r['store']})"
-                f" [took {r['elapsed_s']:.1f} s]",
+                f"{r['nodes']} nodes x 1 heartbeat/s, {r['duration_s']:.0f} s"
+                f" ({r['store']}{writes}) [took {r['elapsed_s']:.1f} s,"
+                f" load {r['load_average']:.1f}]",
                 f"{r['rate_per_s']:.0f}/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms, "
                 f"{r['errors']} errors, API CPU {r['api_cpu_pct']:.0f}%"
                 + (f", etcd CPU {r['etcd_cpu_pct']:.0f}%" if r["store"] == "etcd" else ""),
                 "p99 <= 50 ms, 0 errors",
             )
         )
-    sim = results.get("simulation_10000")
-    if sim:
+    for key in ("simulation_10000", "simulation_10000_every_write"):
+        sim = results.get(key)
+        if not sim:
+            continue
         per_s = sim["etcd_per_s"]
+        writes = ", every write" if sim.get("heartbeat_writes") == "every" else ""
         rows.append(
             (
                 f"simulation: {sim['nodes']} nodes / {sim['api_instances']} APIs, one heartbeat"
-                f" per {sim['period_s']:g} s each ({sim['offered_per_s']:.0f}/s offered)",
+                f" per {sim['period_s']:g} s each ({sim['offered_per_s']:.0f}/s offered{writes},"
+                f" load {sim['load_average']:.1f})",
                 f"{sim['rate_per_s']:.0f}/s p50 {sim['p50_ms']:.1f} ms p99 {sim['p99_ms']:.1f} ms,"
                 f" {sim['errors']} errors; API CPU "
                 + "/".join(f"{c:.0f}" for c in sim["api_cpu_pct"])
@@ -513,6 +543,81 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sqlite_part(
+    workdir: Path, args: argparse.Namespace, results: dict[str, Any], apis: list[ApiProcess]
+) -> None:
+    sqlite_api = ApiProcess(
+        workdir, {"kind": "sqlite", "path": str(workdir / "gslb.db")}, max_body_bytes=4 << 20
+    )
+    apis.append(sqlite_api)
+    sqlite_api.start()
+    print("write -> watch (sqlite)...", file=sys.stderr)
+    results["write_to_watch"]["sqlite"] = asyncio.run(write_to_watch(sqlite_api.url, args.writes))
+    for nodes in args.nodes:
+        print(f"heartbeats: {nodes} nodes for {args.duration} s...", file=sys.stderr)
+        assert sqlite_api.process is not None
+        load = os.getloadavg()[0]
+        result = asyncio.run(
+            heartbeats([sqlite_api.url], [sqlite_api.process.pid], nodes, args.duration)
+        )
+        results["heartbeats"].append({"store": "sqlite", "load_average": load, **result})
+    sqlite_api.stop()
+
+
+def etcd_part(
+    workdir: Path,
+    cluster: LocalEtcdCluster,
+    args: argparse.Namespace,
+    parts: set[str],
+    results: dict[str, Any],
+    apis: list[ApiProcess],
+) -> None:
+    etcd_pids = [m.process.pid for m in cluster.members if m.process]
+    etcd_apis: dict[str, ApiProcess] = {}
+    for writes in ("changes", "every"):
+        store = {
+            "kind": "etcd",
+            "endpoints": cluster.client_urls,
+            "request_timeout_s": 0.3,
+            "prefix": "/anycast-edge/" if writes == "changes" else "/every-write/",
+            "heartbeat_writes": writes,
+        }
+        etcd_apis[writes] = api = ApiProcess(workdir, store, max_body_bytes=4 << 20)
+        apis.append(api)
+        api.start()
+    etcd_api = etcd_apis["changes"]
+    if "etcd" in parts:
+        print("write -> watch (etcd)...", file=sys.stderr)
+        results["write_to_watch"]["etcd"] = asyncio.run(write_to_watch(etcd_api.url, args.writes))
+        for nodes in args.etcd_nodes:
+            # The write rule on (the default), then off (each heartbeat written): the
+            # reference, on the same cluster, under its own prefix.
+            for writes, key in (("changes", "heartbeats"), ("every", "heartbeats_every_write")):
+                api = etcd_apis[writes]
+                print(
+                    f"heartbeats (etcd, {writes}): {nodes} nodes for {args.duration} s...",
+                    file=sys.stderr,
+                )
+                assert api.process is not None
+                load = os.getloadavg()[0]
+                result = asyncio.run(
+                    heartbeats([api.url], [api.process.pid], nodes, args.duration, etcd_pids)
+                )
+                results[key].append(
+                    {"store": "etcd", "heartbeat_writes": writes, "load_average": load, **result}
+                )
+    etcd_apis["every"].stop()
+    if "frozen" in parts:
+        print("watch with a frozen member...", file=sys.stderr)
+        results["watch_frozen_member"] = asyncio.run(
+            watch_frozen_member(workdir, cluster, etcd_api, args.frozen_rounds)
+        )
+    if "kill" in parts:
+        print("etcd leader kill...", file=sys.stderr)
+        results["leader_kill"] = asyncio.run(leader_kill(etcd_api.url, cluster, args.kill_duration))
+    etcd_api.stop()
+
+
 def main() -> int:
     uvloop.install()  # the load generator's own CPU per request, halved
     # One socket per simulated node: make room for a thousand of them.
@@ -531,90 +636,57 @@ def main() -> int:
         "--sim-period", type=float, default=10.0, help="seconds between a node's heartbeats"
     )
     parser.add_argument("--sim-duration", type=float, default=20.0)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=["sqlite", "etcd", "frozen", "kill", "simulation"],
+        help="run only these parts (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/api.json"))
     args = parser.parse_args()
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count()},
         "write_to_watch": {},
         "heartbeats": [],
+        "heartbeats_every_write": [],
     }
+    parts = set(args.only or ["sqlite", "etcd", "frozen", "kill", "simulation"])
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         workdir = Path(tmp)
         cluster = LocalEtcdCluster(workdir / "etcd")
         apis: list[ApiProcess] = []
         try:
-            sqlite_api = ApiProcess(
-                workdir,
-                {"kind": "sqlite", "path": str(workdir / "gslb.db")},
-                max_body_bytes=4 << 20,
-            )
-            apis.append(sqlite_api)
-            sqlite_api.start()
-            print("write -> watch (sqlite)...", file=sys.stderr)
-            results["write_to_watch"]["sqlite"] = asyncio.run(
-                write_to_watch(sqlite_api.url, args.writes)
-            )
-            for nodes in args.nodes:
-                print(f"heartbeats: {nodes} nodes for {args.duration} s...", file=sys.stderr)
-                assert sqlite_api.process is not None
-                result = asyncio.run(
-                    heartbeats([sqlite_api.url], [sqlite_api.process.pid], nodes, args.duration)
-                )
-                results["heartbeats"].append({"store": "sqlite", **result})
-            sqlite_api.stop()
-
-            cluster.start()
-            etcd_store = {
-                "kind": "etcd",
-                "endpoints": cluster.client_urls,
-                "request_timeout_s": 0.3,
-            }
-            etcd_api = ApiProcess(workdir, etcd_store, max_body_bytes=4 << 20)
-            apis.append(etcd_api)
-            etcd_api.start()
-            print("write -> watch (etcd)...", file=sys.stderr)
-            results["write_to_watch"]["etcd"] = asyncio.run(
-                write_to_watch(etcd_api.url, args.writes)
-            )
-            for nodes in args.etcd_nodes:
-                print(f"heartbeats (etcd): {nodes} nodes for {args.duration} s...", file=sys.stderr)
-                assert etcd_api.process is not None
-                result = asyncio.run(
-                    heartbeats(
-                        [etcd_api.url],
-                        [etcd_api.process.pid],
-                        nodes,
-                        args.duration,
-                        [m.process.pid for m in cluster.members if m.process],
+            if "sqlite" in parts:
+                sqlite_part(workdir, args, results, apis)
+            if parts & {"etcd", "frozen", "kill"}:
+                cluster.start()
+                etcd_part(workdir, cluster, args, parts, results, apis)
+                cluster.stop()
+            if "simulation" in parts:
+                for writes, key in (
+                    ("changes", "simulation_10000"),
+                    ("every", "simulation_10000_every_write"),
+                ):
+                    # A cluster of its own each: ten thousand nodes' records would weigh on
+                    # the rows above, and on each other.
+                    cluster.stop()
+                    cluster = LocalEtcdCluster(workdir / f"etcd-simulation-{writes}")
+                    cluster.start()
+                    print(
+                        f"simulation ({writes}): {args.sim_nodes} nodes, {args.sim_instances}"
+                        f" APIs, one per {args.sim_period} s, {args.sim_duration} s...",
+                        file=sys.stderr,
                     )
-                )
-                results["heartbeats"].append({"store": "etcd", **result})
-            print("watch with a frozen member...", file=sys.stderr)
-            results["watch_frozen_member"] = asyncio.run(
-                watch_frozen_member(workdir, cluster, etcd_api, args.frozen_rounds)
-            )
-            print("etcd leader kill...", file=sys.stderr)
-            results["leader_kill"] = asyncio.run(
-                leader_kill(etcd_api.url, cluster, args.kill_duration)
-            )
-            etcd_api.stop()
-            cluster.stop()
-            # Its own cluster: ten thousand nodes' records would weigh on the rows above.
-            cluster = LocalEtcdCluster(workdir / "etcd-simulation")
-            cluster.start()
-            print(
-                f"simulation: {args.sim_nodes} nodes, {args.sim_instances} APIs, one per "
-                f"{args.sim_period} s, {args.sim_duration} s...",
-                file=sys.stderr,
-            )
-            results["simulation_10000"] = simulation(
-                workdir,
-                cluster,
-                args.sim_nodes,
-                args.sim_instances,
-                args.sim_period,
-                args.sim_duration,
-            )
+                    results[key] = simulation(
+                        workdir,
+                        cluster,
+                        args.sim_nodes,
+                        args.sim_instances,
+                        args.sim_period,
+                        args.sim_duration,
+                        writes,
+                        prefix=f"/simulation-{writes}/",
+                    )
         finally:
             for api in apis:
                 api.stop()

@@ -136,6 +136,33 @@ def wait_for(
         time.sleep(interval)
 
 
+def wait_until_none(
+    problem: Callable[[], str | None], timeout: float, what: str, interval: float = 0.2
+) -> None:
+    """Poll until `problem()` finds nothing wrong (None); bounded. `problem()` says what is
+    not there yet, and the LabError on giving up (and each progress note) quotes its last
+    answer: the wait names what it was missing, not only what it waited for."""
+    started = time.monotonic()
+    deadline = started + timeout
+    next_note = started + PROGRESS_EVERY_S
+    last = "not asked yet"
+    while True:
+        try:
+            found = problem()
+        except (LabError, subprocess.TimeoutExpired, httpx.HTTPError, ApiError) as error:
+            found = f"{type(error).__name__}: {error}"
+        if found is None:
+            return
+        last = found
+        now = time.monotonic()
+        if now > deadline:
+            raise LabError(f"gave up after {timeout:.0f} s waiting for {what}: {last}")
+        if now >= next_note:
+            say(f"still waiting for {what} ({now - started:.0f} s): {last}")
+            next_note = now + PROGRESS_EVERY_S
+        time.sleep(interval)
+
+
 # -- engine and images ------------------------------------------------------------------
 
 

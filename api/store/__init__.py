@@ -17,6 +17,7 @@ def open_store(config: SqliteStoreSettings | EtcdStoreSettings) -> Store:
             request_timeout_s=config.request_timeout_s,
             deadline_s=config.deadline_s,
             watch_probe_s=config.watch_probe_s,
+            heartbeat_writes=config.heartbeat_writes,
         )
     from api.store.sqlite import SqliteStore
 

@@ -11,13 +11,19 @@ operations onto etcd transactions, leases and watches. Key layout under the pref
 
 Everything under w/ is what published views depend on, and it changes rarely: one watch on
 that prefix wakes the long-polls, and a second one on a/ reports deletions only (a lease
-expired). Heartbeats rewrite o/<node> and a/<node> every second but nothing under w/.
+expired). Heartbeats rewrite o/<node> and a/<node> (per the write rule below) but nothing
+under w/.
 
 Heartbeats are cheap on purpose (a thousand nodes, one API): there are no per-node
-keepalives. Each API instance grants one lease per second (TTL = heartbeat TTL + 1 s) and
-every heartbeat re-attaches its node's a/<node> to the newest one, so a node's key expires
-between TTL and TTL + 1 s after its last heartbeat. Heartbeats that arrive together are
+keepalives. Each API instance grants one lease per second and every heartbeat it writes
+re-attaches its node's a/<node> to the newest one. Heartbeats that arrive together are
 written in one etcd transaction holding one nested compare-and-swap transaction per node.
+
+With `heartbeat_writes="changes"` (the default) a heartbeat is written only when its content
+changed or TTL/3 after the node's last write here, under a lease of TTL + TTL/3 + 1 s (the
+write rule and its bounds: api/heartbeat_writes.py): a node's key expires between TTL and
+TTL + TTL/3 + 1 s (rounded up) after its last heartbeat. With "every", each heartbeat is
+written, the lease is TTL + 1 s and the key expires between TTL and TTL + 1 s after it.
 """
 
 from __future__ import annotations
@@ -32,8 +38,16 @@ import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+from api.heartbeat_writes import (
+    LEASE_BUCKET_S,
+    LastWrite,
+    content_of,
+    lease_ttl_s,
+    must_write,
+    still_newest,
+)
 from api.store.base import (
     EventDraft,
     ObservedRecord,
@@ -48,6 +62,7 @@ from api.store.etcd_gateway import (
     EtcdGateway,
     EtcdUnavailable,
     KeyValue,
+    WatchEvent,
     b64,
     backoff_s,
 )
@@ -56,10 +71,10 @@ from contract.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObser
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: A new heartbeat lease per this many seconds per API instance (see the module docstring).
-LEASE_BUCKET_S = 1.0
 #: Nodes per heartbeat transaction (etcd refuses more than 128 operations per transaction).
 HEARTBEAT_BATCH = 100
+#: Every this many seconds a read of the nodes' records reads them all, not only the changed.
+RECORDS_FULL_READ_S = 30.0
 #: Heartbeat transactions in flight at once per API instance.
 HEARTBEAT_TRANSACTIONS_IN_FLIGHT = 3
 
@@ -72,6 +87,10 @@ class _PendingHeartbeat:
     author: str
     futures: list[asyncio.Future[None]]
     attempts: int = 0
+    #: A heartbeat the write rule skipped, written after all (its instance's last write
+    #: turned out not to be the newest): its record only (the alive key is the newer
+    #: write's), dropped if the store holds a newer one.
+    replay: bool = False
 
 
 def _fail(batch: dict[str, _PendingHeartbeat], error: Exception) -> None:
@@ -135,8 +154,10 @@ class EtcdStore(Store):
         request_timeout_s: float = 0.5,
         deadline_s: float = 5.0,
         watch_probe_s: float = 1.0,
+        heartbeat_writes: Literal["changes", "every"] = "changes",
     ) -> None:
         super().__init__()
+        self._coalesce = heartbeat_writes == "changes"
         self.gateway = EtcdGateway(
             endpoints,
             request_timeout_s=request_timeout_s,
@@ -147,6 +168,14 @@ class EtcdStore(Store):
         self._desired_key = self._prefix + b"w/desired"
         # The newest heartbeat lease of this instance and when it was granted.
         self._lease: tuple[int, float] | None = None
+        # node -> this instance's last write of it, while nothing says it is not the newest
+        # one in etcd (the write rule skips heartbeats against it; dropped on any doubt).
+        self._last_write: dict[str, LastWrite] = {}
+        # node -> the newest heartbeat skipped against it, written if the last write is
+        # dropped (so a node that stops right after a skip leaves its real last report).
+        self._skipped: dict[str, _PendingHeartbeat] = {}
+        #: Heartbeats received and not written (the write rule), for the benchmark.
+        self.heartbeats_skipped = 0
         self._lease_lock = asyncio.Lock()
         self._pending: dict[str, _PendingHeartbeat] = {}
         self._flushers: set[asyncio.Task[None]] = set()
@@ -157,6 +186,11 @@ class EtcdStore(Store):
         # (another instance wrote it), its compare-and-swap fails and the retry reads it.
         self._observed_cache_filled = False
         self._watch_tasks: list[asyncio.Task[None]] = []
+        # node -> (mod_revision, record) of o/<node> as of the newest read, and that read's
+        # store revision (read_observed fetches only what changed since).
+        self._records: dict[str, tuple[int, ObservedRecord]] = {}
+        self._records_revision = 0
+        self._records_full_at = 0.0
         # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
         self._known_dead: dict[bytes, int] = {}
 
@@ -189,10 +223,11 @@ class EtcdStore(Store):
         failures = 0
         while True:
             try:
-                async for resume_at, _events in self.gateway.watch_prefix(
+                async for resume_at, events in self.gateway.watch_prefix(
                     self._prefix + suffix, next_revision, deletes_only=deletes_only
                 ):
                     next_revision = resume_at
+                    self._doubt_last_writes(events)
                     self.changes.notify()
             except Exception:
                 # A bug must not silently end the push path: log it and watch again.
@@ -200,6 +235,56 @@ class EtcdStore(Store):
                 self.changes.notify()
                 failures += 1
                 await asyncio.sleep(backoff_s(failures, 0.5, 10.0))
+
+    def _doubt_last_writes(self, events: Sequence[WatchEvent]) -> None:
+        """Drop what the write rule relies on wherever a watch says another write happened:
+        a node's state written under w/ at a newer revision (another instance, a transition),
+        its alive key deleted, or a resumed watch (an empty batch: events may be missing)."""
+        if not self._last_write:
+            return
+        if not events:
+            for node in list(self._last_write):
+                self._drop_last_write(node)
+            return
+        state_prefix, alive_prefix = self._key("w", "state", ""), self._key("a", "")
+        for event in events:
+            key = event.kv.key
+            if key.startswith(state_prefix):
+                node = key[len(state_prefix) :].decode()
+            elif key.startswith(alive_prefix):
+                node = key[len(alive_prefix) :].decode()
+            else:
+                continue
+            last = self._last_write.get(node)
+            if last is None:
+                continue
+            if event.deleted:  # the alive key expired: nothing skipped is worth writing
+                self._drop_last_write(node, replay=False)
+            elif not still_newest(last, event.kv.mod_revision):
+                self._drop_last_write(node)
+
+    def _seen_record(self, node: str, mod_revision: int) -> None:
+        """A read showed o/<node> at `mod_revision`: a newer one than our last write of it is
+        someone else's (or the sweeper's), so the next heartbeat is written."""
+        last = self._last_write.get(node)
+        if last is not None and not still_newest(last, mod_revision):
+            self._drop_last_write(node)
+
+    def _drop_last_write(self, node: str, *, replay: bool = True) -> None:
+        """Forget the node's last write; a heartbeat skipped against it is written now (its
+        record: the node's real last report), unless the node's alive key is gone."""
+        self._last_write.pop(node, None)
+        skipped = self._skipped.pop(node, None)
+        if replay and skipped is not None and node not in self._pending:
+            skipped.replay = True
+            self._pending[node] = skipped
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        if len(self._flushers) < HEARTBEAT_TRANSACTIONS_IN_FLIGHT:
+            task = asyncio.create_task(self._flush_heartbeats(), name="heartbeats")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
 
     @staticmethod
     async def _call(awaitable: Awaitable[T]) -> T:
@@ -252,22 +337,35 @@ class EtcdStore(Store):
 
     # --- observed --------------------------------------------------------------------
 
-    async def _current_lease(self, ttl_s: float) -> int:
+    async def _current_lease(self, ttl_s: float) -> tuple[int, float]:
+        """The newest lease and when its grant was asked for (at or before it began)."""
         async with self._lease_lock:
             now = time.monotonic()
             if self._lease is not None and now - self._lease[1] < LEASE_BUCKET_S:
-                return self._lease[0]
-            lease = await self._call(
-                self.gateway.lease_grant(max(2, math.ceil(ttl_s + LEASE_BUCKET_S)))
+                return self._lease
+            seconds = (
+                lease_ttl_s(ttl_s) if self._coalesce else max(2, math.ceil(ttl_s + LEASE_BUCKET_S))
             )
+            lease = await self._call(self.gateway.lease_grant(seconds))
             self._lease = (lease, now)
-            return lease
+            return self._lease
 
     async def record_heartbeat(
         self, node: str, heartbeat: Heartbeat, now: datetime, ttl_s: float, author: str
     ) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending = self._pending.get(node)
+        if (
+            self._coalesce
+            and pending is None
+            and node not in self._in_flight
+            and not must_write(self._last_write.get(node), heartbeat, time.monotonic(), ttl_s)
+        ):
+            # Nothing a reader would miss: the record and the alive key written last (by
+            # this instance, and still the newest) stay valid beyond the next TTL.
+            self.heartbeats_skipped += 1
+            self._skipped[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, [])
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if pending is None:
             self._pending[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, [future])
         else:
@@ -275,10 +373,8 @@ class EtcdStore(Store):
             # per transaction); both callers learn the outcome.
             pending.heartbeat, pending.now, pending.author = heartbeat, now, author
             pending.futures.append(future)
-        if len(self._flushers) < HEARTBEAT_TRANSACTIONS_IN_FLIGHT:
-            task = asyncio.create_task(self._flush_heartbeats(), name="heartbeats")
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
+        self._skipped.pop(node, None)  # this one is newer and will be written
+        self._start_flusher()
         await future
 
     async def _flush_heartbeats(self) -> None:
@@ -321,7 +417,7 @@ class EtcdStore(Store):
         if not self._observed_cache_filled:
             await self._fill_observed_cache()
             self._observed_cache_filled = True
-        lease = await self._current_lease(max(p.ttl_s for p in batch.values()))
+        lease, leased_at = await self._current_lease(max(p.ttl_s for p in batch.values()))
         operations: list[dict[str, Any]] = []
         records: dict[str, ObservedRecord] = {}
         for node, pending in batch.items():
@@ -330,10 +426,9 @@ class EtcdStore(Store):
             record = ObservedRecord(heartbeat=pending.heartbeat, last_seen=pending.now)
             records[node] = record
             observed_key = self._key("o", node)
-            success = [
-                _put(observed_key, _record_json(record)),
-                _put(self._key("a", node), "1", lease),
-            ]
+            success = [_put(observed_key, _record_json(record))]
+            if not pending.replay:
+                success.append(_put(self._key("a", node), "1", lease))
             if events:
                 success.append(_put(self._key("w", "state", node), str(pending.heartbeat.state)))
                 stamp = uuid.uuid4().hex
@@ -356,16 +451,25 @@ class EtcdStore(Store):
             nested = response.get("response_txn", {})
             if nested.get("succeeded"):
                 self._observed_cache[node] = (revision, records[node])
+                if self._coalesce and not pending.replay:
+                    self._last_write[node] = LastWrite(
+                        content_of(pending.heartbeat), leased_at, revision
+                    )
                 for future in pending.futures:
                     if not future.done():
                         future.set_result(None)
                 continue
             # Another API instance (or the sweeper) wrote this node in between: start again
             # from what is there, so its transitions are judged against the real previous.
+            self._last_write.pop(node, None)
+            self._skipped.pop(node, None)
             raw = nested.get("responses", [{}])[0].get("response_range", {}).get("kvs", [])
             if raw:
                 current = KeyValue.from_json(raw[0])
-                self._observed_cache[node] = (current.mod_revision, _record_from(current.value))
+                stored = _record_from(current.value)
+                self._observed_cache[node] = (current.mod_revision, stored)
+                if pending.replay and stored.last_seen >= pending.now:
+                    continue  # a skipped heartbeat, older than what is there: nothing to do
             else:
                 self._observed_cache[node] = (0, None)
             pending.attempts += 1
@@ -385,22 +489,48 @@ class EtcdStore(Store):
             if node not in self._observed_cache:
                 self._observed_cache[node] = (kv.mod_revision, _record_from(kv.value))
 
-    async def _observed_and_alive(self) -> tuple[list[KeyValue], set[str]]:
-        _, records = await self._call(self.gateway.range(self._key("o", ""), prefix=True))
-        alive_prefix = self._key("a", "")
-        _, alive = await self._call(self.gateway.range(alive_prefix, prefix=True, keys_only=True))
-        return records, {kv.key[len(alive_prefix) :].decode() for kv in alive}
+    async def _read_records(self) -> dict[str, tuple[int, ObservedRecord]]:
+        """Every node's record, as of a linearizable read: only the records written since
+        the previous read are fetched and parsed (etcd's min_mod_revision; o/ keys are never
+        deleted by the API), and every RECORDS_FULL_READ_S the whole prefix is read again
+        (a key removed by hand disappears then). With ten thousand nodes, reading and
+        parsing every record for each snapshot cost more than a second per read."""
+        prefix = self._key("o", "")
+        now = time.monotonic()
+        full = self._records_revision == 0 or now - self._records_full_at >= RECORDS_FULL_READ_S
+        revision, kvs = await self._call(
+            self.gateway.range(
+                prefix, prefix=True, min_mod_revision=0 if full else self._records_revision + 1
+            )
+        )
+        records = {} if full else self._records
+        for kv in kvs:
+            node = kv.key[len(prefix) :].decode()
+            self._seen_record(node, kv.mod_revision)
+            if kv.mod_revision > records.get(node, (0, None))[0]:  # never an older answer's
+                records[node] = (kv.mod_revision, _record_from(kv.value))
+        if full:
+            # A concurrent incremental read may have stored a newer record meanwhile.
+            for node, (mod_revision, record) in self._records.items():
+                if mod_revision > records.get(node, (0, None))[0]:
+                    records[node] = (mod_revision, record)
+            self._records, self._records_full_at = records, now
+        self._records_revision = max(self._records_revision, revision)
+        return records
 
     async def read_observed(self, now: datetime) -> dict[str, NodeObserved]:
-        records, alive = await self._observed_and_alive()
-        observed_prefix = len(self._key("o", ""))
+        records = await self._read_records()
+        alive_prefix = self._key("a", "")
+        _, alive_keys = await self._call(
+            self.gateway.range(alive_prefix, prefix=True, keys_only=True)
+        )
+        alive = {kv.key[len(alive_prefix) :].decode() for kv in alive_keys}
         result: dict[str, NodeObserved] = {}
-        for kv in records:
-            node = kv.key[observed_prefix:].decode()
-            record = _record_from(kv.value)
-            result[node] = NodeObserved(
+        for node, (_, record) in records.items():
+            liveness = Liveness.ALIVE if node in alive else Liveness.DEAD
+            result[node] = NodeObserved.model_construct(
                 node=node,
-                liveness=Liveness.ALIVE if node in alive else Liveness.DEAD,
+                liveness=liveness,
                 last_seen=record.last_seen,
                 heartbeat=record.heartbeat,
             )
@@ -418,6 +548,11 @@ class EtcdStore(Store):
             self.gateway.range(alive_prefix, prefix=True, keys_only=True)
         )
         alive = {kv.key[len(alive_prefix) :] for kv in alive_keys}
+        if self._last_write:
+            # Twice a second whatever the traffic: the bound on a write rule that relies on a
+            # last write another instance has since replaced (api/heartbeat_writes.py).
+            for kv in observed_keys:
+                self._seen_record(kv.key[len(observed_prefix) :].decode(), kv.mod_revision)
         silent = [
             kv
             for kv in observed_keys
@@ -433,6 +568,7 @@ class EtcdStore(Store):
             kv = found[0]
             node = key[len(observed_prefix) :].decode()
             record = _record_from(kv.value)
+            self._drop_last_write(node, replay=False)  # its alive key is gone
             if record.dead_reported:
                 self._known_dead[key] = kv.mod_revision
                 continue

@@ -213,6 +213,7 @@ class EtcdGateway:
         sort_create: str | None = None,
         limit: int = 0,
         min_create_revision: int = 0,
+        min_mod_revision: int = 0,
     ) -> tuple[int, list[KeyValue]]:
         """(store revision, key-values). Linearizable (the default), so reads see every
         acknowledged write."""
@@ -228,6 +229,8 @@ class EtcdGateway:
             body["limit"] = str(limit)
         if min_create_revision:
             body["min_create_revision"] = str(min_create_revision)
+        if min_mod_revision:
+            body["min_mod_revision"] = str(min_mod_revision)
         reply = await self.call("/v3/kv/range", body)
         return int(reply["header"].get("revision", 0)), [
             KeyValue.from_json(kv) for kv in reply.get("kvs", [])

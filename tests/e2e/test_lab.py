@@ -295,19 +295,41 @@ def _flowshare_sections() -> dict[str, dict[str, Any]]:
     }
 
 
-def _flows_in_sync() -> bool:
-    """Every edge's streams to its peers are up and acknowledged, and every edge holds each
-    peer's flows as that peer counts them (after the chaos tests, a replaced or frozen
-    edge's streams were found dead by the keepalive and started over with a snapshot)."""
-    sections = _flowshare_sections()
-    return all(
-        peer["connected"]
-        and peer["live"]
-        and peer["acked_seq"] >= peer["sent_seq"]
-        and peer["flows_held"] == sections[name]["own_flows"]
-        for section in sections.values()
-        for name, peer in section["peers"].items()
-    )
+def _flows_out_of_sync() -> str | None:
+    """What is out of sync among the edges' flow tables, or None: every edge's streams to
+    its peers are up and acknowledged, and every edge holds each peer's flows as that peer
+    counts them (after the chaos tests, a replaced or frozen edge's streams were found dead
+    by the keepalive and started over with a snapshot)."""
+    read_at: dict[str, float] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for node, section in _flowshare_sections().items():
+        sections[node], read_at[node] = section, time.monotonic()
+    problems: list[str] = []
+    for edge, section in sections.items():
+        for name, peer in section["peers"].items():
+            where = f"{edge}/{name}"
+            if not peer["connected"]:
+                problems.append(
+                    f"{where}: stream {edge}->{name} not connected"
+                    f" (connects {peer['connects']}, dead_streams {peer['dead_streams']})"
+                )
+            if not peer["live"]:
+                problems.append(f"{where}: {name} not live at {edge} (no frame within timeout)")
+            if peer["acked_seq"] < peer["sent_seq"]:
+                problems.append(
+                    f"{where}: acked_seq {peer['acked_seq']} < sent_seq {peer['sent_seq']}"
+                )
+            owned = sections[name]["own_flows"]
+            if peer["flows_held"] != owned:
+                says = sections[name]["peers"].get(edge, {})
+                problems.append(
+                    f"{where}: flows_held {peer['flows_held']} != {name}'s own_flows {owned}"
+                    f" ({name}'s stream to {edge}: sent_seq {says.get('sent_seq')},"
+                    f" acked_seq {says.get('acked_seq')}, holds_of_ours"
+                    f" {says.get('holds_of_ours')}; {name} read"
+                    f" {read_at[name] - read_at[edge]:+.2f} s after {edge})"
+                )
+    return "; ".join(problems) or None
 
 
 def test_long_lived_connections_survive_planned_changes() -> None:
@@ -353,7 +375,7 @@ def test_long_lived_connections_survive_planned_changes() -> None:
             # A drained node closes what is left on it at its deadline: start each change
             # from a full pool on serving nodes.
             lab.wait_for(_settled, 60, f"the fleet settled before: {name}")
-            lab.wait_for(_flows_in_sync, 30, f"the flow tables in sync before: {name}")
+            lab.wait_until_none(_flows_out_of_sync, 30, f"the flow tables in sync before: {name}")
             missing = LONG_LIVED - client.report()["open"]
             if missing > 0:
                 client.open(missing, f"refill-{len(broken)}")

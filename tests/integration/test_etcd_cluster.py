@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from api.app import create_app
+from api.heartbeat_writes import lease_ttl_s
 from api.settings import parse_settings
 from api.store import open_store
 from api.store.etcd import EtcdStore
@@ -237,3 +238,65 @@ async def test_watch_moves_off_a_frozen_member_and_wakes_on_the_write(
             assert "b" in answer.json()["sites"]
             # It moved because the member went silent (after the thaw it may come back).
             assert store.gateway.silent_member_failovers > failovers
+
+
+async def test_heartbeats_alternating_between_two_instances_keep_the_node_live_on_both(
+    etcd_cluster: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    """The write rule (api/heartbeat_writes.py) with two instances on one etcd: the node's
+    heartbeats go to one instance, then the other, and back (A to instance 1, B to 2, A to 1
+    again: instance 1 must not skip A because it wrote A last). Both instances see the node
+    alive after every heartbeat and show its newest report; once it stops, both see it dead
+    within the bound (the lease: TTL + TTL/3 + 1 s rounded up, then a sweep)."""
+    prefix = f"/alternate-{uuid.uuid4().hex[:8]}/"
+    # TTL/3 = 1 s: each A-B-A below fits in it many times over.
+    settings = make_settings("etcd", tmp_path, etcd_cluster, prefix, heartbeat_ttl_s=3)
+    ttl = settings.heartbeat_ttl_s
+    stores = [open_store(settings.store), open_store(settings.store)]
+    assert all(isinstance(s, EtcdStore) for s in stores)
+    servers = [
+        ThreadedServer(lambda store=store: create_app(store, settings))  # type: ignore[misc]
+        for store in stores
+    ]
+    healthy, degraded = NodeState.HEALTHY, NodeState.DEGRADED
+    # (instance, state): runs of one instance (the rule skips there), and A-B-A switches.
+    pattern = [(0, healthy), (0, healthy), (0, healthy), (1, degraded), (0, healthy)]
+    pattern += [(0, healthy), (1, healthy), (1, healthy), (1, healthy), (0, healthy)]
+    beats = pattern * 8  # 80 beats, longer than the lease: its refreshes keep the node alive
+    with servers[0], servers[1]:
+        async with contextlib.AsyncExitStack() as stack:
+            operators = [
+                await stack.enter_async_context(ApiClient([s.url], OPERATOR)) for s in servers
+            ]
+            nodes = [await stack.enter_async_context(ApiClient([s.url], NODE_A1)) for s in servers]
+            state = await operators[0].put_site("a", SiteSpec(), revision=0)
+            await operators[0].put_node("a1", NodeSpec(site="a"), revision=state.revision)
+
+            async def seen() -> list[tuple[str, NodeState | None]]:
+                views = [{o.node: o for o in await op.observed()}["a1"] for op in operators]
+                return [(o.liveness, o.heartbeat.state if o.heartbeat else None) for o in views]
+
+            for i, (instance, node_state) in enumerate(beats):
+                await nodes[instance].heartbeat("a1", Heartbeat(state=node_state, connections=i))
+                for _ in range(20):  # bounded: 1 s (the node's next beat is well within TTL)
+                    views = await seen()
+                    assert all(liveness == "alive" for liveness, _ in views), (i, views)
+                    if all(s == node_state for _, s in views):
+                        break
+                    await asyncio.sleep(0.05)
+                assert all(s == node_state for _, s in views), (i, views)
+                await asyncio.sleep(0.05)
+            # The rule did skip heartbeats (runs on one instance within TTL/3), on both.
+            skipped = [s.heartbeats_skipped for s in stores if isinstance(s, EtcdStore)]
+            assert all(n > 0 for n in skipped), skipped
+
+            for _ in range(int(10 * (lease_ttl_s(ttl) + 4))):  # bounded: the lease + sweeps
+                views = await seen()
+                dead = [e for e in await operators[1].events() if e.kind == "node-dead"]
+                if all(liveness == "dead" for liveness, _ in views) and dead:
+                    break
+                await asyncio.sleep(0.1)
+            assert views == [("dead", beats[-1][1])] * 2, views
+            await asyncio.sleep(0.5)  # more sweeps by both instances
+            dead = [e for e in await operators[1].events() if e.kind == "node-dead"]
+            assert len(dead) == 1, dead

@@ -1,0 +1,91 @@
+"""When a heartbeat is written to etcd (the write rule), and how long its lease lasts. Pure.
+
+A node heartbeats every second; on etcd each write is a raft proposal, an fsync on every
+member and a revision. Most heartbeats say what the previous one said. So an API instance
+writes a node's heartbeat only
+
+* when its content changed (`content_of`: everything the node reports but the open
+  connection count, a gauge that moves every second and that no decision depends on), or
+* when `refresh_bound_s(ttl)` = TTL/3 has passed since the lease of its last write of that
+  node was granted, or
+* when it does not know of a write of that node of its own that is still the newest one in
+  etcd (first heartbeat here, another instance or the sweeper wrote the node since, the
+  node's alive key was deleted, a watch resumed after a gap): the store drops its
+  `LastWrite` for the node on any such sign, and a missing `LastWrite` means "write".
+
+The alive key `a/<node>` is attached to a lease of `lease_ttl_s(ttl)` = TTL + TTL/3 + 1 s,
+rounded up (the 1 s: an instance reuses a lease for up to `LEASE_BUCKET_S`). Hence:
+
+* a live node (no gap of TTL or more between its heartbeats) never loses its alive key: a
+  heartbeat is skipped only less than TTL/3 after the grant of a lease of TTL + TTL/3 + 1 s;
+* a changed content is written at once, by whichever instance receives it;
+* a node that stops loses its alive key no sooner than TTL after its last heartbeat (as
+  without the rule) and no later than `dead_within_s(ttl)` = the lease's length, TTL +
+  TTL/3 + 1 s rounded up, after it (plus that heartbeat's write latency and etcd's own
+  expiry check): the lease the last write attached was granted before that write.
+
+What the write rule costs: on etcd a live node's stored `last_seen` and connection count may
+be up to TTL/3 old (the instance that receives the heartbeats answers from the same store).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from contract.schemas import Heartbeat
+
+#: An API instance grants a new heartbeat lease at most once per this many seconds and
+#: attaches every heartbeat it writes meanwhile to the newest one.
+LEASE_BUCKET_S = 1.0
+
+
+def refresh_bound_s(ttl_s: float) -> float:
+    """An unchanged heartbeat is written again once this long has passed since the grant of
+    the lease its node's last write (by this instance) carried."""
+    return ttl_s / 3
+
+
+def lease_ttl_s(ttl_s: float) -> int:
+    """The heartbeat lease's TTL (whole seconds, as etcd grants them)."""
+    return max(2, math.ceil(ttl_s + refresh_bound_s(ttl_s) + LEASE_BUCKET_S))
+
+
+def dead_within_s(ttl_s: float) -> float:
+    """The latest a stopped node's alive key expires, counted from its last heartbeat (plus
+    that write's latency and etcd's lease-expiry check): the newest write of the node was of
+    that heartbeat or earlier, and its lease was granted before the write committed."""
+    return float(lease_ttl_s(ttl_s))
+
+
+def content_of(heartbeat: Heartbeat) -> Heartbeat:
+    """What a change of is written at once: the heartbeat without its connection count."""
+    if heartbeat.connections == 0:
+        return heartbeat
+    return heartbeat.model_copy(update={"connections": 0})
+
+
+@dataclass(frozen=True, slots=True)
+class LastWrite:
+    """This instance's last write of a node, while it knows it is the newest one in etcd."""
+
+    content: Heartbeat
+    #: Monotonic time the lease attached by that write was granted (at or before the write).
+    leased_at: float
+    #: The etcd revision of that write (the mod_revision of o/<node>).
+    revision: int
+
+
+def must_write(last: LastWrite | None, heartbeat: Heartbeat, now: float, ttl_s: float) -> bool:
+    """Whether a heartbeat received at monotonic time `now` is written to the store."""
+    return (
+        last is None
+        or now - last.leased_at >= refresh_bound_s(ttl_s)
+        or content_of(heartbeat) != last.content
+    )
+
+
+def still_newest(last: LastWrite, seen_revision: int) -> bool:
+    """Whether a write of the node seen at `seen_revision` (a read, a watch) leaves `last` the
+    newest one: a read older than the write says nothing, anything newer is someone else's."""
+    return seen_revision <= last.revision
