@@ -119,6 +119,11 @@ class Announcer:
         self.held_until = 0.0
         self.sink.set_desired(desired)
 
+    def set_groups(self, groups: Sequence[PrefixGroup]) -> None:
+        """The groups announced from the next update on (a group no longer named is
+        withdrawn then; a new one is announced once its serving is given)."""
+        self.inputs = dataclasses.replace(self.inputs, groups=tuple(groups))
+
     def close(self) -> None:
         if self._retry:
             self._retry.cancel()
@@ -194,6 +199,11 @@ class BgpSpeaker:
             group_serving=group_serving,
             group_link_bandwidth_mbps=group_link_bandwidth_mbps,
         )
+
+    def set_groups(self, groups: Sequence[PrefixGroup]) -> None:
+        """The services' prefixes from the next `update` on (a reload that starts or removes
+        services)."""
+        self.announcer.set_groups(groups)
 
     async def wait_sent(self, bound_s: float = SEND_CONFIRM_S) -> bool:
         """True once every established neighbor was sent the current desired set."""

@@ -9,6 +9,13 @@ flows away first (moving traffic: the extensions' `before_stop_accepting`, e.g. 
 choreography, or else `drain.accept_grace`), then stop accepting and let open
 connections finish up to the deadline (closing connections), then close what is left
 (done). A SIGTERM drain ends the process when it is done.
+
+A reload (SIGHUP) does what `edge.reload_plan` decides: a started service binds its
+listeners first (one that cannot refuses the whole reload), then runs its checks and is
+announced once it has risen; a removed service drains alone in the same order as the
+node (leaving announcement, stop accepting, open connections up to its drain deadline),
+then its prefixes are withdrawn and its runtime closed; the others are reconfigured in
+place.
 """
 
 from __future__ import annotations
@@ -28,8 +35,15 @@ from edge.admin import AdminServer
 from edge.config import ConfigError, NodeConfig, ServiceConfig
 from edge.config import load_config as load_config_file
 from edge.flows import FlowTable
-from edge.ports import AgentExtension, BeforeRouteChange, ExtensionSetupError, NodeReport
+from edge.ports import (
+    AgentExtension,
+    BeforeRouteChange,
+    ExtensionSetupError,
+    NodeReport,
+    ServiceAnnouncer,
+)
 from edge.proxy.common import ClientConnection, DeadlineSweeper, ProxyContext
+from edge.reload_plan import ReloadPlan, plan_reload
 from edge.sdnotify import SystemdNotifier
 from edge.service_runtime import ServiceRuntime
 from edge.services import ServiceState, ServiceTransition, node_verdict
@@ -93,6 +107,10 @@ class Agent:
         self._stopped = asyncio.Event()
         self._started_at = time.time()
         self._reloaded_at: float | None = None
+        # Services a reload removed, still draining: the task that drains each.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._reload_lock = asyncio.Lock()
+        self._last_reload: dict[str, Any] | None = None
 
     # -- NodeControl --------------------------------------------------------------
     @property
@@ -125,9 +143,11 @@ class Agent:
         )
 
     # -- services ----------------------------------------------------------------
-    def _service_runtime(self, service: ServiceConfig) -> ServiceRuntime:
+    def _service_runtime(
+        self, service: ServiceConfig, node: NodeConfig | None = None
+    ) -> ServiceRuntime:
         return ServiceRuntime(
-            self.config,
+            self.config if node is None else node,
             service,
             self.flows,
             self.sweeper,
@@ -142,10 +162,24 @@ class Agent:
     def open_connections(self) -> int:
         return sum(ctx.open_connections() for ctx in self.contexts())
 
-    def _client_connections(self) -> Iterator[ClientConnection]:
-        for ctx in self.contexts():
+    def _client_connections(
+        self, contexts: Sequence[ProxyContext] | None = None
+    ) -> Iterator[ClientConnection]:
+        for ctx in self.contexts() if contexts is None else contexts:
             for conns in ctx.connections.values():
                 yield from list(conns)
+
+    def _service_announcers(self) -> list[ServiceAnnouncer]:
+        return [ext for ext in self._started_extensions if isinstance(ext, ServiceAnnouncer)]
+
+    def _announce_services(self) -> None:
+        """Tell the per-service announcers which services have a runtime and which of them
+        a reload removed (they are leaving)."""
+        if self.config.implicit_service:
+            return
+        services = [runtime.service for runtime in self.services.values()]
+        for announcer in self._service_announcers():
+            announcer.set_services(services, set(self._retiring))
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -174,6 +208,8 @@ class Agent:
         for extension in self.extensions:
             await extension.start(self)
             self._started_extensions.append(extension)
+        # A reload before the extensions started: they hear its services now.
+        self._announce_services()
         # Extensions may hold the node at degraded (e.g. BFD lost): look again with them.
         self.evaluate()
 
@@ -213,6 +249,10 @@ class Agent:
         if self._tick_task is not None:
             self._tick_task.cancel()
         await self._cancel_drain_steps()
+        for task in list(self._retiring.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         while self._started_extensions:
             extension = self._started_extensions.pop()
             try:
@@ -232,7 +272,8 @@ class Agent:
     # -- listeners ---------------------------------------------------------------
     async def _open_listeners(self) -> None:
         for runtime in self.services.values():
-            await runtime.open_listeners()
+            if not runtime.retiring:
+                await runtime.open_listeners()
 
     async def _close_listeners(self) -> None:
         for runtime in self.services.values():
@@ -330,8 +371,26 @@ class Agent:
         elif drain.phase is DrainPhase.DONE and drain.source is DrainSource.SIGTERM:
             self._stopped.set()  # SIGTERM after a finished drain: nothing left to wait for
 
-    async def _run_drain(self) -> None:
+    async def _finish_connections(self, contexts: Sequence[ProxyContext], deadline_s: float) -> int:
+        """The drain's last phase for `contexts` (listeners already closed): idle keep-alive
+        connections close, open ones finish up to `deadline_s`; what is left then is
+        aborted and counted."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        for conn in self._client_connections(contexts):
+            conn.close_when_idle(DRAIN_IDLE_GRACE)
+
+        def still_open() -> int:
+            return sum(ctx.open_connections() for ctx in contexts)
+
+        while still_open() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = still_open()
+        for conn in self._client_connections(contexts):
+            conn.abort()
+        return left
+
+    async def _run_drain(self) -> None:
         moved = False
         for extension in list(self._started_extensions):
             moved = await extension.before_stop_accepting() or moved
@@ -340,14 +399,7 @@ class Agent:
         self._transitioned(self.machine.stop_accepting())
         await self._close_listeners()
         self._event("drain", "stopped accepting new connections")
-        deadline = loop.time() + self.config.drain.deadline
-        for conn in self._client_connections():
-            conn.close_when_idle(DRAIN_IDLE_GRACE)
-        while self.open_connections() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        left = self.open_connections()
-        for conn in self._client_connections():
-            conn.abort()
+        left = await self._finish_connections(self.contexts(), self.config.drain.deadline)
         self._event("drain", f"drain complete, {left} connections closed at the deadline")
         self._transitioned(self.machine.mark_drained())
         if self.machine.drain.source is DrainSource.SIGTERM:
@@ -377,31 +429,125 @@ class Agent:
         """SIGHUP: apply the config file again without dropping connections."""
         if self.config_path is None:
             return False
-        try:
-            new = load_config_file(self.config_path)
-        except ConfigError as error:
-            log.error("reload rejected, keeping the running config: %s", error)
-            self._event("reload", f"rejected: {error}")
-            return False
-        asyncio.get_running_loop().create_task(self.apply_config(new))
+        asyncio.get_running_loop().create_task(self.reload_file(self.config_path))
         return True
 
-    async def apply_config(self, new: NodeConfig) -> None:
+    async def reload_file(self, path: Path) -> bool:
+        """Read and apply `path`; False when it was refused (nothing changed). Read off the
+        event loop: checking the bgp addresses asks netlink, whose client runs its own."""
+        try:
+            new = await asyncio.to_thread(load_config_file, path)
+        except ConfigError as error:
+            self._reload_rejected(str(error))
+            return False
+        return await self.apply_config(new)
+
+    def _reload_rejected(self, why: str) -> None:
+        log.error("reload rejected, keeping the running config: %s", why)
+        self._event("reload", f"rejected: {why}")
+        self._last_reload = {"time": time.time(), "refused": why}
+
+    async def apply_config(self, new: NodeConfig) -> bool:
+        """Apply `new` as `edge.reload_plan` decides; False when refused (nothing changed)."""
+        async with self._reload_lock:
+            return await self._apply_config(new)
+
+    async def _apply_config(self, new: NodeConfig) -> bool:
         old = self.config
+        running = [runtime.service for runtime in self.services.values()]
+        plan = plan_reload(old, new, running, set(self._retiring))
+        if plan.refused is not None:
+            self._reload_rejected(plan.refused)
+            return False
+        started = {
+            service.name: self._service_runtime(service, new)
+            for service in new.service_list()
+            if service.name in plan.start
+        }
+        # A started service binds before anything changes: one that cannot refuses it all.
+        accept = not self.machine.drain.active
+        try:
+            for runtime in started.values():
+                await runtime.open_listeners()
+        except OSError as error:
+            for runtime in started.values():
+                runtime.close_listeners()
+            self._reload_rejected(str(error))
+            return False
+        if not accept:  # bound to prove it can; the node's undrain opens them
+            for runtime in started.values():
+                runtime.close_listeners()
         if new.admin != old.admin or new.metrics != old.metrics:
             log.warning("admin and metrics endpoint changes take effect at the next restart")
         if new.bgp != old.bgp:
             log.warning("bgp changes take effect at the next restart")
-        if [s.name for s in new.service_list()] != list(self.services):
-            log.warning("services added, removed or renamed take effect at the next restart")
         self.config = new
         self.machine.thresholds = Thresholds(new.state.degraded_below, new.state.down_below)
-        accept = not self.machine.drain.active
         for service in new.service_list():
-            if (runtime := self.services.get(service.name)) is not None:
-                await runtime.reconfigure(new, service, accept)
+            if service.name in started:
+                continue
+            await self.services[service.name].reconfigure(new, service, accept)
+        for name, runtime in started.items():
+            self.services[name] = runtime
+            runtime.start_checks()
+        for name in plan.remove:
+            runtime = self.services[name]
+            runtime.retire()
+            self._retiring[name] = asyncio.get_running_loop().create_task(self._retire(runtime))
+        self._announce_services()
+        self._reloaded(plan)
+        self.evaluate()
+        return True
+
+    def _reloaded(self, plan: ReloadPlan) -> None:
         self._reloaded_at = time.time()
-        self._event("reload", "configuration reloaded")
+        summary = plan.summary()
+        log.info("configuration reloaded: %s", summary, extra={"event": "reload"})
+        self._event(
+            "reload",
+            f"configuration reloaded: {summary}",
+            started=list(plan.start),
+            draining=list(plan.remove),
+            reconfigured=list(plan.reconfigure),
+        )
+        self._last_reload = {
+            "time": self._reloaded_at,
+            "refused": None,
+            "steps": [
+                {"service": step.service, "action": str(step.action), "reason": step.reason}
+                for step in plan.steps
+            ],
+        }
+        for name in plan.start:
+            self._event("service", "started by a reload: announced once healthy", service=name)
+
+    async def _retire(self, runtime: ServiceRuntime) -> None:
+        """A removed service's drain, in the node's drain order but for it alone: leaving
+        announcement (its prefixes with GRACEFUL_SHUTDOWN), stop accepting, open
+        connections up to its drain deadline; then withdrawn and closed."""
+        name = runtime.name
+        drain = runtime.view.drain
+        self._event("service", "removed by a reload: draining", service=name)
+        try:
+            moved = False
+            for announcer in self._service_announcers():
+                accepted = lambda: runtime.ctx.accepted_total  # noqa: E731
+                moved = await announcer.before_service_stops_accepting(name, accepted) or moved
+            if not moved and drain.accept_grace:
+                await asyncio.sleep(drain.accept_grace)
+            runtime.close_listeners()
+            self._event("service", "removed by a reload: stopped accepting", service=name)
+            left = await self._finish_connections([runtime.ctx], drain.deadline)
+            await runtime.stop_checks()
+            del self.services[name]
+        finally:
+            self._retiring.pop(name, None)
+        self._announce_services()
+        self._event(
+            "service",
+            f"removed by a reload: gone, {left} connections closed at the deadline",
+            service=name,
+        )
         self.evaluate()
 
     # -- views ---------------------------------------------------------------------
@@ -428,6 +574,9 @@ class Agent:
             "events": list(self.events)[-20:],
             "uptime_s": round(time.time() - self._started_at, 3),
             "reloaded_at": self._reloaded_at,
+            # What the last reload did (each service's step) or why it was refused, and
+            # the services it removed that are still draining.
+            "reload": {**(self._last_reload or {}), "removing": sorted(self._retiring)},
             **{ext.name: ext.status() for ext in self.extensions},
         }
 

@@ -18,6 +18,11 @@ and with no other node to go to the traffic stays rather than fail), and each se
 announces its own link bandwidth. A service the GSLB does not name announces by the
 node's fields alone.
 
+A reload that starts or removes services (`edge.reload_plan`) calls `set_services`: a
+started service's prefixes join, withdrawn until its own state has risen; a removed one is
+`leaving` (announced as the GSLB's per-service drain does: GRACEFUL_SHUTDOWN and prepends)
+until the agent has drained it, then no longer named, so withdrawn.
+
 A planned change (anything but a withdraw because the node is down) can be held: the
 composition root may wire a `BeforeRouteChange` (flow sharing: peers hold this node's
 flows) that the announcer awaits before it hands the change to the speaker. Changes are
@@ -31,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +129,13 @@ class BgpAnnouncer:
         # the speaker was last given.
         self._wanted: _Wanted = (Serving.NOT_READY, None, None, {})
         self._applied: _Wanted = (Serving.NOT_READY, None, None, {})
-        # The GSLB's per-service view (services of this node it names).
+        # The GSLB's per-service view (services of this node it names), and all of it.
         self._service_desired: dict[str, ServiceDesired] = {}
+        self._service_desired_all: dict[str, ServiceDesired] = {}
+        # Services a reload removed, being drained: announced as leaving.
+        self._leaving: frozenset[str] = frozenset()
+        # The groups changed since the speaker was last given a state (a reload).
+        self._groups_changed = False
         self._why = ""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -158,6 +168,7 @@ class BgpAnnouncer:
     def set_service_desired(self, services: dict[str, ServiceDesired]) -> None:
         """The GSLB's admin state and share per service (contract 3); services of this node
         it does not name go by the node's fields."""
+        self._service_desired_all = dict(services)
         mine = {g.name for g in self.groups}
         wanted = {name: view for name, view in services.items() if name in mine}
         if wanted == self._service_desired:
@@ -168,6 +179,41 @@ class BgpAnnouncer:
             for name, view in sorted(wanted.items())
         )
         self._want(self._wanted[0], None, f"services: {summary or 'none named'}")
+
+    def set_services(self, services: Sequence[ServiceConfig], leaving: Set[str]) -> None:
+        """A reload's services (`edge.ports.ServiceAnnouncer`)."""
+        groups = prefix_groups(services)
+        if groups == self.groups and leaving == self._leaving:
+            return
+        self.groups = groups
+        self._leaving = frozenset(leaving)
+        self.speaker.set_groups(groups)
+        self._groups_changed = True
+        mine = {g.name for g in groups}
+        self._service_desired = {
+            name: view for name, view in self._service_desired_all.items() if name in mine
+        }
+        names = ", ".join(g.name + (" (leaving)" if g.name in leaving else "") for g in groups)
+        self._want(self._wanted[0], None, f"reload: services {names or 'none'}")
+
+    async def before_service_stops_accepting(
+        self, service: str, accepted_total: Callable[[], int]
+    ) -> bool:
+        await self._idle.wait()  # the leaving announcement may still be held
+        report = await self.speaker.wait_traffic_moved(accepted_total)
+        log.info(
+            "bgp drain of service %s: %s after %.1f s",
+            service,
+            report.outcome,
+            report.waited_s,
+            extra={
+                "event": "drain",
+                "service": service,
+                "outcome": str(report.outcome),
+                "waited_s": report.waited_s,
+            },
+        )
+        return True
 
     def on_transition(self, transition: Transition) -> None:
         state, drain = transition.new, transition.drain
@@ -187,7 +233,7 @@ class BgpAnnouncer:
         )
         if self._worker is None or not is_held(wanted) or service_lost:
             self._apply()
-        elif self._wanted != self._applied:
+        elif self._wanted != self._applied or self._groups_changed:
             self._idle.clear()
             self._wake.set()
 
@@ -195,6 +241,7 @@ class BgpAnnouncer:
         if not self.groups or self._node is None:
             return None
         admin = {n: v.admin_state for n, v in self._service_desired.items()}
+        admin.update(dict.fromkeys(self._leaving, AdminState.DRAINING))
         return {
             name: service_serving(s, admin.get(name, AdminState.ACTIVE))
             for name, s in self._node.service_states().items()
@@ -210,6 +257,7 @@ class BgpAnnouncer:
             group_link_bandwidth_mbps=group_mbps,
         )
         self._applied = self._wanted
+        self._groups_changed = False
         log.info(
             "bgp: %s -> %s: %s; services %s",
             self._why,
@@ -232,7 +280,7 @@ class BgpAnnouncer:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._wanted != self._applied:
+            if self._wanted != self._applied or self._groups_changed:
                 started = time.monotonic()
                 try:
                     await self._before_change(f"{self._why} -> {self._wanted[0]}")
@@ -241,7 +289,7 @@ class BgpAnnouncer:
                 self._holds += 1
                 self._hold_last_s = time.monotonic() - started
                 self._hold_max_s = max(self._hold_max_s, self._hold_last_s)
-                if self._wanted != self._applied:
+                if self._wanted != self._applied or self._groups_changed:
                     self._apply()
             if not self._wake.is_set():
                 self._idle.set()

@@ -637,7 +637,7 @@ def _check_services(config: NodeConfig) -> tuple[ServiceConfig, ...]:
                 raise ValueError(f"{where}.prefixes: {problem}")
             if (owner := prefix_owner.setdefault(prefix, service.name)) != service.name:
                 raise ValueError(f"{where}.prefixes: {prefix} is already service {owner}'s")
-            if prefix.version == 6 and bgp is not None and bgp.local_address_v6 is None:
+            if bgp is not None and service_prefix_problem(prefix, bgp):
                 raise ValueError(
                     f"bgp.local_address_v6: service {service.name} announces {prefix}: "
                     "IPv6 prefixes need an IPv6 next-hop"
@@ -660,6 +660,17 @@ def _check_services(config: NodeConfig) -> tuple[ServiceConfig, ...]:
             if problem := _listener_outside(address, service, ranges):
                 raise ValueError(f"{at}.address: {problem}")
     return tuple(config.services)
+
+
+def service_prefix_problem(prefix: IPNetwork, bgp: BgpConfig) -> str | None:
+    """Why `bgp` (a node's BGP section) cannot announce a service's `prefix`, or None:
+    outside its anycast ranges, or IPv6 without an IPv6 next-hop (a reload checks a new
+    service's prefixes against the running section: bgp changes take a restart)."""
+    if problem := outside_range(prefix, _anycast_ranges(bgp)):
+        return problem
+    if prefix.version == 6 and bgp.local_address_v6 is None:
+        return f"{prefix} is IPv6 and bgp.local_address_v6 is not set (IPv6 needs a next-hop)"
+    return None
 
 
 def _anycast_ranges(bgp: BgpConfig | None) -> dict[str, IPNetwork]:

@@ -10,11 +10,12 @@ Neither mutates the other: no registries, no back references, no import of `edge
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from contract.schemas import ServiceReport
+from edge.config import ServiceConfig
 from edge.flows import FlowTable
 from edge.services import ServiceState
 from edge.state import Drain, DrainSource, NodeState, Transition
@@ -103,3 +104,24 @@ class AgentExtension(Protocol):
     async def before_stop_accepting(self) -> bool:
         """The drain's step before listeners close. True when this extension moved the
         traffic away (then the agent's fixed `drain.accept_grace` is not needed)."""
+
+
+@runtime_checkable
+class ServiceAnnouncer(Protocol):
+    """An extension that announces each service's own prefixes (the BGP announcer). A
+    reload that starts or removes services tells it which to announce (`set_services`:
+    every service with a runtime, those `leaving` included) and runs, per removed
+    service, the same step as a node's drain before that service's listeners close."""
+
+    name: str
+
+    def set_services(self, services: Sequence[ServiceConfig], leaving: Set[str]) -> None:
+        """The services announced from now on: a new one by its own state (withdrawn until
+        it has risen), one `leaving` with GRACEFUL_SHUTDOWN and prepends (the per-service
+        drain), one no longer named withdrawn."""
+
+    async def before_service_stops_accepting(
+        self, service: str, accepted_total: Callable[[], int]
+    ) -> bool:
+        """A removed service's step before its listeners close (its leaving announcement
+        sent, its new-connection rate quiet, bounded). True when it moved the traffic."""

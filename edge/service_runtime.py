@@ -68,6 +68,8 @@ class ServiceRuntime:
             service.name, Thresholds(view.state.degraded_below, view.state.down_below)
         )
         self.servers: dict[str, tuple[ListenerConfig, asyncio.Server]] = {}
+        # Removed by a reload and draining (`retire`): its listeners close on purpose.
+        self.retiring = False
         self._checker = HealthChecker(self._check_result, vrf=service.vrf)
 
     @property
@@ -123,7 +125,7 @@ class ServiceRuntime:
         """Look at listeners and backends; the service's transition, if any. While the node
         drains, its listeners are closed on purpose."""
         total, healthy, settled = self.pool.counts()
-        ok, detail = (True, "") if draining else self.listeners_ok()
+        ok, detail = (True, "") if draining or self.retiring else self.listeners_ok()
         return self.machine.observe(Observation(total, healthy, settled, ok, detail))
 
     def expire_ejections(self, now: float) -> None:
@@ -176,6 +178,12 @@ class ServiceRuntime:
         self._on_health()
 
     # -- reload ------------------------------------------------------------------------
+    def retire(self) -> None:
+        """A reload removed this service: it drains (its responses say `Connection: close`,
+        its listeners close when the agent says) and is then closed."""
+        self.retiring = True
+        self.ctx.is_draining = _always
+
     async def reconfigure(self, node: NodeConfig, service: ServiceConfig, accept: bool) -> None:
         self.service = service
         self.view = view = node.for_service(service)
@@ -217,6 +225,7 @@ class ServiceRuntime:
             "cause": self.machine.cause,
             "prefixes": [str(prefix) for prefix in self.service.prefixes],
             "vrf": self.service.vrf,
+            "removing": self.retiring,
             "backends_total": total,
             "backends_healthy": healthy,
             "listeners": [
@@ -231,6 +240,10 @@ class ServiceRuntime:
             ],
             "backends": [b.snapshot() for b in self.pool.active_backends],
         }
+
+
+def _always() -> bool:
+    return True
 
 
 def _address_port(address: str, port: int) -> str:

@@ -238,6 +238,8 @@ class ProxyContext:
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)
     # The service's VRF device: backend connections bind to it.
     vrf: str | None = None
+    # Client connections this service accepted (a removed service's drain watches its rate).
+    accepted_total: int = 0
 
     def __post_init__(self) -> None:
         self.update_config(self.config)
@@ -262,6 +264,7 @@ class ProxyContext:
     def accepted(self, conn: ClientConnection, listener: str, transport: asyncio.Transport) -> Flow:
         """Register a new client connection and open its flow (backend not chosen yet)."""
         self.connections.setdefault(listener, set()).add(conn)
+        self.accepted_total += 1
         transport.set_write_buffer_limits(high=self.config.limits.buffer_high_water)
         address, port = client_address(transport.get_extra_info("peername"))
         return self.flows.open(address, port, listener, "")

@@ -242,6 +242,14 @@ class RouteMonitor:
                 if predicate(line):
                     return stamp
 
+    def seen(self) -> list[str]:
+        """Every line read so far and not yet taken (taking them)."""
+        lines = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                lines.append(self._lines.get_nowait()[1])
+        return lines
+
     def close(self) -> None:
         self._process.kill()
         self._process.wait(timeout=5)
