@@ -380,6 +380,7 @@ class VipExtension:
     async def _fence_loop(self) -> None:
         assert self.fence is not None and self.config.fencing is not None
         renew_every = min(0.25, self.config.fencing.lease_ttl / 8)
+        margin = self.config.fencing.lease_margin
         while True:
             decision = self.election.last_decision
             want = decision is not None and decision.want_key
@@ -393,6 +394,11 @@ class VipExtension:
             held_elsewhere = self.fence.watching and view.key_token != 0
             # (a standby also keeps its own lease alive: within fence.LEASE_FRESH_S)
             pause = renew_every if view.holds else (0.05 if want and not held_elsewhere else 0.25)
+            if view.holds:
+                # renew while half the time above the election's margin is left, so that
+                # the renewal lands before the owner would have to let go (LEASE_EXPIRING)
+                above = view.lease_deadline - time.monotonic() - margin
+                pause = max(0.01, min(pause, above / 2))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._fence_wake.wait()

@@ -36,8 +36,12 @@ from edge.vip.election import FenceView
 
 log = logging.getLogger("edge.vip")
 WATCH_RETRY_S = 0.2
-#: A standby keeps a lease of its own alive (no key on it): acquiring then takes one txn,
-#: not a grant first, while its last keep-alive left at least the TTL minus this.
+#: A standby keeps a lease of its own alive (no key on it): acquiring then takes one round
+#: trip, not a grant first, while its last keep-alive left at least the TTL minus this. The
+#: txn goes out with a keep-alive of that lease alongside it: the key is taken with a lease
+#: as fresh as the txn, not up to this much older (with the default 2 s TTL and 1.4 s
+#: margin, an owner would keep only 0.2 s before LEASE_EXPIRING, less than one renewal
+#: period: a new owner let go ~0.25 s after its claim).
 LEASE_FRESH_S = 0.4
 
 
@@ -172,12 +176,25 @@ class EtcdFence:
         self._lease_deadline = sent + int(reply["TTL"])
         return self._lease_deadline
 
-    async def _fresh_lease(self) -> float:
-        """The standby's lease as it is when it was kept alive recently, else renewed."""
+    def _lease_kept(self) -> bool:
+        """The standby's lease was kept alive recently (it cannot have expired since)."""
         left = self._lease_deadline - time.monotonic()
-        if self.lease_id and left >= self.lease_ttl_s - LEASE_FRESH_S:
-            return self._lease_deadline
-        return await self._keepalive_or_grant()
+        return bool(self.lease_id) and left >= self.lease_ttl_s - LEASE_FRESH_S
+
+    async def _keepalive_alongside(self) -> float | None:
+        """A keep-alive of the kept lease sent alongside a txn on it: its new conservative
+        deadline, or None (no answer, no TTL: the txn's own outcome decides, and the
+        deadline stays what the last keep-alive gave)."""
+        lease, sent = self.lease_id, time.monotonic()
+        try:
+            reply = await self.client.call("/v3/lease/keepalive", {"ID": str(lease)})
+        except FenceUnavailable:
+            return None
+        ttl = int(reply.get("result", {}).get("TTL", 0))
+        if ttl <= 0 or lease != self.lease_id:
+            return None
+        self._lease_deadline = max(self._lease_deadline, sent + ttl)
+        return self._lease_deadline
 
     async def _renew(self) -> None:
         deadline = await self._keepalive_or_grant()
@@ -197,9 +214,38 @@ class EtcdFence:
             self.view = FenceView(True)
 
     async def _acquire(self) -> None:
-        deadline = await self._fresh_lease()
+        alongside: asyncio.Task[float | None] | None = None
+        if self._lease_kept():
+            alongside = asyncio.ensure_future(self._keepalive_alongside())
+        else:
+            await self._keepalive_or_grant()
+        try:
+            reply = await self._take_key()
+        finally:
+            if alongside is not None:
+                await alongside  # never raises: its outcome is in _lease_deadline
+        # conservative: the last keep-alive sent that answered (the one alongside the txn,
+        # when it did), never the time of the txn's answer
+        deadline = self._lease_deadline
+        if reply.get("succeeded"):
+            token = int(reply["header"]["revision"])
+            self.observe(token, {"mod_revision": token, "value": _b64(self.node_id)})
+            self.owner = self.node_id
+            self.view = FenceView(True, True, token, deadline)
+            return
+        kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
+        self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        self._observe_reply(reply, kvs)
+        if kvs and self._on_our_lease(kvs[0]):
+            # an earlier txn of ours succeeded but its answer was lost: the key is ours
+            self.view = FenceView(True, True, int(kvs[0]["mod_revision"]), deadline)
+            return
+        self.view = FenceView(True)
+
+    async def _take_key(self) -> dict[str, Any]:
+        """The txn: put the key on our lease if it does not exist, else read it."""
         key = _b64(self.key)
-        reply = await self.client.call(
+        return await self.client.call(
             "/v3/kv/txn",
             {
                 "compare": [
@@ -217,20 +263,6 @@ class EtcdFence:
                 "failure": [{"request_range": {"key": key}}],
             },
         )
-        if reply.get("succeeded"):
-            token = int(reply["header"]["revision"])
-            self.observe(token, {"mod_revision": token, "value": _b64(self.node_id)})
-            self.owner = self.node_id
-            self.view = FenceView(True, True, token, deadline)
-            return
-        kvs = (reply.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
-        self.owner = base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
-        self._observe_reply(reply, kvs)
-        if kvs and self._on_our_lease(kvs[0]):
-            # an earlier txn of ours succeeded but its answer was lost: the key is ours
-            self.view = FenceView(True, True, int(kvs[0]["mod_revision"]), deadline)
-            return
-        self.view = FenceView(True)
 
     def _on_our_lease(self, kv: dict[str, Any]) -> bool:
         return bool(self.lease_id) and int(kv.get("lease", 0)) == self.lease_id
