@@ -130,6 +130,10 @@ class VipExtension:
         self._wake = asyncio.Event()
         self._fence_wake = asyncio.Event()
         self._handing_over = False
+        #: The VIP may be in this node's kernel: set before it is put there, cleared only
+        #: once its removal returned. The fence keeps the key while it is set, so the key
+        #: is never given back (and claimed by a peer) while the address is still here.
+        self._vip_may_be_held = False
         self._last_burst = float("-inf")
         self._peer_health: dict[str, tuple[NodeState, float]] = {}
         self.transitions: deque[dict[str, Any]] = deque(maxlen=20)
@@ -383,7 +387,11 @@ class VipExtension:
         margin = self.config.fencing.lease_margin
         while True:
             decision = self.election.last_decision
-            want = decision is not None and decision.want_key
+            # a decision to let go is taken before the VIP's removal returns: until it has,
+            # a key we hold stays ours (this loop may run in between); it never makes us
+            # ask for a key we do not hold
+            keep = self._vip_may_be_held and self.fence.view.holds
+            want = (decision is not None and decision.want_key) or keep
             before = self.fence.view
             view = await self.fence.update(want)
             self.election.fence_changed(view)
@@ -456,6 +464,7 @@ class VipExtension:
             assert decision.lifetime_s is not None
             decided, fence = decision.lifetime_s, self.election.fence
             self._arm_guard()  # before the VIP is in the kernel
+            self._vip_may_be_held = True
 
             def lifetime() -> int:
                 if not self._guard_current():
@@ -473,8 +482,10 @@ class VipExtension:
                 self._burst()
         elif decision.action is Action.RELEASE or await self.vip.present():
             await self.vip.remove()
+            self._vip_may_be_held = False
             self._disarm_guard()
         else:
+            self._vip_may_be_held = False
             self._disarm_guard()
 
     def _burst(self) -> None:
