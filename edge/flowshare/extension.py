@@ -266,6 +266,7 @@ class FlowShareExtension:
                     "connected": link.connected,
                     "connects": link.connects,
                     "dead_streams": link.dead_streams,
+                    "stream_errors": link.stream_errors,
                     "live": name in self.directory.live,
                     "flows_held": len(self.directory.table(name)),
                     "frames_received": self.inbound.frames[name],

@@ -119,6 +119,9 @@ class Outbound:
         self.waiting_since: float | None = None  # monotonic; see keepalive.outbound
         self.connects = 0
         self.dead_streams = 0  # streams the keepalive found dead (and aborted)
+        #: streams that ended on an unexpected error (logged with its traceback), after
+        #: which the sender reconnected: before, such an error ended the sender silently
+        self.stream_errors = 0
         self._writer: asyncio.StreamWriter | None = None
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -181,22 +184,29 @@ class Outbound:
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
             backoff = RECONNECT_S[0]
-            no_delay(writer, int(self.timeout_s * 1000))
-            self.connects += 1
-            self._queue = asyncio.Queue()
-            self.waiting_since, self._writer = None, writer
-            self.connected = True
-            self._queue_snapshot()
-            acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
+            acks: asyncio.Task[None] | None = None
             try:
+                no_delay(writer, int(self.timeout_s * 1000))
+                self.connects += 1
+                self._queue = asyncio.Queue()
+                self.waiting_since, self._writer = None, writer
+                self.connected = True
+                self._queue_snapshot()
+                acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
                 await self._write(writer)
             except (OSError, ConnectionError):
                 pass
+            except Exception:  # a stream never ends its sender for good: log, start over
+                self.stream_errors += 1
+                log.exception(
+                    "flowshare: stream to %s (%s) failed: reconnecting", self.peer, self.address[0]
+                )
             finally:
                 self.connected, self._writer = False, None
-                acks.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await acks
+                if acks is not None:
+                    acks.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await acks
                 writer.close()
             await asyncio.sleep(RECONNECT_S[0])
 

@@ -312,7 +312,8 @@ def _flows_out_of_sync() -> str | None:
                 problems.append(
                     f"{where}: stream {edge}->{name} not connected"
                     f" (attempt {peer.get('attempt')}, connects {peer['connects']},"
-                    f" dead_streams {peer['dead_streams']})"
+                    f" dead_streams {peer['dead_streams']},"
+                    f" stream_errors {peer.get('stream_errors')})"
                 )
             if not peer["live"]:
                 problems.append(f"{where}: {name} not live at {edge} (no frame within timeout)")

@@ -88,3 +88,35 @@ async def test_peers_converge_and_the_barrier_waits_for_their_acks(tmp_path: Pat
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_an_unexpected_error_in_a_stream_does_not_end_its_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error no stream expects (here: the snapshot callback fails once, right after a
+    connect) is logged and counted, and the sender connects again; before, it ended the
+    sender's task for good, silently (the lab saw a stream "closed" and never retried)."""
+    port = free_port()
+    tables = {name: FlowTable() for name in ("a", "b")}
+    tables["a"].open("198.19.0.2", 40000, "tcp", "b1")
+    a, b = (extension(n, port, tmp_path) for n in ("a", "b"))
+    link = a.outbound["b"]
+    snapshot, failures = link._snapshot, []
+
+    def failing_once() -> Any:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("dictionary changed size during iteration")
+        return snapshot()
+
+    monkeypatch.setattr(link, "_snapshot", failing_once)
+    await a.start(node(tables["a"]))
+    await b.start(node(tables["b"]))
+    try:
+        await until(lambda: link.connects >= 2 and link.connected, "a reconnected to b")
+        await until(lambda: len(b.directory.table("a")) == 1, "b holds a's flow")
+        assert failures == [1] and a.status()["peers"]["b"]["stream_errors"] == 1
+    finally:
+        await a.stop()
+        await b.stop()
