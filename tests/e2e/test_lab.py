@@ -311,7 +311,8 @@ def _flows_out_of_sync() -> str | None:
             if not peer["connected"]:
                 problems.append(
                     f"{where}: stream {edge}->{name} not connected"
-                    f" (connects {peer['connects']}, dead_streams {peer['dead_streams']})"
+                    f" (attempt {peer.get('attempt')}, connects {peer['connects']},"
+                    f" dead_streams {peer['dead_streams']})"
                 )
             if not peer["live"]:
                 problems.append(f"{where}: {name} not live at {edge} (no frame within timeout)")
