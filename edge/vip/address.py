@@ -198,13 +198,16 @@ class Announcer:
         self._sock.bind((interface, 0))  # protocol 0: nothing is ever queued to read
         self._sock.setblocking(False)
         self.sent_total = 0
+        self.send_errors = 0
 
     def send(self) -> None:
         try:
             self._sock.send(self.frame)
             self.sent_total += 1
-        except BlockingIOError:
-            pass  # a full queue: the next one of the burst goes out
+        except OSError:
+            # a full queue (EAGAIN) or a link going away (ENOBUFS, ENETDOWN): the next one
+            # of the burst goes out; counted, never an exception in the loop's callback
+            self.send_errors += 1
 
     def close(self) -> None:
         self._sock.close()

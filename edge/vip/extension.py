@@ -634,6 +634,7 @@ class VipExtension:
             "transitions": list(self.transitions),
             "claims_total": self.claims_total,
             "announcements_sent": self.announcer.sent_total if self.announcer else 0,
+            "announcement_errors": self.announcer.send_errors if self.announcer else 0,
             "heartbeats_sent": self.heartbeats_sent,
             "heartbeats_accepted": self.heartbeats_accepted,
             "heartbeats_refused": {str(k): v for k, v in self.receiver.refused.items()},

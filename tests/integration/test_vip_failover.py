@@ -496,9 +496,7 @@ def test_randomized_faults_never_show_two_owners(lab: ApLab) -> None:
         for i, t in zip(injection, observer.dual_times, strict=True)
     ]
     if observer.dual_owner_samples():
-        for node in lab.nodes:  # what each node said around it
-            assert node.log is not None
-            print(f"--- {node.name}", node.log.read_text(errors="replace")[-6000:])
+        print(observer.logs_around_dual())  # what each node said around it
     assert observer.dual_owner_samples() == 0, (during, done)
     assert observer.dual_arp_answers() == 0, done
     assert len(observer.samples) > 100 * (time.monotonic() - began) * 0.3  # it did sample

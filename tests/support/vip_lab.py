@@ -21,6 +21,7 @@ import ctypes
 import http.client
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -451,6 +453,7 @@ class Observer:
         self.samples: list[tuple[float, frozenset[str]]] = []
         self.arp_answers: list[frozenset[str]] = []  # per sample: MACs that answered
         self.dual_times: list[float] = []  # monotonic times at which two nodes held the VIP
+        self.dual_wall: list[float] = []  # the same, wall clock (to find them in node logs)
         self._arp: socket.socket | None = None
         if arp:
             self._arp, self._arp_request = self._arp_socket()
@@ -509,6 +512,7 @@ class Observer:
             # node in both reads beside another in both reads held the VIP at the same time.
             if len(forward) > 1 and len(forward & self._holders(self._handles[::-1])) > 1:
                 self.dual_times.append(now)
+                self.dual_wall.append(time.time())
             time.sleep(self.interval_s)
 
     def __enter__(self) -> Observer:
@@ -525,6 +529,29 @@ class Observer:
 
     def dual_owner_samples(self) -> int:
         return len(self.dual_times)
+
+    def logs_around_dual(self, before_s: float = 2.0, after_s: float = 0.5) -> str:
+        """Every node's log lines from `before_s` before the first two-owner sample to
+        `after_s` after the last one (the lines carry wall-clock times)."""
+        if not self.dual_wall:
+            return ""
+        low, high = self.dual_wall[0] - before_s, self.dual_wall[-1] + after_s
+        stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+        first = datetime.fromtimestamp(self.dual_wall[0]).strftime("%H:%M:%S.%f")[:-3]
+        out = [f"two owners first at {first}, {len(self.dual_wall)} samples"]
+        for node in self.lab.nodes:
+            out.append(f"--- {node.name}")
+            if node.log is None or not node.log.exists():
+                continue
+            keep = False
+            for line in node.log.read_text(errors="replace").splitlines():
+                m = stamp.match(line)
+                if m:
+                    t = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(m[2]) / 1000
+                    keep = low <= t <= high
+                if keep:
+                    out.append(line)
+        return "\n".join(out)
 
     def dual_arp_answers(self) -> int:
         """Samples in which two different MACs answered ARP for the VIP."""
