@@ -178,7 +178,11 @@ class VipExtension:
             f = self.config.fencing
             client = EtcdLeaseClient(f.endpoints, f.request_timeout)
             key = f"{f.prefix}{self.config.name}/owner"
-            self.fence = EtcdFence(client, key, self.node_id, f.lease_ttl)
+            # the election sees every view the moment the fence takes it: a release sets
+            # "not held" before its txn leaves, so no step can claim on the key meanwhile
+            self.fence = EtcdFence(
+                client, key, self.node_id, f.lease_ttl, on_view=self.election.fence_changed
+            )
             self._tasks.append(loop.create_task(self._fence_loop()))
             self._tasks.append(loop.create_task(self.fence.watch(self._key_changed)))
         if self.config.arp_monitor is not None:
@@ -462,14 +466,16 @@ class VipExtension:
         assert self.vip is not None
         if decision.owning:
             assert decision.lifetime_s is not None
-            decided, fence = decision.lifetime_s, self.election.fence
+            decided = decision.lifetime_s
             self._arm_guard()  # before the VIP is in the kernel
             self._vip_may_be_held = True
 
             def lifetime() -> int:
                 if not self._guard_current():
                     return 0  # the guard may be firing: wait for its word
-                return min(decided, address_lifetime(fence, time.monotonic()))
+                # the fence as it is now (the put waits for the netlink thread, and the
+                # fence may have lost or begun to give back the key since the decision)
+                return min(decided, address_lifetime(self.election.fence, time.monotonic()))
 
             if not await self.vip.put(lifetime):
                 log.warning("vip group %s: no lease time left to refresh the VIP", self.config.name)

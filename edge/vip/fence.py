@@ -16,6 +16,12 @@ which revision (`FenceView.seen_revision`, `key_token`): every read, txn and the
 (`watch()`: a v3 watch on the key, streamed) feed it, never backwards. That is what lets a
 standby see within milliseconds that the active's key is gone (its guard revoked the lease,
 it gave it back) and stop waiting out the dead interval (election rule 7).
+
+The election holds a copy of the view, and it is told each new one the moment the fence
+takes it (`on_view`): `release()` sets "not held" before its txn leaves. Were the copy
+refreshed only when a round returned, a step taken while a release is in flight would
+still see the key held with a fresh lease, and could claim on it just as the store hands
+it to a peer.
 """
 
 from __future__ import annotations
@@ -95,8 +101,18 @@ class EtcdLeaseClient:
 class EtcdFence:
     """Holds, renews and gives back the group's ownership key."""
 
-    def __init__(self, client: EtcdLeaseClient, key: str, node_id: str, lease_ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: EtcdLeaseClient,
+        key: str,
+        node_id: str,
+        lease_ttl_s: int,
+        on_view: Callable[[FenceView], None] | None = None,
+    ) -> None:
+        """`on_view`: told every new view at once, before the next call goes out (the
+        election's copy of it must never say "holds" once a release has begun)."""
         self.client = client
+        self.on_view = on_view
         self.key = key
         self.node_id = node_id
         self.lease_ttl_s = lease_ttl_s
@@ -120,6 +136,8 @@ class EtcdFence:
     @view.setter
     def view(self, view: FenceView) -> None:
         self._view = view
+        if self.on_view is not None:
+            self.on_view(self.view)
 
     def observe(self, revision: int, kv: dict[str, Any] | None) -> bool:
         """The key as the store showed it at `revision` (kv None: no key). True when that

@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 from edge.vip import fence as fence_module
-from edge.vip.election import MIN_LEASE_MARGIN_S
+from edge.vip.election import MIN_LEASE_MARGIN_S, Action, Election, ElectionConfig, Reason
 from edge.vip.fence import EtcdFence, EtcdLeaseClient, FenceUnavailable
 
 TTL = 2
@@ -41,10 +41,13 @@ class ScriptedStore:
         self.key: dict[str, Any] | None = None
         self.calls: list[str] = []
         self.fail: set[str] = set()
+        self.gates: dict[str, asyncio.Event] = {}  # calls on these paths wait for the event
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(path)
         await asyncio.sleep(0)  # in flight: another call may start meanwhile
+        if path in self.gates:
+            await self.gates[path].wait()
         self.clock.now += self.rtt / 2  # the store handles it half way
         if path in self.fail:
             raise FenceUnavailable(f"{path}: timeout")
@@ -62,6 +65,20 @@ class ScriptedStore:
                 return {"result": {"ID": str(lease), "TTL": str(TTL)}}
             if path == "/v3/kv/range":
                 return {"header": header, "kvs": [self.key] if self.key else []}
+            if path == "/v3/lease/revoke":
+                lease = int(body["ID"])
+                self.leases.pop(lease, None)
+                if self.key is not None and int(self.key["lease"]) == lease:
+                    self.key = None
+                    self.revision += 1
+                return {"header": header}
+            if path == "/v3/kv/txn" and "request_delete_range" in body["success"][0]:
+                wanted = int(body["compare"][0]["mod_revision"])
+                if self.key is not None and int(self.key["mod_revision"]) == wanted:
+                    self.key = None
+                    self.revision += 1
+                    return {"header": {"revision": str(self.revision)}, "succeeded": True}
+                return {"header": header, "succeeded": False}
             if path == "/v3/kv/txn":
                 if self.key is None:
                     self.revision += 1
@@ -146,3 +163,40 @@ async def test_a_held_key_is_not_taken_and_the_lease_stays_kept(clock: Clock) ->
     view = await fence.update(want_key=True)
     assert not view.holds and fence.owner == "n2"
     assert view.key_token == other.view.token
+
+
+async def test_no_claim_on_a_key_that_is_being_given_back(clock: Clock) -> None:
+    """The election is told "not held" the moment a release begins, before its txn leaves:
+    a step taken while the txn is in flight (the fence loop and the election run side by
+    side) must not claim on the key that the store is about to hand to a peer. Before, the
+    election kept the view of the last finished round (held, a fresh lease) until the
+    release returned, and a node that let go and was at once elected again (healthy again,
+    the higher peer gone) put the VIP back while a peer took the key: two owners, and a
+    long overlap when that node then froze (the randomized netns test)."""
+    store = ScriptedStore(clock)
+    election = Election(ElectionConfig("n2", 100, fenced=True))
+    fence = EtcdFence(cast(EtcdLeaseClient, store), KEY, "n2", TTL, on_view=election.fence_changed)
+
+    async def fence_round(want: bool) -> None:  # what the extension's fence loop does
+        election.fence_changed(await fence.update(want))
+
+    await fence_round(False)
+    assert election.step(clock.now, True).reason is Reason.LISTENING
+    for _ in range(4):  # a tick every advert interval until the dead interval is out
+        clock.now += 0.1
+        decision = election.step(clock.now, True)
+    assert decision.reason is Reason.WAITING_FOR_KEY
+    await fence_round(True)
+    assert election.step(clock.now, True).action is Action.CLAIM
+    released = election.step(clock.now, False)  # unhealthy for a moment
+    assert released.action is Action.RELEASE and not released.want_key
+    gate = store.gates["/v3/kv/txn"] = asyncio.Event()
+    giving_back = asyncio.ensure_future(fence_round(False))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert store.calls[-1] == "/v3/kv/txn" and not giving_back.done()  # in flight
+    again = election.step(clock.now + 0.01, True)  # healthy again, nobody else claims
+    assert again.action is Action.STANDBY and again.reason is Reason.WAITING_FOR_KEY
+    gate.set()
+    await giving_back
+    assert store.key is None and not fence.view.holds
