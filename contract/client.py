@@ -191,7 +191,9 @@ class ApiClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> httpx.Response:
-        content = body.model_dump_json().encode() if body is not None else None
+        # An optional field left out (None) is not sent: an API of an older contract that
+        # does not know it (`service` on a drain) takes the request as before.
+        content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
         all_headers = dict(headers or {})
         if content is not None:
             all_headers["Content-Type"] = "application/json"
