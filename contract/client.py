@@ -191,7 +191,11 @@ class ApiClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> httpx.Response:
-        content = body.model_dump_json().encode() if body is not None else None
+        content = None
+        if isinstance(body, Heartbeat) and body.flowshare is None:
+            content = body.model_dump_json(exclude={"flowshare"}).encode()
+        elif body is not None:
+            content = body.model_dump_json().encode()
         all_headers = dict(headers or {})
         if content is not None:
             all_headers["Content-Type"] = "application/json"
@@ -328,6 +332,8 @@ class ApiClient:
     # --- nodes ---------------------------------------------------------------------
 
     async def heartbeat(self, node: str, heartbeat: Heartbeat) -> NodeDesired:
+        # A node without flow sharing sends no `flowshare` key at all, so an API older
+        # than the report (its schema forbids unknown fields) still records it.
         response = await self._request(
             "POST",
             f"/v1/nodes/{node}/heartbeat",
