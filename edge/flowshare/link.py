@@ -275,17 +275,21 @@ class Outbound:
     async def _write(self, writer: asyncio.StreamWriter) -> None:
         # One writer, frames in seq order (no wait_for on the queue: on 3.11 its timeout
         # can race a completed get, and a frame would go out after a later one).
+        # A closing transport ends the stream before the ack reader says so: uvloop (the
+        # agent's loop) raises RuntimeError on a write to a closed handle, where asyncio's
+        # own loop drops it. The lab's edge-b1 kill did that on edge-b2's stream to it: a
+        # heartbeat queued after the reset was written to the closed handle.
         while True:
             self._writer_idle = True
             try:
                 data = await self._queue.get()
             finally:
                 self._writer_idle = False
-            if not data:  # b"": the ack reader saw the end
+            if not data or writer.transport.is_closing():  # b"": the ack reader saw the end
                 return
             writer.write(data)
             while not self._queue.empty():
-                if not (data := self._queue.get_nowait()):
+                if not (data := self._queue.get_nowait()) or writer.transport.is_closing():
                     return
                 writer.write(data)
             self._sent_since_heartbeat = True
@@ -456,6 +460,8 @@ class Inbound:
 
     def _answer(self, writer: asyncio.StreamWriter, sender: str, body: Ack | Keepalive) -> None:
         """Acks and keepalives share one seq per sender: allocated and written in one step."""
+        if writer.transport.is_closing():  # the stream ends (uvloop raises on a closed one)
+            return
         seq = self._ack_seq.get(sender, 0) + 1
         self._ack_seq[sender] = seq
         frame = Frame(self.ident.me, sender, self.ident.boot, seq, now_ms(), body)

@@ -2,7 +2,7 @@
 converge on each other's flows, the planned-change barrier returns once both hold ours,
 a restarted peer's old flows are dropped, a peer that is down is named by the barrier and
 not waited for (its stream was refused), a peer that is not connected yet at a fresh start
-is."""
+is; on uvloop, a closed stream is never written to."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import uvloop
 
 from edge.config import parse_config
 from edge.flows import FlowTable
 from edge.flowshare.extension import FlowShareExtension
-from edge.flowshare.wire import flow_key
+from edge.flowshare.wire import Delta, Keepalive, flow_key
 from tests.support.procs import free_port
 
 VIP = "198.51.100.10"
@@ -151,3 +152,34 @@ async def test_a_peer_back_after_a_refusal_is_waited_for(tmp_path: Path) -> None
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_stream_is_not_written_to_on_uvloop(tmp_path: Path) -> None:
+    """On uvloop (the agent's loop) a write to a closed transport raises RuntimeError where
+    asyncio's own loop drops it. The lab's kill of edge-b1 closed edge-b2's stream to it
+    while a heartbeat waited in the queue: the writer wrote it and the stream ended on that
+    error (logged, counted in stream_errors; before 2d0cb52 the sender stopped for good).
+    The writer and the acks stop at a closing transport instead."""
+
+    async def scenario() -> None:
+        ext = extension("a", free_port(), tmp_path)
+        link = ext.outbound["b"]
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        try:
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            writer.transport.abort()  # a reset, or the keepalive's abort
+            await asyncio.sleep(0.05)  # uvloop closes the handle on a later iteration
+            with pytest.raises(RuntimeError, match="closed"):
+                writer.write(b"x")  # the premise: uvloop refuses a write to it
+            link._queue.put_nowait(link._frame(Delta(())))  # a heartbeat queued meanwhile
+            await asyncio.wait_for(link._write(writer), 5)  # ends the stream, no error
+            ext.inbound._answer(writer, "b", Keepalive(1))  # an ack or keepalive: dropped
+        finally:
+            server.close()
+
+    uvloop.run(scenario())
