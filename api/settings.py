@@ -130,6 +130,10 @@ class Settings(_Config):
     #: Fail open (api/panic.py): when fewer than this share of a site's (or the fleet's)
     #: nodes look alive, keep their last weights. 0 turns it off.
     panic_threshold: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
+    #: A weight change waits until the fleet's flow-sharing nodes report their flow tables
+    #: in sync (api/flowsync.py), at most this long; then it is applied anyway, and the
+    #: `flow-sync` event says so. 0: weight changes never wait.
+    flow_sync_bound_s: Annotated[float, Field(strict=True, ge=0, le=60)] = 3.0
     #: `json`: one JSON object per log line (contract.logs: ts, level, logger, msg, component),
     #: for collectors.
     log_format: Literal["text", "json"] = "text"

@@ -192,7 +192,8 @@ class ApiClient:
         timeout_s: float | None = None,
     ) -> httpx.Response:
         # An optional field left out (None) is not sent: an API of an older contract that
-        # does not know it (`service` on a drain) takes the request as before.
+        # does not know it (`service` on a drain, `flowshare` in a heartbeat) takes the
+        # request as before.
         content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
         all_headers = dict(headers or {})
         if content is not None:
@@ -330,6 +331,8 @@ class ApiClient:
     # --- nodes ---------------------------------------------------------------------
 
     async def heartbeat(self, node: str, heartbeat: Heartbeat) -> NodeDesired:
+        # A node without flow sharing sends no `flowshare` key at all, so an API older
+        # than the report (its schema forbids unknown fields) still records it.
         response = await self._request(
             "POST",
             f"/v1/nodes/{node}/heartbeat",

@@ -294,6 +294,26 @@ class ServiceReport(Strict):
     backends_healthy: Annotated[Count, Field(le=100_000)] = 0
 
 
+class FlowSharePeerReport(Strict):
+    """One flow-sharing peer as the reporting node sees it: `synced` when the peer
+    acknowledged everything this node sent it (its kernel map holds this node's flows) and
+    this node holds the peer's flows; `lag_ms`, how long the oldest batch of this node's
+    flows has waited for the peer's acknowledgement (0 when none waits)."""
+
+    peer: Annotated[str, Field(min_length=1, max_length=64)]
+    synced: Annotated[bool, Field(strict=True)]
+    lag_ms: Annotated[float, Field(ge=0, le=86_400_000)] = 0.0
+
+
+class FlowShareReport(Strict):
+    """A node's flow sharing (node.yaml `flowshare:`), for the GSLB's weight-change gate:
+    `forwarding` as the node's /status says it (on, off, unavailable), one entry per
+    configured peer (none while the node shares nothing, e.g. without its overlay)."""
+
+    forwarding: Annotated[str, Field(min_length=1, max_length=32)]
+    peers: list[FlowSharePeerReport] = Field(default_factory=list, max_length=256)
+
+
 class Heartbeat(Strict):
     """What a node reports every heartbeat interval (POST /v1/nodes/{node}/heartbeat).
 
@@ -312,6 +332,9 @@ class Heartbeat(Strict):
     applied_revision: Revision = 0
     #: Each service's own state (absent from agents older than services).
     services: list[ServiceReport] = Field(default_factory=list, max_length=64)
+    #: Absent on a node without flow sharing, and from agents older than the report (the
+    #: GSLB then does not know whether that node's flow table is in sync).
+    flowshare: FlowShareReport | None = None
 
 
 # --- responses ------------------------------------------------------------------------

@@ -590,6 +590,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
     Raises ExtensionSetupError when one cannot run as configured."""
     extensions: list[AgentExtension] = []
     hold: BeforeRouteChange | None = None
+    flowshare = None
     if config.flowshare is not None:
         # First: it starts (and takes its peers' flows) before anything announces, and the
         # announcer holds every planned change until the peers hold this node's flows.
@@ -624,6 +625,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
                 bgp_sessions=announcer.sessions if announcer else None,
                 bgp_report=announcer.bgp_report if announcer else None,
                 vip_group=vip.report if vip else None,
+                flowshare=flowshare.report if flowshare else None,
             )
         )
     if vip is not None:

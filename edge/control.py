@@ -27,6 +27,7 @@ from contract.schemas import (
     BgpReport,
     BgpSession,
     DrainReport,
+    FlowShareReport,
     HealthSummary,
     Heartbeat,
     NodeDesired,
@@ -45,6 +46,7 @@ ServiceDesiredSink = Callable[[dict[str, ServiceDesired]], None]
 SessionsSource = Callable[[], list[BgpSession]]
 BgpReportSource = Callable[[], BgpReport]
 VipGroupSource = Callable[[], VipGroupReport]
+FlowShareSource = Callable[[], FlowShareReport]
 
 
 class ControlPlaneLink:
@@ -60,12 +62,14 @@ class ControlPlaneLink:
         bgp_sessions: SessionsSource | None = None,
         bgp_report: BgpReportSource | None = None,
         vip_group: VipGroupSource | None = None,
+        flowshare: FlowShareSource | None = None,
     ) -> None:
         self._on_link_bandwidth = on_link_bandwidth
         self._on_service_desired = on_service_desired
         self._bgp_sessions = bgp_sessions
         self._bgp_report = bgp_report
         self._vip_group = vip_group
+        self._flowshare = flowshare
         self._node: NodeControl | None = None
         verify: bool | str = str(config.ca_file) if config.ca_file else True
         self.sync = ControlPlaneSync(
@@ -116,6 +120,7 @@ class ControlPlaneLink:
             else None,
             vip_group=self._vip_group() if self._vip_group else None,
             services=list(report.services),
+            flowshare=self._flowshare() if self._flowshare else None,
         )
 
     async def _apply(self, view: NodeDesired) -> None:

@@ -2,6 +2,9 @@
 
 Every write goes through `revisioned_write`: it needs `If-Match` (428 without), answers 412
 with the current state when the revision moved, and returns the new state with its ETag.
+A weight change waits first, bounded, until the fleet's flow tables are in sync
+(`_flow_sync_gate`, decided by `api.flowsync`).
+
 An optional `Idempotency-Key` names the write, so a client that lost the answer to a write
 can send it again and learn it succeeded instead of getting a 412 against itself. The key is
 bound to the request it first came with (method, path, body): the same key with another
@@ -10,6 +13,7 @@ request is a client bug, answered 422, never the first request's result.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -24,6 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from api import flowsync
 from api.auth import Identity, TokenTable
 from api.budget import alive_services, alive_states, describe, judge
 from api.failopen import FailOpen
@@ -258,6 +263,34 @@ async def _within_budget(
     return [EventDraft("budget-override", "budget", cause, write.author)]
 
 
+FLOW_SYNC_POLL_S = 0.05
+
+
+async def _flow_sync_gate(
+    ctx: AppContext, current: DesiredState, new: DesiredState
+) -> list[EventDraft]:
+    """Before a weight change is stored: wait until every flow-sharing node reports its
+    flow tables in sync, at most `flow_sync_bound_s`; the `flow-sync` event says which it
+    was (and who was out of sync). A fleet that shares no flows waits for nothing and gets
+    no event."""
+    bound = ctx.settings.flow_sync_bound_s
+    if bound <= 0 or not flowsync.moves_shares(current, new):
+        return []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        observed = await ctx.store.read_observed(datetime.now(UTC))
+        verdict = flowsync.judge(observed, loop.time() - started, bound)
+        if verdict.proceed:
+            break
+        await asyncio.sleep(min(FLOW_SYNC_POLL_S, max(0.0, started + bound - loop.time())))
+    if verdict.sync is flowsync.Sync.NOT_SHARING:
+        return []
+    cause = verdict.describe()
+    (log.warning if verdict.sync is flowsync.Sync.BOUND else log.info)("flow-sync: %s", cause)
+    return [EventDraft("flow-sync", "fleet", cause, "control-plane")]
+
+
 async def revisioned_write(
     ctx: AppContext, write: WriteRequest, body: BaseModel | None, mutate: Mutation
 ) -> JSONResponse:
@@ -277,6 +310,7 @@ async def revisioned_write(
         return conflict_response(current)
     new, events = mutate(current)
     events = [*events, *await _within_budget(ctx, write, current, new)]
+    events = [*events, *await _flow_sync_gate(ctx, current, new)]
     new = new.model_copy(update={"write_id": write_id})
     try:
         stored = await ctx.store.write_desired(expected, new, events)

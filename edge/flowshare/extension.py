@@ -22,9 +22,10 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from contract.schemas import FlowSharePeerReport, FlowShareReport
 from edge.config import FlowShareConfig, NodeConfig
 from edge.flows import FlowEvent, FlowSubscription, FlowTable
-from edge.flowshare import kernel, render
+from edge.flowshare import barrier, kernel, render
 from edge.flowshare.kernel import KernelError
 from edge.flowshare.link import Identity, Inbound, Outbound, Refusals
 from edge.flowshare.table import Directory, map_changes
@@ -37,6 +38,9 @@ log = logging.getLogger("edge.flowshare")
 MAX_BATCH = 50_000
 LAG_SAMPLES = 10_000
 BATCH_GIVE_UP_S = 10.0
+COUNTERS_EVERY_S = 1.0  # the packet counters in /status are read this often
+SLOWEST = 5
+INLINE_CHANGES = 256  # map updates up to this many elements run on the event loop
 
 
 class Forwarding(enum.StrEnum):
@@ -86,7 +90,12 @@ class FlowShareExtension:
         self._flush_wanted = asyncio.Event()
         self._rounds_started = self._rounds_done = 0  # map flush rounds
         self._round_done = asyncio.Condition()
-        self._batches: dict[int, tuple[float, set[str]]] = {}
+        # batch -> (first accept, peers yet to ack, when it was handed to the streams)
+        self._batches: dict[int, tuple[float, set[str], float]] = {}
+        # The slowest batches: (lag ms, of it before the streams had it ms, last peer to
+        # ack, s since start), for /status: where a lag comes from.
+        self._slowest: list[tuple[float, float, str, float]] = []
+        self._started_at = time.monotonic()
         self._batch_seqs: dict[str, deque[tuple[int, int]]] = {p.name: deque() for p in cfg.peers}
         self._next_batch = 0
         self._dropped_seen = 0
@@ -211,31 +220,53 @@ class FlowShareExtension:
         log.log(level, "flowshare before %s: %s%s", change, report, without)
 
     async def hold_current_flows(self, bound_s: float | None = None) -> BarrierReport:
-        """Returns once every peer acknowledged this node's flows as of now (bounded by
-        `bound_s`, default flowshare.barrier_timeout); the report names who did not."""
+        """Returns once every peer that can answer acknowledged this node's flows as of now
+        (bounded by `bound_s`, default flowshare.barrier_timeout); the report names who did
+        not. A peer connected now must acknowledge what was sent up to now; one not
+        connected yet (a fresh start) the snapshot its next connect sends; one whose
+        stream tried and failed is not waited for (`edge.flowshare.barrier`)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._publish_pending()
-        targets = {name: link.seq for name, link in self.outbound.items() if link.connected}
+        at_start = {
+            name: (link.connected, link.seq, link.connects) for name, link in self.outbound.items()
+        }
+
+        def done(name: str) -> bool:
+            link = self.outbound[name]
+            connected, seq, connects = at_start[name]
+            if link.connects > connects:  # reconnected since: its snapshot has our flows
+                return link.acked >= link.connect_seq
+            return connected and link.acked >= seq
+
         deadline = started + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
-        while loop.time() < deadline and any(
-            self.outbound[name].acked < seq for name, seq in targets.items()
-        ):
+        while True:
+            peers = {n: self._barrier_peer(n, done(n)) for n in self.outbound}
+            if not barrier.waiting_for(peers) or loop.time() >= deadline:
+                break
             await asyncio.sleep(0.002)
-        acked = tuple(n for n, seq in targets.items() if self.outbound[n].acked >= seq)
-        missing = tuple(sorted(set(self.outbound) - set(acked)))
-        return BarrierReport(acked, missing, loop.time() - started)
+        acked = tuple(n for n, peer in peers.items() if peer.done)
+        return BarrierReport(acked, tuple(barrier.missing(peers)), loop.time() - started)
 
     async def wait_peers_synced(self, bound_s: float | None = None) -> list[str]:
-        """Before this node announces (a join): waits until every peer's snapshot is in
-        (bounded); returns the peers whose flows it does not hold."""
+        """Before this node announces (a join) and before a planned change: waits until
+        this node holds the snapshot of every peer that can answer (bounded); returns the
+        peers whose flows it does not hold."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (bound_s if bound_s is not None else self.cfg.barrier_timeout)
         while True:
-            missing = [n for n in self.outbound if self.directory.table(n).floor < 0]
-            if not missing or loop.time() >= deadline:
-                return missing
+            peers = {
+                n: self._barrier_peer(n, self.directory.table(n).floor >= 0) for n in self.outbound
+            }
+            if not barrier.waiting_for(peers) or loop.time() >= deadline:
+                return barrier.missing(peers)
             await asyncio.sleep(0.01)
+
+    def _barrier_peer(self, name: str, done: bool) -> barrier.Peer:
+        link = self.outbound[name]
+        heard = self.inbound.last_heard.get(name)
+        since = heard is not None and link.failed_at is not None and heard > link.failed_at
+        return barrier.Peer(link.attempt, done, since)
 
     # -- views -------------------------------------------------------------------------------
     def degraded_reason(self) -> str | None:
@@ -244,6 +275,37 @@ class FlowShareExtension:
     def in_sync(self) -> bool:
         """Every connected peer acknowledged everything sent to it."""
         return all(link.acked >= link.seq for link in self.outbound.values() if link.connected)
+
+    def _synced(self, peer: str) -> bool:
+        """The peer acknowledged everything sent to it and this node holds its flows."""
+        link = self.outbound[peer]
+        table = self.directory.table(peer)
+        return (
+            link.connected
+            and link.acked >= link.seq
+            and table.floor >= 0
+            and peer in self.directory.live
+        )
+
+    def _lag_ms(self, peer: str, now: float) -> float:
+        """How long the oldest batch of our flows has waited for the peer's ack."""
+        for _, batch in self._batch_seqs[peer]:
+            entry = self._batches.get(batch)
+            if entry is not None:
+                return max(0.0, (now - entry[0]) * 1000)
+        return 0.0
+
+    def report(self) -> FlowShareReport:
+        """The heartbeat's flow-sharing report, for the GSLB's weight-change gate."""
+        sharing = bool(self._tasks) and (self.overlay is None or self._overlay_up)
+        now = time.monotonic()
+        peers = [
+            FlowSharePeerReport(
+                peer=name, synced=self._synced(name), lag_ms=round(self._lag_ms(name, now), 3)
+            )
+            for name in self.outbound
+        ]
+        return FlowShareReport(forwarding=str(self.forwarding), peers=peers if sharing else [])
 
     def status(self) -> dict[str, Any]:
         lags = sorted(self.lags_ms)
@@ -260,10 +322,21 @@ class FlowShareExtension:
                 "samples": len(lags),
                 "p50": round(statistics.median(lags), 3) if lags else None,
                 "p99": round(lags[int(0.99 * (len(lags) - 1))], 3) if lags else None,
+                "slowest": [
+                    {
+                        "lag": round(lag, 1),
+                        "before_sent": round(local, 1),
+                        "last_ack_from": last,
+                        "at_s": round(at, 1),
+                    }
+                    for lag, local, last, at in self._slowest
+                ],
             },
             "peers": {
                 name: {
                     "connected": link.connected,
+                    "attempt": str(link.attempt),
+                    "synced": self._synced(name),
                     "connects": link.connects,
                     "dead_streams": link.dead_streams,
                     "stream_errors": link.stream_errors,
@@ -349,7 +422,7 @@ class FlowShareExtension:
                 sent.add(name)
                 self._batch_seqs[name].append((seq, batch))
         if sent:
-            self._batches[batch] = (first_at, sent)
+            self._batches[batch] = (first_at, sent, time.monotonic())
 
     def _on_ack(self, peer: str, ack: Ack) -> None:
         pending = self._batch_seqs[peer]
@@ -362,7 +435,12 @@ class FlowShareExtension:
             entry[1].discard(peer)
             if not entry[1]:
                 del self._batches[batch]
-                self.lags_ms.append((now - entry[0]) * 1000)
+                lag = (now - entry[0]) * 1000
+                self.lags_ms.append(lag)
+                if len(self._slowest) < SLOWEST or lag > self._slowest[-1][0]:
+                    local = (entry[2] - entry[0]) * 1000
+                    self._slowest.append((lag, local, peer, entry[0] - self._started_at))
+                    self._slowest = sorted(self._slowest, reverse=True)[:SLOWEST]
 
     # -- peers' flows -> the map -------------------------------------------------------------------
     def _on_data(self, frame: Frame, new_incarnation: bool) -> tuple[int, int]:
@@ -378,8 +456,33 @@ class FlowShareExtension:
         if not changed or self.forwarding is not Forwarding.ON:
             return len(table), 0
         self._pending |= changed
+        if self._flush_inline():
+            return len(table), 0  # the kernel's map holds it already: ack at once
         self._flush_wanted.set()
         return len(table), self._rounds_started + 1
+
+    def _flush_inline(self) -> bool:
+        """Everything pending into the map now, on the loop, when no flush round is running
+        and it is small: the ack then needs no trip through the flusher task (under a burst
+        of accepts every loop iteration is long). False leaves it to the flusher."""
+        if self._map_lock.locked() or len(self._pending) > INLINE_CHANGES:
+            return False
+        wanted = {
+            key: self.marks[peer] if peer is not None else None
+            for key, peer in self.directory.forwarded(self._pending).items()
+        }
+        deletes, adds = map_changes(self.installed, wanted)
+        if deletes or adds:
+            try:
+                if kernel.nft_now(render.element_commands(deletes, adds)) is None:
+                    return False  # the context is busy (a thread's call)
+            except KernelError:
+                return False  # the flusher retries and rebuilds the table if need be
+            for key in deletes:
+                self.installed.pop(key, None)
+            self.installed.update(adds)
+        self._pending = set()
+        return True
 
     async def _wait_flushed(self, flush_round: int) -> None:
         async with self._round_done:
@@ -411,7 +514,10 @@ class FlowShareExtension:
             if not deletes and not adds:
                 return
             try:
-                await kernel.nft(render.element_commands(deletes, adds))
+                await kernel.nft(
+                    render.element_commands(deletes, adds),
+                    inline=len(deletes) + len(adds) <= INLINE_CHANGES,
+                )
             except KernelError as error:
                 log.warning("flowshare: map update failed (%s); rebuilding the table", error)
                 await self._rebuild_map()
@@ -433,6 +539,7 @@ class FlowShareExtension:
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.cfg.snapshot_interval
+        next_counters = loop.time()
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             now = time.monotonic()
@@ -449,12 +556,14 @@ class FlowShareExtension:
                 next_snapshot = loop.time() + self.cfg.snapshot_interval
                 for link in self.outbound.values():
                     link.send_snapshot()
-            for batch in [b for b, (at, _) in self._batches.items() if now - at > BATCH_GIVE_UP_S]:
+            old = [b for b, entry in self._batches.items() if now - entry[0] > BATCH_GIVE_UP_S]
+            for batch in old:
                 del self._batches[batch]
             for seqs in self._batch_seqs.values():  # a peer that never acked: forget
                 while seqs and seqs[0][1] not in self._batches:
                     seqs.popleft()
-            if self.forwarding is Forwarding.ON:
+            if self.forwarding is Forwarding.ON and loop.time() >= next_counters:
+                next_counters = loop.time() + COUNTERS_EVERY_S
                 with contextlib.suppress(KernelError, ValueError):
                     self.counters = await kernel.table_counters()
 

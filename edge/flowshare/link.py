@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.flowshare import keepalive, wire
+from edge.flowshare.barrier import Attempt, on_attempt
 from edge.flowshare.keepalive import Stream, Verdict
 from edge.flowshare.wire import (
     Ack,
@@ -41,6 +43,12 @@ log = logging.getLogger("edge.flowshare.link")
 _LENGTH = struct.Struct("!I")
 RECONNECT_S = (0.1, 1.0)
 MAX_QUEUED = 10_000  # frames waiting for one peer
+CONNECT_TIMEOUT_S = 2.0
+DIRECT_WRITE_BYTES = 64 * 1024  # beyond this much unsent, frames wait in the queue
+
+
+def _timed_out(error: OSError | TimeoutError) -> bool:
+    return isinstance(error, TimeoutError) or error.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH)
 
 
 def now_ms() -> int:
@@ -114,6 +122,9 @@ class Outbound:
         self.acked = 0
         self.holding = 0  # what the peer says it holds from us
         self.connected = False
+        self.attempt = Attempt.NOT_TRIED  # the stream's last attempt (edge.flowshare.barrier)
+        self.connect_seq = 0  # the last seq of the snapshot sent on the latest connect
+        self.failed_at: float | None = None  # monotonic, when `attempt` last became a failure
         self._sent_since_heartbeat = False
         self._heard_since_heartbeat = False
         self.waiting_since: float | None = None  # monotonic; see keepalive.outbound
@@ -123,6 +134,7 @@ class Outbound:
         #: which the sender reconnected: before, such an error ended the sender silently
         self.stream_errors = 0
         self._writer: asyncio.StreamWriter | None = None
+        self._writer_idle = False  # the writer task waits for the queue (see _emit)
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -153,10 +165,27 @@ class Outbound:
             self._queue_snapshot()
             return self.seq
         for start in range(0, len(events), wire.MAX_FLOWS_PER_FRAME):
-            self._queue.put_nowait(
-                self._frame(Delta(tuple(events[start : start + wire.MAX_FLOWS_PER_FRAME])))
-            )
+            self._emit(self._frame(Delta(tuple(events[start : start + wire.MAX_FLOWS_PER_FRAME]))))
         return self.seq
+
+    def _emit(self, data: bytes) -> None:
+        """A frame goes out at once when the writer task is idle and nothing waits before
+        it (seq order holds: every earlier frame is in the transport already); otherwise
+        it waits in the queue for the writer."""
+        writer = self._writer
+        if (
+            writer is None
+            or not self._writer_idle
+            or not self._queue.empty()
+            or writer.transport.is_closing()
+            or writer.transport.get_write_buffer_size() > DIRECT_WRITE_BYTES
+        ):
+            self._queue.put_nowait(data)
+            return
+        writer.write(data)
+        self._sent_since_heartbeat = True
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
 
     def send_snapshot(self) -> int | None:
         if not self.connected:
@@ -174,12 +203,14 @@ class Outbound:
     async def _run(self) -> None:
         backoff = RECONNECT_S[0]
         while True:
+            self.attempt = on_attempt(self.attempt)
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(*self.address, local_addr=(self.local_address, 0)),
-                    2.0,
+                    CONNECT_TIMEOUT_S,
                 )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as error:
+                self._failed(Attempt.TIMED_OUT if _timed_out(error) else Attempt.REFUSED)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_S[1])
                 continue
@@ -190,8 +221,9 @@ class Outbound:
                 self.connects += 1
                 self._queue = asyncio.Queue()
                 self.waiting_since, self._writer = None, writer
-                self.connected = True
+                self.connected, self.attempt = True, Attempt.CONNECTED
                 self._queue_snapshot()
+                self.connect_seq = self.seq
                 acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
                 await self._write(writer)
             except (OSError, ConnectionError):
@@ -203,12 +235,19 @@ class Outbound:
                 )
             finally:
                 self.connected, self._writer = False, None
+                if self.attempt is Attempt.CONNECTED:  # not found dead by the keepalive
+                    self.attempt = Attempt.CLOSED
                 if acks is not None:
                     acks.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await acks
                 writer.close()
             await asyncio.sleep(RECONNECT_S[0])
+
+    def _failed(self, attempt: Attempt) -> None:
+        if not self.attempt.failed:
+            self.failed_at = time.monotonic()
+        self.attempt = attempt
 
     def heartbeat(self) -> None:
         """An empty delta when nothing was sent (peers see us live) or nothing was heard
@@ -228,6 +267,7 @@ class Outbound:
                 "flowshare: stream to %s (%s) %s: reconnecting", self.peer, self.address[0], verdict
             )
             self.connected, self.waiting_since = False, None
+            self._failed(Attempt.DEAD)
             self._writer.transport.abort()
             self._queue.put_nowait(b"")
         return verdict
@@ -235,10 +275,21 @@ class Outbound:
     async def _write(self, writer: asyncio.StreamWriter) -> None:
         # One writer, frames in seq order (no wait_for on the queue: on 3.11 its timeout
         # can race a completed get, and a frame would go out after a later one).
-        while data := await self._queue.get():  # b"": the ack reader saw the end
+        # A closing transport ends the stream before the ack reader says so: uvloop (the
+        # agent's loop) raises RuntimeError on a write to a closed handle, where asyncio's
+        # own loop drops it. The lab's edge-b1 kill did that on edge-b2's stream to it: a
+        # heartbeat queued after the reset was written to the closed handle.
+        while True:
+            self._writer_idle = True
+            try:
+                data = await self._queue.get()
+            finally:
+                self._writer_idle = False
+            if not data or writer.transport.is_closing():  # b"": the ack reader saw the end
+                return
             writer.write(data)
             while not self._queue.empty():
-                if not (data := self._queue.get_nowait()):
+                if not (data := self._queue.get_nowait()) or writer.transport.is_closing():
                     return
                 writer.write(data)
             self._sent_since_heartbeat = True
@@ -387,7 +438,12 @@ class Inbound:
             if isinstance(frame.body, Delta) and not frame.body.events:  # a heartbeat
                 self._answer(writer, frame.sender, Keepalive(frame.seq))
             holding, flush_round = self._on_data(frame, fresh)
-            acks.put_nowait((frame.sender, frame.seq, holding, flush_round))
+            if flush_round == 0 and acks.empty():
+                # The map holds everything received so far: the ack goes now (cumulative,
+                # so an older one the acker still sends later changes nothing).
+                self._answer(writer, frame.sender, Ack(frame.seq, holding))
+            else:
+                acks.put_nowait((frame.sender, frame.seq, holding, flush_round))
 
     async def _ack(
         self, acks: asyncio.Queue[tuple[str, int, int, int]], writer: asyncio.StreamWriter
@@ -404,6 +460,8 @@ class Inbound:
 
     def _answer(self, writer: asyncio.StreamWriter, sender: str, body: Ack | Keepalive) -> None:
         """Acks and keepalives share one seq per sender: allocated and written in one step."""
+        if writer.transport.is_closing():  # the stream ends (uvloop raises on a closed one)
+            return
         seq = self._ack_seq.get(sender, 0) + 1
         self._ack_seq[sender] = seq
         frame = Frame(self.ident.me, sender, self.ident.boot, seq, now_ms(), body)

@@ -50,6 +50,11 @@ def flowshare_metric_families(status: Mapping[str, Any]) -> Iterator[Metric]:
     connected = GaugeMetricFamily(
         f"{PREFIX}_peer_connected", "1 while our flow stream to the peer is up", labels=peer
     )
+    synced = GaugeMetricFamily(
+        f"{PREFIX}_peer_synced",
+        "1 when the peer acknowledged all of our flows and we hold its (the GSLB's gate)",
+        labels=peer,
+    )
     held = GaugeMetricFamily(
         f"{PREFIX}_peer_flows_held", "Flows received from the peer that it owns", labels=peer
     )
@@ -63,10 +68,11 @@ def flowshare_metric_families(status: Mapping[str, Any]) -> Iterator[Metric]:
     )  # fmt: skip
     for name, section in status["peers"].items():
         connected.add_metric([name], 1.0 if section["connected"] else 0.0)
+        synced.add_metric([name], 1.0 if section.get("synced") else 0.0)
         held.add_metric([name], section["flows_held"])
         frames.add_metric([name], section["frames_received"])
         forwarded.add_metric([name], section["packets_forwarded"])
-    yield from (connected, held, frames, forwarded)
+    yield from (connected, synced, held, frames, forwarded)
     yield CounterMetricFamily(
         f"{PREFIX}_packets_from_peers", "Packets a peer forwarded to this node",
         value=status["packets_from_peers"],

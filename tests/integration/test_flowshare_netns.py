@@ -84,6 +84,13 @@ def test_with_forwarding_planned_changes_break_no_connection(
     for index in (1, 2, 3):
         section = fleet.status(index)["flowshare"]
         assert section["forwarding"] == "on" and section["refused_frames"] == {}, section
+        attempts = {peer["attempt"] for peer in section["peers"].values()}
+        assert attempts == {"connected"}, section["peers"]
+    # The weight change went through the GSLB's flow-sync gate, fed by the heartbeats'
+    # flow-sharing reports (drains are not gated; a fleet without reports logs none).
+    gated = [e for e in fleet.events() if e.kind == "flow-sync"]
+    assert len(gated) == 1, gated
+    assert gated[0].cause.startswith("flow tables "), gated[0]
     # /metrics says what /status says: flows held per peer, packets forwarded per peer.
     forwarded = 0
     for index in (1, 2, 3):

@@ -1178,6 +1178,16 @@ class FlowFleet:
 
         self.operate(change)
 
+    def events(self) -> list[Any]:
+        """The GSLB's event log (contract.schemas.Event), oldest first."""
+        from contract.client import ApiClient
+
+        async def read() -> list[Any]:
+            async with ApiClient([self.api_url], FLOW_OPERATOR) as operator:
+                return list(await operator.events(limit=500))
+
+        return list(self.operate(read))
+
     def drain(self, index: int, drained: bool) -> None:
         self._drain("node", f"edge{index}", drained)
 

@@ -18,9 +18,9 @@ SECTION: dict[str, Any] = {
     "in_sync": True,
     "sync_lag_ms": {"samples": 3, "p50": 20.0, "p99": 80.0},
     "peers": {
-        "edge2": {"connected": True, "flows_held": 5, "frames_received": 40,
+        "edge2": {"connected": True, "synced": True, "flows_held": 5, "frames_received": 40,
                   "packets_forwarded": 9},
-        "edge3": {"connected": False, "flows_held": 7, "frames_received": 2,
+        "edge3": {"connected": False, "synced": False, "flows_held": 7, "frames_received": 2,
                   "packets_forwarded": 0},
     },
     "packets_from_peers": 4,
@@ -48,6 +48,8 @@ def test_the_status_section_as_series() -> None:
     assert got[(f"{p}_map_size", ())] == 12
     assert got[(f"{p}_sync_lag_seconds", (("quantile", "0.99"),))] == 0.08
     assert got[(f"{p}_peer_flows_held", (("peer", "edge3"),))] == 7
+    assert got[(f"{p}_peer_synced", (("peer", "edge2"),))] == 1
+    assert got[(f"{p}_peer_synced", (("peer", "edge3"),))] == 0
     assert got[(f"{p}_peer_frames_received_total", (("peer", "edge2"),))] == 40
     assert got[(f"{p}_peer_packets_forwarded_total", (("peer", "edge2"),))] == 9
     assert got[(f"{p}_loop_drops_total", ())] == 1
