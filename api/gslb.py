@@ -19,7 +19,9 @@ Rules (each has a property test in tests/unit/test_gslb.py):
   same traffic to half the machines (an overload).
 * Raw site shares are normalised so the serving nodes announce FLEET_LINK_BANDWIDTH_MBPS
   between them (0 when none serves); inside a site, its share is split between its serving
-  nodes in proportion to operator weight x capacity.
+  nodes in proportion to operator weight x capacity. When every site with a serving node
+  weighs 0 (the sites meant to take the traffic are all down or drained), site weights
+  are left out: a control plane never asks every serving node to withdraw.
 * Each node's share is computed as if that node were serving (other nodes' drains and
   health count, its own do not), so the number it holds is right the moment it serves
   again, and it needs nothing else while it drains or while no API answers.
@@ -230,14 +232,16 @@ def _shares(
             if name in serving:
                 available[spec.site] += capacity[name]
 
-    def raw(site: str, available_mbps: float) -> float:
+    def raw(site: str, available_mbps: float, weighted: bool = True) -> float:
         # Full capacity counts every member as if serving: available/full is the site's
         # serving fraction.
         if full[site] <= 0:
             return 0.0
-        return desired.sites[site].weight * available_mbps / full[site]
+        weight = desired.sites[site].weight if weighted else 1
+        return weight * available_mbps / full[site]
 
     raw_total = sum(raw(site, available[site]) for site in desired.sites)
+    even_total = sum(raw(site, available[site], weighted=False) for site in desired.sites)
     bandwidth: dict[str, float] = {}
     for name, spec in desired.nodes.items():
         site = spec.site
@@ -249,7 +253,17 @@ def _shares(
         # which simplifies to the line below.
         own = 0.0 if name in serving else capacity[name]
         total = raw_total - raw(site, available[site]) + raw(site, available[site] + own)
-        site_weight = desired.sites[site].weight
+        site_weight: float = desired.sites[site].weight
+        if total <= 0:
+            # Every serving site weighs 0 (the sites that should take the traffic are all
+            # down or drained): the site weights cannot split the fleet, so they are left
+            # out, rather than every serving node asked to announce 0 (a withdraw).
+            site_weight = 1
+            total = (
+                even_total
+                - raw(site, available[site], weighted=False)
+                + raw(site, available[site] + own, weighted=False)
+            )
         bandwidth[name] = (
             0.0
             if total <= 0

@@ -200,3 +200,25 @@ def test_degraded_counts_as_serving_in_full_the_edge_reduces_it() -> None:
     health = {"a1": UP, "a2": NodeHealth(Liveness.ALIVE, NodeState.DEGRADED)}
     result = shares(desired, health)
     assert result.nodes == {"a1": 500.0, "a2": 500.0}
+
+
+def test_serving_sites_that_all_weigh_0_still_carry_the_fleet() -> None:
+    """Hypothesis found it: site a weighs 0 (meant to take no traffic) and the only other
+    site's nodes are dead. The serving nodes split the fleet by capacity instead of all
+    announcing 0 Mbit/s (a withdraw: the whole prefix dark); once b serves, a takes none."""
+    desired = DesiredState(
+        sites={"a": SiteSpec(weight=0, capacity_mbps=0), "b": SiteSpec(weight=1)},
+        nodes={
+            "a1": NodeSpec(site="a", capacity_mbps=300),
+            "a2": NodeSpec(site="a", capacity_mbps=100),
+            "b1": NodeSpec(site="b", capacity_mbps=100),
+        },
+    )
+    dead = NodeHealth(Liveness.DEAD, NodeState.HEALTHY)
+    alone = shares(desired, {"a1": UP, "a2": UP, "b1": dead})
+    assert alone.nodes == {"a1": 750.0, "a2": 250.0, "b1": 0.0}
+    assert shares(desired, {"a1": UP, "a2": UP, "b1": UP}).nodes == {
+        "a1": 0.0,
+        "a2": 0.0,
+        "b1": 1000.0,
+    }
