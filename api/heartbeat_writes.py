@@ -5,7 +5,8 @@ member and a revision. Most heartbeats say what the previous one said. So an API
 writes a node's heartbeat only
 
 * when its content changed (`content_of`: everything the node reports but the open
-  connection count, a gauge that moves every second and that no decision depends on), or
+  connection count and the flow-sharing lags, gauges that move every second and that no
+  decision depends on), or
 * when `refresh_bound_s(ttl)` = TTL/3 has passed since the lease of its last write of that
   node was granted, or
 * when it does not know of a write of that node of its own that is still the newest one in
@@ -59,10 +60,17 @@ def dead_within_s(ttl_s: float) -> float:
 
 
 def content_of(heartbeat: Heartbeat) -> Heartbeat:
-    """What a change of is written at once: the heartbeat without its connection count."""
-    if heartbeat.connections == 0:
-        return heartbeat
-    return heartbeat.model_copy(update={"connections": 0})
+    """What a change of is written at once: the heartbeat without its connection count and
+    without its flow-sharing lags (both gauges that move at every heartbeat; the GSLB's
+    flow-sync gate decides on `synced`, a lag only goes into its message)."""
+    update: dict[str, object] = {}
+    if heartbeat.connections:
+        update["connections"] = 0
+    flowshare = heartbeat.flowshare
+    if flowshare is not None and any(p.lag_ms for p in flowshare.peers):
+        peers = [p.model_copy(update={"lag_ms": 0.0}) for p in flowshare.peers]
+        update["flowshare"] = flowshare.model_copy(update={"peers": peers})
+    return heartbeat.model_copy(update=update) if update else heartbeat
 
 
 @dataclass(frozen=True, slots=True)

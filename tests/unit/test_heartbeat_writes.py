@@ -19,7 +19,7 @@ from api.heartbeat_writes import (
     refresh_bound_s,
     still_newest,
 )
-from contract.schemas import Heartbeat, NodeState
+from contract.schemas import FlowSharePeerReport, FlowShareReport, Heartbeat, NodeState
 
 STATES = [NodeState.HEALTHY, NodeState.DEGRADED, NodeState.DOWN]
 
@@ -193,3 +193,21 @@ def test_the_numbers() -> None:
     assert must_write(last, Heartbeat(state=NodeState.DOWN), 10.1, 6.0)
     assert must_write(None, Heartbeat(state=NodeState.HEALTHY), 10.1, 6.0)
     assert still_newest(last, 4) and still_newest(last, 3) and not still_newest(last, 5)
+
+
+def test_a_flow_sharing_lag_alone_is_not_a_change_but_a_sync_state_is() -> None:
+    """The lags move at every heartbeat of a sharing node: were they content, such a node
+    would be written to etcd every second (the write rule undone for it)."""
+
+    def beat(synced: bool, lag_ms: float) -> Heartbeat:
+        peer = FlowSharePeerReport(peer="b1", synced=synced, lag_ms=lag_ms)
+        return Heartbeat(
+            state=NodeState.HEALTHY, flowshare=FlowShareReport(forwarding="on", peers=[peer])
+        )
+
+    last = LastWrite(content_of(beat(True, 3.5)), leased_at=10.0, revision=4)
+    assert not must_write(last, beat(True, 12.25), 10.5, 6.0)
+    assert must_write(last, beat(False, 3.5), 10.5, 6.0)
+    assert beat(True, 12.25).flowshare == FlowShareReport(
+        forwarding="on", peers=[FlowSharePeerReport(peer="b1", synced=True, lag_ms=12.25)]
+    )  # the heartbeat itself is not changed
