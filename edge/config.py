@@ -341,6 +341,10 @@ class VipGroupConfig(_Model):
     # Every node of the group, this one included (the same list on every node).
     members: Annotated[list[VipMember], Field(min_length=1, max_length=16)]
     port: Port = 5405
+    # Send heartbeats to this IPv4 multicast group on `interface` (TTL 1, e.g. 224.0.0.18,
+    # link-local: never routed) instead of unicast to every member; receivers still accept
+    # only members' ids from members' addresses.
+    multicast: str | None = None
     advert_interval: Annotated[float, Field(ge=0.02, le=10)] = 0.1
     dead_after: Annotated[int, Field(ge=2, le=100)] = 3
     # The VIP guard (edge.vip.guard, a process beside the agent) removes the VIP and
@@ -369,6 +373,19 @@ class VipGroupConfig(_Model):
         ipaddress.ip_interface(value)
         return value
 
+    @field_validator("multicast")
+    @classmethod
+    def _multicast(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            group = ipaddress.ip_address(value)
+        except ValueError:
+            group = None
+        if not isinstance(group, ipaddress.IPv4Address) or not group.is_multicast:
+            raise ValueError("must be an IPv4 multicast address (224.0.0.0/4), e.g. 224.0.0.18")
+        return value
+
     @field_validator("members")
     @classmethod
     def _distinct(cls, members: list[VipMember]) -> list[VipMember]:
@@ -388,6 +405,10 @@ class VipGroupConfig(_Model):
             ipaddress.ip_address(m.address) for m in self.members
         }:
             raise ValueError("vip must not be a member's own address")
+        if self.multicast is not None and not all(
+            isinstance(ipaddress.ip_address(m.address), ipaddress.IPv4Address) for m in self.members
+        ):
+            raise ValueError("multicast heartbeats need IPv4 member addresses")
         if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
             raise ValueError("give exactly one of key, key_env and key_file")
         if len(self.shared_key()) < MIN_KEY_BYTES:

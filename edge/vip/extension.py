@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -66,6 +67,9 @@ GUARD_START_TIMEOUT_S = 10.0
 #: A gap between two beats of this share of guard_bound while armed: the guard may have
 #: fired (it fires only when it saw no beat for the whole bound).
 GUARD_SUSPECT = 0.8
+#: Linux's IP_MULTICAST_ALL (not in the socket module): 0 delivers only the groups this
+#: socket joined.
+_IP_MULTICAST_ALL = 49
 
 
 class VipSetupError(ExtensionSetupError):
@@ -103,7 +107,6 @@ class VipExtension:
         self.health: Callable[[], NodeState] = health or (lambda: NodeState.STARTING)
         self.members = {m.id: m.address for m in config.members}
         self.address = self.members[self.node_id]
-        self.peer_addresses = [a for i, a in self.members.items() if i != self.node_id]
         fencing = config.fencing
         self.election = Election(
             ElectionConfig(
@@ -126,6 +129,14 @@ class VipExtension:
         self.vip: VipAddress | None = None
         self.announcer: Announcer | None = None
         self._transport: asyncio.DatagramTransport | None = None
+        self._mcast_transport: asyncio.DatagramTransport | None = None
+        group = config.multicast
+        # where a heartbeat goes: the group, or every other member
+        self.destinations = (
+            [group]
+            if group is not None
+            else [a for i, a in self.members.items() if i != self.node_id]
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._fence_wake = asyncio.Event()
@@ -173,6 +184,8 @@ class VipExtension:
             lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
         )
         self._transport = transport
+        if self.config.multicast is not None:
+            self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
         await self._start_guard()
         if self.config.fencing is not None:
             f = self.config.fencing
@@ -202,6 +215,36 @@ class VipExtension:
             ", fenced by etcd" if self.fence else ", unfenced",
         )
 
+    async def _join_multicast(
+        self, unicast: asyncio.DatagramTransport, group: str
+    ) -> asyncio.DatagramTransport:
+        """Send from the member address to `group` on the group's interface only (TTL 1, no
+        loop back), and receive the group's datagrams on a socket bound to the group."""
+        ifindex = socket.if_nametoindex(self.config.interface)
+        sender = unicast.get_extra_info("socket")
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.address))
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # only the group joined on this socket, not every group of every socket
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
+            sock.bind((group, self.config.port))
+            membership = struct.pack(
+                "=4s4si", socket.inet_aton(group), socket.inet_aton(self.address), ifindex
+            )
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _HeartbeatProtocol(self._received), sock=sock
+        )
+        return transport
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -226,6 +269,8 @@ class VipExtension:
         await self._stop_guard()
         if self._transport is not None:
             self._transport.close()
+        if self._mcast_transport is not None:
+            self._mcast_transport.close()
         if self.announcer is not None:
             self.announcer.close()
         if self.prober is not None:
@@ -525,7 +570,7 @@ class VipExtension:
             else (),
         )
         packet = encode(beat, self.key)
-        for address in self.peer_addresses:
+        for address in self.destinations:
             self._transport.sendto(packet, (address, self.config.port))
         self.heartbeats_sent += 1
 
@@ -599,6 +644,7 @@ class VipExtension:
             "eligible": self.election.eligible,
             "priority": self.config.priority,
             "term": self.election.term,
+            "heartbeats_to": self.destinations,
             "fencing": None
             if fence is None or self.fence is None
             else {

@@ -109,6 +109,20 @@ def test_kill_moves_the_vip_and_the_clients_arp_entry(lab: ApLab) -> None:
     assert fencing["holds_key"] and fencing["token"] > 0
 
 
+def test_multicast_heartbeats_elect_one_owner_and_fail_over(lab: ApLab) -> None:
+    """Heartbeats to a link-local group only (no unicast is sent): the standby hears the
+    active through the group (start_pair waits for "peer_active", which only a heard peer
+    gives), then takes over when it dies."""
+    n1, n2 = start_pair(lab, multicast="224.0.0.18")
+    assert lab.vip_status(n2)["heartbeats_to"] == ["224.0.0.18"]
+    with Observer(lab) as observer:
+        lab.signal_node(n1, signal.SIGKILL)
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+    assert observer.dual_owner_samples() == 0
+    assert lab.client_get() == "n2"
+
+
 #: How a woken node steps down: it saw its own pause (rule 1), its silence past
 #: 0.8 x guard_bound or the guard's word that it fired (rule 6), or its lease running out.
 WOKEN_STEP_DOWN = frozenset({"woke_after_pause", "guard_fired", "lease_expiring"})

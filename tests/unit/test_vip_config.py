@@ -74,6 +74,20 @@ def test_a_valid_group_and_its_defaults() -> None:
         ),
         ({"vip": "198.18.2.1/24"}, "vip_group: vip must not be a member's own address"),
         ({"vip": "198.18.2.100"}, "vip_group.vip: must be address/prefix"),
+        ({"multicast": "198.18.2.255"}, "vip_group.multicast: must be an IPv4 multicast"),
+        ({"multicast": "ff02::12"}, "vip_group.multicast: must be an IPv4 multicast"),
+        ({"multicast": "nonsense"}, "vip_group.multicast: must be an IPv4 multicast"),
+        (
+            {
+                "multicast": "224.0.0.18",
+                "members": [
+                    {"id": "n1", "address": "2001:db8::1"},
+                    {"id": "n2", "address": "2001:db8::2"},
+                ],
+                "vip": "2001:db8::100/64",
+            },
+            "vip_group: multicast heartbeats need IPv4 member addresses",
+        ),
         (
             {"fencing": {"endpoints": ["http://127.0.0.1:2379"], "lease_margin": 1.0}},
             "vip_group.fencing.lease_margin: Input should be greater than or equal to 1.35",
