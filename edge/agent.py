@@ -57,6 +57,7 @@ from edge.state import (
     Thresholds,
     Transition,
 )
+from edge.vip.sessions import SessionTable
 
 log = logging.getLogger("edge.agent")
 
@@ -82,8 +83,12 @@ class Agent:
         config: NodeConfig,
         config_path: Path | None = None,
         extensions: Sequence[AgentExtension] = (),
+        sessions: SessionTable | None = None,
     ) -> None:
         self.config = config
+        # The node's sticky mappings (client key -> backend) for the pools that say
+        # `sticky`; the vip_group extension is handed the same table to carry to a standby.
+        self.sessions = SessionTable() if sessions is None else sessions
         self.extensions = tuple(extensions)
         self.config_path = config_path
         self.flows = FlowTable()
@@ -154,6 +159,7 @@ class Agent:
             is_draining=self.machine.draining,
             on_health=self.evaluate,
             event=self._event,
+            affinity=self.sessions,
         )
 
     def contexts(self) -> list[ProxyContext]:
@@ -585,7 +591,9 @@ class Agent:
         return next((ext.status() for ext in self.extensions if ext.name == name), None)
 
 
-def build_extensions(config: NodeConfig) -> list[AgentExtension]:
+def build_extensions(
+    config: NodeConfig, sessions: SessionTable | None = None
+) -> list[AgentExtension]:
     """The composition root's choice of extensions for this config, wired to each other.
     Raises ExtensionSetupError when one cannot run as configured."""
     extensions: list[AgentExtension] = []
@@ -612,7 +620,7 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
     if config.vip_group is not None:
         from edge.vip.extension import VipExtension
 
-        vip = VipExtension(config.vip_group, config.node.name)
+        vip = VipExtension(config.vip_group, config.node.name, sessions=sessions)
     if config.control_plane is not None:
         from edge.control import ControlPlaneLink
 
@@ -635,11 +643,12 @@ def build_extensions(config: NodeConfig) -> list[AgentExtension]:
 
 async def run_agent(config: NodeConfig, config_path: Path | None) -> int:
     try:
-        extensions = build_extensions(config)
+        sessions = SessionTable()
+        extensions = build_extensions(config, sessions)
     except ExtensionSetupError as error:
         log.error("config error: %s", error)
         return 2
-    agent = Agent(config, config_path, extensions)
+    agent = Agent(config, config_path, extensions, sessions)
     # Before the extensions start (ExaBGP takes a moment): a SIGTERM then is a drain too.
     agent.install_signal_handlers()
     try:

@@ -109,6 +109,10 @@ class PoolConfig(_Model):
     hash_key: HashKeyConfig = HashKeyConfig()
     # Maglev lookup table size; must be prime and well above the backend count.
     maglev_table_size: Annotated[int, Field(ge=7, le=1_000_003)] = 65537
+    # Session affinity: a client key (hash_key) keeps the backend it first got while that
+    # one is eligible, whatever the algorithm; in active-passive mode the table travels to
+    # the standby in the heartbeats, so a failover keeps every sticky client's backend.
+    sticky: bool = False
 
     @field_validator("maglev_table_size")
     @classmethod

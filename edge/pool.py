@@ -11,8 +11,10 @@ Balancing algorithms:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from edge.config import Algorithm, BackendConfig
 from edge.health import (
@@ -24,6 +26,27 @@ from edge.health import (
     RiseFall,
 )
 from edge.maglev import MaglevTable, stable_hash
+
+#: The longest key an affinity table holds as it is (the heartbeat's session key bound);
+#: a longer one is kept as a digest.
+MAX_AFFINITY_KEY = 128
+
+
+class Affinity(Protocol):
+    """Sticky mappings, client key -> backend name (edge.vip.sessions.SessionTable: in
+    active-passive mode the active's table travels to the standby in the heartbeats)."""
+
+    def lookup(self, key: str) -> str | None: ...
+
+    def record(self, key: str, backend: str) -> None: ...
+
+
+def affinity_key(scope: str, key: bytes) -> str:
+    """The table's key for a client key of one service (`scope`): printable, bounded."""
+    text = f"{scope}/{key.decode('latin-1')}"
+    if len(text) <= MAX_AFFINITY_KEY and text.isprintable():
+        return text
+    return f"{scope}/#{hashlib.sha256(key).hexdigest()[:40]}"
 
 
 @dataclass(slots=True)
@@ -84,6 +107,10 @@ class Pool:
     _eligible: list[Backend] = field(default_factory=list)
     _rr_index: int = 0
     _maglev: MaglevTable | None = None
+    # Sticky: a key keeps the backend it first got while that one is eligible (any
+    # algorithm); `affinity_scope` keeps services apart in a table shared by the node.
+    affinity: Affinity | None = None
+    affinity_scope: str = ""
 
     @classmethod
     def from_config(
@@ -158,7 +185,25 @@ class Pool:
         return self._eligible
 
     def pick(self, key: bytes = b"", exclude: Backend | None = None) -> Backend | None:
-        """The backend for a new connection or request, or None if none is eligible."""
+        """The backend for a new connection or request, or None if none is eligible. With
+        an affinity table and a key: the key's recorded backend while it is eligible (and
+        not the one a retry excludes), else the algorithm's choice, recorded."""
+        affinity = self.affinity
+        if affinity is None or not key:
+            return self._pick(key, exclude)
+        sticky_key = affinity_key(self.affinity_scope, key)
+        name = affinity.lookup(sticky_key)
+        if name is not None:
+            backend = self.backends.get(name)
+            if backend is not None and backend.eligible and backend is not exclude:
+                affinity.record(sticky_key, name)
+                return backend
+        chosen = self._pick(key, exclude)
+        if chosen is not None:
+            affinity.record(sticky_key, chosen.name)
+        return chosen
+
+    def _pick(self, key: bytes, exclude: Backend | None) -> Backend | None:
         candidates = self._eligible
         if exclude is not None:
             candidates = [b for b in candidates if b is not exclude]

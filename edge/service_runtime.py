@@ -19,7 +19,7 @@ from edge.checks import HealthChecker
 from edge.config import ActiveCheckConfig, ListenerConfig, ListenerKind, NodeConfig, ServiceConfig
 from edge.flows import FlowTable
 from edge.health import BackendHealth, HealthChange
-from edge.pool import Backend, Pool
+from edge.pool import Affinity, Backend, Pool
 from edge.proxy.common import DeadlineSweeper, ProxyContext, listening_socket
 from edge.proxy.l4 import L4ClientProtocol
 from edge.proxy.l7 import L7ClientProtocol
@@ -42,8 +42,11 @@ class ServiceRuntime:
         is_draining: Callable[[], bool],
         on_health: Callable[[], None],
         event: EventSink,
+        affinity: Affinity | None = None,
     ) -> None:
         self.service = service
+        # the node's sticky table (the agent owns it), used while the pool says `sticky`
+        self._affinity = affinity
         self.view = node.for_service(service)
         self._on_health = on_health
         self._event = event
@@ -55,6 +58,7 @@ class ServiceRuntime:
             view.health.active.fall,
             view.pool.maglev_table_size,
         )
+        self._use_affinity()
         self.ctx = ProxyContext(
             view,
             self.pool,
@@ -75,6 +79,10 @@ class ServiceRuntime:
     @property
     def name(self) -> str:
         return self.service.name
+
+    def _use_affinity(self) -> None:
+        self.pool.affinity = self._affinity if self.view.pool.sticky else None
+        self.pool.affinity_scope = self.service.name
 
     # -- listeners ---------------------------------------------------------------------
     async def open_listeners(self) -> None:
@@ -196,6 +204,7 @@ class ServiceRuntime:
             view.health.active.fall,
             view.pool.maglev_table_size,
         )
+        self._use_affinity()
         self.machine.thresholds = Thresholds(view.state.degraded_below, view.state.down_below)
         self.start_checks()
         wanted = {cfg.name: cfg for cfg in view.listeners}

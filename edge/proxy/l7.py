@@ -96,9 +96,8 @@ class L7ClientProtocol(asyncio.Protocol):
         # The raw fast path needs no parsed headers unless the hash key is a header.
         pool_cfg = ctx.config.pool
         self._fast_ok = (
-            pool_cfg.algorithm is not Algorithm.MAGLEV
-            or pool_cfg.hash_key.kind is HashKeyKind.CLIENT_ADDRESS
-        )
+            pool_cfg.algorithm is not Algorithm.MAGLEV and not pool_cfg.sticky
+        ) or pool_cfg.hash_key.kind is HashKeyKind.CLIENT_ADDRESS
         self._closing = False
         self._lost = False
         self.out: list[bytes] = []
@@ -431,7 +430,8 @@ class L7ClientProtocol(asyncio.Protocol):
             return
         ctx = self.ctx
         pool = ctx.pool
-        key = self._hash_key(ex) if pool.algorithm is Algorithm.MAGLEV else b""
+        keyed = pool.algorithm is Algorithm.MAGLEV or pool.affinity is not None
+        key = self._hash_key(ex) if keyed else b""
         backend = pool.pick(key, exclude=exclude)
         if backend is None:
             self.local_response(ex, 503, b"no healthy backend\n")

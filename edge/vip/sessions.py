@@ -33,10 +33,15 @@ class SessionTable:
     def record(self, key: str, backend: str) -> None:
         """A sticky decision made here (on the active)."""
         if self.entries.get(key) == backend:
+            self.entries.move_to_end(key)  # in use: the last to be evicted
             return
         self._set(key, backend)
         self.pending[key] = backend
         self.pending.move_to_end(key)
+        while len(self.pending) > self.max_entries:
+            # nobody takes the changes (no group, or a long heartbeat outage): the oldest
+            # go; the cursor's pass over the whole table still carries what is kept
+            self.pending.popitem(last=False)
 
     def forget(self, key: str) -> None:
         if self.entries.pop(key, None) is not None:

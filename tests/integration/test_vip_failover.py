@@ -552,6 +552,35 @@ def test_sticky_clients_keep_their_backend_across_a_failover(
         lab.close()
 
 
+def test_sticky_clients_of_round_robin_keep_their_backend_through_the_session_table(
+    request: pytest.FixtureRequest,
+) -> None:
+    """round_robin with `pool.sticky`: a key's backend is whatever the active's turn gave
+    it, known only to the active's table; the heartbeats carry it to the standby, whose
+    pool then gives every key its backend after a kill. (Without the table the standby's
+    own turns would move about two keys in three.)"""
+    cluster = request.getfixturevalue("etcd_cluster")
+    lab = ApLab.create_segment(
+        2, cluster.client_urls, backends=3, sticky_header="X-Key", sticky_algorithm="round_robin"
+    )
+    try:
+        n1, n2 = start_pair(lab)
+        keys = [f"client-{i}" for i in range(60)]
+        before = {key: lab.client_get_backend(key) for key in keys}
+        assert len(set(before.values())) == 3
+        # a second round on the active: the table, not the turn, answers
+        assert {key: lab.client_get_backend(key) for key in keys} == before
+        wait_for(lambda: lab.vip_status(n2)["sessions"] >= len(keys), 10, what="table on n2")
+        lab.signal_node(n1, signal.SIGKILL)
+        lab.wait_role(n2, "active")
+        client_follows(lab, n2)
+        after = {key: lab.client_get_backend(key) for key in keys}
+        assert lab.client_get() == "n2"
+        assert after == before
+    finally:
+        lab.close()
+
+
 _SESSION_PEER = """
 import asyncio, json, sys
 from edge.config import VipGroupConfig

@@ -160,6 +160,7 @@ class ApLab(NetLab):
         self.etcd_urls: list[str] = []
         self.backend_count = 1
         self.sticky_header: str | None = None
+        self.sticky_algorithm = "maglev"
         # node_config gives every node an arp_monitor on the gateway
         self.arp_monitor = False
 
@@ -171,15 +172,18 @@ class ApLab(NetLab):
         *,
         backends: int = 1,
         sticky_header: str | None = None,
+        sticky_algorithm: str = "maglev",
         relay_ports: list[int] | None = None,
     ) -> ApLab:
         """`etcd_urls`: loopback client URLs of the root namespace's etcd members;
-        `sticky_header`: the nodes balance by maglev on that request header;
+        `sticky_header`: the nodes balance by maglev on that request header, or by
+        `sticky_algorithm` with `pool.sticky` (the session table keeps a key's backend);
         `relay_ports`: more root-namespace loopback ports the nodes reach on their own
         loopback (e.g. the GSLB API's)."""
         lab = cls()
         lab.etcd_urls = list(etcd_urls or [])
         lab.backend_count, lab.sticky_header = backends, sticky_header
+        lab.sticky_algorithm = sticky_algorithm
         ports = [int(url.rsplit(":", 1)[1]) for url in lab.etcd_urls] + list(relay_ports or [])
         try:
             lab._build_segment(node_count, ports)
@@ -267,7 +271,14 @@ class ApLab(NetLab):
                 for i in range(1, self.backend_count + 1)
             ],
             **(
-                {"pool": {"algorithm": "maglev", "hash_key": {"kind": "header", "name": h}}}
+                {
+                    "pool": {
+                        "algorithm": self.sticky_algorithm,
+                        "hash_key": {"kind": "header", "name": h},
+                        # any other algorithm keeps a client on its backend by the table
+                        "sticky": self.sticky_algorithm != "maglev",
+                    }
+                }
                 if (h := self.sticky_header)
                 else {}
             ),

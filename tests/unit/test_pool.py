@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from edge.config import Algorithm, BackendConfig
 from edge.health import BackendHealth, OutlierPolicy
-from edge.pool import Pool
+from edge.pool import MAX_AFFINITY_KEY, Pool, affinity_key
+from edge.vip.sessions import SessionTable
 
 
 def make_pool(algorithm: Algorithm, weights: dict[str, int] | None = None) -> Pool:
@@ -112,3 +113,80 @@ def test_reconfigure_keeps_health_of_unchanged_backends_and_retires_removed_ones
     pool.backends["b3"].active_connections = 0
     pool.forget_retired()
     assert "b3" not in pool.backends
+
+
+# -- session affinity (pool.sticky) ----------------------------------------------------
+def _sticky(algorithm: Algorithm, table: SessionTable, scope: str = "web") -> Pool:
+    pool = make_pool(algorithm)
+    pool.affinity, pool.affinity_scope = table, scope
+    return pool
+
+
+@given(
+    algorithm=st.sampled_from(list(Algorithm)),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("pick"), st.integers(0, 7)),
+            st.tuples(st.just("down"), st.sampled_from(["b1", "b2", "b3"])),
+            st.tuples(st.just("up"), st.sampled_from(["b1", "b2", "b3"])),
+        ),
+        max_size=60,
+    ),
+)
+def test_a_sticky_key_keeps_its_backend_while_that_one_is_eligible(
+    algorithm: Algorithm, steps: list[tuple[str, object]]
+) -> None:
+    """Whatever the algorithm and the health changes: a key gets its recorded backend as
+    long as that one is eligible; otherwise an eligible one, which it then keeps."""
+    table = SessionTable()
+    pool = _sticky(algorithm, table)
+    last: dict[bytes, str] = {}
+    for op, arg in steps:
+        if op == "pick":
+            key = f"client-{arg}".encode()
+            backend = pool.pick(key)
+            if not pool.eligible:
+                assert backend is None
+                continue
+            assert backend is not None and backend.eligible
+            previous = last.get(key)
+            if previous is not None and pool.backends[previous].eligible:
+                assert backend.name == previous
+            last[key] = backend.name
+            assert table.lookup(affinity_key("web", key)) == backend.name
+        else:
+            rise_fall = pool.backends[str(arg)].rise_fall
+            rise_fall.check_failed("test") if op == "down" else rise_fall.check_passed()
+            pool.refresh()
+
+
+def test_round_robin_turns_give_way_to_the_table_and_a_retry_moves_the_key() -> None:
+    table = SessionTable()
+    pool = _sticky(Algorithm.ROUND_ROBIN, table)
+    first = {k: pool.pick(k) for k in (b"a", b"b", b"c")}
+    assert len({b.name for b in first.values() if b}) == 3
+    for _ in range(5):
+        assert all(pool.pick(k) is b for k, b in first.items())
+    moved = pool.pick(b"a", exclude=first[b"a"])
+    assert moved is not None and moved is not first[b"a"]
+    assert pool.pick(b"a") is moved  # the retry's backend is the key's from now on
+    # services sharing the node's table never see each other's keys
+    other = _sticky(Algorithm.ROUND_ROBIN, table, scope="dns")
+    other.pick(b"a")
+    assert table.lookup("web/a") == moved.name
+    assert table.lookup("dns/a") is not None
+    assert make_pool(Algorithm.ROUND_ROBIN).pick(b"a") is not None  # no table: no record
+
+
+def test_the_table_sees_what_it_can_carry() -> None:
+    assert affinity_key("web", b"198.18.2.50") == "web/198.18.2.50"
+    long = affinity_key("web", b"x" * 300)
+    assert long.startswith("web/#") and len(long) <= MAX_AFFINITY_KEY
+    assert affinity_key("web", b"a\r\nb").startswith("web/#")  # never raw control bytes
+
+
+def test_pending_changes_stay_bounded_when_no_heartbeat_takes_them() -> None:
+    table = SessionTable(max_entries=10)
+    for i in range(100):
+        table.record(f"k{i}", "b1")
+    assert len(table.entries) == 10 and len(table.pending) == 10
