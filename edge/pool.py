@@ -184,26 +184,25 @@ class Pool:
     def eligible(self) -> list[Backend]:
         return self._eligible
 
-    def pick(self, key: bytes = b"", exclude: Backend | None = None) -> Backend | None:
+    def pick(
+        self, key: bytes = b"", exclude: Backend | None = None, sticky: bool = True
+    ) -> Backend | None:
         """The backend for a new connection or request, or None if none is eligible. With
         an affinity table and a key: the key's recorded backend while it is eligible (and
         not the one a retry excludes), else the algorithm's choice, recorded."""
         affinity = self.affinity
-        if affinity is None or not key:
-            return self._pick(key, exclude)
-        sticky_key = affinity_key(self.affinity_scope, key)
-        name = affinity.lookup(sticky_key)
-        if name is not None:
-            backend = self.backends.get(name)
-            if backend is not None and backend.eligible and backend is not exclude:
-                affinity.record(sticky_key, name)
-                return backend
-        chosen = self._pick(key, exclude)
-        if chosen is not None:
-            affinity.record(sticky_key, chosen.name)
-        return chosen
-
-    def _pick(self, key: bytes, exclude: Backend | None) -> Backend | None:
+        if affinity is not None and sticky and key:
+            sticky_key = affinity_key(self.affinity_scope, key)
+            name = affinity.lookup(sticky_key)
+            if name is not None:
+                backend = self.backends.get(name)
+                if backend is not None and backend.eligible and backend is not exclude:
+                    affinity.record(sticky_key, name)
+                    return backend
+            chosen = self.pick(key, exclude, sticky=False)
+            if chosen is not None:
+                affinity.record(sticky_key, chosen.name)
+            return chosen
         candidates = self._eligible
         if exclude is not None:
             candidates = [b for b in candidates if b is not exclude]
