@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import sys
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import (
     IPv4Address,
@@ -22,7 +23,7 @@ from ipaddress import (
     ip_interface,
 )
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -112,7 +113,43 @@ class Family(enum.StrEnum):
         return cls.IPV4 if value.version == 4 else cls.IPV6
 
 
-class _Strict(BaseModel):
+def _scalar_kind(annotation: object) -> type | None:
+    """bool, int or float when a field holds only that (or None), else None."""
+    if annotation in (bool, int, float):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in get_args(annotation) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
+
+
+def _strict_scalar(kind: type, value: object) -> bool:
+    if value is None or kind is bool:
+        return value is None or isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, int | float)
+
+
+class StrictScalars(BaseModel):
+    """Numbers and booleans as they are written: `port: true` or `port: "80"` is an error,
+    not port 1 or 80 (pydantic's lax mode would coerce both). Every config model of the
+    agent (this module's and edge.config's) derives from it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_scalars(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                kind = _scalar_kind(info.annotation)
+                key = info.alias or name
+                if kind is not None and key in data and not _strict_scalar(kind, data[key]):
+                    what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+                    raise ValueError(f"{key}: expected {what}, got {data[key]!r}")
+        return data
+
+
+class _Strict(StrictScalars):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

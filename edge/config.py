@@ -15,7 +15,6 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -30,11 +29,12 @@ from bgp.config import (
     Community,
     IPNetwork,
     LargeCommunity,
+    StrictScalars,
     check_addresses_are_local,
     describe_validation_error,
     outside_range,
 )
-from edge.vip.election import MIN_LEASE_MARGIN_S
+from edge.vip.election import MIN_LEASE_MARGIN_S, QUORUM_MARGIN_S
 from edge.vip.heartbeat import MIN_KEY_BYTES
 
 
@@ -42,7 +42,7 @@ class ConfigError(Exception):
     """A configuration problem, already phrased as one line for the operator."""
 
 
-class _Model(BaseModel):
+class _Model(StrictScalars):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -296,8 +296,23 @@ class VipMember(_Model):
     id: _VipName
     # Where this member's heartbeats come from and go to (unicast UDP).
     address: str
+    # A witness only votes (`anycast-edge witness`): with one in the list, a node holds
+    # the VIP only while a majority of the members grants it (edge/vip/quorum.py).
+    witness: bool = False
 
     _address = field_validator("address")(classmethod(lambda cls, v: _check_ip(v)))
+
+
+def _distinct_members(members: list[VipMember]) -> list[VipMember]:
+    seen: set[str] = set()
+    for member in members:
+        if member.id in seen:
+            raise ValueError(f"duplicate node id {member.id!r}")
+        seen.add(member.id)
+    addresses = [ipaddress.ip_address(m.address) for m in members]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("two members have the same address")
+    return members
 
 
 class VipFencingConfig(_Model):
@@ -368,6 +383,15 @@ class VipGroupConfig(_Model):
     key_file: Path | None = None
     fencing: VipFencingConfig | None = None
     arp_monitor: VipArpMonitorConfig | None = None
+    # With a witness: how long a vote grants (s), counted from the candidate's heartbeat
+    # it answers. A voter moves its vote only this long after the last grant, so a dead
+    # owner's VIP moves after about this; it must leave the kernel lifetime's 1.35 s
+    # margin and 0.4 s to renew in. The same value on every member and witness.
+    quorum_hold: Annotated[float, Field(ge=QUORUM_MARGIN_S + 0.4, le=60)] = 2.0
+
+    @property
+    def quorum(self) -> bool:
+        return any(m.witness for m in self.members)
 
     @field_validator("vip")
     @classmethod
@@ -390,18 +414,7 @@ class VipGroupConfig(_Model):
             raise ValueError("must be an IPv4 multicast address (224.0.0.0/4), e.g. 224.0.0.18")
         return value
 
-    @field_validator("members")
-    @classmethod
-    def _distinct(cls, members: list[VipMember]) -> list[VipMember]:
-        seen: set[str] = set()
-        for member in members:
-            if member.id in seen:
-                raise ValueError(f"duplicate node id {member.id!r}")
-            seen.add(member.id)
-        addresses = [ipaddress.ip_address(m.address) for m in members]
-        if len(set(addresses)) != len(addresses):
-            raise ValueError("two members have the same address")
-        return members
+    _distinct = field_validator("members")(classmethod(lambda cls, v: _distinct_members(v)))
 
     @model_validator(mode="after")
     def _consistent(self) -> VipGroupConfig:
@@ -413,6 +426,13 @@ class VipGroupConfig(_Model):
             isinstance(ipaddress.ip_address(m.address), ipaddress.IPv4Address) for m in self.members
         ):
             raise ValueError("multicast heartbeats need IPv4 member addresses")
+        if self.quorum:
+            if self.fencing is not None:
+                raise ValueError("a witness and fencing do not go together: the store decides")
+            if len(self.members) < 3:
+                raise ValueError("a group with a witness needs at least 3 members")
+            if self.multicast is not None:
+                raise ValueError("a group with a witness needs unicast heartbeats: no multicast")
         if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
             raise ValueError("give exactly one of key, key_env and key_file")
         if len(self.shared_key()) < MIN_KEY_BYTES:
@@ -420,15 +440,64 @@ class VipGroupConfig(_Model):
         return self
 
     def shared_key(self) -> bytes:
-        if self.key is not None:
-            return self.key.get_secret_value().encode()
-        if self.key_env is not None:
-            return os.environ.get(self.key_env, "").encode()
-        assert self.key_file is not None
-        try:
-            return self.key_file.read_bytes().strip()
-        except OSError as error:
-            raise ValueError(f"key_file: cannot read: {error.strerror}") from None
+        return _read_key(self.key, self.key_env, self.key_file)
+
+
+def _read_key(key: SecretStr | None, key_env: str | None, key_file: Path | None) -> bytes:
+    if key is not None:
+        return key.get_secret_value().encode()
+    if key_env is not None:
+        return os.environ.get(key_env, "").encode()
+    assert key_file is not None
+    try:
+        return key_file.read_bytes().strip()
+    except OSError as error:
+        raise ValueError(f"key_file: cannot read: {error.strerror}") from None
+
+
+class WitnessConfig(_Model):
+    """`anycast-edge witness -c witness.yaml`: a member of an active-passive group that
+    never owns the VIP and only votes (see VipMember.witness). Give it the group's values."""
+
+    group: _VipName
+    node_id: _VipName
+    members: Annotated[list[VipMember], Field(min_length=3, max_length=16)]
+    port: Port = 5405
+    advert_interval: Annotated[float, Field(ge=0.02, le=10)] = 0.1
+    dead_after: Annotated[int, Field(ge=2, le=100)] = 3
+    preempt: bool = True
+    preempt_delay: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    quorum_hold: Annotated[float, Field(ge=QUORUM_MARGIN_S + 0.4, le=60)] = 2.0
+    replay_window: Annotated[float, Field(ge=0.1, le=60)] = 2.0
+    key: SecretStr | None = None
+    key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    key_file: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _distinct = field_validator("members")(classmethod(lambda cls, v: _distinct_members(v)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WitnessConfig:
+        me = next((m for m in self.members if m.id == self.node_id), None)
+        if me is None or not me.witness:
+            raise ValueError(f"members: {self.node_id!r} must be listed with witness: true")
+        if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
+            raise ValueError("give exactly one of key, key_env and key_file")
+        if len(self.shared_key()) < MIN_KEY_BYTES:
+            raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
+        return self
+
+    def shared_key(self) -> bytes:
+        return _read_key(self.key, self.key_env, self.key_file)
+
+
+def parse_witness_config(data: object) -> WitnessConfig:
+    if not isinstance(data, dict) or not isinstance(data.get("witness"), dict):
+        raise ConfigError("config: expected a mapping with a `witness:` section")
+    try:
+        return WitnessConfig.model_validate(data["witness"])
+    except ValidationError as error:
+        raise ConfigError("witness." + format_validation_error(error)) from None
 
 
 class FlowSharePeerConfig(_Model):
@@ -602,6 +671,11 @@ class NodeConfig(_Model):
             me = self.vip_group.node_id or self.node.name
             if me not in {m.id for m in self.vip_group.members}:
                 raise ValueError(f"vip_group.members: this node ({me!r}) is not a member")
+            if any(m.id == me and m.witness for m in self.vip_group.members):
+                raise ValueError(
+                    f"vip_group.members: this node ({me!r}) is a witness: a witness runs "
+                    "`anycast-edge witness`, not the agent"
+                )
         return self
 
     @property

@@ -257,3 +257,8 @@ def test_check_config_refuses_a_neighbor_that_cannot_work(
     assert result.returncode == 2, result
     assert result.stderr.count("\n") == 1 and field + ":" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_numbers_and_booleans_are_not_coerced() -> None:
+    assert "local_asn: expected an integer, got '65001'" in error_line(local_asn="65001")
+    assert "capacity_mbps: expected a number, got True" in error_line(capacity_mbps=True)

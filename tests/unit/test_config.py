@@ -108,3 +108,36 @@ def test_example_node_yaml_with_control_plane_section_is_valid(
     monkeypatch.delenv("ANYCAST_EDGE_NODE_TOKEN")
     with pytest.raises(ConfigError, match="ANYCAST_EDGE_NODE_TOKEN is not set"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("listeners", 0, "port"), True, "listeners.0: port: expected an integer, got True"),
+        (("listeners", 0, "port"), "8080", "listeners.0: port: expected an integer, got '8080'"),
+        (("backends", 0, "weight"), 2.0, "backends.0: weight: expected an integer, got 2.0"),
+        (("health", "active", "interval"), True, "interval: expected a number, got True"),
+        (("health", "active", "interval"), "1", "interval: expected a number, got '1'"),
+        (("health", "passive", "enabled"), "yes", "enabled: expected true or false"),
+        (("health", "passive", "enabled"), 1, "enabled: expected true or false, got 1"),
+    ],
+)
+def test_numbers_and_booleans_are_strict(
+    path: tuple[str | int, ...], value: object, expected: str
+) -> None:
+    data = base()
+    data.setdefault("health", {}).setdefault("active", {})
+    data["health"].setdefault("passive", {})
+    target: Any = data
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_integer_is_a_number() -> None:
+    data = base()
+    data["health"] = {"active": {"interval": 1}}
+    assert parse_config(data).health.active.interval == 1.0
