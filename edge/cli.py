@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from importlib.metadata import version as package_version
@@ -113,6 +114,36 @@ def check_config(config: ConfigOption) -> None:
         f"takes at most {sigterm_stop_bound_s(node):.0f} s (keep the service manager's stop "
         "timeout, systemd's TimeoutStopSec, above it)"
     )
+
+
+WitnessOption = Annotated[
+    Path, typer.Option("--config", "-c", help="witness.yaml", dir_okay=False, show_default=False)
+]
+
+
+@app.command()
+def witness(config: WitnessOption, log_format: LogFormatOption = None) -> None:
+    """Run a witness of an active-passive group: it only votes (never owns the VIP)."""
+    import yaml
+
+    from edge.config import parse_witness_config
+
+    try:
+        data = yaml.safe_load(config.read_text())
+    except OSError as error:
+        _fail(f"config error: {config}: cannot read: {error.strerror}", 2)
+    except yaml.YAMLError:
+        _fail(f"config error: {config}: not valid YAML", 2)
+    try:
+        witness_config = parse_witness_config(data)
+    except ConfigError as error:
+        _fail(f"config error: {error}", 2)
+        raise  # unreachable: _fail exits
+    static = {"component": "witness", "node": witness_config.node_id}
+    logs.configure(witness_config.log_level.upper(), log_format or "text", static)
+    from edge.vip.witness import run_witness
+
+    raise typer.Exit(asyncio.run(run_witness(witness_config)))
 
 
 @app.command(

@@ -57,6 +57,8 @@ KERNEL_EXPIRY_LATENESS_S = 0.35
 UNFENCED_LIFETIME_S = 1
 #: The smallest lease margin that still leaves the address a 1 s kernel lifetime.
 MIN_LEASE_MARGIN_S = 1 + KERNEL_EXPIRY_LATENESS_S
+#: A node of a group with a witness lets go this long before its majority grant ends.
+QUORUM_MARGIN_S = MIN_LEASE_MARGIN_S + 0.05
 
 
 class Action(enum.StrEnum):

@@ -42,6 +42,7 @@ from edge.ports import ExtensionSetupError, NodeControl
 from edge.state import SERVING_STATES, NodeState, Transition
 from edge.vip.address import Announcer, ArpProber, VipAddress, check_vip_interface
 from edge.vip.election import (
+    QUORUM_MARGIN_S,
     Action,
     Decision,
     Election,
@@ -50,7 +51,16 @@ from edge.vip.election import (
     address_lifetime,
 )
 from edge.vip.fence import EtcdFence, EtcdLeaseClient
-from edge.vip.heartbeat import Counter, Heartbeat, HeartbeatRefused, Receiver, encode
+from edge.vip.heartbeat import (
+    MAX_SESSION_BYTES,
+    MAX_VOTE_BYTES,
+    Counter,
+    Heartbeat,
+    HeartbeatRefused,
+    Receiver,
+    encode,
+)
+from edge.vip.quorum import Grants, Vote, Voter
 from edge.vip.sessions import SessionTable
 from edge.vip.track import ReachTrack
 
@@ -108,6 +118,7 @@ class VipExtension:
         self.members = {m.id: m.address for m in config.members}
         self.address = self.members[self.node_id]
         fencing = config.fencing
+        margin = fencing.lease_margin if fencing else QUORUM_MARGIN_S
         self.election = Election(
             ElectionConfig(
                 node_id=self.node_id,
@@ -116,10 +127,28 @@ class VipExtension:
                 dead_after=config.dead_after,
                 preempt=config.preempt,
                 preempt_delay_s=config.preempt_delay,
-                fenced=fencing is not None,
-                **({"lease_margin_s": fencing.lease_margin} if fencing else {}),
+                # a witness's majority grant fences like the store's key (edge.vip.quorum)
+                fenced=fencing is not None or config.quorum,
+                **({"lease_margin_s": margin} if fencing or config.quorum else {}),
             )
         )
+        # With a witness among the members: every member votes; this node's majority grant
+        # is the election's fence view.
+        self.witnesses = frozenset(m.id for m in config.members if m.witness)
+        self.voter: Voter | None = None
+        self.grants: Grants | None = None
+        if config.quorum:
+            self.voter = Voter(
+                self.node_id,
+                config.quorum_hold,
+                config.advert_interval * config.dead_after,
+                started=time.monotonic(),
+                preempt=config.preempt,
+                preempt_delay_s=config.preempt_delay,
+            )
+            self.grants = Grants(
+                self.node_id, frozenset(m.id for m in config.members), config.quorum_hold
+            )
         self.key = config.shared_key()
         self.receiver = Receiver(
             self.key, config.name, self.members, self.node_id, config.replay_window
@@ -499,6 +528,8 @@ class VipExtension:
         healthy = state in SERVING_STATES and not self._handing_over
         before = self.election.last_decision
         now = time.monotonic()
+        if self.grants is not None:
+            self.election.fence_changed(self.grants.view(now))
         decision = self.election.step(now, healthy, self._isolated(now))
         await self._apply(decision)
         if before is None or before.want_key != decision.want_key:
@@ -555,6 +586,18 @@ class VipExtension:
         if self._transport is None:
             return
         fence = self.election.fence
+        counter = self.counter.next(time.time_ns())
+        vote = Vote(None)
+        if self.voter is not None and self.grants is not None:
+            now = time.monotonic()
+            election = self.election
+            self.voter.heard(
+                self.node_id, self.config.priority, election.eligible, election.owning, counter, now
+            )
+            vote = self.voter.vote(now)
+            self.grants.sent_counter(counter, now)
+            self.grants.voted(self.node_id, vote)
+        budget = MAX_SESSION_BYTES - (MAX_VOTE_BYTES if self.voter is not None else 0)
         beat = Heartbeat(
             node_id=self.node_id,
             group=self.config.name,
@@ -564,10 +607,13 @@ class VipExtension:
             eligible=self.election.eligible,
             term=self.election.term,
             token=fence.token if fence is not None and fence.holds else 0,
-            counter=self.counter.next(time.time_ns()),
-            sessions=self.sessions.next_delta()
+            counter=counter,
+            sessions=self.sessions.next_delta(budget)
             if self.sessions is not None and self.election.owning
             else (),
+            voting=self.voter is not None,
+            vote_for=vote.candidate,
+            vote_echo=vote.echo,
         )
         packet = encode(beat, self.key)
         for address in self.destinations:
@@ -582,6 +628,20 @@ class VipExtension:
             return
         self.heartbeats_accepted += 1
         now = time.monotonic()
+        if self.voter is not None and self.grants is not None:
+            self.voter.heard(
+                beat.node_id, beat.priority, beat.eligible, beat.active, beat.counter, now
+            )
+            if beat.voting:
+                self.grants.voted(beat.node_id, Vote(beat.vote_for, beat.vote_echo))
+            before = self.election.fence
+            view = self.grants.view(now)
+            self.election.fence_changed(view)
+            if before is None or before.holds != view.holds:
+                self._wake.set()  # a majority granted, or stopped granting: decide now
+        if beat.node_id in self.witnesses:
+            self._peer_health[beat.node_id] = (beat.health, time.time())
+            return  # a witness only votes: never a claimant, never a candidate
         previous = self.election.peers.get(beat.node_id)
         self.election.heard(
             PeerReport(
@@ -630,6 +690,19 @@ class VipExtension:
             last_transition_at=None if last is None else datetime.fromtimestamp(last["at"], UTC),
         )
 
+    def _quorum_status(self, now: float) -> dict[str, Any]:
+        assert self.grants is not None and self.voter is not None
+        deadline = self.grants.deadline()
+        return {
+            "members": len(self.grants.voters),
+            "majority": self.grants.majority,
+            "witnesses": sorted(self.witnesses),
+            "granted": deadline > now,
+            "grant_left_s": round(max(0.0, deadline - now), 3),
+            "votes": {v: vote.candidate for v, vote in sorted(self.grants.votes.items())},
+            "hold_s": self.grants.hold_s,
+        }
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         decision = self.election.last_decision
@@ -645,6 +718,7 @@ class VipExtension:
             "priority": self.config.priority,
             "term": self.election.term,
             "heartbeats_to": self.destinations,
+            "quorum": None if self.grants is None else self._quorum_status(now),
             "fencing": None
             if fence is None or self.fence is None
             else {

@@ -14,8 +14,12 @@ One UDP datagram, at most `MAX_PACKET` bytes (one Ethernet frame, never fragment
     12     8     term
     20     8     fencing token (the ownership key's mod revision; 0 unfenced)
     28     8     counter: the sender's wall clock in ns, strictly increasing per sender
-    36     ...   node id, group name, session delta
+    36     ...   node id, group name, [vote], session delta
     -32    32    HMAC-SHA256 over every byte before it, with the group's shared key
+
+With flag bit 2 (a group with a witness: edge.vip.quorum) the vote follows the group
+name: 1 byte length of the candidate's id (0: no vote), the id, 8 bytes: the candidate's
+heartbeat counter the vote answers.
 
 Receivers check the size bounds and the MAC before they look at anything else, then refuse
 a counter not above the last one accepted from that sender (a replay) or further than
@@ -45,10 +49,13 @@ MIN_KEY_BYTES = 32
 MAX_NAME = 64
 MAX_SESSION_KEY = 128
 _HEAD = struct.Struct("!4sBBBBBBHQQQ")
+_ECHO = struct.Struct("!Q")
 MAX_SESSION_BYTES = MAX_PACKET - _HEAD.size - 2 * MAX_NAME - MAC_SIZE
+#: What a vote takes of a voting member's session budget.
+MAX_VOTE_BYTES = 1 + MAX_NAME + _ECHO.size
 HEALTH_CODES: tuple[NodeState, ...] = tuple(NodeState)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_ACTIVE, _ELIGIBLE = 1, 2
+_ACTIVE, _ELIGIBLE, _VOTE = 1, 2, 4
 _UINT64 = (1 << 64) - 1
 
 
@@ -86,6 +93,10 @@ class Heartbeat:
     token: int
     counter: int
     sessions: Sessions = field(default=())
+    # A member's vote in a group with a witness (voting False: no vote section at all).
+    voting: bool = False
+    vote_for: str | None = None
+    vote_echo: int = 0
 
 
 def _check_name(what: str, value: str) -> None:
@@ -125,9 +136,23 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
             raise ValueError("bad session pair")
     node, group = hb.node_id.encode(), hb.group.encode()
     sessions = encode_sessions(hb.sessions) if hb.sessions else b""
-    if len(sessions) > MAX_SESSION_BYTES:
+    budget = MAX_SESSION_BYTES - (MAX_VOTE_BYTES if hb.voting else 0)
+    if len(sessions) > budget:
         raise ValueError("session delta too large: use sessions_that_fit")
-    flags = (_ACTIVE if hb.active else 0) | (_ELIGIBLE if hb.eligible else 0)
+    vote = b""
+    if hb.voting:
+        candidate = b""
+        if hb.vote_for is not None:
+            _check_name("vote", hb.vote_for)
+            candidate = hb.vote_for.encode()
+        if not 0 <= hb.vote_echo <= _UINT64:
+            raise ValueError("the vote's echo is unsigned 64-bit")
+        vote = bytes([len(candidate)]) + candidate + _ECHO.pack(hb.vote_echo)
+    flags = (
+        (_ACTIVE if hb.active else 0)
+        | (_ELIGIBLE if hb.eligible else 0)
+        | (_VOTE if hb.voting else 0)
+    )
     head = _HEAD.pack(
         MAGIC,
         VERSION,
@@ -141,7 +166,7 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         hb.token,
         hb.counter,
     )
-    body = head + node + group + sessions
+    body = head + node + group + vote + sessions
     return body + hmac.digest(key, body, hashlib.sha256)
 
 
@@ -171,21 +196,42 @@ def decode(packet: bytes, key: bytes) -> Heartbeat:
     ) = _HEAD.unpack_from(body)
     if version != VERSION:
         raise HeartbeatRefused(Refusal.BAD_VERSION, str(version))
-    if _HEAD.size + node_len + group_len + sessions_len != len(body):
+    voting = bool(flags & _VOTE)
+    vote_at = _HEAD.size + node_len + group_len
+    vote_len = 0
+    if voting:
+        if vote_at >= len(body):
+            raise HeartbeatRefused(Refusal.MALFORMED, "lengths do not add up")
+        vote_len = 1 + body[vote_at] + _ECHO.size
+    if vote_at + vote_len + sessions_len != len(body):
         raise HeartbeatRefused(Refusal.MALFORMED, "lengths do not add up")
-    if flags & ~(_ACTIVE | _ELIGIBLE) or not 1 <= priority <= 254 or health >= len(HEALTH_CODES):
+    if (
+        flags & ~(_ACTIVE | _ELIGIBLE | _VOTE)
+        or not 1 <= priority <= 254
+        or health >= len(HEALTH_CODES)
+    ):
         raise HeartbeatRefused(Refusal.MALFORMED, "flags, priority or health out of range")
     offset = _HEAD.size
+    vote_for: str | None = None
+    vote_echo = 0
     try:
         node_id = body[offset : offset + node_len].decode("ascii")
         offset += node_len
         group = body[offset : offset + group_len].decode("ascii")
         offset += group_len
+        if voting:
+            candidate_len = body[offset]
+            if candidate_len:
+                vote_for = body[offset + 1 : offset + 1 + candidate_len].decode("ascii")
+            (vote_echo,) = _ECHO.unpack_from(body, offset + 1 + candidate_len)
+            offset += vote_len
         sessions = _parse_sessions(body[offset:]) if sessions_len else ()
     except (UnicodeDecodeError, ValueError) as error:
         raise HeartbeatRefused(Refusal.MALFORMED, str(error)) from None
     if not _NAME.fullmatch(node_id) or not _NAME.fullmatch(group):
         raise HeartbeatRefused(Refusal.MALFORMED, "node id or group")
+    if vote_for is not None and not _NAME.fullmatch(vote_for):
+        raise HeartbeatRefused(Refusal.MALFORMED, "vote")
     return Heartbeat(
         node_id=node_id,
         group=group,
@@ -197,6 +243,9 @@ def decode(packet: bytes, key: bytes) -> Heartbeat:
         token=token,
         counter=counter,
         sessions=sessions,
+        voting=voting,
+        vote_for=vote_for,
+        vote_echo=vote_echo,
     )
 
 

@@ -296,6 +296,19 @@ class ApLab(NetLab):
         node.process = self.spawn([*command, "-c", str(path)], stdout=node.log.open("ab"))
         return node.process
 
+    def start_witness(
+        self, node: Node, members: list[dict[str, object]]
+    ) -> subprocess.Popen[bytes]:
+        """`anycast-edge witness` in the node's namespace, voting in group g1."""
+        path = self.workdir / f"{node.name}-witness.yaml"
+        config = {"witness": {"group": "g1", "node_id": node.name, "members": members}}
+        config["witness"]["key"] = self.key
+        path.write_text(yaml.safe_dump(config))
+        node.log = self.workdir / f"{node.name}.log"
+        command = ["ip", "netns", "exec", node.netns, AGENT, "witness", "-c", str(path)]
+        node.process = self.spawn(command, stdout=node.log.open("ab"))
+        return node.process
+
     def run_node_once(self, node: Node, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         """Run a node to its exit (for configs that must be refused)."""
         path = self.workdir / f"{node.name}-once.yaml"
@@ -399,13 +412,16 @@ class ApLab(NetLab):
         for netns, dev in ((node.netns, node.veth), (self.switch_netns, node.bridge_port)):
             run("tc", "-n", netns, "qdisc", "del", "dev", dev, "root", check=False)
 
-    def cut_heartbeats(self, node: Node, port: int = 5405) -> None:
+    def cut_heartbeats(self, node: Node, port: int = 5405, peer: Node | None = None) -> None:
         """Drop the group's heartbeats to and from the node (nftables inside its namespace,
-        gone with it); the data path and the store stay up."""
+        gone with it), or only those between it and `peer`; the data path and the store
+        stay up."""
+        source = f"ip saddr {peer.address} " if peer else ""
+        target = f"ip daddr {peer.address} " if peer else ""
         rules = (
             "table inet ae_vip {\n"
-            f" chain in {{ type filter hook input priority 0; udp dport {port} drop; }}\n"
-            f" chain out {{ type filter hook output priority 0; udp dport {port} drop; }}\n"
+            f" chain in {{ type filter hook input priority 0; {source}udp dport {port} drop; }}\n"
+            f" chain out {{ type filter hook output priority 0; {target}udp dport {port} drop; }}\n"
             "}\n"
         )
         subprocess.run(

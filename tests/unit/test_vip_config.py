@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from edge.config import ConfigError, parse_config
+from edge.config import ConfigError, parse_config, parse_witness_config
 
 KEY = "k" * 32
 
@@ -123,3 +123,66 @@ def test_a_short_key_is_never_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert group is not None and group.shared_key() == b"f" * 48
     with pytest.raises(ConfigError, match="key_file: cannot read"):
         parse_config(node(key=None, key_file=str(tmp_path / "missing")))
+
+
+WITNESS_MEMBERS = [
+    {"id": "n1", "address": "198.18.2.1"},
+    {"id": "n2", "address": "198.18.2.2"},
+    {"id": "w1", "address": "198.18.2.3", "witness": True},
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"members": WITNESS_MEMBERS, "fencing": {"endpoints": ["http://127.0.0.1:2379"]}},
+            "vip_group: a witness and fencing do not go together",
+        ),
+        (
+            {"members": [WITNESS_MEMBERS[0], WITNESS_MEMBERS[2]]},
+            "vip_group: a group with a witness needs at least 3 members",
+        ),
+        (
+            {"members": WITNESS_MEMBERS, "multicast": "224.0.0.18"},
+            "vip_group: a group with a witness needs unicast heartbeats",
+        ),
+        ({"members": WITNESS_MEMBERS, "quorum_hold": 1.0}, "vip_group.quorum_hold"),
+        (
+            {"members": [{**m, "witness": m["id"] == "n1"} for m in WITNESS_MEMBERS]},
+            "vip_group.members: this node ('n1') is a witness",
+        ),
+    ],
+)
+def test_bad_witness_groups_are_one_line(change: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(node(**change))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_group_with_a_witness_is_a_quorum_group() -> None:
+    group = parse_config(node(members=WITNESS_MEMBERS)).vip_group
+    assert group is not None and group.quorum and group.quorum_hold == 2.0
+    assert not parse_config(node()).vip_group.quorum  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("witness", "expected"),
+    [
+        ({"node_id": "n1"}, "witness.members: 'n1' must be listed with witness: true"),
+        ({"key": "short"}, "the shared key must be at least 32 bytes"),
+        ({"members": WITNESS_MEMBERS[:2]}, "witness.members"),
+        ({"port": True}, "witness.port"),
+    ],
+)
+def test_bad_witness_configs_are_one_line(witness: dict[str, Any], expected: str) -> None:
+    data = {"group": "g1", "node_id": "w1", "members": WITNESS_MEMBERS, "key": KEY, **witness}
+    with pytest.raises(ConfigError) as error:
+        parse_witness_config({"witness": data})
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert (
+        parse_witness_config(
+            {"witness": {"group": "g1", "node_id": "w1", "members": WITNESS_MEMBERS, "key": KEY}}
+        ).node_id
+        == "w1"
+    )
