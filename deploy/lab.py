@@ -7,8 +7,8 @@
     down    removes everything the lab made: containers, networks, volumes, host rules
             (`--stop-engine` also stops a dockerd that the lab itself started)
     status  containers, routers' BGP sessions and FIB next-hops, the GSLB's view
-    chaos   kill NODE | freeze NODE | cut-link NODE | partition-api-etcd |
-            kill-etcd-leader | fail-service SERVICE | heal (heal undoes every one of them)
+    chaos   kill NODE | freeze NODE | cut-link NODE | fail-service SERVICE | partition-api-etcd |
+            kill-etcd-leader | heal (heal undoes every one of them)
 
 Traffic only ever goes between the lab's own containers (and from this host to the
 lab's API and etcd addresses on the lab's bridges); every wait and load is bounded.
@@ -610,12 +610,15 @@ def chaos_heal() -> list[str]:
 
 
 def announced_everywhere() -> bool:
-    """Every edge's route in its site router's FIB, and both sites in the core's."""
+    """Every edge's route in its site router's FIB, and both sites in the core's: for
+    web's IPv4 VIP, then for every VIP of both services (`services_announced_everywhere`)."""
     for site, router in SITE_ROUTER.items():
         hops = fib_nexthops(router)
         if any(EDGE_ADDRESS[node] not in hops for node in SITES[site]):
             return False
-    return set(fib_nexthops("core")) == set(SITE_NEXT_HOP.values())
+    if set(fib_nexthops("core")) != set(SITE_NEXT_HOP.values()):
+        return False
+    return services_announced_everywhere()
 
 
 def services_announced_everywhere() -> bool:
@@ -649,9 +652,7 @@ def fleet_ready() -> bool:
     view = gslb_view()
     nodes = view["nodes"]
     alive = all(nodes.get(n, {}).get("liveness") == "alive" for n in NODES)
-    return (
-        alive and announced_everywhere() and services_announced_everywhere() and bfd_up_everywhere()
-    )
+    return alive and announced_everywhere() and bfd_up_everywhere()
 
 
 def wait_ready(timeout: float = 180.0) -> None:
@@ -664,7 +665,6 @@ def wait_ready(timeout: float = 180.0) -> None:
     say(f"GSLB API answering; sites and nodes seeded (revision {revision})")
     wait_for(fleet_ready, timeout, "every edge alive in the GSLB, announced, BFD up")
     say(f"all four edges alive, announced, BFD up ({time.monotonic() - started:.1f} s)")
-    say("both services (web, app) announced over IPv4 and IPv6 at every router")
 
 
 def prometheus_targets() -> list[dict[str, Any]]:
@@ -879,8 +879,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chaos(action: str, node: str | None) -> int:
-    if action in ("kill", "freeze", "cut-link") and node not in NODES:
+    if action in ("kill", "freeze", "cut-link") and node is None:
         print(f"lab: chaos {action} needs a node: {', '.join(NODES)}", file=sys.stderr)
+        return 2
+    if action in ("kill", "freeze", "cut-link") and node in SERVICES:
+        print(f"lab: chaos {action} needs a node, not a service: {node}", file=sys.stderr)
         return 2
     if action == "fail-service" and node not in SERVICES:
         print(f"lab: chaos {action} needs a service: {', '.join(SERVICES)}", file=sys.stderr)

@@ -137,7 +137,7 @@ def test_failing_one_services_backends_withdraws_only_its_prefixes() -> None:
     with lab.load(duration=20, workers=4, host=WEB6) as running:
         failed = lab.chaos_fail_service("app")
         print(f"\napp's health failing on {failed}")
-        assert len(failed) == 2 * len(lab.SITES)
+        assert len(failed) >= 2 * len(lab.SITES)  # every backend container
         lab.wait_until_none(_app_gone_web_kept, 60, "app withdrawn at the core, web kept")
         records = running.result()
     states = _service_states()
