@@ -4,9 +4,10 @@ The driver records what ExaBGP reports (session state, OPENs, NOTIFICATIONs, the
 it sent to each peer); these functions turn that record into what `/status` says and
 what the node's state machine hears:
 - per prefix: withdrawn, "no session", "desired, not yet sent", "sent to N of M peers";
-- the node is degraded when it wants to announce and no session carries any of it
-  (a wrong TCP-MD5 password at the router, a router that is down) for longer than a
-  grace period (a session takes a second or two to come up);
+- the node is degraded when it wants to announce and, for some address family, no
+  session carries any of that family's prefixes (a wrong TCP-MD5 password at the
+  router, a router that is down, the IPv6 session lost beside the IPv4 one) for longer
+  than a grace period (a session takes a second or two to come up);
 - NOTIFICATION codes decoded by RFC 4271 §4.5 / RFC 4486 names.
 """
 
@@ -105,12 +106,25 @@ def no_session_reason(
     established: int,
     neighbors: int,
 ) -> str | None:
-    """Why the node cannot carry traffic although it wants to, or None: it wants to
-    announce and no session carries any of its prefixes."""
-    if not desired or any(sent_to.get(prefix) for prefix in desired):
+    """Why the node cannot carry traffic although it wants to, or None: for some address
+    family, it wants to announce prefixes of that family and no session carries any of
+    them (an IPv6 session lost beside a working IPv4 one leaves the IPv6 clients with no
+    route to this node: a fault of its own, not hidden by the IPv4 routes)."""
+    missing: list[IPNetwork] = []
+    for version in (4, 6):
+        wanted = [prefix for prefix in desired if prefix.version == version]
+        if wanted and not any(sent_to.get(prefix) for prefix in wanted):
+            missing += sorted(wanted, key=by_family)
+    if not missing:
         return None
-    wanted = ", ".join(str(prefix) for prefix in sorted(desired, key=by_family))
-    return f"no BGP session carries {wanted} ({established} of {neighbors} sessions established)"
+    names = ", ".join(str(prefix) for prefix in missing)
+    sessions = f"{established} of {neighbors} sessions established"
+    lost = {prefix.version for prefix in missing}
+    carried = {prefix.version for prefix in desired} - lost
+    if carried:  # one family lost, the other carried
+        (version,), (other,) = lost, carried
+        return f"no BGP session carries IPv{version}: {names} (IPv{other} carried; {sessions})"
+    return f"no BGP session carries {names} ({sessions})"
 
 
 def degraded_for_want_of_session(

@@ -7,7 +7,7 @@
     down    removes everything the lab made: containers, networks, volumes, host rules
             (`--stop-engine` also stops a dockerd that the lab itself started)
     status  containers, routers' BGP sessions and FIB next-hops, the GSLB's view
-    chaos   kill NODE | freeze NODE | cut-link NODE | partition-api-etcd |
+    chaos   kill NODE | freeze NODE | cut-link NODE | fail-service SERVICE | partition-api-etcd |
             kill-etcd-leader | heal (heal undoes every one of them)
 
 Traffic only ever goes between the lab's own containers (and from this host to the
@@ -43,6 +43,15 @@ LABEL = "anycast-edge-lab.role"
 VIP = "198.51.100.10"
 OPERATOR_TOKEN = "lab-operator-token"
 ENGINE_STATE = Path("/run/anycast-edge-lab")
+# The edges' services (deploy/lab/edge-*.yaml `services:`): name -> its VIPs, IPv4 and IPv6,
+# each announced as a host route (/32, /128) while the service is healthy.
+SERVICES = {
+    "web": ("198.51.100.10", "2001:db8:100::10"),
+    "app": ("198.51.100.20", "2001:db8:100::20"),
+}
+VIP6 = SERVICES["web"][1]
+# A backend container fails SERVICE's health checks while this file exists (entrypoint.sh).
+BACKEND_FAIL_FILE = "/run/lab/fail-{service}"
 
 SITES = {"site-a": ("edge-a1", "edge-a2"), "site-b": ("edge-b1", "edge-b2")}
 NODES = [node for nodes in SITES.values() for node in nodes]
@@ -54,8 +63,17 @@ EDGE_ADDRESS = {
     "edge-b2": "198.18.20.12",
 }
 SITE_ROUTER = {"site-a": "router-a", "site-b": "router-b"}
+# Each network's IPv6 /64 is 2001:db8:18:N:: for 198.18.N.0/24, with the same host part.
+EDGE_ADDRESS6 = {
+    "edge-a1": "2001:db8:18:10::11",
+    "edge-a2": "2001:db8:18:10::12",
+    "edge-b1": "2001:db8:18:20::11",
+    "edge-b2": "2001:db8:18:20::12",
+}
 # The core's next-hop toward each site router.
 SITE_NEXT_HOP = {"site-a": "198.18.1.2", "site-b": "198.18.2.2"}
+SITE_NEXT_HOP6 = {"site-a": "2001:db8:18:1::2", "site-b": "2001:db8:18:2::2"}
+CLIENT_ADDRESS6 = "2001:db8:18::10"
 API_URLS = {"api-a": "http://198.18.10.30:8080", "api-b": "http://198.18.20.30:8080"}
 ETCD = {"etcd1": "198.18.100.11", "etcd2": "198.18.100.12", "etcd3": "198.18.100.13"}
 ROUTERS = ("core", "router-a", "router-b")
@@ -72,6 +90,9 @@ BRIDGE_RULES = (
     ["-s", "198.18.0.0/15", "-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"],
     ["-s", "198.51.100.0/24", "-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"],
 )
+# The same for IPv6, where Docker keeps such a chain (its ip6tables mode); 20.10 by default
+# makes no IPv6 rules at all and bridged IPv6 frames pass as they are.
+BRIDGE_RULES6 = (["-s", "2001:db8::/32", "-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"],)
 
 
 class LabError(Exception):
@@ -220,6 +241,7 @@ def build_images() -> None:
 
 
 def allow_bridged_traffic() -> None:
+    allow_bridged_traffic6()
     if not shutil.which("iptables"):
         return
     if run("iptables", "-S", "DOCKER-USER", check=False).returncode != 0:
@@ -229,7 +251,26 @@ def allow_bridged_traffic() -> None:
             run("iptables", "-I", "DOCKER-USER", *rule)
 
 
+def allow_bridged_traffic6() -> None:
+    if not shutil.which("ip6tables"):
+        return
+    if run("ip6tables", "-S", "DOCKER-USER", check=False).returncode != 0:
+        return
+    for rule in BRIDGE_RULES6:
+        if run("ip6tables", "-C", "DOCKER-USER", *rule, check=False).returncode != 0:
+            run("ip6tables", "-I", "DOCKER-USER", *rule)
+
+
+def remove_bridged_rules6() -> None:
+    if not shutil.which("ip6tables"):
+        return
+    for rule in BRIDGE_RULES6:
+        while run("ip6tables", "-C", "DOCKER-USER", *rule, check=False).returncode == 0:
+            run("ip6tables", "-D", "DOCKER-USER", *rule, check=False)
+
+
 def remove_bridged_rules() -> None:
+    remove_bridged_rules6()
     if not shutil.which("iptables"):
         return
     for rule in BRIDGE_RULES:
@@ -326,8 +367,12 @@ def gslb_view() -> dict[str, Any]:
 
 
 def fib_nexthops(router: str, prefix: str = VIP) -> dict[str, int]:
-    """Kernel next-hops of the VIP in a router container: gateway -> weight."""
-    out = dexec(router, "ip", "-j", "-d", "route", "show", "exact", f"{prefix}/32", check=False)
+    """Kernel next-hops of a VIP (IPv4 or IPv6) in a router container: gateway -> weight."""
+    family, length = ("-6", 128) if ":" in prefix else ("-4", 32)
+    out = dexec(
+        router, "ip", family, "-j", "-d", "route", "show", "exact", f"{prefix}/{length}",
+        check=False,
+    )  # fmt: skip
     hops: dict[str, int] = {}
     for route in json.loads(out or "[]"):
         if "gateway" in route:
@@ -335,6 +380,11 @@ def fib_nexthops(router: str, prefix: str = VIP) -> dict[str, int]:
         for hop in route.get("nexthops", []):
             hops[hop["gateway"]] = int(hop.get("weight", 1))
     return hops
+
+
+def service_routes(router: str) -> dict[str, dict[str, int]]:
+    """Every lab VIP (both services, both families) -> its next-hops in a router's FIB."""
+    return {vip: fib_nexthops(router, vip) for vips in SERVICES.values() for vip in vips}
 
 
 def bgp_sessions(router: str) -> dict[str, str]:
@@ -352,6 +402,15 @@ def forwarded_packets(router: str) -> int:
     lines = dexec(router, "cat", "/proc/net/snmp").splitlines()
     ip = [line.split() for line in lines if line.startswith("Ip:")]
     return int(ip[1][ip[0].index("ForwDatagrams")])
+
+
+def forwarded_packets6(router: str) -> int:
+    """IPv6 packets the router's kernel forwarded so far (Ip6OutForwDatagrams)."""
+    for line in dexec(router, "cat", "/proc/net/snmp6").splitlines():
+        name, _, value = line.partition(" ")
+        if name == "Ip6OutForwDatagrams":
+            return int(value.strip())
+    raise LabError(f"{router}: no Ip6OutForwDatagrams in /proc/net/snmp6")
 
 
 def site_shares_at_core() -> dict[str, float]:
@@ -385,11 +444,12 @@ def lab_networks() -> list[str]:
 # -- traffic -----------------------------------------------------------------------------
 
 
-def burst(count: int = 200, timeout: float = 60.0) -> dict[str, Any]:
-    """`count` new connections from the client to the VIP, one after the other: a summary."""
+def burst(count: int = 200, timeout: float = 60.0, host: str = VIP) -> dict[str, Any]:
+    """`count` new connections from the client to a VIP (`host`, IPv4 or IPv6; web's IPv4
+    one by default) port 80, one after the other: a summary."""
     out = dexec(
         "client", "python", "-m", "deploy.lab_client", "burst",
-        "--count", str(count), "--timeout", str(timeout), timeout=timeout + 30,
+        "--count", str(count), "--timeout", str(timeout), "--host", host, timeout=timeout + 30,
     )  # fmt: skip
     summary: dict[str, Any] = json.loads(out)
     return summary
@@ -399,13 +459,15 @@ class Load:
     """A steady client load running in the client container (bounded); `result()` returns
     one record per request: start, end, ok, node, site, error."""
 
-    def __init__(self, duration: float, workers: int = 4, pause: float = 0.01) -> None:
+    def __init__(
+        self, duration: float, workers: int = 4, pause: float = 0.01, host: str = VIP
+    ) -> None:
         self.duration = duration
         self.process = subprocess.Popen(
             [
                 "docker", "exec", container("client"), "python", "-m", "deploy.lab_client",
                 "run", "--duration", str(duration), "--workers", str(workers),
-                "--pause", str(pause),
+                "--pause", str(pause), "--host", host,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -421,8 +483,8 @@ class Load:
 
 
 @contextlib.contextmanager
-def load(duration: float, workers: int = 4, pause: float = 0.01) -> Iterator[Load]:
-    running = Load(duration, workers, pause)
+def load(duration: float, workers: int = 4, pause: float = 0.01, host: str = VIP) -> Iterator[Load]:
+    running = Load(duration, workers, pause, host)
     try:
         yield running
     finally:
@@ -490,8 +552,31 @@ def chaos_kill_etcd_leader() -> str:
     return leader
 
 
+def backends() -> list[str]:
+    """The lab's backend containers (lab-backend-*), running or not."""
+    out = run(
+        "docker", "ps", "-a", "--filter", f"label={LABEL}=backend", "--format", "{{.Names}}",
+        check=False,
+    ).stdout  # fmt: skip
+    return sorted(out.split())
+
+
+def chaos_fail_service(service: str) -> list[str]:
+    """Fail one service's health checks on every backend container (its process answers
+    /health with 503 while the fail file exists): every edge withdraws that service's
+    prefixes, both families; the other service is untouched. `chaos heal` undoes it."""
+    if service not in SERVICES:
+        raise LabError(f"service: expected one of {', '.join(SERVICES)} (got {service!r})")
+    done = []
+    for name in backends():
+        run("docker", "exec", name, "touch", BACKEND_FAIL_FILE.format(service=service))
+        done.append(name)
+    return done
+
+
 def chaos_heal() -> list[str]:
-    """Undo every chaos action: unpause, start what was killed, remove blackholes."""
+    """Undo every chaos action: unpause, start what was killed, remove blackholes, make
+    failed services' backends healthy again."""
     done: list[str] = []
     for name, state in containers().items():
         if state == "paused":
@@ -510,6 +595,14 @@ def chaos_heal() -> list[str]:
                 continue
             dexec(service, "tc", "qdisc", "del", "dev", dev, "root", check=False)
             done.append(f"{service}: {dev} reconnected")
+    for name in backends():
+        if containers().get(name) != "running":
+            continue
+        fail_files = [BACKEND_FAIL_FILE.format(service=service) for service in SERVICES]
+        listed = run("docker", "exec", name, "ls", *fail_files, check=False).stdout.split()
+        if listed:
+            run("docker", "exec", name, "rm", "-f", *listed, check=False)
+            done.append(f"{name}: {', '.join(Path(f).name for f in listed)} removed")
     return done
 
 
@@ -517,12 +610,31 @@ def chaos_heal() -> list[str]:
 
 
 def announced_everywhere() -> bool:
-    """Every edge's route in its site router's FIB, and both sites in the core's."""
+    """Every edge's route in its site router's FIB, and both sites in the core's: for
+    web's IPv4 VIP, then for every VIP of both services (`services_announced_everywhere`)."""
     for site, router in SITE_ROUTER.items():
         hops = fib_nexthops(router)
         if any(EDGE_ADDRESS[node] not in hops for node in SITES[site]):
             return False
-    return set(fib_nexthops("core")) == set(SITE_NEXT_HOP.values())
+    if set(fib_nexthops("core")) != set(SITE_NEXT_HOP.values()):
+        return False
+    return services_announced_everywhere()
+
+
+def services_announced_everywhere() -> bool:
+    """Both services' VIPs, IPv4 and IPv6: every edge's route in its site router's FIB (over
+    the edge's IPv4 or IPv6 address), and both sites in the core's."""
+    for vips in SERVICES.values():
+        for vip in vips:
+            edges, sites = (EDGE_ADDRESS6, SITE_NEXT_HOP6) if ":" in vip else (
+                EDGE_ADDRESS, SITE_NEXT_HOP)  # fmt: skip
+            for site, router in SITE_ROUTER.items():
+                hops = fib_nexthops(router, vip)
+                if any(edges[node] not in hops for node in SITES[site]):
+                    return False
+            if set(fib_nexthops("core", vip)) != set(sites.values()):
+                return False
+    return True
 
 
 def bfd_up_everywhere() -> bool:
@@ -530,6 +642,8 @@ def bfd_up_everywhere() -> bool:
     for site, router in SITE_ROUTER.items():
         peers = bfd_peers(router)
         if any(peers.get(EDGE_ADDRESS[node]) != "up" for node in SITES[site]):
+            return False
+        if any(peers.get(EDGE_ADDRESS6[node]) != "up" for node in SITES[site]):
             return False
     return True
 
@@ -609,6 +723,7 @@ def status() -> dict[str, Any]:
             "fib": fib_nexthops(router),
             "bgp": bgp_sessions(router),
             "bfd": bfd_peers(router),
+            "services": service_routes(router),
         }
     result["routers"] = routers
     try:
@@ -634,6 +749,11 @@ def print_status(data: dict[str, Any]) -> None:
         sessions = ", ".join(f"{peer} {state}" for peer, state in sorted(info["bgp"].items()))
         bfd = ", ".join(f"{peer} {state}" for peer, state in sorted(info["bfd"].items()))
         print(f"{router:9} VIP via [{fib or 'no route'}]")
+        for vip, hops in info.get("services", {}).items():
+            if vip == VIP:
+                continue
+            via = ", ".join(f"{hop} w{weight}" for hop, weight in sorted(hops.items()))
+            print(f"{'':9} {vip} via [{via or 'no route'}]")
         print(f"{'':9} BGP: {sessions}")
         if bfd:
             print(f"{'':9} BFD: {bfd}")
@@ -725,9 +845,13 @@ def main(argv: list[str] | None = None) -> int:
     p_chaos = sub.add_parser("chaos", help="break something (bounded); `heal` undoes it all")
     p_chaos.add_argument(
         "action",
-        choices=["kill", "freeze", "cut-link", "partition-api-etcd", "kill-etcd-leader", "heal"],
-    )
-    p_chaos.add_argument("node", nargs="?", choices=NODES)
+        choices=[
+            "kill", "freeze", "cut-link", "partition-api-etcd", "kill-etcd-leader",
+            "fail-service", "heal",
+        ],
+    )  # fmt: skip
+    # A node (kill, freeze, cut-link) or a service (fail-service).
+    p_chaos.add_argument("node", nargs="?", choices=[*NODES, *SERVICES], metavar="NODE|SERVICE")
     p_traffic = sub.add_parser("traffic", help="a burst of new client connections")
     p_traffic.add_argument("--count", type=int, default=200)
     args = parser.parse_args(argv)
@@ -758,6 +882,12 @@ def chaos(action: str, node: str | None) -> int:
     if action in ("kill", "freeze", "cut-link") and node is None:
         print(f"lab: chaos {action} needs a node: {', '.join(NODES)}", file=sys.stderr)
         return 2
+    if action in ("kill", "freeze", "cut-link") and node in SERVICES:
+        print(f"lab: chaos {action} needs a node, not a service: {node}", file=sys.stderr)
+        return 2
+    if action == "fail-service" and node not in SERVICES:
+        print(f"lab: chaos {action} needs a service: {', '.join(SERVICES)}", file=sys.stderr)
+        return 2
     if action == "kill" and node:
         chaos_kill(node)
         say(f"killed {node} (heal: `chaos heal`)")
@@ -770,6 +900,9 @@ def chaos(action: str, node: str | None) -> int:
     elif action == "partition-api-etcd":
         chaos_partition_api_etcd()
         say("partitioned both APIs from etcd (heal: `chaos heal`)")
+    elif action == "fail-service" and node:
+        failed = chaos_fail_service(node)
+        say(f"failed service {node}'s health on {len(failed)} backends (heal: `chaos heal`)")
     elif action == "kill-etcd-leader":
         say(f"killed the etcd leader {chaos_kill_etcd_leader()} (heal: `chaos heal`)")
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ipaddress
 import json
 import socket
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 VIP = "198.51.100.10"
 PORT = 80
 MAX_COUNT = 20_000
+# The only targets: the lab's anycast ranges.
+ANYCAST = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:100::/48"))
 MAX_DURATION_S = 120.0
 
 
@@ -86,17 +89,19 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def burst(count: int, timeout_s: float) -> list[dict[str, Any]]:
+def burst(count: int, timeout_s: float, host: str = VIP, port: int = PORT) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     records = []
     for _ in range(min(count, MAX_COUNT)):
         if time.monotonic() > deadline:
             break
-        records.append(request())
+        records.append(request(host, port))
     return records
 
 
-def run(duration_s: float, workers: int, pause_s: float) -> list[dict[str, Any]]:
+def run(
+    duration_s: float, workers: int, pause_s: float, host: str = VIP, port: int = PORT
+) -> list[dict[str, Any]]:
     """`workers` threads each opening new connections back to back for `duration_s`."""
     duration_s = min(duration_s, MAX_DURATION_S)
     end = time.monotonic() + duration_s
@@ -106,7 +111,7 @@ def run(duration_s: float, workers: int, pause_s: float) -> list[dict[str, Any]]
     def work() -> None:
         count = 0
         while time.monotonic() < end and count < MAX_COUNT:
-            record = request()
+            record = request(host, port)
             count += 1
             with lock:
                 records.append(record)
@@ -126,15 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("burst", help="COUNT new connections one after the other: a summary")
     b.add_argument("--count", type=int, default=200)
     b.add_argument("--timeout", type=float, default=60.0)
+    b.add_argument("--host", default=VIP, help="a lab VIP, IPv4 or IPv6")
+    b.add_argument("--port", type=int, default=PORT)
     r = sub.add_parser("run", help="steady load for DURATION seconds: every request")
     r.add_argument("--duration", type=float, default=5.0)
     r.add_argument("--workers", type=int, default=4)
     r.add_argument("--pause", type=float, default=0.01)
+    r.add_argument("--host", default=VIP, help="a lab VIP, IPv4 or IPv6")
+    r.add_argument("--port", type=int, default=PORT)
     args = parser.parse_args(argv)
+    try:
+        target = ipaddress.ip_address(args.host)
+    except ValueError:
+        target = None
+    if target is None or not any(target in net for net in ANYCAST):
+        ranges = ", ".join(str(net) for net in ANYCAST)
+        print(f"--host: expected a lab VIP in {ranges} (got {args.host!r})", file=sys.stderr)
+        return 2
     if args.command == "burst":
-        print(json.dumps(summarize(burst(args.count, args.timeout))))
+        print(json.dumps(summarize(burst(args.count, args.timeout, args.host, args.port))))
     else:
-        json.dump(run(args.duration, args.workers, args.pause), sys.stdout)
+        json.dump(run(args.duration, args.workers, args.pause, args.host, args.port), sys.stdout)
         print()
     return 0
 

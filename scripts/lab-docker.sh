@@ -43,6 +43,8 @@ start_dockerd() {
   # dockerd turns ip_forward on by itself unless told not to; the lab's routers forward
   # inside their own namespaces, the host never does.
   sysctl -qw net.ipv4.ip_forward=0
+  # The same for IPv6: the lab's networks have IPv6 subnets, the host routes none of them.
+  sysctl -qw net.ipv6.conf.all.forwarding=0
   mkdir -p "$STATE_DIR"
   say "starting dockerd (--ip-forward=false; log: $DOCKERD_LOG)"
   setsid dockerd --ip-forward=false --pidfile "$STATE_DIR/dockerd.pid" \

@@ -5,10 +5,23 @@
 set -euo pipefail
 role=$1
 ip route del default 2>/dev/null || true
+# The same for IPv6 (a container on an IPv6 network gets one too).
+for _ in 1 2 3 4; do ip -6 route del default 2>/dev/null || break; done
 # LAB_ROUTES: "PREFIX via GW; PREFIX via GW" (static routes the role needs).
 IFS=';' read -ra routes <<<"${LAB_ROUTES:-}"
 for route in "${routes[@]}"; do
   [ -n "${route// /}" ] && ip route replace $route
+done
+# LAB_ROUTES6: the same for IPv6 ("default via GW6; PREFIX6 via GW6").
+IFS=';' read -ra routes6 <<<"${LAB_ROUTES6:-}"
+for route in "${routes6[@]}"; do
+  [ -n "${route// /}" ] && ip -6 route replace $route
+done
+# Until duplicate address detection is over (bounded): a tentative IPv6 address cannot be
+# bound, and the agent binds its IPv6 BGP source at start.
+for _ in $(seq 1 50); do
+  [ -z "$(ip -6 addr show tentative 2>/dev/null)" ] && break
+  sleep 0.1
 done
 
 case "$role" in
@@ -32,12 +45,33 @@ router)
   ;;
 edge)
   ip addr replace "${LAB_VIP:?}/32" dev lo
+  # LAB_VIPS: more VIPs, IPv4 (/32) or IPv6 (/128), space-separated.
+  for vip in ${LAB_VIPS:-}; do
+    case "$vip" in
+    *:*) ip -6 addr replace "$vip/128" dev lo nodad ;;
+    *) ip addr replace "$vip/32" dev lo ;;
+    esac
+  done
   # A restarted container keeps its files: stale ExaBGP/bfdd pid files and sockets go.
   rm -rf /run/anycast-edge && mkdir -p /var/lib/anycast-edge /run/anycast-edge
   exec anycast-edge run --config "${LAB_NODE_CONFIG:?}"
   ;;
 backend)
-  exec python -m deploy.backend.named_backend --host 0.0.0.0 --port 8080 --name "${LAB_NAME:?}"
+  # One process per lab service: web's on IPv4 port 8080, app's on IPv6 port 8081. Each
+  # fails its health check while /run/lab/fail-SERVICE exists (`python -m deploy.lab
+  # chaos fail-service SERVICE`; `chaos heal` removes it).
+  mkdir -p /run/lab
+  rm -f /run/lab/fail-*
+  pids=()
+  python -m deploy.backend.named_backend --host 0.0.0.0 --port 8080 --name "${LAB_NAME:?}" \
+    --fail-file /run/lab/fail-web & pids+=($!)
+  python -m deploy.backend.named_backend --host :: --port 8081 --name "${LAB_NAME}-app" \
+    --fail-file /run/lab/fail-app & pids+=($!)
+  trap 'kill "${pids[@]}" 2>/dev/null' TERM INT
+  wait -n
+  echo "a backend process exited" >&2
+  kill "${pids[@]}" 2>/dev/null || true
+  exit 1
   ;;
 api)
   exec python -m api --config "${LAB_API_CONFIG:?}"

@@ -37,9 +37,10 @@ Vip = tuple[str, int]  # address, port
 
 def shared_vips(config: NodeConfig) -> dict[str, Vip]:
     """Listener name -> (VIP, port) for listeners bound to one IPv4 address (a wildcard
-    listener's flows have no VIP to share; IPv6 flows are shared but not forwarded)."""
+    listener's flows have no VIP to share; IPv6 flows are shared but not forwarded), of
+    every service of the node (`services:`, or the one implicit service)."""
     vips: dict[str, Vip] = {}
-    for listener in config.listeners:
+    for listener in config.all_listeners():
         address = ipaddress.ip_address(listener.address)
         if not address.is_unspecified:
             vips[listener.name] = (str(address), listener.port)

@@ -54,6 +54,7 @@ def lab_up() -> Iterator[dict[str, float]]:
             if started_engine:
                 # Nothing of ours may outlive the session.
                 subprocess.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"], check=False)
+                subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"], check=False)
 
 
 @pytest.fixture

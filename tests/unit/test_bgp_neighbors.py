@@ -4,6 +4,7 @@ degraded for want of a session (bgp.observed), and the metric families (bgp.metr
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -12,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from bgp.config import BgpConfig, LinkBandwidth
+from bgp.config import BgpConfig, LinkBandwidth, by_family
 from bgp.metrics import BgpCollector
 from bgp.neighbors import link_bandwidth_community, route_for, routes_for
 from bgp.observed import (
@@ -148,6 +149,56 @@ def test_degraded_when_it_wants_to_announce_and_no_session_carries_it() -> None:
     assert not degraded_for_want_of_session(reason, since=100.0, now=103.0)
     assert degraded_for_want_of_session(reason, since=100.0, now=106.0)
     assert not degraded_for_want_of_session(None, since=100.0, now=200.0)
+
+
+VIP6 = ipaddress.ip_network("2001:db8:100::10/128")
+ROUTER_A6 = ipaddress.ip_address("2001:db8:18:10::1")
+
+
+def test_an_ipv6_session_lost_beside_a_working_ipv4_one_is_seen() -> None:
+    """Per address family: the IPv4 routes carried do not hide that no session carries
+    any IPv6 prefix (before, one carried prefix of either family was enough)."""
+    desired = {VIP, VIP6}
+    reason = no_session_reason(desired, {VIP: {ROUTER_A}, VIP6: set()}, 1, 2)
+    assert reason == (
+        "no BGP session carries IPv6: 2001:db8:100::10/128 (IPv4 carried; "
+        "1 of 2 sessions established)"
+    )
+    assert no_session_reason(desired, {VIP: set(), VIP6: {ROUTER_A6}}, 1, 2) == (
+        "no BGP session carries IPv4: 198.51.100.10/32 (IPv6 carried; 1 of 2 sessions established)"
+    )
+    assert no_session_reason(desired, {VIP: {ROUTER_A}, VIP6: {ROUTER_A6}}, 2, 2) is None
+    assert no_session_reason(desired, {}, 0, 2) == (
+        "no BGP session carries 198.51.100.10/32, 2001:db8:100::10/128 "
+        "(0 of 2 sessions established)"
+    )
+
+
+_V4 = st.integers(0, 255).map(lambda n: ipaddress.ip_network(f"198.51.100.{n}/32"))
+_V6 = st.integers(0, 2**16 - 1).map(lambda n: ipaddress.ip_network(f"2001:db8:100::{n:x}/128"))
+
+
+@given(
+    st.sets(_V4 | _V6, max_size=6),
+    st.data(),
+)
+def test_no_session_reason_is_none_exactly_when_every_wanted_family_is_carried(
+    desired: set[ipaddress.IPv4Network | ipaddress.IPv6Network], data: st.DataObject
+) -> None:
+    carried = data.draw(
+        st.sets(st.sampled_from(sorted(desired, key=by_family))) if desired else st.just(set())
+    )
+    sent_to = {prefix: ({ROUTER_A} if prefix in carried else set()) for prefix in desired}
+    reason = no_session_reason(desired, sent_to, 1, 2)
+    families_ok = all(
+        any(p in carried for p in desired if p.version == version)
+        for version in {p.version for p in desired}
+    )
+    assert (reason is None) == families_ok
+    if reason is not None:  # it names every prefix of each family nothing carries
+        for prefix in desired:
+            lost = not any(p in carried for p in desired if p.version == prefix.version)
+            assert (str(prefix) in reason) == lost
 
 
 def test_notification_reasons_decoded() -> None:

@@ -98,6 +98,28 @@ def test_shared_vips_skip_wildcard_listeners() -> None:
     assert render.shared_vips(parse_config(node())) == {"tcp": VIP}
 
 
+def test_shared_vips_are_every_services_listeners() -> None:
+    """A node in the `services:` shape has no top-level listeners: each service's count
+    (before, such a node shared no VIP at all and forwarded nothing)."""
+    data = node()
+    listeners, backends = data.pop("listeners"), data.pop("backends")
+    data["services"] = [
+        {"name": "web", "prefixes": ["198.51.100.10/32"], "listeners": listeners,
+         "backends": backends},
+        {"name": "app", "prefixes": ["198.51.100.20/32", "2001:db8:100::20/128"],
+         "listeners": [
+             {"name": "app", "kind": "http", "address": "198.51.100.20", "port": 80},
+             {"name": "app6", "kind": "http", "address": "2001:db8:100::20", "port": 80},
+         ],
+         "backends": backends},
+    ]  # fmt: skip
+    assert render.shared_vips(parse_config(data)) == {
+        "tcp": VIP,
+        "app": ("198.51.100.20", 80),
+        "app6": ("2001:db8:100::20", 80),
+    }
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
