@@ -119,6 +119,24 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class GslbApi(FastAPI):
+    """The FastAPI app, with heartbeats answered before its middleware stack
+    (`heartbeats.HeartbeatFastPath`, installed by `create_app`); everything else, and every
+    heartbeat the fast path is not sure of, goes through FastAPI as usual."""
+
+    fast_path: heartbeats.HeartbeatFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None and scope["type"] == "http":
+            await self.fast_path(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own handling (with its middleware), for what the fast path passes on."""
+        await super().__call__(scope, receive, send)
+
+
 def _field_of(loc: tuple[int | str, ...]) -> str:
     # ("body", "nodes", "a1", "weight") -> "nodes.a1.weight"; ("header", "If-Match") -> "If-Match"
     parts = [str(p) for p in loc]
@@ -257,7 +275,7 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
                 await sweeper
             await store.close()
 
-    app = FastAPI(
+    app = GslbApi(
         title="anycast-edge GSLB API",
         version="1",
         lifespan=lifespan,
@@ -288,8 +306,8 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
         """Prometheus text format (needs a viewer or operator token, like every read)."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # Innermost: sees only what BodyLimit let through, and RequestMetrics counts it.
-    app.add_middleware(heartbeats.HeartbeatFastPath, ctx=ctx)
+    # Outside the whole stack; what it passes on goes through BodyLimit and RequestMetrics.
+    app.fast_path = heartbeats.HeartbeatFastPath(app.routed, ctx)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

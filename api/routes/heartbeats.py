@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import time
 from datetime import UTC, datetime
@@ -27,10 +28,11 @@ from api.routes.common import (
     NamePath,
     answers,
     api_error_response,
+    problem_response,
     store_unavailable_response,
 )
 from api.store.base import StoreUnavailable
-from api.views import node_view
+from api.views import Snapshot, node_view, node_view_json
 from contract.schemas import (
     NODE_CONTRACT_VERSION,
     NODE_CONTRACT_VERSIONS,
@@ -39,6 +41,7 @@ from contract.schemas import (
 )
 
 router = APIRouter(prefix="/v1/nodes", tags=["heartbeats"])
+log = logging.getLogger("api")
 
 
 #: The node contract an agent speaks, sent as `?contract=N` (agents before version 2 send none).
@@ -87,7 +90,15 @@ async def heartbeat(
 async def accept_heartbeat(
     ctx: AppContext, who: Identity, node: str, body: Heartbeat, contract: int | None
 ) -> NodeDesired:
-    """The heartbeat route's work once its request is parsed (also HeartbeatFastPath's)."""
+    """The heartbeat route's work once its request is parsed."""
+    return (await _accept(ctx, who, node, body, contract))[1]
+
+
+async def _accept(
+    ctx: AppContext, who: Identity, node: str, body: Heartbeat, contract: int | None
+) -> tuple[Snapshot, NodeDesired]:
+    """`accept_heartbeat`, with the snapshot the view comes from (HeartbeatFastPath answers
+    that snapshot's rendering of it)."""
     _may_act_for(who, node)
     # A snapshot up to a second old is fine here: the view in the answer is a backstop, the
     # long-poll is what delivers changes promptly. Rebuilding per heartbeat would not scale.
@@ -101,33 +112,41 @@ async def accept_heartbeat(
         # rebuild shared by every heartbeat that missed, e.g. a fleet just added), then the
         # store itself, which a change made through another instance may not have reached
         # in a notification yet (one read, so an unknown name costs little).
-        view = node_view(await ctx.snapshots.get(), node, version)
+        snapshot = await ctx.snapshots.get()
+        view = node_view(snapshot, node, version)
     if view is None:
         if node not in (await ctx.store.read_desired()).nodes:
             raise ApiError(422, f"unknown node {node!r}", "node")
-        view = node_view(await ctx.snapshots.get(fresh=True), node, version)
+        snapshot = await ctx.snapshots.get(fresh=True)
+        view = node_view(snapshot, node, version)
         if view is None:
             raise ApiError(422, f"unknown node {node!r}", "node")
     await ctx.store.record_heartbeat(
         node, body, datetime.now(UTC), ctx.settings.heartbeat_ttl_s, who.name
     )
     _check_contract(contract)
-    return view
+    return snapshot, view
 
 
-_HEARTBEAT_PATH = re.compile(r"/v1/nodes/([^/]+)/heartbeat")
+_HEARTBEAT_PREFIX = "/v1/nodes/"
+_HEARTBEAT_SUFFIX = "/heartbeat"
 _NAME = re.compile(NAME_PATTERN)
 _CURRENT_CONTRACT = f"contract={NODE_CONTRACT_VERSION}".encode()
+_JSON = b"application/json"
+_TEMPLATE = "/v1/nodes/{node}/heartbeat"
 
 
 class HeartbeatFastPath:
-    """ASGI middleware: a well-formed heartbeat is answered here, without FastAPI's routing,
-    dependency solving and exception middleware (measured: about two thirds of the API's CPU
-    per heartbeat, at a thousand a second). It does what the route does, by calling the same
-    `accept_heartbeat`, and answers the same bytes; anything it is not sure of before the
-    heartbeat is recorded (no or a bad token, another content type or query, a body that
-    does not validate, a node name out of pattern) goes to FastAPI untouched, so every
-    refusal is the route's own."""
+    """The outermost ASGI layer of the app (`api.app.GslbApi`): a well-formed heartbeat is
+    answered here, before FastAPI's middleware stack, routing, dependency solving and
+    exception middleware (measured at a thousand heartbeats a second: most of the API's CPU
+    per heartbeat). It does what the route does, by calling the same `_accept`, answers the
+    same bytes (the view's JSON, rendered once per snapshot) and records the request in the
+    same metrics as RequestMetrics would. Anything it is not sure of before the heartbeat is
+    recorded (no or a bad token, another content type or query, no Content-Length or one
+    above the body limit, a body that does not validate, a node name out of pattern) goes
+    to `app`, FastAPI with its whole middleware stack, untouched, so every refusal
+    (413 included) is the route's own."""
 
     def __init__(self, app: ASGIApp, ctx: AppContext) -> None:
         self.app = app
@@ -135,41 +154,60 @@ class HeartbeatFastPath:
         self.route = next(
             r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is heartbeat
         )
+        self._limit = ctx.settings.max_body_bytes
+        metrics = ctx.metrics
+        self._answered = metrics.requests.labels(_TEMPLATE, "POST", "200")
+        self._seconds = metrics.request_seconds.labels(_TEMPLATE, "POST")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = (
-            _HEARTBEAT_PATH.fullmatch(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "POST"
-            else None
-        )
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
         if (
-            match is None
+            scope["method"] != "POST"
+            or not path.startswith(_HEARTBEAT_PREFIX)
+            or not path.endswith(_HEARTBEAT_SUFFIX)
             or scope.get("query_string") != _CURRENT_CONTRACT
-            or not _NAME.match(node := match.group(1))
         ):
             await self.app(scope, receive, send)
             return
-        headers: dict[bytes, bytes] = {}
+        node = path[len(_HEARTBEAT_PREFIX) : -len(_HEARTBEAT_SUFFIX)]
+        if "/" in node or not _NAME.match(node):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        authorization = content_type = length = None
         for name, value in scope["headers"]:
-            headers.setdefault(name, value)  # the first of repeated headers, as Starlette
+            # the first of repeated headers, as Starlette
+            if name == b"authorization":
+                authorization = authorization or value
+            elif name == b"content-type":
+                content_type = content_type or value
+            elif name == b"content-length":
+                length = length or value
+        if (
+            content_type != _JSON
+            or length is None
+            or not length.isdigit()
+            or int(length) > self._limit
+        ):
+            await self.app(scope, receive, send)
+            return
         who = self.ctx.tokens.identify(
-            headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None
+            authorization.decode("latin-1") if authorization is not None else None
         )
         chunks: list[bytes] = []
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return  # the client went away (or BodyLimit answered 413)
+                return  # the client went away
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
         body = None
-        if (
-            who is not None
-            and who.may_act_for_node(node)
-            and headers.get(b"content-type") == b"application/json"
-        ):
+        if who is not None and who.may_act_for_node(node):
             # As FastAPI does it (json.loads, then validation of the Python value), so the
             # same bodies are accepted.
             with contextlib.suppress(ValueError):
@@ -177,17 +215,45 @@ class HeartbeatFastPath:
         if who is None or body is None:
             await self.app(scope, _replay(raw, receive), send)
             return
-        scope["route"] = self.route  # for RequestMetrics, as the router would set it
-        response: Response
+        scope["route"] = self.route  # as the router would set it
         try:
-            view = await accept_heartbeat(self.ctx, who, node, body, NODE_CONTRACT_VERSION)
+            snapshot, view = await _accept(self.ctx, who, node, body, NODE_CONTRACT_VERSION)
+            rendered = node_view_json(snapshot, node, view.contract_version)
         except ApiError as exc:
-            response = api_error_response(exc)
+            await self._answer(api_error_response(exc), scope, receive, send, started)
+            return
         except StoreUnavailable as exc:
-            response = store_unavailable_response(exc)
-        else:
-            response = Response(view.model_dump_json(), media_type="application/json")
+            await self._answer(store_unavailable_response(exc), scope, receive, send, started)
+            return
+        except Exception:
+            # A bug: as the app's own handler of unexpected errors (never headers, tokens).
+            log.exception("unhandled error on %s %s", scope["method"], path)
+            await self._answer(
+                problem_response(500, "internal error"), scope, receive, send, started
+            )
+            return
+        assert rendered is not None  # the view exists in that snapshot
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-length", str(len(rendered)).encode()),
+                    (b"content-type", _JSON),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": rendered})
+        self._answered.inc()
+        self._seconds.observe(time.perf_counter() - started)
+
+    async def _answer(
+        self, response: Response, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
         await response(scope, receive, send)
+        metrics = self.ctx.metrics
+        metrics.requests.labels(_TEMPLATE, "POST", str(response.status_code)).inc()
+        self._seconds.observe(time.perf_counter() - started)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

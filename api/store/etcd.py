@@ -75,6 +75,8 @@ T = TypeVar("T")
 HEARTBEAT_BATCH = 100
 #: Every this many seconds a read of the nodes' records reads them all, not only the changed.
 RECORDS_FULL_READ_S = 30.0
+#: The next heartbeat lease is asked for this long before the current one's bucket ends.
+LEASE_PREFETCH_S = 0.3
 #: Heartbeat transactions in flight at once per API instance.
 HEARTBEAT_TRANSACTIONS_IN_FLIGHT = 3
 
@@ -168,6 +170,9 @@ class EtcdStore(Store):
         self._desired_key = self._prefix + b"w/desired"
         # The newest heartbeat lease of this instance and when it was granted.
         self._lease: tuple[int, float] | None = None
+        # The next one, granted ahead of time, and the task asking for it.
+        self._next_lease: tuple[int, float] | None = None
+        self._lease_prefetch: asyncio.Task[None] | None = None
         # node -> this instance's last write of it, while nothing says it is not the newest
         # one in etcd (the write rule skips heartbeats against it; dropped on any doubt).
         self._last_write: dict[str, LastWrite] = {}
@@ -212,7 +217,8 @@ class EtcdStore(Store):
         ]
 
     async def close(self) -> None:
-        for task in [*self._watch_tasks, *self._flushers]:
+        prefetch = [self._lease_prefetch] if self._lease_prefetch is not None else []
+        for task in [*self._watch_tasks, *self._flushers, *prefetch]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -337,18 +343,45 @@ class EtcdStore(Store):
 
     # --- observed --------------------------------------------------------------------
 
+    def _lease_seconds(self, ttl_s: float) -> int:
+        return lease_ttl_s(ttl_s) if self._coalesce else max(2, math.ceil(ttl_s + LEASE_BUCKET_S))
+
     async def _current_lease(self, ttl_s: float) -> tuple[int, float]:
-        """The newest lease and when its grant was asked for (at or before it began)."""
+        """The newest lease and when its grant was asked for (at or before it began). A
+        lease serves the writes of the LEASE_BUCKET_S after its grant was asked for; the
+        next one is asked for LEASE_PREFETCH_S before that ends, in the background, so that
+        a heartbeat write waits for a lease grant (a raft proposal) only if etcd did not
+        answer that one in time."""
         async with self._lease_lock:
             now = time.monotonic()
-            if self._lease is not None and now - self._lease[1] < LEASE_BUCKET_S:
-                return self._lease
-            seconds = (
-                lease_ttl_s(ttl_s) if self._coalesce else max(2, math.ceil(ttl_s + LEASE_BUCKET_S))
-            )
-            lease = await self._call(self.gateway.lease_grant(seconds))
-            self._lease = (lease, now)
+            if self._lease is None or now - self._lease[1] >= LEASE_BUCKET_S:
+                ahead = self._next_lease
+                self._next_lease = None
+                if ahead is not None and now - ahead[1] < LEASE_BUCKET_S:
+                    self._lease = ahead
+                else:
+                    lease = await self._call(self.gateway.lease_grant(self._lease_seconds(ttl_s)))
+                    self._lease = (lease, now)
+            if (
+                now - self._lease[1] >= LEASE_BUCKET_S - LEASE_PREFETCH_S
+                and self._next_lease is None
+                and self._lease_prefetch is None
+            ):
+                self._lease_prefetch = asyncio.create_task(
+                    self._prefetch_lease(ttl_s), name="heartbeat-lease"
+                )
             return self._lease
+
+    async def _prefetch_lease(self, ttl_s: float) -> None:
+        asked = time.monotonic()
+        try:
+            lease = await self.gateway.lease_grant(self._lease_seconds(ttl_s))
+        except (EtcdUnavailable, EtcdError) as exc:
+            log.debug("heartbeat lease grant ahead of time failed: %s", exc)
+        else:
+            self._next_lease = (lease, asked)
+        finally:
+            self._lease_prefetch = None
 
     async def record_heartbeat(
         self, node: str, heartbeat: Heartbeat, now: datetime, ttl_s: float, author: str

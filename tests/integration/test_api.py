@@ -10,6 +10,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from api.app import GslbApi
 from api.routes.heartbeats import HeartbeatFastPath
 from contract.client import ApiClient, Conflict, Forbidden, InvalidRequest
 from contract.schemas import (
@@ -426,3 +427,32 @@ async def test_heartbeat_fast_path_answers_as_the_route_does(api: ApiUnderTest) 
         await ctx.store.close()
     assert r.status_code == 200
     assert NodeDesired.model_validate_json(r.content).node == "a1"
+
+    # The app as served: heartbeats meet the fast path before FastAPI's middleware stack,
+    # and what it passes on (here a body above the limit) goes through that stack.
+    app = api.make_app()
+    assert isinstance(app, GslbApi) and app.fast_path is not None
+    passed_on: list[str] = []
+
+    async def stack(scope: Scope, receive: Receive, send: Send) -> None:
+        passed_on.append(scope["path"])
+        await app.routed(scope, receive, send)
+
+    app.fast_path.app = stack
+    await app.state.ctx.store.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api", headers=auth(NODE_A1)
+        ) as served:
+            fast_answer = await served.post(path, content=body, headers=json_type)
+            too_big = b" " * (api.settings.max_body_bytes + 1)
+            refused = await served.post(path, content=too_big, headers=json_type)
+    finally:
+        await app.state.ctx.store.close()
+    assert fast_answer.status_code == 200
+    assert (
+        fast_answer.content
+        == NodeDesired.model_validate_json(fast_answer.content).model_dump_json().encode()
+    )
+    assert refused.status_code == 413
+    assert passed_on == [path.split("?", maxsplit=1)[0]]

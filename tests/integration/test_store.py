@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -9,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from api.heartbeat_writes import LEASE_BUCKET_S
 from api.store.base import EventDraft, RevisionConflict, Store
-from api.store.etcd import EtcdStore
+from api.store.etcd import LEASE_PREFETCH_S, EtcdStore
 from api.store.sqlite import SqliteStore
 from contract.schemas import DesiredState, Heartbeat, Liveness, NodeState, SiteSpec
+from tests.support.etcd_cluster import LocalEtcdCluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +81,51 @@ async def test_heartbeat_transitions_are_events_and_dead_is_reported_once(store:
         ("node-alive", "first heartbeat, state healthy"),
         ("node-state", "healthy -> degraded: b2 failed 3 checks"),
     ]
+
+
+async def test_the_next_heartbeat_lease_is_granted_ahead_of_time(
+    etcd_cluster: LocalEtcdCluster,
+) -> None:
+    """A heartbeat write does not wait for a lease grant (a raft proposal) at each bucket's
+    end: the next lease is asked for LEASE_PREFETCH_S before it, in the background, and
+    the writes after the end carry it (asked for within the bucket before them, as the
+    write rule's bounds need)."""
+    store = EtcdStore(
+        etcd_cluster.client_urls,
+        prefix=f"/store-{uuid.uuid4().hex[:8]}/",
+        heartbeat_writes="every",
+    )
+    await store.start()
+    grants: list[float] = []
+    grant = store.gateway.lease_grant
+
+    async def counted(ttl_s: int) -> int:
+        grants.append(time.monotonic())
+        return await grant(ttl_s)
+
+    store.gateway.lease_grant = counted  # type: ignore[method-assign]
+    beat = Heartbeat(state=NodeState.HEALTHY)
+    try:
+        await store.record_heartbeat("n1", beat, datetime.now(UTC), 5.0, "t")
+        first = store._lease
+        assert first is not None and len(grants) == 1
+        await asyncio.sleep(
+            max(0.0, first[1] + LEASE_BUCKET_S - LEASE_PREFETCH_S - time.monotonic())
+        )
+        await store.record_heartbeat("n1", beat, datetime.now(UTC), 5.0, "t")
+        assert store._lease == first  # still the first bucket
+        deadline = time.monotonic() + 10
+        while store._next_lease is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        ahead = store._next_lease
+        assert ahead is not None and ahead[0] != first[0] and len(grants) == 2
+        await asyncio.sleep(max(0.0, first[1] + LEASE_BUCKET_S - time.monotonic()) + 0.01)
+        if time.monotonic() - ahead[1] >= LEASE_BUCKET_S:
+            pytest.fail("etcd took a whole bucket to grant a lease: nothing shown here")
+        await store.record_heartbeat("n1", beat, datetime.now(UTC), 5.0, "t")
+        assert store._lease == ahead
+        assert len(grants) == 2  # the write after the bucket's end asked for none
+        _, alive = await store.gateway.range(f"{store._prefix.decode()}a/n1".encode())
+        assert alive[0].lease == ahead[0]
+    finally:
+        await store.close()

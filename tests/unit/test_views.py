@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from api.views import build_snapshot, convergence_view, node_view, observed_view
+from api.views import (
+    build_snapshot,
+    convergence_view,
+    node_view,
+    node_view_json,
+    observed_view,
+)
 from contract.schemas import (
     AdminState,
     DesiredState,
@@ -98,3 +104,39 @@ def test_observed_view_lists_never_seen_nodes_as_unknown() -> None:
         ("a2", Liveness.UNKNOWN),
         ("b1", Liveness.UNKNOWN),
     ]
+
+
+def test_a_rebuild_with_the_same_revision_and_health_carries_the_views_over() -> None:
+    """Snapshots are rebuilt every second whatever happens: when nothing a view depends on
+    moved, the previous snapshot's derivations (and rendered views) are reused, and the
+    new observed data (last seen, connections) is still the new snapshot's."""
+    all_up = {n: seen(n, 9) for n in DESIRED.nodes}
+    first = build_snapshot(DESIRED, all_up, 0, 0.0)
+    view = node_view(first, "a1")
+    rendered = node_view_json(first, "a1")
+    assert view is not None and rendered == view.model_dump_json().encode()
+    later = {**all_up, "a1": seen("a1", 9).model_copy(update={"last_seen": NOW.replace(hour=1)})}
+    second = build_snapshot(DESIRED, later, 0, 1.0, previous=first)
+    assert second.observed is later and second.built_at == 1.0
+    assert second.shares is first.shares
+    assert node_view(second, "a1") is view
+    assert node_view_json(second, "a1") is rendered
+
+
+def test_a_rebuild_after_a_health_or_revision_change_derives_the_views_again() -> None:
+    all_up = {n: seen(n, 9) for n in DESIRED.nodes}
+    first = build_snapshot(DESIRED, all_up, 0, 0.0)
+    before = node_view(first, "a1")
+    b1_dead = {**all_up, "b1": seen("b1", 9, Liveness.DEAD)}
+    after_death = build_snapshot(DESIRED, b1_dead, 1, 1.0, previous=first)
+    moved = node_view(after_death, "a1")
+    assert before is not None and moved is not None
+    assert moved.fingerprint != before.fingerprint
+    assert node_view_json(after_death, "a1") == moved.model_dump_json().encode()
+    reweighted = DESIRED.model_copy(
+        update={"revision": 10, "nodes": {**DESIRED.nodes, "a1": NodeSpec(site="a", weight=5)}}
+    )
+    after_write = build_snapshot(reweighted, all_up, 2, 2.0, previous=first)
+    rewritten = node_view(after_write, "a1")
+    assert rewritten is not None
+    assert (rewritten.revision, rewritten.operator_weight) == (10, 5)
