@@ -80,7 +80,6 @@ AP_SEGMENT = "198.18.40.0/24"
 AP_ROUTER = "router-c"
 AP_CORE_NEXT_HOP = "198.18.3.2"
 ALL_NODES = [*NODES, *AP_NODES]
-EDGE_ADDRESS.update(AP_ADDRESS)  # `chaos cut-link` finds the segment's interface by it
 # Bridged frames between lab containers whose source is a lab address: Docker's isolation
 # rules for internal networks would drop every packet whose source or destination is
 # outside the bridge's subnet, i.e. all routed traffic between the lab's routers.
@@ -497,7 +496,7 @@ def chaos_freeze(node: str) -> None:
 
 
 def chaos_cut_link(node: str) -> None:
-    blackhole(node, EDGE_ADDRESS[node].rsplit(".", 1)[0] + ".")
+    blackhole(node, {**EDGE_ADDRESS, **AP_ADDRESS}[node].rsplit(".", 1)[0] + ".")
 
 
 def chaos_partition_api_etcd() -> None:

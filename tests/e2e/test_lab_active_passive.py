@@ -185,8 +185,47 @@ CHAOS: dict[str, Callable[[str], None]] = {"kill": lab.chaos_kill, "freeze": lab
 def test_the_standby_takes_the_vip_and_the_client_follows(fault: str, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         unavailable("the VIP sampler enters the containers' network namespaces: needs root")
-    lab.wait_until_none(lab.ap_problem, 60, "site-c with one VIP owner")
-    (active,) = lab.vip_holders()
+    try:
+        _failover(fault, tmp_path)
+    except BaseException:
+        for node in lab.AP_NODES:
+            print(f"--- {node}: its group's transitions, then its log\n{_transitions(node)}")
+            print(_logs(node))
+        raise
+    for node in lab.AP_NODES:
+        print(f"{node}: {_transitions(node)}")
+
+
+def _one_owner() -> str:
+    """The one node holding the VIP once site c is settled (bounded)."""
+    found: list[str] = []
+
+    def problem() -> str | None:
+        if (wrong := lab.ap_problem()) is not None:
+            return wrong
+        found[:] = lab.vip_holders()
+        return None if len(found) == 1 else f"holders {found}"
+
+    lab.wait_until_none(problem, 60, "site-c with one VIP owner")
+    return found[0]
+
+
+def _transitions(node: str) -> str:
+    """The node's last transitions of its group (its /status, admin on its loopback)."""
+    fetch = (
+        "import json, urllib.request; d = json.load(urllib.request.urlopen("
+        "'http://127.0.0.1:9901/status', timeout=5))['vip_group']; "
+        "print(d['claims_total'], [(round(t['at'] % 1000, 2), t['action'], t['reason'])"
+        " for t in d['transitions'][-8:]])"
+    )
+    try:
+        return lab.dexec(node, "python", "-c", fetch, check=False).strip()
+    except (lab.LabError, subprocess.TimeoutExpired) as error:
+        return f"({error})"
+
+
+def _failover(fault: str, tmp_path: Path) -> None:
+    active = _one_owner()
     (standby,) = set(lab.AP_NODES) - {active}
     macs = {node: lab.segment_mac(node) for node in lab.AP_NODES}
     assert macs[active] != macs[standby]
