@@ -686,7 +686,9 @@ def ap_status() -> dict[str, Any]:
     if states.get(container(AP_ROUTER)) != "running":
         return {"state": states.get(container(AP_ROUTER), "absent")}
     info: dict[str, Any] = {"bgp": bgp_sessions(AP_ROUTER), "neighbour": router_neighbour()}
-    info["holders"] = vip_holders()
+    # A paused node cannot be asked (`docker exec` refuses): say so instead of guessing.
+    info["paused"] = [n for n in AP_NODES if states.get(container(n)) == "paused"]
+    info["holders"] = [] if info["paused"] else vip_holders()
     info["macs"] = {
         node: segment_mac(node) for node in AP_NODES if states.get(container(node)) == "running"
     }
@@ -824,8 +826,11 @@ def print_ap(info: dict[str, Any]) -> None:
     neighbour = info["neighbour"]
     owner = [n for n, mac in macs.items() if mac == neighbour.get("lladdr")]
     print(f"{AP_ROUTER:9} BGP: {sessions}")
+    held = ", ".join(info["holders"]) or "nobody"
+    if info.get("paused"):
+        held = f"? ({', '.join(info['paused'])} paused: its kernel cannot be asked)"
     print(
-        f"{'':9} {AP_VIP} held by [{', '.join(info['holders']) or 'nobody'}]; neighbour "
+        f"{'':9} {AP_VIP} held by [{held}]; neighbour "
         f"{neighbour.get('lladdr', 'none')} ({', '.join(owner) or 'no node'}) "
         f"{'/'.join(neighbour.get('state', []))}"
     )
