@@ -12,6 +12,9 @@ ahead and the `flow-sync` event names whoever was not in sync.
 - A fleet in which no alive node reports flow sharing waits for nothing.
 - An alive node without a report (no flow sharing, or an agent older than the report),
   in a fleet where others report, is unknown: waited for, but never beyond the bound.
+- An alive node of an active-passive group that runs no BGP (its heartbeat has a
+  `vip_group` and neither a `bgp` report nor BGP sessions) attracts no routed anycast
+  flows: a weight change moves none of them, so it is not waited for.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from contract.schemas import DesiredState, Liveness, NodeObserved
+from contract.schemas import DesiredState, Heartbeat, Liveness, NodeObserved
 
 
 class Sync(enum.StrEnum):
@@ -92,7 +95,9 @@ def judge(observed: Mapping[str, NodeObserved], waited_s: float, bound_s: float)
         if behind:
             peers = tuple(sorted(p.peer for p in behind))
             out.append(OutOfSync(name, peers, max(p.lag_ms for p in behind)))
-    unknown = tuple(sorted(set(alive) - set(reports)))
+    unknown = tuple(
+        sorted(name for name in set(alive) - set(reports) if not _vip_only(alive[name]))
+    )
     sharing = tuple(sorted(reports))
     if not out and not unknown:
         sync = Sync.IN_SYNC
@@ -101,6 +106,11 @@ def judge(observed: Mapping[str, NodeObserved], waited_s: float, bound_s: float)
     else:
         sync = Sync.WAIT
     return Verdict(sync, waited_s, bound_s, sharing, tuple(out), unknown)
+
+
+def _vip_only(heartbeat: Heartbeat) -> bool:
+    """A node of an active-passive group without BGP: no anycast flow reaches it."""
+    return heartbeat.vip_group is not None and heartbeat.bgp is None and not heartbeat.bgp_sessions
 
 
 def moves_shares(before: DesiredState, after: DesiredState) -> bool:

@@ -9,6 +9,7 @@
     status  containers, routers' BGP sessions and FIB next-hops, the GSLB's view
     chaos   kill NODE | freeze NODE | cut-link NODE | fail-service SERVICE | partition-api-etcd |
             kill-etcd-leader | heal (heal undoes every one of them)
+            (NODE: any edge, edge-c1/edge-c2 of the active-passive site-c included)
 
 Traffic only ever goes between the lab's own containers (and from this host to the
 lab's API and etcd addresses on the lab's bridges); every wait and load is bounded.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -83,6 +85,19 @@ PROMETHEUS_URL = "http://198.18.100.50:9090"
 SCRAPE_JOBS = {"anycast-edge": len(NODES), "gslb-api": len(API_URLS), "prometheus": 1}
 # One service per image: building these builds every image of the lab.
 IMAGE_SERVICES = ("etcd1", "client", "core", "backend-a1", "api-a", "edge-a1", "prometheus")
+# Site c: one L2 segment, an active-passive pair (deploy/lab/edge-c*.yaml `vip_group:`) in
+# front of its backends, no BGP to its edges and no anycast: router-c announces the segment
+# to the core and reaches the group's VIP by ARP. Its nodes are in the GSLB (capacity 0:
+# they take no anycast share) and are not in NODES, which are the anycast edges.
+AP_SITE = "site-c"
+AP_GROUP = "site-c"
+AP_NODES = ("edge-c1", "edge-c2")
+AP_ADDRESS = {"edge-c1": "198.18.40.11", "edge-c2": "198.18.40.12"}
+AP_VIP = "198.18.40.100"
+AP_SEGMENT = "198.18.40.0/24"
+AP_ROUTER = "router-c"
+AP_CORE_NEXT_HOP = "198.18.3.2"
+ALL_NODES = [*NODES, *AP_NODES]
 # Bridged frames between lab containers whose source is a lab address: Docker's isolation
 # rules for internal networks would drop every packet whose source or destination is
 # outside the bridge's subnet, i.e. all routed traffic between the lab's routers.
@@ -297,11 +312,12 @@ def seed() -> int:
 
     async def go(client: ApiClient) -> int:
         state = await client.state()
-        if set(state.nodes) == set(NODES):
+        if set(state.nodes) == {*NODES, *AP_NODES}:
             return state.revision
         spec = DesiredSpec(
-            sites={site: SiteSpec() for site in SITES},
-            nodes={node: NodeSpec(site=NODE_SITE[node]) for node in NODES},
+            sites={site: SiteSpec() for site in SITES} | {AP_SITE: SiteSpec()},
+            nodes={node: NodeSpec(site=NODE_SITE[node]) for node in NODES}
+            | {node: NodeSpec(site=AP_SITE, capacity_mbps=0) for node in AP_NODES},
         )
         return (await client.apply_state(spec, revision=state.revision)).revision
 
@@ -357,10 +373,30 @@ def gslb_view() -> dict[str, Any]:
                 for o in observed
             },
             "drains": [f"{d.kind}:{d.name}" for d in drains],
+            "groups": vip_groups(observed),
         }
 
     view: dict[str, Any] = api_call(go)
     return view
+
+
+def vip_groups(observed: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Active-passive groups as their alive nodes report them: vip, active nodes, members."""
+    groups: dict[str, dict[str, Any]] = {}
+    for o in observed:
+        report = o.heartbeat.vip_group if o.heartbeat else None
+        if report is None or str(o.liveness) != "alive":
+            continue
+        group = groups.setdefault(report.group, {"vip": report.vip, "active": [], "members": {}})
+        group["members"][o.node] = {
+            "role": str(report.role),
+            "term": report.term,
+            "fencing_token": report.fencing_token,
+            "last_transition": report.last_transition,
+        }
+        if str(report.role) == "active":
+            group["active"] = sorted([*group["active"], o.node])
+    return groups
 
 
 # -- routers -----------------------------------------------------------------------------
@@ -522,7 +558,7 @@ def chaos_freeze(node: str) -> None:
 
 
 def chaos_cut_link(node: str) -> None:
-    blackhole(node, EDGE_ADDRESS[node].rsplit(".", 1)[0] + ".")
+    blackhole(node, {**EDGE_ADDRESS, **AP_ADDRESS}[node].rsplit(".", 1)[0] + ".")
 
 
 def chaos_partition_api_etcd() -> None:
@@ -586,7 +622,7 @@ def chaos_heal() -> list[str]:
         if state in ("exited", "dead", "created"):
             run("docker", "start", name)
             done.append(f"started {name}")
-    for service in [*NODES, *API_URLS]:
+    for service in [*NODES, *AP_NODES, *API_URLS]:
         if containers().get(container(service)) != "running":
             continue
         for entry in json.loads(dexec(service, "ip", "-j", "link", "show", check=False) or "[]"):
@@ -652,7 +688,125 @@ def fleet_ready() -> bool:
     view = gslb_view()
     nodes = view["nodes"]
     alive = all(nodes.get(n, {}).get("liveness") == "alive" for n in NODES)
-    return alive and announced_everywhere() and bfd_up_everywhere()
+    return alive and announced_everywhere() and bfd_up_everywhere() and ap_problem(view) is None
+
+
+# -- site c: the active-passive pair ------------------------------------------------------
+
+
+def vip_holders() -> list[str]:
+    """The site-c nodes whose kernel holds the group's VIP now (a stopped container holds
+    nothing; a paused one is asked through its namespace by `docker exec`, which fails:
+    LabError)."""
+    held = []
+    for node in AP_NODES:
+        if containers().get(container(node)) not in ("running", "paused"):
+            continue
+        if dexec(node, "ip", "-o", "-4", "addr", "show", "to", AP_VIP).strip():
+            held.append(node)
+    return held
+
+
+def segment_mac(service: str) -> str:
+    """The MAC of a container's interface on the site-c segment."""
+    dev = _interface_for(service, AP_SEGMENT.rsplit(".", 1)[0] + ".")
+    return str(json.loads(dexec(service, "ip", "-j", "link", "show", "dev", dev))[0]["address"])
+
+
+def router_neighbour(address: str = AP_VIP) -> dict[str, Any]:
+    """router-c's neighbour entry for an address on the segment: lladdr and state ({} when
+    it has none)."""
+    out = dexec(AP_ROUTER, "ip", "-j", "-4", "neigh", "show", "to", address, check=False)
+    entries = json.loads(out or "[]")
+    return dict(entries[0]) if entries else {}
+
+
+def ap_problem(view: dict[str, Any] | None = None) -> str | None:
+    """What is not right yet at site c, or None: the core routes the segment to router-c,
+    both nodes are alive in the GSLB, exactly one holds the VIP in its kernel and the group
+    reports that one as its only active node."""
+    routes = json.loads(dexec("core", "ip", "-j", "route", "show", "exact", AP_SEGMENT) or "[]")
+    if not any(r.get("gateway") == AP_CORE_NEXT_HOP for r in routes):
+        return f"the core has no route to {AP_SEGMENT} via {AP_CORE_NEXT_HOP}: {routes}"
+    view = view or gslb_view()
+    dead = [n for n in AP_NODES if view["nodes"].get(n, {}).get("liveness") != "alive"]
+    if dead:
+        return f"not alive in the GSLB: {', '.join(dead)}"
+    holders = vip_holders()
+    if len(holders) != 1:
+        return f"{len(holders)} nodes hold {AP_VIP}: {holders}"
+    active = view.get("groups", {}).get(AP_GROUP, {}).get("active", [])
+    if active != holders:
+        return f"the GSLB shows {active} active, {holders} holds the VIP"
+    return None
+
+
+AP_CLIENT = """
+import json, sys, time
+from deploy.lab_client import request
+host, duration, per_request, pause, limit = sys.argv[1:6]
+end = time.monotonic() + min(float(duration), 120.0)
+records = []
+while time.monotonic() < end and len(records) < min(int(limit), 20000):
+    records.append(request(host, 80, float(per_request)))
+    time.sleep(float(pause))
+json.dump(records, sys.stdout)
+"""
+
+
+class ApLoad:
+    """Requests from the client to site c's VIP (through the core and router-c), one
+    after the other on new connections, for `duration` s at most and `limit` requests at
+    most; `result()` returns one record per request (start, end, ok, node, error)."""
+
+    def __init__(
+        self, duration: float, per_request: float = 0.5, pause: float = 0.02, limit: int = 5000
+    ) -> None:
+        self.duration = duration
+        self.process = subprocess.Popen(
+            [
+                "docker", "exec", container("client"), "python", "-c", AP_CLIENT,
+                AP_VIP, str(duration), str(per_request), str(pause), str(limit),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def result(self) -> list[dict[str, Any]]:
+        out, err = self.process.communicate(timeout=self.duration + 60)
+        if self.process.returncode != 0:
+            raise LabError(f"client load to {AP_VIP} failed: {err.strip()[-200:]}")
+        records: list[dict[str, Any]] = json.loads(out)
+        return records
+
+
+def ap_burst(count: int = 20) -> dict[str, Any]:
+    """`count` requests from the client to site c's VIP, one after the other: a summary."""
+    records = ApLoad(duration=60, per_request=2.0, pause=0.0, limit=count).result()
+    ok = [r for r in records if r["ok"]]
+    return {
+        "total": len(records),
+        "failed": len(records) - len(ok),
+        "by_node": dict(collections.Counter(r["node"] for r in ok)),
+        "by_backend": dict(collections.Counter(r["backend"] for r in ok)),
+    }
+
+
+def ap_status() -> dict[str, Any]:
+    """Site c: router-c's BGP, the core's route to the segment, who holds the VIP, and
+    router-c's neighbour entry for it (with each node's MAC on the segment)."""
+    states = containers()
+    if states.get(container(AP_ROUTER)) != "running":
+        return {"state": states.get(container(AP_ROUTER), "absent")}
+    info: dict[str, Any] = {"bgp": bgp_sessions(AP_ROUTER), "neighbour": router_neighbour()}
+    # A paused node cannot be asked (`docker exec` refuses): say so instead of guessing.
+    info["paused"] = [n for n in AP_NODES if states.get(container(n)) == "paused"]
+    info["holders"] = [] if info["paused"] else vip_holders()
+    info["macs"] = {
+        node: segment_mac(node) for node in AP_NODES if states.get(container(node)) == "running"
+    }
+    return info
 
 
 def wait_ready(timeout: float = 180.0) -> None:
@@ -663,8 +817,10 @@ def wait_ready(timeout: float = 180.0) -> None:
     wait_for(lambda: api_call(lambda c: c.state()) is not None, timeout, "a GSLB API answering")
     revision = seed()
     say(f"GSLB API answering; sites and nodes seeded (revision {revision})")
+    wait_until_none(ap_problem, timeout, "site-c's pair: one VIP owner, alive in the GSLB")
     wait_for(fleet_ready, timeout, "every edge alive in the GSLB, announced, BFD up")
     say(f"all four edges alive, announced, BFD up ({time.monotonic() - started:.1f} s)")
+    say(f"site-c: {', '.join(vip_holders())} holds {AP_VIP}, the GSLB shows it active")
 
 
 def prometheus_targets() -> list[dict[str, Any]]:
@@ -727,6 +883,10 @@ def status() -> dict[str, Any]:
         }
     result["routers"] = routers
     try:
+        result["site_c"] = ap_status()
+    except LabError as exc:
+        result["site_c"] = {"error": str(exc)}
+    try:
         result["gslb"] = gslb_view()
     except (ApiError, httpx.HTTPError) as exc:
         result["gslb"] = {"error": str(exc)}
@@ -757,6 +917,7 @@ def print_status(data: dict[str, Any]) -> None:
         print(f"{'':9} BGP: {sessions}")
         if bfd:
             print(f"{'':9} BFD: {bfd}")
+    print_ap(data.get("site_c", {}))
     gslb = data.get("gslb", {})
     if "error" in gslb:
         print(f"GSLB: {gslb['error']}")
@@ -771,6 +932,37 @@ def print_status(data: dict[str, Any]) -> None:
                 f"  {node:9} {info['liveness']:8} {info['state']:9} "
                 f"{info['effective_weight']:7.1f} {info['applied_revision']}"
             )
+        print_groups(gslb.get("groups", {}))
+
+
+def print_ap(info: dict[str, Any]) -> None:
+    if not info:
+        return
+    if "bgp" not in info:
+        print(f"{AP_ROUTER:9} {info.get('state') or info.get('error')}")
+        return
+    sessions = ", ".join(f"{peer} {state}" for peer, state in sorted(info["bgp"].items()))
+    macs = info["macs"]
+    neighbour = info["neighbour"]
+    owner = [n for n, mac in macs.items() if mac == neighbour.get("lladdr")]
+    print(f"{AP_ROUTER:9} BGP: {sessions}")
+    held = ", ".join(info["holders"]) or "nobody"
+    if info.get("paused"):
+        held = f"? ({', '.join(info['paused'])} paused: its kernel cannot be asked)"
+    print(
+        f"{'':9} {AP_VIP} held by [{held}]; neighbour "
+        f"{neighbour.get('lladdr', 'none')} ({', '.join(owner) or 'no node'}) "
+        f"{'/'.join(neighbour.get('state', []))}"
+    )
+
+
+def print_groups(groups: dict[str, Any]) -> None:
+    for name, group in sorted(groups.items()):
+        members = ", ".join(
+            f"{node} {m['role']} (term {m['term']}, token {m['fencing_token']})"
+            for node, m in sorted(group["members"].items())
+        )
+        print(f"  group {name} {group['vip']}: active {group['active'] or 'none'}; {members}")
 
 
 def print_burst(summary: dict[str, Any]) -> None:
@@ -800,6 +992,9 @@ def up(build: bool = True, burst_count: int = 200) -> None:
     wait_prometheus()
     print_status(status())
     print_burst(burst(burst_count))
+    ap = ap_burst()
+    print(f"client -> {AP_VIP}:80 (site-c), {ap['total']} new connections, {ap['failed']} failed: "
+          f"{ap['by_node']}")  # fmt: skip
     path = write_context()
     say(f"edgectl context 'lab' is current ({path}); try:")
     first = next(iter(API_URLS.values()))
@@ -808,6 +1003,7 @@ def up(build: bool = True, burst_count: int = 200) -> None:
         "edgectl drain edge-a1 --reason 'trying the lab' --wait",
         f"the status page: {first}/ui (sign in with the token in {path})",
         f"Prometheus (targets, alerts): {PROMETHEUS_URL}/alerts",
+        "python -m deploy.lab chaos freeze edge-c1   (site-c's standby takes the VIP)",
     ):
         print(f"    {line}")
 
@@ -851,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )  # fmt: skip
     # A node (kill, freeze, cut-link) or a service (fail-service).
-    p_chaos.add_argument("node", nargs="?", choices=[*NODES, *SERVICES], metavar="NODE|SERVICE")
+    p_chaos.add_argument("node", nargs="?", choices=[*ALL_NODES, *SERVICES], metavar="NODE|SERVICE")
     p_traffic = sub.add_parser("traffic", help="a burst of new client connections")
     p_traffic.add_argument("--count", type=int, default=200)
     args = parser.parse_args(argv)
@@ -880,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def chaos(action: str, node: str | None) -> int:
     if action in ("kill", "freeze", "cut-link") and node is None:
-        print(f"lab: chaos {action} needs a node: {', '.join(NODES)}", file=sys.stderr)
+        print(f"lab: chaos {action} needs a node: {', '.join(ALL_NODES)}", file=sys.stderr)
         return 2
     if action in ("kill", "freeze", "cut-link") and node in SERVICES:
         print(f"lab: chaos {action} needs a node, not a service: {node}", file=sys.stderr)

@@ -56,6 +56,19 @@ edge)
   rm -rf /run/anycast-edge && mkdir -p /var/lib/anycast-edge /run/anycast-edge
   exec anycast-edge run --config "${LAB_NODE_CONFIG:?}"
   ;;
+edge-ap)
+  # An active-passive node (site-c): no anycast VIP on lo, the group's VIP is the agent's
+  # to claim on the segment. Docker numbers a container's interfaces in no promised order:
+  # the segment's is found by its address and written into the config's vip_group.
+  dev=$(ip -o -4 addr show to "${LAB_SEGMENT_ADDRESS:?}" | awk '{sub(/@.*/, "", $2); print $2; exit}')
+  if [ -z "$dev" ]; then
+    echo "no interface holds ${LAB_SEGMENT_ADDRESS}" >&2
+    exit 2
+  fi
+  rm -rf /run/anycast-edge && mkdir -p /var/lib/anycast-edge /run/anycast-edge
+  sed "s/@SEGMENT_IF@/$dev/" "${LAB_NODE_CONFIG:?}" >/run/anycast-edge/node.yaml
+  exec anycast-edge run --config /run/anycast-edge/node.yaml
+  ;;
 backend)
   # One process per lab service: web's on IPv4 port 8080, app's on IPv6 port 8081. Each
   # fails its health check while /run/lab/fail-SERVICE exists (`python -m deploy.lab

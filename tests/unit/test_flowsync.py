@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from api.flowsync import Sync, judge, moves_shares
 from contract.schemas import (
+    BgpSession,
     DesiredState,
     FlowSharePeerReport,
     FlowShareReport,
@@ -20,6 +21,8 @@ from contract.schemas import (
     NodeState,
     ServiceWeights,
     SiteSpec,
+    VipGroupReport,
+    VipRole,
 )
 
 NAMES = ("a1", "a2", "b1", "b2")
@@ -85,6 +88,28 @@ def test_a_node_without_a_report_among_sharing_ones_is_unknown_and_bounded() -> 
     after = judge(observed, 3.5, 3.0)
     assert after.sync is Sync.BOUND and after.unknown == ("a2",)
     assert "no flow-sharing report from a2" in after.describe()
+
+
+def test_an_active_passive_node_without_bgp_is_not_waited_for() -> None:
+    """The lab's site-c pair (vip_group, no BGP, no flow sharing) takes no anycast flow: a
+    weight change of the anycast sites does not wait the bound for it."""
+    group = VipGroupReport(group="site-c", vip="198.18.40.100/24", role=VipRole.ACTIVE)
+    pair = NodeObserved(
+        node="c1",
+        liveness=Liveness.ALIVE,
+        heartbeat=Heartbeat(state=NodeState.HEALTHY, vip_group=group),
+    )
+    observed = fleet(node("a1", {"a2": True}), node("a2", {"a1": True}), pair)
+    verdict = judge(observed, 0.0, 3.0)
+    assert verdict.sync is Sync.IN_SYNC and verdict.unknown == ()
+    # With BGP sessions of its own it could take anycast flows: unknown, as before.
+    session = BgpSession(peer="198.18.40.1", state="Established")
+    announcing = pair.model_copy(
+        update={"heartbeat": pair.heartbeat.model_copy(update={"bgp_sessions": [session]})}
+        if pair.heartbeat
+        else {}
+    )
+    assert judge(fleet(node("a1", {}), announcing), 0.5, 3.0).unknown == ("c1",)
 
 
 def test_dead_nodes_and_dead_peers_are_not_waited_for() -> None:
