@@ -63,6 +63,9 @@ class Reason(enum.StrEnum):
         return self.name.startswith("ANNOUNCE")
 
 
+MAX_MED = 4294967295
+
+
 @dataclass(frozen=True, slots=True)
 class Advertisement:
     """One prefix as it should appear on the wire. Hashable: the driver diffs sets of them."""
@@ -113,6 +116,9 @@ class PolicyInputs:
     # A group's own link bandwidth at full health, in Mbit/s (the GSLB's share of this node
     # for that service); a group not named here announces the node's.
     group_link_bandwidth_mbps: Mapping[str, float] = field(default_factory=dict)
+    # Added to every prefix's MED: an active-passive group's standby announces with a worse
+    # MED than its active (vip_group.announce: bgp), so routers prefer the active.
+    med_penalty: int = 0
 
     def effective_groups(self) -> tuple[PrefixGroup, ...]:
         if self.groups:
@@ -223,7 +229,9 @@ def advertisements(inputs: PolicyInputs) -> tuple[frozenset[Advertisement], Reas
             Advertisement(
                 prefix=prefix,
                 next_hop=config.local_address_for(Family.of(prefix)),
-                med=config.med if group.med is None else group.med,
+                med=min(
+                    MAX_MED, (config.med if group.med is None else group.med) + inputs.med_penalty
+                ),
                 as_path_prepends=config.drain_prepends if draining else 0,
                 local_asn=config.local_asn,
                 communities=tuple(sorted(communities)),

@@ -68,13 +68,21 @@ class Announcer:
     budget: changes that take traffic away go at once, the others may be held down."""
 
     def __init__(
-        self, config: BgpConfig, sink: DesiredSink, groups: Sequence[PrefixGroup] = ()
+        self,
+        config: BgpConfig,
+        sink: DesiredSink,
+        groups: Sequence[PrefixGroup] = (),
+        med_penalty: int = 0,
     ) -> None:
         self.config = config
         self.sink = sink
         self.damper = FlapDamper(config.flap)
         self.inputs = PolicyInputs(
-            Serving.NOT_READY, config, config.capacity_mbps, groups=tuple(groups)
+            Serving.NOT_READY,
+            config,
+            config.capacity_mbps,
+            groups=tuple(groups),
+            med_penalty=med_penalty,
         )
         self.reason = Reason.WITHDRAW_STARTING
         self.held_until = 0.0
@@ -88,6 +96,7 @@ class Announcer:
         link_bandwidth_mbps: float | None = None,
         group_serving: Mapping[str, Serving] | None = None,
         group_link_bandwidth_mbps: Mapping[str, float] | None = None,
+        med_penalty: int | None = None,
     ) -> Reason:
         given = (
             ("serving", serving),
@@ -97,6 +106,7 @@ class Announcer:
                 "group_link_bandwidth_mbps",
                 None if group_link_bandwidth_mbps is None else dict(group_link_bandwidth_mbps),
             ),
+            ("med_penalty", med_penalty),
         )
         changes: dict[str, Any] = {key: value for key, value in given if value is not None}
         self.inputs = dataclasses.replace(self.inputs, **changes)
@@ -144,12 +154,13 @@ class BgpSpeaker:
         netns: str | None = None,
         watchdog_s: float | None = None,
         groups: Sequence[PrefixGroup] = (),
+        med_penalty: int = 0,
     ) -> None:
         """`groups`: the services' prefixes, each announced by its own serving (none:
         `config.prefixes`, by the node's alone)."""
         self.config = config
         self.driver = ExaBgpDriver(config, workdir, netns=netns)
-        self.announcer = Announcer(config, self.driver, groups)
+        self.announcer = Announcer(config, self.driver, groups, med_penalty)
         self.bfd: BfdDaemon | None = None
         if config.bfd.enabled:
             self.bfd = BfdDaemon(config, workdir / "bfd", self.established, netns=netns)
@@ -192,12 +203,14 @@ class BgpSpeaker:
         link_bandwidth_mbps: float | None = None,
         group_serving: Mapping[str, Serving] | None = None,
         group_link_bandwidth_mbps: Mapping[str, float] | None = None,
+        med_penalty: int | None = None,
     ) -> Reason:
         return self.announcer.update(
             serving=serving,
             link_bandwidth_mbps=link_bandwidth_mbps,
             group_serving=group_serving,
             group_link_bandwidth_mbps=group_link_bandwidth_mbps,
+            med_penalty=med_penalty,
         )
 
     def set_groups(self, groups: Sequence[PrefixGroup]) -> None:

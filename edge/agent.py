@@ -612,15 +612,27 @@ def build_extensions(
         from edge.announcer import BgpAnnouncer
 
         services = () if config.implicit_service else config.service_list()
+        # an active-passive member announced by BGP starts as a standby (worse MED)
+        group = config.vip_group
+        penalty = group.standby_med_penalty if group and group.announce == "bgp" else 0
         announcer = BgpAnnouncer(
-            config.bgp, config.bgp.runtime_dir / config.node.name, services, before_change=hold
+            config.bgp,
+            config.bgp.runtime_dir / config.node.name,
+            services,
+            before_change=hold,
+            med_penalty=penalty,
         )
         extensions.append(announcer)
     vip = None
     if config.vip_group is not None:
         from edge.vip.extension import VipExtension
 
-        vip = VipExtension(config.vip_group, config.node.name, sessions=sessions)
+        vip = VipExtension(
+            config.vip_group,
+            config.node.name,
+            sessions=sessions,
+            set_med_penalty=announcer.set_med_penalty if announcer else None,
+        )
     if config.control_plane is not None:
         from edge.control import ControlPlaneLink
 

@@ -120,9 +120,12 @@ class BgpAnnouncer:
         workdir: Path,
         services: Sequence[ServiceConfig] = (),
         before_change: BeforeRouteChange | None = None,
+        med_penalty: int = 0,
     ) -> None:
+        """`med_penalty`: added to every MED from the start (an active-passive standby's,
+        until its group makes it active: `set_med_penalty`)."""
         self.groups = prefix_groups(services)
-        self.speaker = BgpSpeaker(config, workdir, groups=self.groups)
+        self.speaker = BgpSpeaker(config, workdir, groups=self.groups, med_penalty=med_penalty)
         self._node: NodeControl | None = None
         self._before_change = before_change
         # What the node wants announced (node, link bandwidth, each service), and what
@@ -164,6 +167,20 @@ class BgpAnnouncer:
     def set_link_bandwidth(self, mbps: float) -> None:
         """The GSLB's share for this node, in Mbit/s (what it announces at full health)."""
         self._want(self._wanted[0], mbps, f"link bandwidth {mbps:.1f} Mbit/s")
+
+    def set_med_penalty(self, penalty: int) -> None:
+        """The vip_group's role (announce: bgp): 0 while active, the standby's penalty
+        otherwise. Goes at once: it moves traffic to the new active (no planned hold)."""
+        if penalty == self.speaker.announcer.inputs.med_penalty:
+            return
+        reason = self.speaker.update(med_penalty=penalty)
+        log.info(
+            "bgp: MED penalty %d (%s): %s",
+            penalty,
+            "standby" if penalty else "active",
+            reason,
+            extra={"event": "announcement", "why": "vip group role", "med_penalty": penalty},
+        )
 
     def set_service_desired(self, services: dict[str, ServiceDesired]) -> None:
         """The GSLB's admin state and share per service (contract 3); services of this node

@@ -55,9 +55,7 @@ def _fail(message: str, code: int) -> None:
 def _host_problem(node: NodeConfig) -> str | None:
     """What the config asks of this host that it cannot give (checked before anything starts:
     a config refused here has claimed and announced nothing)."""
-    if node.vip_group is not None:
-        import asyncio
-
+    if node.vip_group is not None and node.vip_group.announce == "arp":
         from edge.vip.address import check_vip_interface
 
         group = node.vip_group

@@ -383,6 +383,12 @@ class VipGroupConfig(_Model):
     key_file: Path | None = None
     fencing: VipFencingConfig | None = None
     arp_monitor: VipArpMonitorConfig | None = None
+    # How the owner attracts the traffic: "arp" (it adds the VIP on `interface` and sends
+    # gratuitous ARP) or "bgp" (every member announces the VIP's host prefix through its
+    # bgp: section, the VIP on its loopback; a standby adds `standby_med_penalty` to its
+    # MED, so routers prefer the active and fall back to the standby's route at once).
+    announce: Literal["arp", "bgp"] = "arp"
+    standby_med_penalty: Annotated[int, Field(ge=1, le=2**31)] = 100
     # With a witness: how long a vote grants (s), counted from the candidate's heartbeat
     # it answers. A voter moves its vote only this long after the last grant, so a dead
     # owner's VIP moves after about this; it must leave the kernel lifetime's 1.35 s
@@ -676,6 +682,18 @@ class NodeConfig(_Model):
                     f"vip_group.members: this node ({me!r}) is a witness: a witness runs "
                     "`anycast-edge witness`, not the agent"
                 )
+            if self.vip_group.announce == "bgp":
+                if self.bgp is None:
+                    raise ValueError("vip_group.announce: bgp needs a bgp: section")
+                address = ipaddress.ip_interface(self.vip_group.vip).ip
+                announced = [p for s in self.service_list() for p in s.prefixes] + list(
+                    self.bgp.prefixes
+                )
+                if not any(p.prefixlen == p.max_prefixlen and address in p for p in announced):
+                    raise ValueError(
+                        f"vip_group.vip: with announce: bgp, {address} must be one of the "
+                        "announced host prefixes (bgp.prefixes or a service's prefixes)"
+                    )
         return self
 
     @property

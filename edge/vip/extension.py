@@ -106,10 +106,15 @@ class VipExtension:
         node_name: str,
         health: Callable[[], NodeState] | None = None,
         sessions: SessionTable | None = None,
+        set_med_penalty: Callable[[int], None] | None = None,
     ) -> None:
         """`health`: the node's state, for a group run without an agent; under an agent the
         extension reads it from the agent's NodeControl once started."""
         self.config = config
+        # announce: bgp: the role is a MED penalty on the node's BGP announcement (the
+        # bgp extension's), not an address on the segment.
+        self.bgp_mode = config.announce == "bgp"
+        self._set_med_penalty = set_med_penalty
         # Sticky mappings: the active sends its table in the heartbeats, a standby applies
         # the active's (the data path records and looks up through the same object).
         self.sessions = sessions
@@ -198,6 +203,9 @@ class VipExtension:
     async def start(self, node: NodeControl | None = None) -> None:
         if node is not None:
             self.health = lambda: node.state
+        if self.bgp_mode:
+            await self._start_bgp_mode()
+            return
         problem = await check_vip_interface(self.config.interface, self.config.vip)
         if problem:
             raise VipSetupError(problem)
@@ -216,17 +224,7 @@ class VipExtension:
         if self.config.multicast is not None:
             self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
         await self._start_guard()
-        if self.config.fencing is not None:
-            f = self.config.fencing
-            client = EtcdLeaseClient(f.endpoints, f.request_timeout)
-            key = f"{f.prefix}{self.config.name}/owner"
-            # the election sees every view the moment the fence takes it: a release sets
-            # "not held" before its txn leaves, so no step can claim on the key meanwhile
-            self.fence = EtcdFence(
-                client, key, self.node_id, f.lease_ttl, on_view=self.election.fence_changed
-            )
-            self._tasks.append(loop.create_task(self._fence_loop()))
-            self._tasks.append(loop.create_task(self.fence.watch(self._key_changed)))
+        self._start_fence(loop)
         if self.config.arp_monitor is not None:
             targets = self.config.arp_monitor.targets
             self.prober = ArpProber(self.config.interface, self.vip.mac, self.address, targets)
@@ -243,6 +241,47 @@ class VipExtension:
             self.config.priority,
             ", fenced by etcd" if self.fence else ", unfenced",
         )
+
+    async def _start_bgp_mode(self) -> None:
+        """announce: bgp: heartbeats, election and fence as always; the VIP stays on every
+        member's loopback and the role only sets the MED penalty (no address to move, no
+        gratuitous ARP, no guard: a dead or frozen active's BGP session or BFD takes its
+        route, and the standby's is already in the routers)."""
+        if self._set_med_penalty is None:
+            raise VipSetupError("vip_group.announce: bgp needs the node's bgp: section")
+        self._set_med_penalty(self.config.standby_med_penalty)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
+        )
+        self._transport = transport
+        if self.config.multicast is not None:
+            self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
+        self._start_fence(loop)
+        self._tasks.append(loop.create_task(self._tick_loop()))
+        log.info(
+            "vip group %s: %s announced by BGP as %s (priority %d, standby MED +%d)%s",
+            self.config.name,
+            self.config.vip,
+            self.node_id,
+            self.config.priority,
+            self.config.standby_med_penalty,
+            ", fenced by etcd" if self.fence else "",
+        )
+
+    def _start_fence(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.config.fencing is None:
+            return
+        f = self.config.fencing
+        client = EtcdLeaseClient(f.endpoints, f.request_timeout)
+        key = f"{f.prefix}{self.config.name}/owner"
+        # the election sees every view the moment the fence takes it: a release sets
+        # "not held" before its txn leaves, so no step can claim on the key meanwhile
+        self.fence = EtcdFence(
+            client, key, self.node_id, f.lease_ttl, on_view=self.election.fence_changed
+        )
+        self._tasks.append(loop.create_task(self._fence_loop()))
+        self._tasks.append(loop.create_task(self.fence.watch(self._key_changed)))
 
     async def _join_multicast(
         self, unicast: asyncio.DatagramTransport, group: str
@@ -539,6 +578,12 @@ class VipExtension:
         self._send_heartbeat(state)
 
     async def _apply(self, decision: Decision) -> None:
+        if self.bgp_mode:
+            assert self._set_med_penalty is not None
+            self._set_med_penalty(0 if decision.owning else self.config.standby_med_penalty)
+            if decision.action is Action.CLAIM:
+                self.claims_total += 1
+            return
         assert self.vip is not None
         if decision.owning:
             assert decision.lifetime_s is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -144,3 +145,21 @@ def test_bandwidth_is_proportional_to_the_desired_mbps(m1: float, m2: float) -> 
     (a,) = list(advertisements(inputs(Serving.FULL, m1))[0])[:1]
     (b,) = list(advertisements(inputs(Serving.FULL, m2))[0])[:1]
     assert a.link_bandwidth_bytes_per_s * m2 == pytest.approx(b.link_bandwidth_bytes_per_s * m1)
+
+
+def test_a_med_penalty_is_added_to_every_prefix_and_capped() -> None:
+    config = BgpConfig.model_validate(
+        {
+            "local_asn": 65101,
+            "router_id": "198.18.0.2",
+            "local_address": "198.18.0.2",
+            "prefixes": ["198.51.100.10/32"],
+            "neighbors": [{"peer_address": "198.18.0.1", "peer_asn": 65000}],
+            "med": 10,
+        }
+    )
+    base = PolicyInputs(Serving.FULL, config, 1000.0)
+    (plain,) = advertisements(base)[0]
+    (penalized,) = advertisements(dataclasses.replace(base, med_penalty=100))[0]
+    (capped,) = advertisements(dataclasses.replace(base, med_penalty=2**32))[0]
+    assert (plain.med, penalized.med, capped.med) == (10, 110, 2**32 - 1)

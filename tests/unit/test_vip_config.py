@@ -186,3 +186,24 @@ def test_bad_witness_configs_are_one_line(witness: dict[str, Any], expected: str
         ).node_id
         == "w1"
     )
+
+
+def test_announce_bgp_needs_a_bgp_section_that_announces_the_vip() -> None:
+    with pytest.raises(ConfigError, match=r"vip_group\.announce: bgp needs a bgp: section"):
+        parse_config(node(announce="bgp"))
+    bgp = {
+        "local_asn": 65101,
+        "router_id": "127.0.0.1",
+        "local_address": "127.0.0.1",
+        "prefixes": ["198.51.100.10/32"],
+        "neighbors": [{"peer_address": "127.0.0.2", "peer_asn": 65000}],
+    }
+    data = node(announce="bgp", vip="198.51.100.11/32")
+    data["bgp"] = bgp
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert "vip_group.vip: with announce: bgp, 198.51.100.11 must be one of" in str(error.value)
+    data = node(announce="bgp", vip="198.51.100.10/32", standby_med_penalty=50)
+    data["bgp"] = bgp
+    group = parse_config(data).vip_group
+    assert group is not None and (group.announce, group.standby_med_penalty) == ("bgp", 50)
