@@ -28,6 +28,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 T = TypeVar("T")
+#: linux/if_addr.h
+IFA_F_NODAD = 0x02
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,10 @@ class VipAddress:
                 prefixlen=self.vip.network.prefixlen,
                 valid_lft=lifetime,
                 preferred_lft=lifetime,
+                # IPv6: no duplicate address detection. The address moves between nodes by
+                # design; DAD would hold it tentative (~1 s) and mark it failed while the
+                # old owner's copy expires (keepalived's `nodad` for the same reason).
+                **({"flags": IFA_F_NODAD} if self.vip.version == 6 else {}),
             )
             return True
 

@@ -23,7 +23,7 @@ import pytest
 
 from edge.state import NodeState
 from edge.vip.heartbeat import Heartbeat, encode
-from tests.support.procs import wait_for
+from tests.support.procs import run, wait_for
 from tests.support.vip_lab import VIP, ApLab, Node, Observer, in_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300), pytest.mark.needs("root", "etcd")]
@@ -174,6 +174,50 @@ def test_a_witness_keeps_one_owner_through_a_heartbeat_cut_without_a_store(
     assert lab.client_get() == "n2"
     votes = lab.vip_status(n2)["quorum"]["votes"]
     assert (votes["n2"], votes["n3"]) == ("n2", "n2")
+
+
+VIP6 = "2001:db8:2::100"
+
+
+def _client_neigh6(lab: ApLab) -> str:
+    """The client's IPv6 neighbour entry for VIP6: its link-layer address, or ''."""
+    out = run("ip", "-6", "-n", lab.client_netns, "neigh", "show", VIP6).split()
+    return out[out.index("lladdr") + 1] if "lladdr" in out else ""
+
+
+def test_an_ipv6_vip_moves_with_an_unsolicited_neighbour_advertisement(
+    bare_segment: ApLab,
+) -> None:
+    """An IPv6 VIP (without duplicate address detection: it moves by design): the client's
+    neighbour entry follows the new owner by the override NA, without asking."""
+    lab = bare_segment
+    n1, n2 = lab.nodes
+    client_dev = f"ae{lab.suffix}c"
+    run("ip", "-6", "-n", lab.client_netns, "addr", "add", "2001:db8:2::50/64", "dev", client_dev, "nodad")  # fmt: skip
+    for index, node in enumerate((n1, n2), 1):
+        run("ip", "-6", "-n", node.netns, "addr", "add", f"2001:db8:2::{index}/64", "dev", node.veth, "nodad")  # fmt: skip
+    lab.start_node(n1, lab.node_config(n1, 200, vip=f"{VIP6}/64"))
+    lab.wait_role(n1, "active", 20)
+    lab.start_node(n2, lab.node_config(n2, 100, vip=f"{VIP6}/64"))
+    lab.wait_vip(n2, "reason", "peer_active", 20)
+    addresses = run("ip", "-6", "-n", n1.netns, "addr", "show", "dev", n1.veth)
+    assert VIP6 in addresses and "tentative" not in addresses and "dadfailed" not in addresses
+
+    def poke() -> socket.socket:  # any datagram to the VIP makes the client resolve it
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.sendto(b"x", (VIP6, 9))
+        return sock
+
+    in_netns(lab.client_netns, poke).close()
+    wait_for(lambda: _client_neigh6(lab) == n1.mac, 5, what="the client's entry on n1")
+    lab.signal_node(n1, signal.SIGKILL)
+    lab.wait_role(n2, "active")
+    wait_for(lambda: _client_neigh6(lab) == n2.mac, 10, what="the client's entry on n2")
+    # n2 put the VIP while the dead n1's copy was still there (its lifetime runs out 1 s
+    # after): with duplicate address detection n2's would have failed it
+    time.sleep(1.5)
+    addresses = run("ip", "-6", "-n", n2.netns, "addr", "show", "dev", n2.veth)
+    assert VIP6 in addresses and "tentative" not in addresses and "dadfailed" not in addresses
 
 
 #: How a woken node steps down: it saw its own pause (rule 1), its silence past
