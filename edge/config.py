@@ -439,14 +439,18 @@ class VipGroupConfig(_Model):
                 raise ValueError("a group with a witness needs at least 3 members")
             if self.multicast is not None:
                 raise ValueError("a group with a witness needs unicast heartbeats: no multicast")
-        if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
-            raise ValueError("give exactly one of key, key_env and key_file")
-        if len(self.shared_key()) < MIN_KEY_BYTES:
-            raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
+        _check_key(self.key, self.key_env, self.key_file)
         return self
 
     def shared_key(self) -> bytes:
         return _read_key(self.key, self.key_env, self.key_file)
+
+
+def _check_key(key: SecretStr | None, key_env: str | None, key_file: Path | None) -> None:
+    if sum(x is not None for x in (key, key_env, key_file)) != 1:
+        raise ValueError("give exactly one of key, key_env and key_file")
+    if len(_read_key(key, key_env, key_file)) < MIN_KEY_BYTES:
+        raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
 
 
 def _read_key(key: SecretStr | None, key_env: str | None, key_file: Path | None) -> bytes:
@@ -487,10 +491,7 @@ class WitnessConfig(_Model):
         me = next((m for m in self.members if m.id == self.node_id), None)
         if me is None or not me.witness:
             raise ValueError(f"members: {self.node_id!r} must be listed with witness: true")
-        if sum(x is not None for x in (self.key, self.key_env, self.key_file)) != 1:
-            raise ValueError("give exactly one of key, key_env and key_file")
-        if len(self.shared_key()) < MIN_KEY_BYTES:
-            raise ValueError(f"the shared key must be at least {MIN_KEY_BYTES} bytes")
+        _check_key(self.key, self.key_env, self.key_file)
         return self
 
     def shared_key(self) -> bytes:

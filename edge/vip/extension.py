@@ -217,12 +217,7 @@ class VipExtension:
             log.warning("removed %s found on %s at start", self.config.vip, self.vip.interface)
         self.announcer = Announcer(self.config.interface, self.config.vip, self.vip.mac)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
-        )
-        self._transport = transport
-        if self.config.multicast is not None:
-            self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
+        await self._open_heartbeats()
         await self._start_guard()
         self._start_fence(loop)
         if self.config.arp_monitor is not None:
@@ -251,12 +246,7 @@ class VipExtension:
             raise VipSetupError("vip_group.announce: bgp needs the node's bgp: section")
         self._set_med_penalty(self.config.standby_med_penalty)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
-        )
-        self._transport = transport
-        if self.config.multicast is not None:
-            self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
+        await self._open_heartbeats()
         self._start_fence(loop)
         self._tasks.append(loop.create_task(self._tick_loop()))
         log.info(
@@ -268,6 +258,16 @@ class VipExtension:
             self.config.standby_med_penalty,
             ", fenced by etcd" if self.fence else "",
         )
+
+    async def _open_heartbeats(self) -> None:
+        """The heartbeat socket on the member address (and the group's, with multicast)."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _HeartbeatProtocol(self._received), local_addr=(self.address, self.config.port)
+        )
+        self._transport = transport
+        if self.config.multicast is not None:
+            self._mcast_transport = await self._join_multicast(transport, self.config.multicast)
 
     def _start_fence(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.config.fencing is None:
