@@ -491,6 +491,15 @@ def burst(count: int = 200, timeout: float = 60.0, host: str = VIP) -> dict[str,
     return summary
 
 
+def _records(process: subprocess.Popen[str], duration: float, what: str) -> list[dict[str, Any]]:
+    """The JSON records a load in the client container printed, once it ended."""
+    out, err = process.communicate(timeout=duration + 60)
+    if process.returncode != 0:
+        raise LabError(f"{what} failed: {err.strip()[-200:]}")
+    records: list[dict[str, Any]] = json.loads(out)
+    return records
+
+
 class Load:
     """A steady client load running in the client container (bounded); `result()` returns
     one record per request: start, end, ok, node, site, error."""
@@ -511,11 +520,7 @@ class Load:
         )  # fmt: skip
 
     def result(self) -> list[dict[str, Any]]:
-        out, err = self.process.communicate(timeout=self.duration + 60)
-        if self.process.returncode != 0:
-            raise LabError(f"client load failed: {err.strip()[-200:]}")
-        records: list[dict[str, Any]] = json.loads(out)
-        return records
+        return _records(self.process, self.duration, "client load")
 
 
 @contextlib.contextmanager
@@ -774,11 +779,7 @@ class ApLoad:
         )  # fmt: skip
 
     def result(self) -> list[dict[str, Any]]:
-        out, err = self.process.communicate(timeout=self.duration + 60)
-        if self.process.returncode != 0:
-            raise LabError(f"client load to {AP_VIP} failed: {err.strip()[-200:]}")
-        records: list[dict[str, Any]] = json.loads(out)
-        return records
+        return _records(self.process, self.duration, f"client load to {AP_VIP}")
 
 
 def ap_burst(count: int = 20) -> dict[str, Any]:

@@ -143,14 +143,7 @@ class VipExtension:
         self.voter: Voter | None = None
         self.grants: Grants | None = None
         if config.quorum:
-            self.voter = Voter(
-                self.node_id,
-                config.quorum_hold,
-                config.advert_interval * config.dead_after,
-                started=time.monotonic(),
-                preempt=config.preempt,
-                preempt_delay_s=config.preempt_delay,
-            )
+            self.voter = Voter.of_group(self.node_id, config, time.monotonic())
             self.grants = Grants(
                 self.node_id, frozenset(m.id for m in config.members), config.quorum_hold
             )

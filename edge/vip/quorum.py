@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from edge.vip.election import FenceView, rank
 
@@ -51,6 +52,21 @@ class Member:
     eligible_since: float | None
 
 
+class VoteSettings(Protocol):
+    """What a voter reads of its group's config (vip_group's and the witness's fields)."""
+
+    @property
+    def quorum_hold(self) -> float: ...
+    @property
+    def advert_interval(self) -> float: ...
+    @property
+    def dead_after(self) -> int: ...
+    @property
+    def preempt(self) -> bool: ...
+    @property
+    def preempt_delay(self) -> float: ...
+
+
 @dataclass(slots=True)
 class Voter:
     """One member's vote: the witness's, or a node's own (which counts for it too)."""
@@ -69,6 +85,17 @@ class Voter:
 
     def __post_init__(self) -> None:
         self.last_echo_received = self.started
+
+    @classmethod
+    def of_group(cls, self_id: str, settings: VoteSettings, started: float) -> Voter:
+        return cls(
+            self_id,
+            settings.quorum_hold,
+            settings.advert_interval * settings.dead_after,
+            started=started,
+            preempt=settings.preempt,
+            preempt_delay_s=settings.preempt_delay,
+        )
 
     def heard(
         self, node_id: str, priority: int, eligible: bool, active: bool, counter: int, now: float

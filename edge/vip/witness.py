@@ -48,14 +48,7 @@ class Witness:
         self.receiver = Receiver(
             self.key, config.group, self.members, config.node_id, config.replay_window
         )
-        self.voter = Voter(
-            config.node_id,
-            config.quorum_hold,
-            config.advert_interval * config.dead_after,
-            started=time.monotonic(),
-            preempt=config.preempt,
-            preempt_delay_s=config.preempt_delay,
-        )
+        self.voter = Voter.of_group(config.node_id, config, time.monotonic())
         self.counter = Counter()
         self.vote = Vote(None)
         self.transport: asyncio.DatagramTransport | None = None
