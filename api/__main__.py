@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request at INFO: with etcd that is every store call (the gateway logs
     # them itself, at DEBUG).
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(open_store(settings.store), settings, tokens)
+    app = create_app(open_store(settings.store), settings, tokens, pace_gc=True)
     tls = settings.tls
     uvicorn.run(
         app,

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import ui
+from api import gc_pacing, ui
 from api.auth import TokenTable
 from api.failopen import FailOpen
 from api.metrics import ApiMetrics, RequestMetrics
@@ -245,7 +245,11 @@ async def _sweep_forever(store: Store, settings: Settings, fail_open: FailOpen) 
             log.info("node %s is dead: heartbeat lease expired", node)
 
 
-def create_app(store: Store, settings: Settings, tokens: TokenTable | None = None) -> FastAPI:
+def create_app(
+    store: Store, settings: Settings, tokens: TokenTable | None = None, *, pace_gc: bool = False
+) -> FastAPI:
+    """`pace_gc`: pace the process's garbage collector (api/gc_pacing.py) while the app
+    runs; for the API's own process (`python -m api`), not for an app embedded in another."""
     metrics = ApiMetrics()
     metrics.watch_store(store)
     fail_open = FailOpen(store, settings.panic_threshold, settings.heartbeat_ttl_s)
@@ -264,15 +268,20 @@ def create_app(store: Store, settings: Settings, tokens: TokenTable | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.start()
-        sweeper = asyncio.create_task(
-            _sweep_forever(store, settings, fail_open), name="dead-node-sweeper"
-        )
+        tasks = [
+            asyncio.create_task(
+                _sweep_forever(store, settings, fail_open), name="dead-node-sweeper"
+            )
+        ]
+        if pace_gc:
+            tasks.append(asyncio.create_task(gc_pacing.pace(), name="gc-pacing"))
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await store.close()
 
     app = GslbApi(

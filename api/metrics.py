@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +35,7 @@ STORE_OPERATIONS = (
     "write_desired",
     "record_heartbeat",
     "read_observed",
+    "read_state",
     "sweep_dead",
     "list_events",
 )
@@ -76,6 +77,9 @@ class ApiMetrics:
         """Time every store operation (and count its failures)."""
         for name in STORE_OPERATIONS:
             setattr(store, name, self._timed(name, getattr(store, name)))
+        writes = getattr(store, "heartbeat_writes", None)
+        if isinstance(writes, dict):  # etcd: how its write rule had each heartbeat written
+            self.registry.register(_HeartbeatWritesCollector(writes))
         gateway = getattr(store, "gateway", None)
         if gateway is not None:  # etcd
             streams = Gauge(
@@ -121,6 +125,24 @@ class ApiMetrics:
             return result
 
         return timed
+
+
+class _HeartbeatWritesCollector(Collector):
+    """gslb_api_heartbeat_writes_total{how}: skip, behind (answered before its write) or
+    through (answered after it), from the store's own tally (api/heartbeat_writes.py)."""
+
+    def __init__(self, writes: dict[Any, int]) -> None:
+        self._writes = writes
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "gslb_api_heartbeat_writes",
+            "Heartbeats by how the etcd write rule wrote them",
+            labels=["how"],
+        )
+        for how, count in self._writes.items():
+            family.add_metric([str(getattr(how, "value", how))], count)
+        yield family
 
 
 class _SnapshotCollector(Collector):

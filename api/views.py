@@ -323,8 +323,7 @@ class SnapshotCache:
                     await asyncio.sleep(pause)
             generation = self._store.changes.generation
             started = self._last_started = time.monotonic()
-            desired = await self._store.read_desired()
-            observed = await self._store.read_observed(datetime.now(UTC))
+            desired, observed = await self._store.read_state(datetime.now(UTC))
             weigh_from = self._weigh_from(desired, observed) if self._weigh_from else None
             self._snapshot = build_snapshot(
                 desired, observed, generation, time.monotonic(), weigh_from, latest

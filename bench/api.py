@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -52,6 +53,7 @@ import httpx
 import uvloop
 import yaml
 
+from api import gc_pacing
 from contract.client import ApiClient, ApiError
 from contract.schemas import (
     NODE_CONTRACT_VERSION,
@@ -270,9 +272,15 @@ async def heartbeats(
     loadgen_before = cpu_seconds(os.getpid())
     started_at = time.monotonic()
     loops = [asyncio.create_task(node_loop(i)) for i in range(nodes)]
+    # The load generator's own collector pauses would count as API latency: paced like the
+    # API's (api/gc_pacing.py).
+    pacer = asyncio.create_task(gc_pacing.pace())
     try:
         await asyncio.gather(*loops)
     finally:
+        pacer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacer
         for connection in connections:
             connection.close()
     # When the box cannot keep up, the last heartbeats go out late: rates use the real time.

@@ -36,7 +36,14 @@ from api.metrics import ApiMetrics
 from api.settings import Settings
 from api.store.base import EventDraft, RevisionConflict, Store, StoreUnavailable
 from api.views import SnapshotCache
-from contract.schemas import REVISION_MISMATCH, BudgetBreach, DesiredSpec, DesiredState, Problem
+from contract.schemas import (
+    REVISION_MISMATCH,
+    BudgetBreach,
+    DesiredSpec,
+    DesiredState,
+    NodeObserved,
+    Problem,
+)
 
 log = logging.getLogger("api")
 _bearer = HTTPBearer(auto_error=False, description="Bearer token (viewer, operator or node)")
@@ -238,13 +245,17 @@ def _key_reused() -> ApiError:
     )
 
 
-async def _within_budget(
-    ctx: AppContext, write: WriteRequest, current: DesiredState, new: DesiredState
+def _within_budget(
+    ctx: AppContext,
+    write: WriteRequest,
+    current: DesiredState,
+    new: DesiredState,
+    observed: dict[str, NodeObserved],
 ) -> list[EventDraft]:
     """Refuse (409) a change the disruption budget does not allow, unless overridden; an
     override is an event. Judged against `current`, the state the write's compare-and-swap
-    is on, so two racing changes are never both judged against the same before."""
-    observed = await ctx.store.read_observed(datetime.now(UTC))
+    is on, so two racing changes are never both judged against the same before, and
+    `observed`, read with it."""
     breaches = judge(
         current, new, alive_states(observed), ctx.settings.budget.budget(), alive_services(observed)
     )
@@ -267,23 +278,26 @@ FLOW_SYNC_POLL_S = 0.05
 
 
 async def _flow_sync_gate(
-    ctx: AppContext, current: DesiredState, new: DesiredState
+    ctx: AppContext,
+    current: DesiredState,
+    new: DesiredState,
+    observed: dict[str, NodeObserved],
 ) -> list[EventDraft]:
     """Before a weight change is stored: wait until every flow-sharing node reports its
     flow tables in sync, at most `flow_sync_bound_s`; the `flow-sync` event says which it
     was (and who was out of sync). A fleet that shares no flows waits for nothing and gets
-    no event."""
+    no event. `observed` is the first look (read with `current`); each wait reads again."""
     bound = ctx.settings.flow_sync_bound_s
     if bound <= 0 or not flowsync.moves_shares(current, new):
         return []
     loop = asyncio.get_running_loop()
     started = loop.time()
     while True:
-        observed = await ctx.store.read_observed(datetime.now(UTC))
         verdict = flowsync.judge(observed, loop.time() - started, bound)
         if verdict.proceed:
             break
         await asyncio.sleep(min(FLOW_SYNC_POLL_S, max(0.0, started + bound - loop.time())))
+        observed = await ctx.store.read_observed(datetime.now(UTC))
     if verdict.sync is flowsync.Sync.NOT_SHARING:
         return []
     cause = verdict.describe()
@@ -299,7 +313,9 @@ async def revisioned_write(
             428, "this write needs If-Match with the revision it is based on", "If-Match"
         )
     write_id = _write_id(write, body)
-    current = await ctx.store.read_desired()
+    # One read of both (one round trip on etcd): the revision the write is on, and the
+    # nodes' state the disruption budget and the flow-sync gate judge it by.
+    current, observed = await ctx.store.read_state(datetime.now(UTC))
     match = _ETAG.match(write.if_match.strip())
     expected = int(match.group(1)) if match else -1
     if expected != current.revision:
@@ -309,8 +325,8 @@ async def revisioned_write(
             raise _key_reused()
         return conflict_response(current)
     new, events = mutate(current)
-    events = [*events, *await _within_budget(ctx, write, current, new)]
-    events = [*events, *await _flow_sync_gate(ctx, current, new)]
+    events = [*events, *_within_budget(ctx, write, current, new, observed)]
+    events = [*events, *await _flow_sync_gate(ctx, current, new, observed)]
     new = new.model_copy(update={"write_id": write_id})
     try:
         stored = await ctx.store.write_desired(expected, new, events)

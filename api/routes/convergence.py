@@ -16,6 +16,5 @@ router = APIRouter(prefix="/v1", tags=["convergence"])
 @router.get("/convergence", response_model=Convergence, responses=READ_DOCS)
 async def convergence(ctx: Ctx, _: Reader) -> Convergence:
     # Fresh reads: applied revisions arrive in heartbeats, which do not invalidate the cache.
-    desired = await ctx.store.read_desired()
-    observed = await ctx.store.read_observed(datetime.now(UTC))
+    desired, observed = await ctx.store.read_state(datetime.now(UTC))
     return convergence_view(build_snapshot(desired, observed, -1, 0.0))

@@ -83,8 +83,7 @@ async def delete_node(
 async def _fresh_observed(ctx: Ctx) -> list[NodeObserved]:
     # Not the cached snapshot: heartbeats that change nothing but last_seen or the applied
     # revision do not bump the change generation, and these reads must show them.
-    desired = await ctx.store.read_desired()
-    observed = await ctx.store.read_observed(datetime.now(UTC))
+    desired, observed = await ctx.store.read_state(datetime.now(UTC))
     return observed_view(build_snapshot(desired, observed, -1, 0.0))
 
 

@@ -198,6 +198,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def read_observed(self, now: datetime) -> dict[str, NodeObserved]: ...
 
+    async def read_state(self, now: datetime) -> tuple[DesiredState, dict[str, NodeObserved]]:
+        """The desired state and every node's observed state, for a snapshot or a write's
+        checks. A store that can read both at one revision in one round trip does (etcd)."""
+        return await self.read_desired(), await self.read_observed(now)
+
     @abc.abstractmethod
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
         """Report every node whose lease expired as dead, once (an event each). Safe to run

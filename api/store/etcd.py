@@ -36,16 +36,18 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from api.heartbeat_writes import (
     LEASE_BUCKET_S,
+    WRITE_BEHIND_S,
     LastWrite,
+    Write,
     content_of,
+    decide,
     lease_ttl_s,
-    must_write,
     still_newest,
 )
 from api.store.base import (
@@ -65,6 +67,7 @@ from api.store.etcd_gateway import (
     WatchEvent,
     b64,
     backoff_s,
+    range_kvs,
 )
 from contract.schemas import DesiredState, Event, Heartbeat, Liveness, NodeObserved
 
@@ -93,6 +96,9 @@ class _PendingHeartbeat:
     #: turned out not to be the newest): its record only (the alive key is the newer
     #: write's), dropped if the store holds a newer one.
     replay: bool = False
+    #: Monotonic time it was first queued (a write with no waiting caller, `futures` empty,
+    #: is written within WRITE_BEHIND_S of it).
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 def _fail(batch: dict[str, _PendingHeartbeat], error: Exception) -> None:
@@ -168,6 +174,8 @@ class EtcdStore(Store):
         )
         self._prefix = prefix.encode()
         self._desired_key = self._prefix + b"w/desired"
+        # The newest desired state read, by its revision (never mutated: writes copy it).
+        self._desired: DesiredState | None = None
         # The newest heartbeat lease of this instance and when it was granted.
         self._lease: tuple[int, float] | None = None
         # The next one, granted ahead of time, and the task asking for it.
@@ -179,8 +187,15 @@ class EtcdStore(Store):
         # node -> the newest heartbeat skipped against it, written if the last write is
         # dropped (so a node that stops right after a skip leaves its real last report).
         self._skipped: dict[str, _PendingHeartbeat] = {}
-        #: Heartbeats received and not written (the write rule), for the benchmark.
-        self.heartbeats_skipped = 0
+        #: Heartbeats received, by how the write rule had them written (for /metrics and
+        #: the benchmark).
+        self.heartbeat_writes = dict.fromkeys(Write, 0)
+        # False from a failed heartbeat transaction until one succeeds: then nothing is
+        # written behind its answer (a node learns of the failure from its next write).
+        self._behind_ok = True
+        # Set when a write with a waiting caller is queued: wakes flushers that wait to
+        # fill a transaction with writes behind.
+        self._through_queued = asyncio.Event()
         self._lease_lock = asyncio.Lock()
         self._pending: dict[str, _PendingHeartbeat] = {}
         self._flushers: set[asyncio.Task[None]] = set()
@@ -194,6 +209,8 @@ class EtcdStore(Store):
         # node -> (mod_revision, record) of o/<node> as of the newest read, and that read's
         # store revision (read_observed fetches only what changed since).
         self._records: dict[str, tuple[int, ObservedRecord]] = {}
+        # node -> (record, the NodeObserved made of it) by the last `_observed`.
+        self._observed_made: dict[str, tuple[ObservedRecord, NodeObserved]] = {}
         self._records_revision = 0
         self._records_full_at = 0.0
         # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
@@ -301,12 +318,17 @@ class EtcdStore(Store):
 
     # --- desired ---------------------------------------------------------------------
 
-    @staticmethod
-    def _desired_from(kv: KeyValue | None) -> DesiredState:
+    def _desired_from(self, kv: KeyValue | None) -> DesiredState:
+        """The desired state `kv` holds; parsed once per revision (with a thousand nodes it
+        is a large document, and snapshots, writes and reads all read it)."""
         if kv is None:
             return DesiredState()
+        known = self._desired
+        if known is not None and known.revision == kv.mod_revision:
+            return known
         state = DesiredState.model_validate_json(kv.value)
-        return state.model_copy(update={"revision": kv.mod_revision})
+        self._desired = state.model_copy(update={"revision": kv.mod_revision})
+        return self._desired
 
     async def read_desired(self) -> DesiredState:
         _, kvs = await self._call(self.gateway.range(self._desired_key))
@@ -383,53 +405,91 @@ class EtcdStore(Store):
         finally:
             self._lease_prefetch = None
 
+    @property
+    def heartbeats_skipped(self) -> int:
+        """Heartbeats received and not written (the write rule)."""
+        return self.heartbeat_writes[Write.SKIP]
+
     async def record_heartbeat(
         self, node: str, heartbeat: Heartbeat, now: datetime, ttl_s: float, author: str
     ) -> None:
         pending = self._pending.get(node)
-        if (
-            self._coalesce
-            and pending is None
-            and node not in self._in_flight
-            and not must_write(self._last_write.get(node), heartbeat, time.monotonic(), ttl_s)
-        ):
+        how = (
+            decide(
+                self._last_write.get(node),
+                heartbeat,
+                time.monotonic(),
+                ttl_s,
+                busy=pending is not None or node in self._in_flight,
+                behind_ok=self._behind_ok,
+            )
+            if self._coalesce
+            else Write.THROUGH
+        )
+        self.heartbeat_writes[how] += 1
+        if how is Write.SKIP:
             # Nothing a reader would miss: the record and the alive key written last (by
             # this instance, and still the newest) stay valid beyond the next TTL.
-            self.heartbeats_skipped += 1
             self._skipped[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, [])
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        futures: list[asyncio.Future[None]] = []
+        if how is Write.THROUGH:
+            futures.append(asyncio.get_running_loop().create_future())
         if pending is None:
-            self._pending[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, [future])
+            self._pending[node] = _PendingHeartbeat(heartbeat, now, ttl_s, author, futures)
         else:
             # A newer heartbeat of the same node supersedes the queued one (one put per key
-            # per transaction); both callers learn the outcome.
+            # per transaction); every waiting caller learns the outcome. It is a heartbeat
+            # received, so it is written whole (record and alive key), not as a replay.
             pending.heartbeat, pending.now, pending.author = heartbeat, now, author
-            pending.futures.append(future)
+            pending.replay = False
+            pending.futures.extend(futures)
         self._skipped.pop(node, None)  # this one is newer and will be written
+        if futures:
+            self._through_queued.set()
         self._start_flusher()
-        await future
+        if futures:
+            await futures[0]
+
+    def _next_batch(self) -> tuple[dict[str, _PendingHeartbeat], bool]:
+        """Up to HEARTBEAT_BATCH queued nodes not in flight, writes with a waiting caller
+        first, then writes behind (they ride along for free); and whether any caller waits
+        on the batch."""
+        batch: dict[str, _PendingHeartbeat] = {}
+        for waited in (True, False):
+            for node, pending in self._pending.items():
+                if len(batch) == HEARTBEAT_BATCH:
+                    break
+                if bool(pending.futures) is waited and node not in self._in_flight:
+                    batch[node] = pending
+        return batch, any(pending.futures for pending in batch.values())
 
     async def _flush_heartbeats(self) -> None:
         """Write queued heartbeats, a batch per transaction, until none is left. While
         transactions are in flight the next batch accumulates: group commit. A node is in
         at most one transaction at a time (its compare-and-swap would fail against itself).
+        A batch with nobody waiting on it (writes behind) waits until it is full or its
+        oldest has been queued WRITE_BEHIND_S, or until a write with a waiting caller comes.
         """
         while True:
-            batch: dict[str, _PendingHeartbeat] = {}
-            for node, pending in self._pending.items():
-                if node not in self._in_flight:
-                    batch[node] = pending
-                    if len(batch) == HEARTBEAT_BATCH:
-                        break
+            batch, waited = self._next_batch()
             if not batch:
                 return
+            if not waited and len(batch) < HEARTBEAT_BATCH:
+                oldest = min(p.queued_at for p in batch.values())
+                wait_s = oldest + WRITE_BEHIND_S - time.monotonic()
+                if wait_s > 0:
+                    self._through_queued.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._through_queued.wait(), wait_s)
+                    continue
             for node in batch:
                 del self._pending[node]
             self._in_flight.update(batch)
             try:
                 retry = await self._write_heartbeats(batch)
             except StoreUnavailable as exc:
+                self._behind_ok = False
                 _fail(batch, exc)
                 continue
             except BaseException as exc:  # a bug or cancellation: never leave callers hanging
@@ -437,6 +497,7 @@ class EtcdStore(Store):
                 raise
             finally:
                 self._in_flight.difference_update(batch)
+            self._behind_ok = True
             for node, pending in retry.items():
                 if node in self._pending:  # a newer one arrived meanwhile: it wins
                     self._pending[node].futures.extend(pending.futures)
@@ -522,63 +583,126 @@ class EtcdStore(Store):
             if node not in self._observed_cache:
                 self._observed_cache[node] = (kv.mod_revision, _record_from(kv.value))
 
-    async def _read_records(self) -> dict[str, tuple[int, ObservedRecord]]:
-        """Every node's record, as of a linearizable read: only the records written since
-        the previous read are fetched and parsed (etcd's min_mod_revision; o/ keys are never
-        deleted by the API), and every RECORDS_FULL_READ_S the whole prefix is read again
-        (a key removed by hand disappears then). With ten thousand nodes, reading and
-        parsing every record for each snapshot cost more than a second per read."""
+    def _records_request(self) -> tuple[dict[str, Any], bool]:
+        """The read of the nodes' records: only those written since the previous read
+        (etcd's min_mod_revision; o/ keys are never deleted by the API), and every
+        RECORDS_FULL_READ_S the whole prefix again (a key removed by hand disappears then).
+        With ten thousand nodes, reading and parsing every record for each snapshot cost
+        more than a second per read. Returns the request and whether it is a full read."""
         prefix = self._key("o", "")
-        now = time.monotonic()
-        full = self._records_revision == 0 or now - self._records_full_at >= RECORDS_FULL_READ_S
-        revision, kvs = await self._call(
-            self.gateway.range(
-                prefix, prefix=True, min_mod_revision=0 if full else self._records_revision + 1
-            )
+        full = (
+            self._records_revision == 0
+            or time.monotonic() - self._records_full_at >= RECORDS_FULL_READ_S
         )
+        minimum = 0 if full else self._records_revision + 1
+        return self.gateway.range_request(prefix, prefix=True, min_mod_revision=minimum), full
+
+    def _records_read(
+        self, revision: int, kvs: list[KeyValue], full: bool
+    ) -> dict[str, tuple[int, ObservedRecord]]:
+        """Every node's record, after the answer to `_records_request` at `revision`."""
+        prefix = self._key("o", "")
         records = {} if full else self._records
         for kv in kvs:
             node = kv.key[len(prefix) :].decode()
             self._seen_record(node, kv.mod_revision)
             if kv.mod_revision > records.get(node, (0, None))[0]:  # never an older answer's
-                records[node] = (kv.mod_revision, _record_from(kv.value))
+                records[node] = (kv.mod_revision, self._record_at(node, kv))
         if full:
             # A concurrent incremental read may have stored a newer record meanwhile.
             for node, (mod_revision, record) in self._records.items():
                 if mod_revision > records.get(node, (0, None))[0]:
                     records[node] = (mod_revision, record)
-            self._records, self._records_full_at = records, now
+            self._records, self._records_full_at = records, time.monotonic()
         self._records_revision = max(self._records_revision, revision)
         return records
 
-    async def read_observed(self, now: datetime) -> dict[str, NodeObserved]:
-        records = await self._read_records()
+    def _record_at(self, node: str, kv: KeyValue) -> ObservedRecord:
+        """The record `kv` holds. A revision identifies a value: a record this instance
+        wrote (or already read) at that revision is not parsed again. Most records a read
+        returns are this instance's own heartbeat writes; parsing them all again cost about
+        a hundredth of a core per hundred nodes, and made as many objects for the garbage
+        collector to scan."""
+        for known in (self._records.get(node), self._observed_cache.get(node)):
+            if known is not None and known[0] == kv.mod_revision and known[1] is not None:
+                return known[1]
+        return _record_from(kv.value)
+
+    def _observed(
+        self, records: dict[str, tuple[int, ObservedRecord]], alive_keys: list[KeyValue]
+    ) -> dict[str, NodeObserved]:
+        """Each node's observed state. One whose record and liveness are those of the last
+        call keeps its NodeObserved object (never mutated; the snapshots share it)."""
         alive_prefix = self._key("a", "")
-        _, alive_keys = await self._call(
-            self.gateway.range(alive_prefix, prefix=True, keys_only=True)
-        )
         alive = {kv.key[len(alive_prefix) :].decode() for kv in alive_keys}
         result: dict[str, NodeObserved] = {}
+        made: dict[str, tuple[ObservedRecord, NodeObserved]] = {}
         for node, (_, record) in records.items():
             liveness = Liveness.ALIVE if node in alive else Liveness.DEAD
-            result[node] = NodeObserved.model_construct(
-                node=node,
-                liveness=liveness,
-                last_seen=record.last_seen,
-                heartbeat=record.heartbeat,
-            )
+            last = self._observed_made.get(node)
+            if last is not None and last[0] is record and last[1].liveness is liveness:
+                observed = last[1]
+            else:
+                observed = NodeObserved.model_construct(
+                    node=node,
+                    liveness=liveness,
+                    last_seen=record.last_seen,
+                    heartbeat=record.heartbeat,
+                )
+            result[node] = observed
+            made[node] = (record, observed)
+        self._observed_made = made
         return result
+
+    def _alive_request(self) -> dict[str, Any]:
+        return self.gateway.range_request(self._key("a", ""), prefix=True, keys_only=True)
+
+    async def read_observed(self, now: datetime) -> dict[str, NodeObserved]:
+        # Records and alive keys in one round trip, at one revision.
+        records_request, full = self._records_request()
+        revision, (records, alive) = await self._call(
+            self.gateway.ranges(records_request, self._alive_request())
+        )
+        return self._observed(self._records_read(revision, records, full), alive)
+
+    async def read_state(self, now: datetime) -> tuple[DesiredState, dict[str, NodeObserved]]:
+        # A snapshot's reads (desired, records, alive keys) in one round trip, at one
+        # revision; the desired document only if it changed since the last one read (the
+        # transaction compares its revision).
+        records_request, full = self._records_request()
+        known = self._desired
+        read_desired = {"request_range": self.gateway.range_request(self._desired_key)}
+        observed_reads = [
+            {"request_range": records_request},
+            {"request_range": self._alive_request()},
+        ]
+        unchanged, revision, responses = await self._call(
+            self.gateway.txn(
+                [_mod_equals(self._desired_key, known.revision)] if known is not None else [],
+                observed_reads if known is not None else [read_desired, *observed_reads],
+                [read_desired, *observed_reads],
+            )
+        )
+        if known is not None and unchanged:
+            desired = known
+        else:
+            kvs = range_kvs(responses[0])
+            desired = self._desired_from(kvs[0] if kvs else None)
+            responses = responses[1:]
+        records, alive = (range_kvs(response) for response in responses)
+        observed = self._observed(self._records_read(revision, records, full), alive)
+        return desired, observed
 
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
         # Keys only first: with a thousand nodes, fetching every record twice a second would
         # cost more than the heartbeats. Only nodes without an alive key are read.
         observed_prefix = self._key("o", "")
         alive_prefix = self._key("a", "")
-        _, observed_keys = await self._call(
-            self.gateway.range(observed_prefix, prefix=True, keys_only=True)
-        )
-        _, alive_keys = await self._call(
-            self.gateway.range(alive_prefix, prefix=True, keys_only=True)
+        _, (observed_keys, alive_keys) = await self._call(
+            self.gateway.ranges(
+                self.gateway.range_request(observed_prefix, prefix=True, keys_only=True),
+                self._alive_request(),
+            )
         )
         alive = {kv.key[len(alive_prefix) :] for kv in alive_keys}
         if self._last_write:

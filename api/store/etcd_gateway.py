@@ -101,6 +101,11 @@ class KeyValue:
         )
 
 
+def range_kvs(response: dict[str, Any]) -> list[KeyValue]:
+    """The key-values of one range's answer within a transaction's responses."""
+    return [KeyValue.from_json(kv) for kv in response.get("response_range", {}).get("kvs", [])]
+
+
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
     deleted: bool
@@ -204,8 +209,8 @@ class EtcdGateway:
 
     # --- KV --------------------------------------------------------------------------
 
-    async def range(
-        self,
+    @staticmethod
+    def range_request(
         key: bytes,
         *,
         prefix: bool = False,
@@ -214,9 +219,8 @@ class EtcdGateway:
         limit: int = 0,
         min_create_revision: int = 0,
         min_mod_revision: int = 0,
-    ) -> tuple[int, list[KeyValue]]:
-        """(store revision, key-values). Linearizable (the default), so reads see every
-        acknowledged write."""
+    ) -> dict[str, Any]:
+        """The body of a RangeRequest (for `range`, or one of `ranges`)."""
         body: dict[str, Any] = {"key": b64(key)}
         if prefix:
             body["range_end"] = b64(prefix_end(key))
@@ -231,10 +235,42 @@ class EtcdGateway:
             body["min_create_revision"] = str(min_create_revision)
         if min_mod_revision:
             body["min_mod_revision"] = str(min_mod_revision)
+        return body
+
+    async def range(
+        self,
+        key: bytes,
+        *,
+        prefix: bool = False,
+        keys_only: bool = False,
+        sort_create: str | None = None,
+        limit: int = 0,
+        min_create_revision: int = 0,
+        min_mod_revision: int = 0,
+    ) -> tuple[int, list[KeyValue]]:
+        """(store revision, key-values). Linearizable (the default), so reads see every
+        acknowledged write."""
+        body = self.range_request(
+            key,
+            prefix=prefix,
+            keys_only=keys_only,
+            sort_create=sort_create,
+            limit=limit,
+            min_create_revision=min_create_revision,
+            min_mod_revision=min_mod_revision,
+        )
         reply = await self.call("/v3/kv/range", body)
         return int(reply["header"].get("revision", 0)), [
             KeyValue.from_json(kv) for kv in reply.get("kvs", [])
         ]
+
+    async def ranges(self, *requests: dict[str, Any]) -> tuple[int, list[list[KeyValue]]]:
+        """Several ranges (`range_request` bodies) as one read-only transaction: one round
+        trip, every answer at the same store revision, linearizable like `range`."""
+        _, revision, responses = await self.txn(
+            [], [{"request_range": request} for request in requests], []
+        )
+        return revision, [range_kvs(response) for response in responses]
 
     async def txn(
         self,

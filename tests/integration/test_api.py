@@ -11,6 +11,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from api.app import GslbApi
+from api.heartbeat_writes import dead_within_s
 from api.routes.heartbeats import HeartbeatFastPath
 from contract.client import ApiClient, Conflict, Forbidden, InvalidRequest
 from contract.schemas import (
@@ -361,8 +362,9 @@ async def test_a_restarted_api_keeps_live_nodes_weights_for_one_ttl(
         before = await a1.node_desired("a1")
     assert before.link_bandwidth_mbps > 0
     api.server.stop()
-    # The lease expires while nobody can renew it (etcd: TTL + up to 2 s of lease bucket).
-    await asyncio.sleep(5.5)
+    # The lease expires while nobody can renew it (etcd: by dead_within_s, the write rule's
+    # bound; SQLite: the TTL).
+    await asyncio.sleep(dead_within_s(3) + 0.5)
     api.server.start()
     async with ApiClient([api.url], NODE_A1) as a1, ApiClient([api.url], VIEWER) as viewer:
         after = await a1.node_desired("a1")

@@ -57,6 +57,10 @@ async def test_metrics_show_requests_store_calls_heartbeats_liveness_and_refusal
     assert value("gslb_api_nodes", liveness="dead") == 0
     if api.kind == "etcd":
         assert value("gslb_api_etcd_watch_streams") == 2
+        # The first heartbeat of a node has no known last write: written through.
+        assert value("gslb_api_heartbeat_writes_total", how="through") == 1
+        assert value("gslb_api_heartbeat_writes_total", how="behind") == 0
+        assert value("gslb_api_heartbeat_writes_total", how="skip") == 0
 
 
 async def test_metrics_show_nodes_behind_the_revision_and_the_budget_headroom(

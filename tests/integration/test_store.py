@@ -8,12 +8,14 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from api.heartbeat_writes import LEASE_BUCKET_S
-from api.store.base import EventDraft, RevisionConflict, Store
+from api.heartbeat_writes import LEASE_BUCKET_S, Write
+from api.store.base import EventDraft, RevisionConflict, Store, StoreUnavailable
 from api.store.etcd import LEASE_PREFETCH_S, EtcdStore
+from api.store.etcd_gateway import EtcdUnavailable
 from api.store.sqlite import SqliteStore
 from contract.schemas import DesiredState, Heartbeat, Liveness, NodeState, SiteSpec
 from tests.support.etcd_cluster import LocalEtcdCluster
@@ -83,6 +85,36 @@ async def test_heartbeat_transitions_are_events_and_dead_is_reported_once(store:
     ]
 
 
+async def test_read_state_is_both_reads_and_one_round_trip_on_etcd(store: Store) -> None:
+    """`read_state` answers what `read_desired` and `read_observed` answer (a snapshot and a
+    write's checks read both); on etcd as one read-only transaction, so both halves are at
+    one revision and cost one round trip, not three."""
+    now = datetime.now(UTC)
+    stored = await store.write_desired(0, DesiredState(sites={"a": SiteSpec()}, write_id="w"), [])
+    await store.record_heartbeat("n1", Heartbeat(state=NodeState.HEALTHY), now, 5, "n1")
+    await store.record_heartbeat("n2", Heartbeat(state=NodeState.DRAINING), now, 5, "n2")
+    calls: list[str] = []
+    if isinstance(store, EtcdStore):
+        call = store.gateway.call
+
+        async def counted(path: str, body: dict[str, object]) -> dict[str, object]:
+            calls.append(path)
+            return await call(path, body)
+
+        store.gateway.call = counted  # type: ignore[method-assign]
+    desired, observed = await store.read_state(now)
+    if isinstance(store, EtcdStore):
+        assert calls == ["/v3/kv/txn"]
+    assert desired.revision == stored.revision and desired.sites == stored.sites
+    assert desired == await store.read_desired()
+    assert observed == await store.read_observed(now)
+    assert {n: o.heartbeat.state for n, o in observed.items()} == {
+        "n1": NodeState.HEALTHY,
+        "n2": NodeState.DRAINING,
+    }
+    assert {o.liveness for o in observed.values()} == {Liveness.ALIVE}
+
+
 async def test_the_next_heartbeat_lease_is_granted_ahead_of_time(
     etcd_cluster: LocalEtcdCluster,
 ) -> None:
@@ -128,4 +160,98 @@ async def test_the_next_heartbeat_lease_is_granted_ahead_of_time(
         _, alive = await store.gateway.range(f"{store._prefix.decode()}a/n1".encode())
         assert alive[0].lease == ahead[0]
     finally:
+        await store.close()
+
+
+async def test_a_refresh_is_answered_before_its_write_and_a_change_after_it(
+    etcd_cluster: LocalEtcdCluster,
+) -> None:
+    """The write rule's BEHIND and THROUGH against real etcd: with heartbeat transactions
+    held back, a due refresh of unchanged content returns while its write is still queued
+    and then lands (the node's record is rewritten, last-seen moves); a changed state
+    returns only once its transaction committed. After a failed heartbeat transaction the
+    next refresh waits for its own write and fails with the store."""
+    ttl = 1.5  # refresh due 0.5 s after the last write's lease grant
+    store = EtcdStore(etcd_cluster.client_urls, prefix=f"/store-{uuid.uuid4().hex[:8]}/")
+    await store.start()
+    txn = store.gateway.txn
+    gate = asyncio.Event()
+    gate.set()
+    failing = False
+    held: list[int] = []
+
+    async def gated(*args: Any) -> tuple[bool, int, list[dict[str, Any]]]:
+        held.append(1)
+        try:
+            await gate.wait()
+            if failing:
+                raise EtcdUnavailable("held down by the test")
+            return await txn(*args)
+        finally:
+            held.pop()
+
+    store.gateway.txn = gated  # type: ignore[method-assign]
+    healthy = Heartbeat(state=NodeState.HEALTHY)
+    record_key = f"{store._prefix.decode()}o/n1".encode()
+
+    async def settle(task: asyncio.Task[None]) -> bool:
+        """Whether `task` ends while a heartbeat transaction is held (bounded wait)."""
+        for _ in range(200):
+            if task.done():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        await store.record_heartbeat("n1", healthy, datetime.now(UTC), ttl, "n1")  # through
+        _, before = await store.gateway.range(record_key)
+        observed_before = (await store.read_observed(datetime.now(UTC)))["n1"].last_seen
+        await asyncio.sleep(0.6)  # the refresh is due
+        gate.clear()
+        refresh = asyncio.create_task(
+            store.record_heartbeat("n1", healthy, datetime.now(UTC), ttl, "n1")
+        )
+        assert await settle(refresh), "a due refresh waited for its write"
+        refresh.result()
+        assert store.heartbeat_writes[Write.BEHIND] == 1
+        # Its write is queued or held, not lost: let it through and it lands.
+        gate.set()
+        for _ in range(300):
+            _, after = await store.gateway.range(record_key)
+            if after[0].mod_revision > before[0].mod_revision:
+                break
+            await asyncio.sleep(0.01)
+        assert after[0].mod_revision > before[0].mod_revision, "the refresh never landed"
+        observed = (await store.read_observed(datetime.now(UTC)))["n1"]
+        assert observed.last_seen > observed_before and observed.liveness is Liveness.ALIVE
+        # A change waits for its commit.
+        gate.clear()
+        down = Heartbeat(state=NodeState.DEGRADED, health={"detail": "b1 failed"})
+        change = asyncio.create_task(
+            store.record_heartbeat("n1", down, datetime.now(UTC), ttl, "n1")
+        )
+        assert not await settle(change), "a changed state was answered before its write"
+        assert held, "no transaction was held"
+        gate.set()
+        await asyncio.wait_for(change, 10)
+        assert (await store.read_observed(datetime.now(UTC)))["n1"].heartbeat == down
+        # A failed transaction: the refresh behind it was answered, the next one is
+        # written through and fails with the store, until a transaction succeeds again.
+        failing = True
+        await asyncio.sleep(0.6)
+        await store.record_heartbeat("n1", down, datetime.now(UTC), ttl, "n1")
+        assert store.heartbeat_writes[Write.BEHIND] == 2
+        for _ in range(300):
+            if not store._behind_ok:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(StoreUnavailable):
+            await store.record_heartbeat("n1", down, datetime.now(UTC), ttl, "n1")
+        assert store.heartbeat_writes[Write.BEHIND] == 2
+        failing = False
+        await store.record_heartbeat("n1", down, datetime.now(UTC), ttl, "n1")
+        assert store.heartbeat_writes[Write.THROUGH] == 4
+        assert store._behind_ok
+    finally:
+        gate.set()
         await store.close()
