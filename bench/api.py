@@ -266,15 +266,19 @@ async def heartbeats(
                 by_second.setdefault(int(tick - measured_from), []).append(latencies[-1])
             tick += period_s
 
+    # The load generator's own collector pauses would count as API latency: paced like the
+    # API's (api/gc_pacing.py).
+    pacer = asyncio.create_task(gc_pacing.pace())
+    # The nodes start at `start`, spread over a period, and warm up until `measured_from`.
+    # (Before, the loops were created only at `measured_from`: every node's warm-up
+    # heartbeats, first contacts included, then went out at once, and the first measured
+    # seconds queued behind that burst of 2,000.)
+    loops = [asyncio.create_task(node_loop(i)) for i in range(nodes)]
     await asyncio.sleep(max(0.0, measured_from - time.monotonic()))
     api_before = [cpu_seconds(pid) for pid in api_pids]
     etcd_before = sum(cpu_seconds(p) for p in etcd_pids)
     loadgen_before = cpu_seconds(os.getpid())
     started_at = time.monotonic()
-    loops = [asyncio.create_task(node_loop(i)) for i in range(nodes)]
-    # The load generator's own collector pauses would count as API latency: paced like the
-    # API's (api/gc_pacing.py).
-    pacer = asyncio.create_task(gc_pacing.pace())
     try:
         await asyncio.gather(*loops)
     finally:
