@@ -9,7 +9,6 @@ what events record as the author.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from dataclasses import dataclass
 
 from api.settings import ConfigError, Settings
@@ -68,10 +67,8 @@ class TokenTable:
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret:
             return None
-        presented = _digest(secret.strip())
-        found: Identity | None = None
-        # Compare against every entry so timing does not reveal which prefix matched.
-        for digest, identity in self._entries.items():
-            if hmac.compare_digest(digest, presented):
-                found = identity
-        return found
+        # A lookup by the secret's SHA-256, not a scan: one dict probe whatever the number
+        # of tokens (a fleet has one per node; the scan was a compare per token per
+        # request). What its timing can reveal is about the digest, never the secret: a
+        # near miss of the digest is no nearer the secret (preimage resistance).
+        return self._entries.get(_digest(secret.strip()))

@@ -74,6 +74,22 @@ def test_token_from_environment_and_roles(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert tokens.identify("Basic node-secret") is None
 
 
+def test_a_fleet_of_node_tokens_each_finds_its_own_node() -> None:
+    """One token per node (a thousand here): each secret identifies exactly its node, by
+    the digest lookup; a secret one character off identifies nobody."""
+    tokens = [
+        {"name": f"edge-{i}", "role": "node", "node": f"n{i}", "token": f"secret-{i:04d}-x"}
+        for i in range(1000)
+    ]
+    table = TokenTable.from_settings(parse_settings({"tokens": tokens}))
+    for i in (0, 1, 499, 999):
+        who = table.identify(f"Bearer secret-{i:04d}-x")
+        assert who is not None and who.name == f"edge-{i}" and who.may_act_for_node(f"n{i}")
+        assert not who.may_act_for_node(f"n{(i + 1) % 1000}")
+        assert table.identify(f"Bearer secret-{i:04d}-y") is None
+    assert table.identify("bearer  secret-0007-x ") is not None  # scheme case, spaces
+
+
 def test_missing_token_env_is_a_config_error(tmp_path: Path) -> None:
     settings = parse_settings({"tokens": [{"name": "x", "role": "viewer", "token_env": "NOPE_X"}]})
     with pytest.raises(ConfigError, match="NOPE_X"):
