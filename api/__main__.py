@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level="info",
         log_config=None,  # uvicorn's loggers go through the root handler (and its format)
         timeout_graceful_shutdown=2,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     return 0
 

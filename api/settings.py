@@ -125,6 +125,10 @@ class Settings(_Config):
     sweep_interval_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 0.5
     long_poll_max_s: Annotated[float, Field(strict=True, gt=0, le=300)] = 30.0
     max_body_bytes: Annotated[int, Field(strict=True, ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    #: An idle keep-alive connection is closed after this long. Longer than any node's
+    #: heartbeat interval (agents allow up to 60 s), so a node keeps its one connection
+    #: instead of reconnecting at every heartbeat (uvicorn's own default is 5 s).
+    keep_alive_s: Annotated[int, Field(strict=True, ge=1, le=3600)] = 75
     tokens: list[TokenSettings] = Field(default_factory=list)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     #: Fail open (api/panic.py): when fewer than this share of a site's (or the fleet's)

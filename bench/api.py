@@ -191,6 +191,8 @@ class RawConnection:
         return await self.send(self.request(path, body, token))
 
     async def send(self, request: bytes) -> int:
+        if self.reader is not None and self.reader.at_eof():
+            self.close()  # the server closed it while idle: a new one, as httpx's pool does
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
@@ -424,6 +426,7 @@ async def watch_frozen_member(
     revision = await seed(watched.url, 2)
     urls = cluster.client_urls
     wakeups: list[float] = []
+    rounds_seen: list[dict[str, Any]] = []
     async with ApiClient([watched.url], TOKEN) as client:
         for r in range(rounds):
             carrier = r % len(urls)
@@ -432,6 +435,8 @@ async def watch_frozen_member(
             writer.start()
             process = cluster.members[carrier].process
             assert process is not None
+            # Freezing the leader adds an election to the wake-up (the write waits for it).
+            was_leader = cluster.leader_index() == carrier
             try:
                 waiter = asyncio.create_task(client.watch_state(revision, timeout_s=30))
                 await asyncio.sleep(0.3)  # parked: from now on only a notification wakes it
@@ -441,6 +446,9 @@ async def watch_frozen_member(
                     state = await via_writer.put_site(f"w{r}", SiteSpec(), revision=revision)
                 seen = await waiter
                 wakeups.append(time.perf_counter() - started)
+                rounds_seen.append(
+                    {"member": carrier, "leader": was_leader, "ms": round(1000 * wakeups[-1], 1)}
+                )
                 assert seen.revision >= state.revision, (seen.revision, state.revision)
                 revision = state.revision
             finally:
@@ -451,6 +459,7 @@ async def watch_frozen_member(
         "p50_ms": 1000 * percentile(wakeups, 0.5),
         "max_ms": 1000 * max(wakeups),
         "n": len(wakeups),
+        "rounds": rounds_seen,
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -145,3 +146,37 @@ async def test_json_logs_are_one_object_per_line(served_api: Served) -> None:
     assert all(set(r) >= {"ts", "level", "logger", "msg"} for r in records)
     assert all(r["component"] == "api" and "color_message" not in r for r in records)
     assert any("Uvicorn running on https://" in r["msg"] for r in records)
+
+
+def test_an_idle_keep_alive_connection_outlives_uvicorns_default(
+    served_api: Served,
+) -> None:
+    """`keep_alive_s` (75 s by default) reaches uvicorn: a node's connection idle longer
+    than uvicorn's own 5 s default (a node heartbeating every 6 s) is still open and
+    answers its next request. With the 5 s default the server closed it, and a node
+    reconnected at every heartbeat (or, with a naive client, failed it)."""
+    context = ssl.create_default_context(cafile=str(served_api.cert))
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def answer(tls: ssl.SSLSocket) -> bytes:
+        data = b""
+        while not data.endswith(b"}"):  # head and body come as two TLS records
+            chunk = tls.recv(4096)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        return data
+    with (
+        socket.create_connection(("127.0.0.1", served_api.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        for _ in range(2):
+            tls.sendall(request)
+            assert answer(tls).startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)
+        tls.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            closed = tls.recv(1)  # b"" here: the server closed it
+            pytest.fail(f"the connection was closed while idle: {closed!r}")
+        tls.settimeout(5)
+        tls.sendall(request)
+        assert answer(tls).startswith(b"HTTP/1.1 200")
