@@ -165,6 +165,7 @@ def test_an_idle_keep_alive_connection_outlives_uvicorns_default(
             assert chunk, f"closed after {data!r}"
             data += chunk
         return data
+
     with (
         socket.create_connection(("127.0.0.1", served_api.port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
