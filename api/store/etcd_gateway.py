@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 
@@ -80,6 +80,17 @@ def prefix_end(prefix: bytes) -> bytes:
             end[i] += 1
             return bytes(end[: i + 1])
     return b"\0"
+
+
+class RangeOptions(TypedDict, total=False):
+    """`range_request`'s options, for `range`."""
+
+    prefix: bool
+    keys_only: bool
+    sort_create: str | None
+    limit: int
+    min_create_revision: int
+    min_mod_revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,27 +249,11 @@ class EtcdGateway:
         return body
 
     async def range(
-        self,
-        key: bytes,
-        *,
-        prefix: bool = False,
-        keys_only: bool = False,
-        sort_create: str | None = None,
-        limit: int = 0,
-        min_create_revision: int = 0,
-        min_mod_revision: int = 0,
+        self, key: bytes, **options: Unpack[RangeOptions]
     ) -> tuple[int, list[KeyValue]]:
         """(store revision, key-values). Linearizable (the default), so reads see every
-        acknowledged write."""
-        body = self.range_request(
-            key,
-            prefix=prefix,
-            keys_only=keys_only,
-            sort_create=sort_create,
-            limit=limit,
-            min_create_revision=min_create_revision,
-            min_mod_revision=min_mod_revision,
-        )
+        acknowledged write. `options`: as `range_request`'s."""
+        body = self.range_request(key, **options)
         reply = await self.call("/v3/kv/range", body)
         return int(reply["header"].get("revision", 0)), [
             KeyValue.from_json(kv) for kv in reply.get("kvs", [])
