@@ -78,6 +78,13 @@ T = TypeVar("T")
 HEARTBEAT_BATCH = 100
 #: Every this many seconds a read of the nodes' records reads them all, not only the changed.
 RECORDS_FULL_READ_S = 30.0
+#: Every this many seconds (and after a watch on a/ resumed) the dead-node sweep lists every
+#: node's record and alive key; in between it reads only the nodes whose alive key the
+#: watch saw deleted, and the records written since the last sweep.
+FULL_SWEEP_S = 10.0
+#: Nodes whose record and alive key one sweep transaction reads (two ranges each; etcd
+#: allows 128 operations per transaction).
+SWEEP_BATCH = 50
 #: The next heartbeat lease is asked for this long before the current one's bucket ends.
 LEASE_PREFETCH_S = 0.3
 #: Heartbeat transactions in flight at once per API instance.
@@ -215,6 +222,13 @@ class EtcdStore(Store):
         self._records_full_at = 0.0
         # o/<node> key -> its mod_revision when seen reported dead (the sweeper skips it).
         self._known_dead: dict[bytes, int] = {}
+        # Nodes whose alive key the a/ watch saw deleted since the last sweep; a full sweep
+        # is due at once after a resumed watch (deletions may have been missed).
+        self._expired: set[str] = set()
+        self._full_sweep_due = True
+        self._full_swept_at = 0.0
+        # The store revision of the last sweep's listing of o/ (the next lists what changed).
+        self._swept_revision = 0
 
     def _key(self, *parts: str) -> bytes:
         return self._prefix + "/".join(parts).encode()
@@ -250,6 +264,8 @@ class EtcdStore(Store):
                     self._prefix + suffix, next_revision, deletes_only=deletes_only
                 ):
                     next_revision = resume_at
+                    if deletes_only:
+                        self._note_expiries(events)
                     self._doubt_last_writes(events)
                     self.changes.notify()
             except Exception:
@@ -258,6 +274,17 @@ class EtcdStore(Store):
                 self.changes.notify()
                 failures += 1
                 await asyncio.sleep(backoff_s(failures, 0.5, 10.0))
+
+    def _note_expiries(self, events: Sequence[WatchEvent]) -> None:
+        """The a/ watch's deletions are the sweep's candidates; an empty batch (a resumed
+        watch: events may be missing) makes the next sweep a full one."""
+        if not events:
+            self._full_sweep_due = True
+            return
+        alive_prefix = self._key("a", "")
+        for event in events:
+            if event.deleted and event.kv.key.startswith(alive_prefix):
+                self._expired.add(event.kv.key[len(alive_prefix) :].decode())
 
     def _doubt_last_writes(self, events: Sequence[WatchEvent]) -> None:
         """Drop what the write rule relies on wherever a watch says another write happened:
@@ -694,20 +721,63 @@ class EtcdStore(Store):
         return desired, observed
 
     async def sweep_dead(self, now: datetime, ttl_s: float) -> list[str]:
+        """Every FULL_SWEEP_S (and after a resumed a/ watch): keys only of every record and
+        alive key, then the records of the nodes without one. In between: the keys of the
+        records written since the last sweep (for the write rule, below), and only the nodes
+        whose alive key the watch saw deleted. Listing every key twice a second cost more
+        than the heartbeats at ten thousand nodes (1.5 MB of JSON per listing)."""
+        observed_prefix = self._key("o", "")
+        if self._full_sweep_due or time.monotonic() - self._full_swept_at >= FULL_SWEEP_S:
+            return await self._full_sweep(now, ttl_s)
+        candidates, self._expired = self._expired, set()
+        revision, changed = await self._call(
+            self.gateway.range(
+                observed_prefix,
+                prefix=True,
+                keys_only=True,
+                min_mod_revision=self._swept_revision + 1,
+            )
+        )
+        self._swept_revision = max(self._swept_revision, revision)
+        # Twice a second whatever the traffic: the bound on a write rule that relies on a
+        # last write another instance has since replaced (api/heartbeat_writes.py).
+        for kv in changed:
+            self._seen_record(kv.key[len(observed_prefix) :].decode(), kv.mod_revision)
+        dead: list[str] = []
+        names = sorted(candidates)
+        for start in range(0, len(names), SWEEP_BATCH):
+            batch = names[start : start + SWEEP_BATCH]
+            _, answers = await self._call(
+                self.gateway.ranges(
+                    *(
+                        self.gateway.range_request(self._key(part, node))
+                        for node in batch
+                        for part in ("o", "a")
+                    )
+                )
+            )
+            for i, node in enumerate(batch):
+                record, alive = answers[2 * i], answers[2 * i + 1]
+                if record and not alive and await self._report_dead(record[0], now, ttl_s):
+                    dead.append(node)
+        return dead
+
+    async def _full_sweep(self, now: datetime, ttl_s: float) -> list[str]:
         # Keys only first: with a thousand nodes, fetching every record twice a second would
         # cost more than the heartbeats. Only nodes without an alive key are read.
+        self._full_sweep_due, self._expired = False, set()
+        self._full_swept_at = time.monotonic()
         observed_prefix = self._key("o", "")
         alive_prefix = self._key("a", "")
-        _, (observed_keys, alive_keys) = await self._call(
+        revision, (observed_keys, alive_keys) = await self._call(
             self.gateway.ranges(
                 self.gateway.range_request(observed_prefix, prefix=True, keys_only=True),
                 self._alive_request(),
             )
         )
+        self._swept_revision = max(self._swept_revision, revision)
         alive = {kv.key[len(alive_prefix) :] for kv in alive_keys}
         if self._last_write:
-            # Twice a second whatever the traffic: the bound on a write rule that relies on a
-            # last write another instance has since replaced (api/heartbeat_writes.py).
             for kv in observed_keys:
                 self._seen_record(kv.key[len(observed_prefix) :].decode(), kv.mod_revision)
         silent = [
@@ -720,35 +790,38 @@ class EtcdStore(Store):
         dead: list[str] = []
         for key in (kv.key for kv in silent):
             _, found = await self._call(self.gateway.range(key))
-            if not found:
-                continue
-            kv = found[0]
-            node = key[len(observed_prefix) :].decode()
-            record = _record_from(kv.value)
-            self._drop_last_write(node, replay=False)  # its alive key is gone
-            if record.dead_reported:
-                self._known_dead[key] = kv.mod_revision
-                continue
-            marked = ObservedRecord(record.heartbeat, record.last_seen, dead_reported=True)
-            event = dead_event(node, record, ttl_s)
-            # Several API instances sweep: the compare on o/<node> lets exactly one report it.
-            ok, revision, _ = await self._call(
-                self.gateway.txn(
-                    [_mod_equals(kv.key, kv.mod_revision)],
-                    [
-                        _put(kv.key, _record_json(marked)),
-                        _put(
-                            self._key("e", f"dead-{node}-{kv.mod_revision}-00"),
-                            _event_json(event, now, False),
-                        ),
-                    ],
-                    [],
-                )
-            )
-            if ok:
-                self._observed_cache[node] = (revision, marked)
-                dead.append(node)
+            if found and await self._report_dead(found[0], now, ttl_s):
+                dead.append(key[len(observed_prefix) :].decode())
         return dead
+
+    async def _report_dead(self, kv: KeyValue, now: datetime, ttl_s: float) -> bool:
+        """Mark the record `kv` (of a node without an alive key) dead and write its event,
+        unless it already is; whether this instance did (several sweep: the compare on
+        o/<node> lets exactly one report it)."""
+        node = kv.key[len(self._key("o", "")) :].decode()
+        record = _record_from(kv.value)
+        self._drop_last_write(node, replay=False)  # its alive key is gone
+        if record.dead_reported:
+            self._known_dead[kv.key] = kv.mod_revision
+            return False
+        marked = ObservedRecord(record.heartbeat, record.last_seen, dead_reported=True)
+        event = dead_event(node, record, ttl_s)
+        ok, revision, _ = await self._call(
+            self.gateway.txn(
+                [_mod_equals(kv.key, kv.mod_revision)],
+                [
+                    _put(kv.key, _record_json(marked)),
+                    _put(
+                        self._key("e", f"dead-{node}-{kv.mod_revision}-00"),
+                        _event_json(event, now, False),
+                    ),
+                ],
+                [],
+            )
+        )
+        if ok:
+            self._observed_cache[node] = (revision, marked)
+        return ok
 
     # --- events ----------------------------------------------------------------------
 

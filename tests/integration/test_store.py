@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -254,4 +255,71 @@ async def test_a_refresh_is_answered_before_its_write_and_a_change_after_it(
         assert store._behind_ok
     finally:
         gate.set()
+        await store.close()
+
+
+async def test_the_sweep_reads_only_what_expired_between_full_sweeps(
+    etcd_cluster: LocalEtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between full sweeps (every FULL_SWEEP_S) the sweep reads only the nodes whose alive
+    key the a/ watch saw deleted: a node that stops is reported dead, once, without a full
+    listing; a deletion the watch never delivered is still found by the next full sweep."""
+    import api.store.etcd as etcd_module
+
+    store = EtcdStore(etcd_cluster.client_urls, prefix=f"/store-{uuid.uuid4().hex[:8]}/")
+    await store.start()
+    full_sweeps = 0
+    full_sweep = store._full_sweep
+
+    async def counted(now: datetime, ttl_s: float) -> list[str]:
+        nonlocal full_sweeps
+        full_sweeps += 1
+        return await full_sweep(now, ttl_s)
+
+    store._full_sweep = counted  # type: ignore[method-assign]
+    ttl = 1.0  # lease_ttl_s: 3 s
+    try:
+        for node in ("n1", "n2", "n3"):
+            beat = Heartbeat(state=NodeState.HEALTHY)
+            await store.record_heartbeat(node, beat, datetime.now(UTC), ttl, node)
+        assert await store.sweep_dead(datetime.now(UTC), ttl) == []
+        assert full_sweeps == 1
+
+        async def keep_alive(node: str) -> None:
+            while True:
+                beat = Heartbeat(state=NodeState.HEALTHY)
+                await store.record_heartbeat(node, beat, datetime.now(UTC), ttl, node)
+                await asyncio.sleep(0.3)
+
+        beating = asyncio.create_task(keep_alive("n3"))
+        try:
+            dead: list[str] = []
+            for _ in range(100):  # bounded: the lease (3 s) and the watch's delivery
+                dead += await store.sweep_dead(datetime.now(UTC), ttl)
+                if {"n1", "n2"} <= set(dead):
+                    break
+                await asyncio.sleep(0.1)
+            assert sorted(dead) == ["n1", "n2"] and full_sweeps == 1
+            assert await store.sweep_dead(datetime.now(UTC), ttl) == []  # reported once
+            # A deletion the watch did not deliver (n3 stops; its event is dropped here):
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            alive_key = f"{store._prefix.decode()}a/n3".encode()
+            for _ in range(100):
+                _, left = await store.gateway.range(alive_key)
+                if not left:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)  # the watch's deletion has arrived...
+            store._expired.clear()  # ...and is lost
+            assert await store.sweep_dead(datetime.now(UTC), ttl) == []
+            monkeypatch.setattr(etcd_module, "FULL_SWEEP_S", 0.0)
+            assert await store.sweep_dead(datetime.now(UTC), ttl) == ["n3"]
+            assert full_sweeps == 2
+        finally:
+            beating.cancel()
+        kinds = [e.kind for e in await store.list_events(20, None)]
+        assert kinds.count("node-dead") == 3
+    finally:
         await store.close()
