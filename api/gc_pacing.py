@@ -27,6 +27,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,22 @@ def full_collection() -> float:
 
 
 async def pace(
-    freeze_every_s: float = FREEZE_EVERY_S, collect_every_s: float = COLLECT_EVERY_S
+    freeze_every_s: float = FREEZE_EVERY_S,
+    collect_every_s: float = COLLECT_EVERY_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Run until cancelled (then thaws, so nothing stays frozen behind the caller)."""
-    last_full = time.monotonic()
+    """Run until cancelled (then thaws, so nothing stays frozen behind the caller). `clock`
+    times the full collections (a test moves it)."""
     pause = full_collection()
+    last_full = clock()
     gc.freeze()
     log.debug("gc pacing on: startup collection %.1f ms", pause * 1000)
     try:
         while True:
             await asyncio.sleep(freeze_every_s)
-            if time.monotonic() - last_full >= collect_every_s:
+            if clock() - last_full >= collect_every_s:
                 pause = full_collection()
-                last_full = time.monotonic()
+                last_full = clock()
                 log.debug("gc: full collection %.1f ms", pause * 1000)
             gc.freeze()
     finally:
