@@ -105,12 +105,6 @@ class LastWrite:
     revision: int
 
 
-def must_write(last: LastWrite | None, heartbeat: Heartbeat, now: float, ttl_s: float) -> bool:
-    """Whether a heartbeat received at monotonic time `now` is written to the store (through
-    or behind: `decide`)."""
-    return decide(last, heartbeat, now, ttl_s) is not Write.SKIP
-
-
 def still_newest(last: LastWrite, seen_revision: int) -> bool:
     """Whether a write of the node seen at `seen_revision` (a read, a watch) leaves `last` the
     newest one: a read older than the write says nothing, anything newer is someone else's."""

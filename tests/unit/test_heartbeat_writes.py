@@ -21,7 +21,6 @@ from api.heartbeat_writes import (
     dead_within_s,
     decide,
     lease_ttl_s,
-    must_write,
     refresh_bound_s,
     still_newest,
 )
@@ -235,7 +234,7 @@ def test_without_dropping_the_last_write_the_store_would_be_stale() -> None:
     a, b = Heartbeat(state=NodeState.HEALTHY), Heartbeat(state=NodeState.DOWN)
     assert receive(one, etcd, a, 0.0, ttl)
     assert receive(two, etcd, b, 0.5, ttl)
-    assert not must_write(one.last, a, 1.0, ttl)  # what it would do if it kept it
+    assert decide(one.last, a, 1.0, ttl) is Write.SKIP  # what it would do if it kept it
     assert one.last is not None and not still_newest(one.last, etcd.revision)
     one.last = None
     assert receive(one, etcd, a, 1.0, ttl)
@@ -251,10 +250,10 @@ def test_the_numbers() -> None:
         state=NodeState.HEALTHY
     )
     last = LastWrite(Heartbeat(state=NodeState.HEALTHY), leased_at=10.0, revision=4)
-    assert not must_write(last, Heartbeat(state=NodeState.HEALTHY, connections=9), 11.0, 6.0)
-    assert must_write(last, Heartbeat(state=NodeState.HEALTHY), 12.0, 6.0)
-    assert must_write(last, Heartbeat(state=NodeState.DOWN), 10.1, 6.0)
-    assert must_write(None, Heartbeat(state=NodeState.HEALTHY), 10.1, 6.0)
+    assert decide(last, Heartbeat(state=NodeState.HEALTHY, connections=9), 11.0, 6.0) is Write.SKIP
+    assert decide(last, Heartbeat(state=NodeState.HEALTHY), 12.0, 6.0) is not Write.SKIP
+    assert decide(last, Heartbeat(state=NodeState.DOWN), 10.1, 6.0) is not Write.SKIP
+    assert decide(None, Heartbeat(state=NodeState.HEALTHY), 10.1, 6.0) is not Write.SKIP
     assert still_newest(last, 4) and still_newest(last, 3) and not still_newest(last, 5)
 
 
@@ -269,8 +268,8 @@ def test_a_flow_sharing_lag_alone_is_not_a_change_but_a_sync_state_is() -> None:
         )
 
     last = LastWrite(content_of(beat(True, 3.5)), leased_at=10.0, revision=4)
-    assert not must_write(last, beat(True, 12.25), 10.5, 6.0)
-    assert must_write(last, beat(False, 3.5), 10.5, 6.0)
+    assert decide(last, beat(True, 12.25), 10.5, 6.0) is Write.SKIP
+    assert decide(last, beat(False, 3.5), 10.5, 6.0) is not Write.SKIP
     assert beat(True, 12.25).flowshare == FlowShareReport(
         forwarding="on", peers=[FlowSharePeerReport(peer="b1", synced=True, lag_ms=12.25)]
     )  # the heartbeat itself is not changed
